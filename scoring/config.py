@@ -1,0 +1,242 @@
+"""Frozen, validated algorithm settings that round-trip through JSON.
+
+Contains `LoraSettings` (which modules get adapters, rank, alpha), `ProjectionSpec` (how gradients are compressed;
+carried with every projection), `TraceConfig` (how projections become scores) and the helper
+`parameter_layout_hash`. Standard library only: the coordinator API imports this module without torch.
+
+Choose `ProjectionSpec(kind="sjlt")` unless you have a reason not to: it is exact-sparse (s non-zeros per input
+coordinate), costs O(s·D) per gradient and needs no matrix in memory. `rademacher` and `gaussian` are dense
+(TRAK-style) and regenerate their D×k matrix block by block on every call, so they are slow for large D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self
+
+from scoring.errors import ConfigError, IncompatibleArtifactError
+
+ProjectionKind = Literal["sjlt", "rademacher", "gaussian"]
+Similarity = Literal["cosine", "dot"]
+PROJECTION_KINDS: tuple[str, ...] = ("sjlt", "rademacher", "gaussian")
+SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class _JsonMixin:
+    """`to_dict`/`from_dict`/`to_json`/`from_json`/`fingerprint` for flat frozen dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+    def to_json(self) -> str:
+        return _canonical_json(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def fingerprint(self) -> str:
+        """A short, stable hash of the canonical JSON form."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LoraSettings(_JsonMixin):
+    """Where LoRA adapters go and how large they are.
+
+    Attributes:
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the update is scaled by alpha / r.
+        target_modules: module-name suffixes that receive adapters (e.g. ``q_proj``).
+        dropout: LoRA dropout during training (gradients for scoring are always taken without dropout).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.rank, int) and self.rank > 0, "rank", f"must be a positive integer, got {self.rank!r}")
+        _require(self.alpha > 0, "alpha", f"must be positive, got {self.alpha!r}")
+        _require(
+            len(self.target_modules) > 0 and all(isinstance(m, str) and m for m in self.target_modules),
+            "target_modules",
+            f"must be a non-empty list of module names, got {self.target_modules!r}",
+        )
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+
+
+def parameter_layout_hash(names_and_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """Hash of the ordered parameter names and shapes that a gradient vector is laid out over."""
+    layout = [[name, [int(s) for s in shape]] for name, shape in names_and_shapes]
+    return hashlib.sha256(_canonical_json(layout).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ProjectionSpec(_JsonMixin):
+    """Everything that determines a random projection R: R^D -> R^k, bit for bit.
+
+    Two parties with equal specs build identical matrices on any machine and device; projections made under
+    different specs must never be compared (`check_compatible`).
+
+    Attributes:
+        kind: ``sjlt`` (sparse Johnson-Lindenstrauss), ``rademacher`` (dense ±1/√k) or ``gaussian`` (dense N(0,1/k)).
+        dim: output dimension k.
+        seed: the shared seed every party derives the matrix from.
+        nnz: non-zeros per input coordinate (SJLT only; must divide ``dim``). Dense kinds require 1.
+        param_hash: `parameter_layout_hash` of the ordered LoRA parameter names and shapes.
+        param_count: D, the total number of gradient coordinates.
+    """
+
+    kind: str
+    dim: int
+    seed: int
+    param_hash: str
+    param_count: int
+    nnz: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.kind in PROJECTION_KINDS, "kind", f"must be one of {PROJECTION_KINDS}, got {self.kind!r}")
+        _require(isinstance(self.dim, int) and self.dim > 0, "dim", f"must be a positive integer, got {self.dim!r}")
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2**63)")
+        _require(isinstance(self.param_count, int) and self.param_count > 0, "param_count", "must be positive")
+        _require(isinstance(self.param_hash, str) and len(self.param_hash) > 0, "param_hash", "must be non-empty")
+        _require(isinstance(self.nnz, int) and self.nnz > 0, "nnz", f"must be a positive integer, got {self.nnz!r}")
+        if self.kind == "sjlt":
+            _require(self.dim % self.nnz == 0, "nnz", f"must divide dim ({self.dim}), got {self.nnz}")
+        else:
+            _require(self.nnz == 1, "nnz", f"dense kind {self.kind!r} requires nnz=1, got {self.nnz}")
+
+    def check_compatible(self, other: ProjectionSpec, what: str = "projections") -> None:
+        """Raise `IncompatibleArtifactError` unless ``other`` is the same spec."""
+        if self != other:
+            diff = {k: (v, getattr(other, k)) for k, v in self.to_dict().items() if getattr(other, k) != v}
+            raise IncompatibleArtifactError(f"{what} were made under different projection specs: {diff}")
+
+
+@dataclass(frozen=True)
+class TraceConfig(_JsonMixin):
+    """How projected gradients become scores.
+
+    score(z) = Σ_t η_t · max_groups mean_{a in group} sim(g_t(z), a_t)
+
+    Attributes:
+        similarity: ``cosine`` (each gradient normalised; robust to length bias) or ``dot``.
+        chunk_rows: rows streamed per chunk when scoring large float16 arrays.
+    """
+
+    similarity: str = "cosine"
+    chunk_rows: int = 65536
+
+    def __post_init__(self) -> None:
+        _require(self.similarity in SIMILARITIES, "similarity", f"must be one of {SIMILARITIES}")
+        _require(self.chunk_rows > 0, "chunk_rows", "must be positive")
+
+
+@dataclass(frozen=True)
+class AdamState(_JsonMixin):
+    """Hyper-parameters of the Adam moments stored with a checkpoint (the moments themselves are tensors)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.beta1 < 1.0, "beta1", "must be in [0, 1)")
+        _require(0.0 <= self.beta2 < 1.0, "beta2", "must be in [0, 1)")
+        _require(self.eps > 0, "eps", "must be positive")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_JsonMixin):
+    """A plain LoRA SFT run that saves ``num_checkpoints`` evenly spaced checkpoints.
+
+    Attributes:
+        epochs: passes over the data.
+        batch_size: samples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate.
+        schedule: ``linear`` (warmup then linear decay to 0), ``cosine`` or ``constant``.
+        warmup_ratio: fraction of steps spent warming up.
+        weight_decay: AdamW weight decay.
+        num_checkpoints: T, how many checkpoints to save (the last one at the end of training).
+        max_steps: stop after this many optimizer steps (0 means no limit).
+        seed: shuffling seed.
+    """
+
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    num_checkpoints: int = 4
+    max_steps: int = 0
+    seed: int = 0
+    adam: AdamState = field(default_factory=AdamState)
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "epochs", "must be positive")
+        _require(self.batch_size > 0, "batch_size", "must be positive")
+        _require(self.grad_accum > 0, "grad_accum", "must be positive")
+        _require(self.lr > 0, "lr", "must be positive")
+        _require(self.schedule in ("linear", "cosine", "constant"), "schedule", "must be linear, cosine or constant")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _require(self.num_checkpoints > 0, "num_checkpoints", "must be positive")
+        _require(self.max_steps >= 0, "max_steps", "must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["adam"] = self.adam.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        data = dict(data)
+        if isinstance(data.get("adam"), dict):
+            data["adam"] = AdamState.from_dict(data["adam"])
+        return super().from_dict(data)
+
+
+def check_same_spec(specs: Iterable[ProjectionSpec], what: str = "projections") -> ProjectionSpec:
+    """Return the one spec shared by all ``specs``; raise `IncompatibleArtifactError` otherwise."""
+    specs = list(specs)
+    if not specs:
+        raise IncompatibleArtifactError(f"no {what} given")
+    for other in specs[1:]:
+        specs[0].check_compatible(other, what)
+    return specs[0]
