@@ -24,8 +24,9 @@ def tiny_lora_model(targets=("q_proj", "v_proj"), rank=4, seed=0, dtype="float32
     from scoring.models import attach_lora, load_base_model
 
     lm = load_base_model(f"tiny:{seed}", dtype=dtype)
-    model = attach_lora(lm.model, LoraSettings(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets)),
-                        random_b=True)
+    model = attach_lora(
+        lm.model, LoraSettings(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets)), random_b=True
+    )
     model.eval()
     return model, lm.tokenizer
 
