@@ -190,7 +190,7 @@ class HookGradients:
                 h.remove()
         grads: dict[str, Tensor] = {}
         for i, (prefix, a, _, _) in enumerate(self._layers):
-            x, a_out = captured[id(a)]  # (B, L, in), (B, L, r)
+            x, a_out = (t.detach() for t in captured[id(a)])  # (B, L, in), (B, L, r)
             g_a, g_b = out_grads[2 * i].float(), out_grads[2 * i + 1].float()  # (B, L, r), (B, L, out)
             grads[f"{prefix}.lora_A.weight"] = torch.bmm(g_a.transpose(1, 2), x.float())  # (B, r, in)
             grads[f"{prefix}.lora_B.weight"] = torch.bmm(g_b.transpose(1, 2), a_out.float())  # (B, out, r)

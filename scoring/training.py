@@ -156,7 +156,7 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if progress:
-                progress(step, total, float(loss))
+                progress(step, total, loss.item())
             if step in save_at:
                 index = len(checkpoints)
                 ckpt = Checkpoint(

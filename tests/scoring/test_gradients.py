@@ -137,3 +137,11 @@ def test_adam_precondition_refuses_mismatched_names_and_shapes():
         adam_precondition(g, {"x": torch.ones(3)}, {"a": torch.ones(3)}, adam)
     with pytest.raises(ShapeMismatchError, match="shape"):
         adam_precondition(g, {"a": torch.ones(4)}, {"a": torch.ones(4)}, adam)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_returned_gradients_are_detached(engine, tiny_model):
+    model, _ = tiny_model
+    grads, losses = build_gradient_computer(model, engine).compute(*make_batch([9, 12]))
+    assert not losses.requires_grad
+    assert not any(g.requires_grad for g in grads.values())

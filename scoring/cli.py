@@ -1,0 +1,344 @@
+"""The ``clues`` command: the whole method on one machine.
+
+    clues warmup   train LoRA on a sample of data and save checkpoints θ_1..θ_T with η_t (a run directory)
+    clues project  what a silo does: per-sample gradients at every checkpoint -> projection files (no text)
+    clues score    trace scores of every silo's samples and of the anchor samples
+    clues select   apply a threshold; write each silo's mask
+    clues demo     all of the above on PubMedQA with injected noise, ending with a detection table
+
+Parsing and printing only; the work is in `scoring.steps`. Errors print one line naming the field and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from scoring.config import PROJECTION_KINDS, SIMILARITIES, LoraSettings, TraceConfig, TrainingConfig
+from scoring.errors import ScoringError
+
+FORMATS = ("records", "pubmedqa", "gsm8k")
+
+
+def _cache_dir() -> Path | None:
+    value = os.environ.get("CLUES_CACHE_DIR")
+    return Path(value) / "models" if value else None
+
+
+def load_data(path: str, fmt: str, limit: int | None = None):
+    """Samples from ``path`` in one of `FORMATS`."""
+    from scoring import data
+
+    if fmt == "pubmedqa":
+        return data.load_pubmedqa(path, limit=limit)
+    if fmt == "gsm8k":
+        return data.load_gsm8k(path, limit=limit)
+    samples = data.read_samples(path)
+    return samples[:limit] if limit else samples
+
+
+def _bar(desc: str, total: int, unit: str = "it"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def _model_options(args: argparse.Namespace):
+    from scoring.steps import ModelOptions
+
+    return ModelOptions(device=args.device, dtype=args.dtype, cache_dir=_cache_dir())
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="samples: JSONL/JSON records (Alpaca or chat), or see --format")
+    p.add_argument("--format", default="records", choices=FORMATS, help="how to read --data (default: records)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from scoring.steps import run_warmup
+
+    samples = load_data(args.data, args.format, args.limit)
+    if args.fraction < 1.0:
+        rng = random.Random(args.seed)
+        samples = rng.sample(samples, max(1, round(args.fraction * len(samples))))
+    lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(args.lora_targets.split(",")))
+    training = None
+    if not args.no_train:
+        training = TrainingConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            schedule=args.schedule,
+            num_checkpoints=args.checkpoints,
+            max_steps=args.max_steps,
+            seed=args.seed,
+        )
+    projection = {"kind": args.proj_kind, "dim": args.proj_dim, "seed": args.proj_seed, "nnz": args.proj_nnz}
+    bar = None
+
+    def progress(step: int, total: int, loss: float) -> None:
+        nonlocal bar
+        bar = bar or _bar("warmup", total, "step")
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    ckpts = run_warmup(
+        args.model,
+        samples,
+        Path(args.out),
+        lora=lora,
+        training=training,
+        projection=projection,
+        max_len=args.max_len,
+        template=args.template,
+        random_b=args.random_b,
+        model_opts=_model_options(args),
+        progress=progress,
+    )
+    if bar:
+        bar.close()
+    print(f"warmup: {len(samples)} samples, {len(ckpts)} checkpoint(s) in {args.out}")
+    for c in ckpts:
+        print(f"  ckpt-{c.index:03d}  step {c.step:>5}  lr {c.lr:.3g}")
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from scoring.steps import ProjectOptions, project_samples
+
+    samples = load_data(args.data, args.format, args.limit)
+    opts = ProjectOptions(
+        engine=args.engine,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        precondition=not args.no_precondition,
+    )
+    bar = _bar("project", 0, "grad")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    paths = project_samples(
+        Path(args.run),
+        samples,
+        Path(args.out),
+        anchor=args.anchor,
+        opts=opts,
+        model_opts=_model_options(args),
+        progress=progress,
+    )
+    bar.close()
+    print(f"project: {len(samples)} samples -> {len(paths)} file(s) in {args.out}")
+    return 0
+
+
+def _parse_silos(items: Sequence[str]) -> dict[str, Path]:
+    silos: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ScoringError(f"--silo: expected NAME=DIR, got {item!r}")
+        if name in silos:
+            raise ScoringError(f"--silo: silo {name!r} given twice")
+        silos[name] = Path(path)
+    return silos
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from scoring.io import atomic_write_bytes
+    from scoring.steps import score_dirs
+
+    silos = _parse_silos(args.silo)
+    table, anchor_table = score_dirs(silos, Path(args.anchors), TraceConfig(similarity=args.similarity))
+    lines = []
+    for t in (table, anchor_table):
+        for i, sid in enumerate(t.ids):
+            lines.append(
+                json.dumps(
+                    {
+                        "id": sid,
+                        "silo": t.silos[i],
+                        "score": float(t.scores[i]),
+                        "parts": [float(x) for x in t.parts[i]],
+                    }
+                )
+            )
+    atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
+    print(f"score: {len(table.ids)} samples from {len(silos)} silo(s), {len(anchor_table.ids)} anchors -> {args.out}")
+    return 0
+
+
+def read_scores(path: Path):
+    """The two ScoreTables (silos, anchors) from a ``clues score`` output file."""
+    import numpy as np
+
+    from scoring.errors import DataError
+    from scoring.steps import ANCHOR_SILO
+    from scoring.types import ScoreTable
+
+    rows: dict[bool, list[dict]] = {True: [], False: []}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows[row["silo"] == ANCHOR_SILO].append(row)
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}:{n}: not a score record ({exc})") from exc
+    if not rows[False]:
+        raise DataError(f"{path}: no silo scores")
+
+    def table(rs: list[dict]) -> ScoreTable:
+        return ScoreTable(
+            ids=tuple(r["id"] for r in rs),
+            silos=tuple(r["silo"] for r in rs),
+            scores=np.array([r["score"] for r in rs], dtype=np.float64),
+            parts=np.array([r["parts"] for r in rs], dtype=np.float64).reshape(len(rs), -1),
+        )
+
+    return table(rows[False]), table(rows[True]) if rows[True] else None
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from scoring.io import atomic_write_bytes
+    from scoring.selection import apply_threshold, masks_by_silo, parse_threshold
+
+    policy = parse_threshold(args.threshold)
+    table, anchor_table = read_scores(Path(args.scores))
+    selected = apply_threshold(table, policy, anchor_table)
+    scores = dict(zip(selected.ids, selected.scores.tolist(), strict=True))
+    print(f"select: threshold {selected.threshold:.6g} ({args.threshold})")
+    for silo, (ids, mask) in masks_by_silo(selected).items():
+        lines = [json.dumps({"id": i, "score": scores[i], "keep": bool(k)}) for i, k in zip(ids, mask, strict=True)]
+        atomic_write_bytes(Path(args.out) / f"{silo}.mask.jsonl", ("\n".join(lines) + "\n").encode())
+        print(f"  {silo:<16} kept {int(mask.sum()):>6} / {len(ids):<6}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scoring.demo import run_demo
+
+    return run_demo(args)
+
+
+def _warmup_parser(sub) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="train LoRA and save checkpoints (a run directory)",
+        description="Train a LoRA adapter on a random fraction of the data and save T checkpoints "
+        "with their learning rates and Adam moments, plus the projection spec.",
+    )
+    p.add_argument("--model", default="smollm2", help="smollm2 | tiny[:seed] | HF directory | .gguf file")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--fraction", type=float, default=1.0, help="random fraction of --data to train on (default 1)")
+    p.add_argument("--no-train", action="store_true", help="take no step: one checkpoint of the initial adapter")
+    p.add_argument("--random-b", action="store_true", help="initialise lora_B at random (use with --no-train)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"))
+    p.add_argument("--checkpoints", type=int, default=4, help="T, checkpoints to save (default 4)")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=768, help="tokens per sample after truncation (default 768)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "alpaca"))
+    p.add_argument("--proj-kind", default="sjlt", choices=PROJECTION_KINDS)
+    p.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k (default 8192)")
+    p.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
+    p.add_argument("--proj-nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_warmup)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clues", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _warmup_parser(sub)
+
+    p = sub.add_parser(
+        "project",
+        help="per-sample gradients at every checkpoint -> projection files",
+        description="What a silo runs: gradients of each sample at every checkpoint of a run, "
+        "projected to k dims. Writes ckpt-NNN.<role>.safetensors; no text leaves.",
+    )
+    p.add_argument("--run", required=True, help="run directory from 'clues warmup'")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="projection directory to write")
+    p.add_argument("--anchor", action="store_true", help="these are the anchor samples (also writes role anchor)")
+    p.add_argument("--engine", default="hooks", choices=("hooks", "vmap", "loop"), help="gradient engine")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chunk-size", type=int, default=None, help="vmap engine: samples per vmap slice")
+    p.add_argument("--no-precondition", action="store_true", help="project plain gradients (no Adam)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser(
+        "score",
+        help="trace scores of every silo's samples and the anchors",
+        description="score(z) = Σ_t η_t · sim(g_t(z), mean anchor gradient at t).",
+    )
+    p.add_argument("--anchors", required=True, help="projection directory of the anchor set (--anchor)")
+    p.add_argument("--silo", action="append", required=True, metavar="NAME=DIR", help="a silo's projections")
+    p.add_argument("--similarity", default="cosine", choices=SIMILARITIES)
+    p.add_argument("--out", required=True, help="scores file to write (JSONL: id, silo, score, parts)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "select",
+        help="apply a threshold and write per-silo masks",
+        description="Thresholds: mean-anchor (CLUES), top:Q (global top fraction), fixed:V.",
+    )
+    p.add_argument("--scores", required=True, help="file from 'clues score'")
+    p.add_argument("--threshold", default="mean-anchor", help="mean-anchor | top:0.3 | fixed:0.01")
+    p.add_argument("--out", required=True, help="directory for <silo>.mask.jsonl files")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on PubMedQA with injected noise",
+        description="Three silos with 10/30/50 %% noise, clean anchors, SmolLM2: warmup, project, "
+        "score, select; prints detection AUROC per silo.",
+    )
+    p.add_argument("--quick", action="store_true", help="a small run (a few minutes on 2 cores)")
+    p.add_argument("--model", default="smollm2", help="model reference (default smollm2)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with pubmedqa/ori_pqal.json (default: ../shared/data if present, else the bundled 60-item subset)",
+    )
+    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ScoringError, FileNotFoundError) as exc:
+        print(f"clues {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

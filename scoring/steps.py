@@ -1,0 +1,253 @@
+"""The method's steps as plain functions: warmup -> project -> score (selection: `scoring.selection`). The CLI, the silo agent and the
+coordinator's workers all call these; they hold no I/O beyond the run and projection directories they are given.
+
+A *run directory* (made by `run_warmup`) holds ``run.json`` (model reference, LoRA settings, template, max_len,
+projection spec, checkpoints with η_t) and ``ckpt-NNN/`` checkpoints (see `scoring.training`).
+
+A *projection directory* (made by `project_samples`) holds ``ckpt-NNN.<role>.safetensors`` files (see `scoring.io`):
+role ``candidate`` for samples to be scored (Adam-preconditioned when asked), and, for the anchor set, also role
+``anchor`` (plain gradients, from which the anchor direction is built).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from scoring.batching import make_batches, tokenize_samples
+from scoring.config import LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig
+from scoring.data import Sample
+from scoring.errors import ConfigError, DataError
+from scoring.gradients import adam_precondition, build_gradient_computer
+from scoring.io import atomic_write_bytes, load_projection, save_projection
+from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
+from scoring.projection import build_projector, make_spec
+from scoring.training import Checkpoint, read_run, train_lora
+from scoring.traces import score_anchor_samples, score_projections
+from scoring.types import ProjectedGrads, ScoreTable
+
+Progress = Callable[[int, int], None]  # (done, total)
+ANCHOR_SILO = "__anchor__"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Where and how the model runs (not part of any fingerprint: results agree across devices and dtypes)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProjectOptions:
+    """How per-sample gradients are computed and projected.
+
+    Attributes:
+        engine: ``hooks`` (default, fastest), ``vmap`` (torch.func) or ``loop`` (reference).
+        batch_size: samples per gradient batch.
+        chunk_size: vmap slice size (vmap engine only).
+        precondition: Adam-precondition candidate gradients with the checkpoint's moments (LESS/CLUES).
+    """
+
+    engine: str = "hooks"
+    batch_size: int = 8
+    chunk_size: int | None = None
+    precondition: bool = True
+
+
+def load_run_model(run_dir: Path, opts: ModelOptions) -> tuple[nn.Module, object, dict, list[Checkpoint]]:
+    """The base model of a run with a LoRA adapter attached (weights set per checkpoint by `use_checkpoint`)."""
+    manifest, checkpoints = read_run(run_dir)
+    attn = "eager"
+    base = load_base_model(
+        manifest["model"], dtype=opts.dtype, device=opts.device, attn_implementation=attn, cache_dir=opts.cache_dir
+    )
+    model = attach_lora(base.model, LoraSettings.from_dict(manifest["lora"]), init_seed=manifest["lora_init_seed"])
+    model.eval()
+    return model, base.tokenizer, manifest, checkpoints
+
+
+def use_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's adapter weights into ``model`` in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt.adapter_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise DataError(f"{ckpt.adapter_dir}: adapter lacks {missing[:3]}")
+
+
+def run_warmup(
+    model_ref: str,
+    samples: Sequence[Sample],
+    out_dir: Path,
+    *,
+    lora: LoraSettings,
+    training: TrainingConfig | None,
+    projection: dict,
+    max_len: int = 768,
+    template: str = "auto",
+    lora_init_seed: int = 0,
+    random_b: bool = False,
+    model_opts: ModelOptions = ModelOptions(),
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[Checkpoint]:
+    """Train LoRA on ``samples`` and save checkpoints plus ``run.json`` under ``out_dir``.
+
+    With ``training=None`` no step is taken: one checkpoint of the initial adapter is saved with η=1 and no Adam
+    moments (scoring "without warmup"; pass ``random_b=True`` or every lora_A gradient is zero).
+
+    Args:
+        projection: ``{"kind", "dim", "seed", "nnz"}``; the spec is completed with the model's LoRA layout.
+    """
+    base = load_base_model(
+        model_ref,
+        dtype=model_opts.dtype,
+        device=model_opts.device,
+        attn_implementation="eager",
+        cache_dir=model_opts.cache_dir,
+    )
+    model = attach_lora(base.model, lora, init_seed=lora_init_seed, random_b=random_b)
+    spec = make_spec(
+        projection["kind"], projection["dim"], projection["seed"], lora_layout(model), nnz=projection.get("nnz", 4)
+    )
+    info = {
+        "model": model_ref,
+        "lora": lora.to_dict(),
+        "lora_init_seed": lora_init_seed,
+        "max_len": max_len,
+        "template": template,
+        "projection": spec.to_dict(),
+        "num_train_samples": len(samples),
+    }
+    out_dir = Path(out_dir)
+    if training is None:
+        return _save_initial_checkpoint(model, out_dir, info)
+    data = tokenize_samples(samples, base.tokenizer, max_len, template=template)
+    return train_lora(
+        model, data, training, out_dir, pad_id=base.tokenizer.pad_token_id, run_info=info, progress=progress
+    )
+
+
+def _save_initial_checkpoint(model: nn.Module, out_dir: Path, info: dict) -> list[Checkpoint]:
+    from scoring.config import AdamState
+
+    ckpt = Checkpoint(0, 0, 1.0, 1.0, out_dir / "ckpt-000", AdamState())
+    save_adapter(model, ckpt.adapter_dir)
+    entry = {
+        "index": 0,
+        "step": 0,
+        "lr": 1.0,
+        "lr_last": 1.0,
+        "dir": ckpt.path.name,
+        "adam": ckpt.adam.to_dict(),
+        "has_moments": False,
+    }
+    manifest = {"checkpoints": [entry], "training": None, **info}
+    atomic_write_bytes(out_dir / "run.json", json.dumps(manifest, indent=2).encode())
+    return [ckpt]
+
+
+def _collect(chunks: list[tuple[list[str], torch.Tensor]], order: dict[str, int]) -> tuple[list[str], np.ndarray]:
+    ids = [i for batch_ids, _ in chunks for i in batch_ids]
+    matrix = torch.cat([m for _, m in chunks]).numpy()
+    perm = np.argsort([order[i] for i in ids], kind="stable")
+    return [ids[p] for p in perm], matrix[perm]
+
+
+def project_samples(
+    run_dir: Path,
+    samples: Sequence[Sample],
+    out_dir: Path,
+    *,
+    anchor: bool = False,
+    opts: ProjectOptions = ProjectOptions(),
+    model_opts: ModelOptions = ModelOptions(),
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Project every sample's gradient at every checkpoint of a run; write one file per checkpoint and role.
+
+    Candidates (``anchor=False``) are written as role ``candidate`` (Adam-preconditioned when
+    ``opts.precondition``). The anchor set (``anchor=True``) is written as role ``anchor`` with plain gradients, and
+    also as role ``candidate`` (treated like any silo's samples) so that anchor samples can be scored for the
+    mean-anchor-score threshold. Each file also carries every sample's mean response loss.
+
+    Returns:
+        The written file paths.
+    """
+    model, tokenizer, manifest, checkpoints = load_run_model(run_dir, model_opts)
+    spec = ProjectionSpec.from_dict(manifest["projection"])
+    has_moments = [e.get("has_moments", True) for e in manifest["checkpoints"]]
+    if opts.precondition and not all(has_moments):
+        raise ConfigError("precondition: the run has no Adam moments (it was not trained); use --no-precondition")
+    tokenized = tokenize_samples(samples, tokenizer, manifest["max_len"], template=manifest["template"])
+    batches = make_batches(tokenized, opts.batch_size, tokenizer.pad_token_id)
+    order = {s.id: i for i, s in enumerate(samples)}
+    projector = build_projector(spec)
+    engine = build_gradient_computer(model, opts.engine, chunk_size=opts.chunk_size)
+    device = next(model.parameters()).device
+    written, done, total = [], 0, len(checkpoints) * len(tokenized)
+    for ckpt in checkpoints:
+        use_checkpoint(model, ckpt)
+        moments = ckpt.moments() if opts.precondition else None
+        rows: dict[str, list] = {"candidate": [], "anchor": [], "loss": []}
+        for batch in batches:
+            grads, losses = engine.compute(batch.input_ids.to(device), batch.labels.to(device))
+            if anchor:
+                rows["anchor"].append((batch.ids, projector.project(grads).cpu()))
+            if moments is not None:
+                grads = adam_precondition(grads, *moments, ckpt.adam)
+            rows["candidate"].append((batch.ids, projector.project(grads).cpu()))
+            rows["loss"].append((batch.ids, losses.cpu()[:, None]))
+            done += len(batch.ids)
+            if progress:
+                progress(done, total)
+        ids, loss = _collect(rows["loss"], order)
+        extra = {"model": manifest["model"], "lora": manifest["lora"], "num_samples": len(ids)}
+        for role in ("candidate", "anchor") if anchor else ("candidate",):
+            _, matrix = _collect(rows[role], order)
+            proj = ProjectedGrads(
+                ids=tuple(ids),
+                matrix=matrix.astype(np.float16),
+                spec=spec,
+                checkpoint=ckpt.index,
+                lr=ckpt.lr,
+                role=role,
+                preconditioned=role == "candidate" and moments is not None,
+                extra=extra,
+            )
+            path = Path(out_dir) / f"ckpt-{ckpt.index:03d}.{role}.safetensors"
+            save_projection(path, proj, losses=loss[:, 0])
+            written.append(path)
+    return written
+
+
+def load_projection_dir(path: Path, role: str) -> tuple[list[ProjectedGrads], np.ndarray | None]:
+    """All ``ckpt-NNN.<role>.safetensors`` of a projection directory in checkpoint order, and the losses of the
+    first checkpoint (the loss of the model at checkpoint 0: the perplexity baseline)."""
+    files = sorted(Path(path).glob(f"ckpt-*.{role}.safetensors"))
+    if not files:
+        raise DataError(f"{path}: no ckpt-*.{role}.safetensors files (run 'clues project' first)")
+    loaded = [load_projection(f) for f in files]
+    return [p for p, _ in loaded], loaded[0][1]
+
+
+def score_dirs(
+    silo_dirs: dict[str, Path], anchor_dir: Path, config: TraceConfig, anchor_groups: Sequence[str] | None = None
+) -> tuple[ScoreTable, ScoreTable]:
+    """Trace scores of every silo's samples and of the anchor samples themselves."""
+    anchors, _ = load_projection_dir(anchor_dir, "anchor")
+    anchors_as_candidates, _ = load_projection_dir(anchor_dir, "candidate")
+    candidates = {name: load_projection_dir(d, "candidate")[0] for name, d in silo_dirs.items()}
+    table = score_projections(candidates, anchors, config, anchor_groups=anchor_groups)
+    anchor_table = score_anchor_samples(anchors_as_candidates, anchors, config, anchor_groups=anchor_groups)
+    return table, anchor_table
