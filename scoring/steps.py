@@ -1,5 +1,7 @@
-"""The method's steps as plain functions: warmup -> project -> score (selection: `scoring.selection`). The CLI, the silo agent and the
-coordinator's workers all call these; they hold no I/O beyond the run and projection directories they are given.
+"""The method's steps as plain functions: warmup -> project -> score (thresholds live in `scoring.selection`).
+
+The CLI, the silo agent and the coordinator's workers all call these; they do no I/O beyond the run and
+projection directories they are given.
 
 A *run directory* (made by `run_warmup`) holds ``run.json`` (model reference, LoRA settings, template, max_len,
 projection spec, checkpoints with η_t) and ``ckpt-NNN/`` checkpoints (see `scoring.training`).
@@ -28,8 +30,8 @@ from scoring.gradients import adam_precondition, build_gradient_computer
 from scoring.io import atomic_write_bytes, load_projection, save_projection
 from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
 from scoring.projection import build_projector, make_spec
-from scoring.training import Checkpoint, read_run, train_lora
 from scoring.traces import score_anchor_samples, score_projections
+from scoring.training import Checkpoint, read_run, train_lora
 from scoring.types import ProjectedGrads, ScoreTable
 
 Progress = Callable[[int, int], None]  # (done, total)
