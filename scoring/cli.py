@@ -42,10 +42,27 @@ def load_data(path: str, fmt: str, limit: int | None = None):
     return samples[:limit] if limit else samples
 
 
-def _bar(desc: str, total: int, unit: str = "it"):
-    from tqdm import tqdm
+class ProgressBar:
+    """A tqdm bar on stderr, opened on the first update (so errors before any work print cleanly), closed at the end."""
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    def __init__(self, desc: str, unit: str = "it"):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int, loss: float | None = None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True, file=sys.stderr)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _model_options(args: argparse.Namespace):
@@ -86,14 +103,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     projection = {"kind": args.proj_kind, "dim": args.proj_dim, "seed": args.proj_seed, "nnz": args.proj_nnz}
-    bar = None
-
-    def progress(step: int, total: int, loss: float) -> None:
-        nonlocal bar
-        bar = bar or _bar("warmup", total, "step")
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
+    progress = ProgressBar("warmup", "step")
     ckpts = run_warmup(
         args.model,
         samples,
@@ -107,8 +117,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         model_opts=_model_options(args),
         progress=progress,
     )
-    if bar:
-        bar.close()
+    progress.close()
     print(f"warmup: {len(samples)} samples, {len(ckpts)} checkpoint(s) in {args.out}")
     for c in ckpts:
         print(f"  ckpt-{c.index:03d}  step {c.step:>5}  lr {c.lr:.3g}")
@@ -125,12 +134,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         precondition=not args.no_precondition,
     )
-    bar = _bar("project", 0, "grad")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
+    progress = ProgressBar("project", "grad")
     paths = project_samples(
         Path(args.run),
         samples,
@@ -140,7 +144,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         model_opts=_model_options(args),
         progress=progress,
     )
-    bar.close()
+    progress.close()
     print(f"project: {len(samples)} samples -> {len(paths)} file(s) in {args.out}")
     return 0
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from scoring.cli import ProgressBar
 from scoring.config import LoraSettings, TraceConfig, TrainingConfig
 from scoring.data import load_pubmedqa, write_samples
 from scoring.errors import DataError
@@ -71,20 +71,6 @@ def split_silos(path: Path, size: DemoSize, seed: int = 0):
     return anchors, silos
 
 
-def _progress(desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, total=0, file=sys.stderr, dynamic_ncols=True)
-
-    def update(done: int, total: int, *_: float) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
-
-
 def run_demo(args: argparse.Namespace) -> int:
     size = QUICK if args.quick else DEFAULT
     out = Path(args.out)
@@ -113,7 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
         projection={"kind": "sjlt", "dim": 8192, "seed": 0},
         max_len=size.max_len,
         model_opts=model_opts,
-        progress=_progress("warmup"),
+        progress=ProgressBar("warmup"),
     )
     opts = ProjectOptions()
     project_samples(
@@ -123,11 +109,11 @@ def run_demo(args: argparse.Namespace) -> int:
         anchor=True,
         opts=opts,
         model_opts=model_opts,
-        progress=_progress("anchors"),
+        progress=ProgressBar("anchors"),
     )
     for name, samples in silos.items():
         project_samples(
-            out / "run", samples, out / "proj" / name, opts=opts, model_opts=model_opts, progress=_progress(name)
+            out / "run", samples, out / "proj" / name, opts=opts, model_opts=model_opts, progress=ProgressBar(name)
         )
     table, anchor_table = score_dirs({n: out / "proj" / n for n in silos}, out / "proj" / "anchors", TraceConfig())
     selected = apply_threshold(table, MeanAnchorScore(), anchor_table)

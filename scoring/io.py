@@ -31,7 +31,8 @@ FORMAT = "clues.projection/1"
 
 def projection_to_bytes(proj: ProjectedGrads, losses: np.ndarray | None = None) -> bytes:
     """Serialise projections (matrix stored as float16) to safetensors bytes."""
-    matrix = np.ascontiguousarray(proj.matrix, dtype=np.float16)
+    with np.errstate(over="ignore"):  # values beyond float16 become Inf and are refused just below
+        matrix = np.ascontiguousarray(proj.matrix, dtype=np.float16)
     if not np.isfinite(matrix).all():
         raise DataError("projection matrix has NaN or Inf values (after conversion to float16)")
     tensors: dict[str, np.ndarray] = {

@@ -64,7 +64,7 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        progress = (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         progress = min(max(progress, 0.0), 1.0)
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,175 @@
+"""The clues CLI end to end on the tiny model: warmup -> project -> score -> select, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scoring.cli import main, read_scores
+from scoring.config import TraceConfig
+from scoring.data import load_pubmedqa, write_samples
+from scoring.io import load_projection
+from scoring.selection import MeanAnchorScore, apply_threshold
+from scoring.steps import load_projection_dir
+from scoring.traces import score_anchor_samples, score_projections
+from tests.scoring.test_data import PUBMEDQA
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Run the four commands once on 3 small files (two silos, anchors)."""
+    root = tmp_path_factory.mktemp("cli")
+    items = load_pubmedqa(PUBMEDQA, limit=24)
+    files = {"anchors": items[:6], "a": items[6:15], "b": items[15:24]}
+    for name, samples in files.items():
+        write_samples(root / f"{name}.jsonl", samples)
+    common = ["--model", "tiny", "--max-len", "96", "--proj-dim", "64", "--proj-seed", "3"]
+    assert (
+        main(
+            [
+                "warmup",
+                "--data",
+                str(root / "a.jsonl"),
+                "--out",
+                str(root / "run"),
+                "--checkpoints",
+                "2",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "3",
+                "--lr",
+                "1e-2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "project",
+                "--run",
+                str(root / "run"),
+                "--data",
+                str(root / "anchors.jsonl"),
+                "--anchor",
+                "--out",
+                str(root / "p-anchors"),
+            ]
+        )
+        == 0
+    )
+    for silo in ("a", "b"):
+        assert (
+            main(
+                [
+                    "project",
+                    "--run",
+                    str(root / "run"),
+                    "--data",
+                    str(root / f"{silo}.jsonl"),
+                    "--out",
+                    str(root / f"p-{silo}"),
+                    "--batch-size",
+                    "4",
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "score",
+                "--anchors",
+                str(root / "p-anchors"),
+                "--silo",
+                f"a={root / 'p-a'}",
+                "--silo",
+                f"b={root / 'p-b'}",
+                "--out",
+                str(root / "scores.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert main(["select", "--scores", str(root / "scores.jsonl"), "--out", str(root / "masks")]) == 0
+    return root, files
+
+
+def test_projection_files_per_checkpoint_and_role(pipeline):
+    root, files = pipeline
+    assert sorted(p.name for p in (root / "p-anchors").iterdir()) == [
+        "ckpt-000.anchor.safetensors",
+        "ckpt-000.candidate.safetensors",
+        "ckpt-001.anchor.safetensors",
+        "ckpt-001.candidate.safetensors",
+    ]
+    proj, losses = load_projection(root / "p-a" / "ckpt-001.candidate.safetensors")
+    assert proj.ids == tuple(s.id for s in files["a"])  # input order, though batches were bucketed by length
+    assert proj.matrix.shape == (9, 64) and proj.preconditioned and proj.checkpoint == 1
+    assert proj.spec.seed == 3 and losses.shape == (9,)
+    plain, _ = load_projection(root / "p-anchors" / "ckpt-000.anchor.safetensors")
+    assert not plain.preconditioned and plain.role == "anchor"
+
+
+def test_no_text_in_projection_files(pipeline):
+    root, files = pipeline
+    blob = b"".join(p.read_bytes() for p in (root / "p-a").iterdir())
+    for s in files["a"]:
+        assert s.response[:40].encode() not in blob and s.prompt[-1][1][:40].encode() not in blob
+
+
+def test_masks_equal_the_in_process_computation(pipeline):
+    root, files = pipeline
+    anchors, _ = load_projection_dir(root / "p-anchors", "anchor")
+    as_candidates, _ = load_projection_dir(root / "p-anchors", "candidate")
+    silos = {s: load_projection_dir(root / f"p-{s}", "candidate")[0] for s in ("a", "b")}
+    table = score_projections(silos, anchors, TraceConfig())
+    expected = apply_threshold(table, MeanAnchorScore(), score_anchor_samples(as_candidates, anchors, TraceConfig()))
+    got_table, got_anchors = read_scores(root / "scores.jsonl")
+    assert np.allclose(got_table.scores, table.scores) and len(got_anchors.ids) == 6
+    for silo in ("a", "b"):
+        rows = [json.loads(x) for x in (root / "masks" / f"{silo}.mask.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == [s.id for s in files[silo]]
+        want = {i: bool(k) for i, k in zip(expected.ids, expected.selected, strict=True)}
+        assert all(r["keep"] == want[r["id"]] for r in rows)
+
+
+def test_top_fraction_threshold(pipeline, tmp_path):
+    root, _ = pipeline
+    assert (
+        main(["select", "--scores", str(root / "scores.jsonl"), "--threshold", "top:0.5", "--out", str(tmp_path)]) == 0
+    )
+    kept = sum(json.loads(x)["keep"] for f in tmp_path.iterdir() for x in f.read_text().splitlines())
+    assert kept == 9
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["select", "--scores", "{root}/scores.jsonl", "--threshold", "top:2", "--out", "{tmp}"], "fraction"),
+        (["select", "--scores", "{root}/scores.jsonl", "--threshold", "bogus", "--out", "{tmp}"], "threshold"),
+        (["score", "--anchors", "{root}/p-anchors", "--silo", "nameless", "--out", "{tmp}/s"], "NAME=DIR"),
+        (["score", "--anchors", "{root}/p-a", "--silo", "a={root}/p-a", "--out", "{tmp}/s"], "anchor"),
+        (["project", "--run", "{tmp}", "--data", "{root}/a.jsonl", "--out", "{tmp}/p"], "run.json"),
+        (["project", "--run", "{root}/run", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/p"], "missing.jsonl"),
+        (["warmup", "--model", "tiny", "--data", "{root}/a.jsonl", "--out", "{tmp}/r", "--lora-rank", "0"], "rank"),
+    ],
+)
+def test_errors_name_the_field(pipeline, tmp_path, capsys, argv, message):
+    root, _ = pipeline
+    argv = [a.format(root=root, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clues {argv[0]}: error:") and message in err
+
+
+def test_every_command_has_help():
+    for command in ("warmup", "project", "score", "select", "demo"):
+        out = subprocess.run([sys.executable, "-m", "scoring.cli", command, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: clues" in out.stdout
