@@ -131,9 +131,7 @@ def _corrupt(kind: str, chosen: list[Sample], rng: random.Random, delete_fractio
     if kind == "exchange":
         perm = derangement(len(chosen), rng)
         return [
-            replace(
-                s, response=chosen[p].response, meta={**s.meta, "noise": kind, "noise_source": chosen[p].id}
-            )
+            replace(s, response=chosen[p].response, meta={**s.meta, "noise": kind, "noise_source": chosen[p].id})
             for s, p in zip(chosen, perm, strict=True)
         ]
     out = []

@@ -63,7 +63,7 @@ def test_train_saves_checkpoints_with_lrs_and_moments(tmp_path):
 
 
 def test_unfinished_run_is_refused(tmp_path):
-    with pytest.raises(DataError, match="run.json"):
+    with pytest.raises(DataError, match=r"run\.json"):
         read_run(tmp_path)
     with pytest.raises(DataError, match="no training samples"):
         train_lora(tiny_lora_model()[0], [], TrainingConfig(), tmp_path, pad_id=0)
