@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scoring.cli import ProgressBar
+from clues.cli import ProgressBar
 from scoring.config import LoraSettings, TraceConfig, TrainingConfig
 from scoring.data import load_pubmedqa, write_samples
 from scoring.errors import DataError

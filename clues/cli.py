@@ -232,7 +232,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from scoring.demo import run_demo
+    from clues.demo import run_demo
 
     return run_demo(args)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from scoring.cli import main, read_scores
+from clues.cli import main, read_scores
 from scoring.config import TraceConfig
 from scoring.data import load_pubmedqa, write_samples
 from scoring.io import load_projection
@@ -171,5 +171,5 @@ def test_errors_name_the_field(pipeline, tmp_path, capsys, argv, message):
 
 def test_every_command_has_help():
     for command in ("warmup", "project", "score", "select", "demo"):
-        out = subprocess.run([sys.executable, "-m", "scoring.cli", command, "--help"], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "clues", command, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: clues" in out.stdout

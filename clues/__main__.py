@@ -1,0 +1,7 @@
+"""``python -m clues``."""
+
+import sys
+
+from clues.cli import main
+
+sys.exit(main())
