@@ -190,7 +190,7 @@ def read_scores(path: Path):
     import numpy as np
 
     from scoring.errors import DataError
-    from scoring.steps import ANCHOR_SILO
+    from scoring.traces import ANCHOR_SILO
     from scoring.types import ScoreTable
 
     rows: dict[bool, list[dict]] = {True: [], False: []}

@@ -30,7 +30,7 @@ from scoring.gradients import adam_precondition, build_gradient_computer
 from scoring.io import atomic_write_bytes, load_projection, save_projection
 from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
 from scoring.projection import build_projector, make_spec
-from scoring.traces import ANCHOR_SILO, score_anchor_samples, score_projections
+from scoring.traces import score_anchor_samples, score_projections
 from scoring.training import Checkpoint, read_run, train_lora
 from scoring.types import ProjectedGrads, ScoreTable
 
