@@ -204,9 +204,7 @@ def test_empty_file(tmp_path, text):
 
 def test_duplicate_ids(tmp_path):
     path = _jsonl(tmp_path / "dup.jsonl", [GOOD, {**GOOD, "output": "other"}])
-    with pytest.raises(
-        DataError, match=rf"dup\.jsonl:2: field 'id': duplicate id 'ok' \(first at {path}:1\)"
-    ):
+    with pytest.raises(DataError, match=rf"dup\.jsonl:2: field 'id': duplicate id 'ok' \(first at {path}:1\)"):
         read_samples(path)
 
 
@@ -238,9 +236,7 @@ def test_load_pubmedqa():
     ((role, user),) = first.prompt
     assert role == "user"
     assert user.startswith("Context: " + item["CONTEXTS"][0])
-    assert user.index(item["QUESTION"]) > user.index(
-        item["CONTEXTS"][-1]
-    )  # question last: survives truncation
+    assert user.index(item["QUESTION"]) > user.index(item["CONTEXTS"][-1])  # question last: survives truncation
     assert {s.meta["label"] for s in samples} == {"yes", "no", "maybe"}
 
 
@@ -278,9 +274,7 @@ def test_load_gsm8k():
 def test_load_gsm8k_comma_final_and_errors(tmp_path):
     path = _jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "a\n#### 1,080"}])
     assert load_gsm8k(path)[0].meta == {"final": "1080"}
-    path = _jsonl(
-        tmp_path / "bad.jsonl", [{"question": "q", "answer": "a\n#### 1"}, {"question": "q", "answer": "a"}]
-    )
+    path = _jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a\n#### 1"}, {"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'answer'"):
         load_gsm8k(path)
 
@@ -391,9 +385,7 @@ def test_truncate_invariants(n_prompt, n_response, max_len):
 
 def _tokenized(lengths: list[int]) -> list[TokenizedSample]:
     return [
-        TokenizedSample(
-            f"s{i}", list(range(3, 3 + n)), [IGNORE_INDEX] * (n // 2) + list(range(3 + n // 2, 3 + n))
-        )
+        TokenizedSample(f"s{i}", list(range(3, 3 + n)), [IGNORE_INDEX] * (n // 2) + list(range(3 + n // 2, 3 + n)))
         for i, n in enumerate(lengths)
     ]
 

@@ -106,9 +106,7 @@ def test_inject_noise_fractions_and_labels(pubmedqa):
             assert before.response.startswith(s.response)
             assert len(s.response.split()) <= len(before.response.split()) // 2
         elif kind == "delete":
-            assert len(s.response.split()) == len(before.response.split()) - round(
-                0.3 * len(before.response.split())
-            )
+            assert len(s.response.split()) == len(before.response.split()) - round(0.3 * len(before.response.split()))
         else:
             assert s.meta["noise_source"] != s.id
             assert s.response == originals[s.meta["noise_source"]].response
