@@ -19,6 +19,11 @@ from scoring.traces import score_anchor_samples, score_projections
 from tests.scoring.test_data import PUBMEDQA
 
 
+def run(command: str, **paths) -> int:
+    """``main`` on a command line written as one string (paths hold no spaces)."""
+    return main(command.format(**paths).split())
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Run the four commands once on 3 small files (two silos, anchors)."""
@@ -27,77 +32,19 @@ def pipeline(tmp_path_factory):
     files = {"anchors": items[:6], "a": items[6:15], "b": items[15:24]}
     for name, samples in files.items():
         write_samples(root / f"{name}.jsonl", samples)
-    common = ["--model", "tiny", "--max-len", "96", "--proj-dim", "64", "--proj-seed", "3"]
     assert (
-        main(
-            [
-                "warmup",
-                "--data",
-                str(root / "a.jsonl"),
-                "--out",
-                str(root / "run"),
-                "--checkpoints",
-                "2",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "3",
-                "--lr",
-                "1e-2",
-                *common,
-            ]
+        run(
+            "warmup --model tiny --data {r}/a.jsonl --out {r}/run --checkpoints 2 --epochs 2 --batch-size 3 "
+            "--lr 1e-2 --max-len 96 --proj-dim 64 --proj-seed 3",
+            r=root,
         )
         == 0
     )
-    assert (
-        main(
-            [
-                "project",
-                "--run",
-                str(root / "run"),
-                "--data",
-                str(root / "anchors.jsonl"),
-                "--anchor",
-                "--out",
-                str(root / "p-anchors"),
-            ]
-        )
-        == 0
-    )
+    assert run("project --run {r}/run --data {r}/anchors.jsonl --anchor --out {r}/p-anchors", r=root) == 0
     for silo in ("a", "b"):
-        assert (
-            main(
-                [
-                    "project",
-                    "--run",
-                    str(root / "run"),
-                    "--data",
-                    str(root / f"{silo}.jsonl"),
-                    "--out",
-                    str(root / f"p-{silo}"),
-                    "--batch-size",
-                    "4",
-                ]
-            )
-            == 0
-        )
-    assert (
-        main(
-            [
-                "score",
-                "--anchors",
-                str(root / "p-anchors"),
-                "--silo",
-                f"a={root / 'p-a'}",
-                "--silo",
-                f"b={root / 'p-b'}",
-                "--out",
-                str(root / "scores.jsonl"),
-            ]
-        )
-        == 0
-    )
-    assert main(["select", "--scores", str(root / "scores.jsonl"), "--out", str(root / "masks")]) == 0
+        assert run("project --run {r}/run --data {r}/{s}.jsonl --out {r}/p-{s} --batch-size 4", r=root, s=silo) == 0
+    assert run("score --anchors {r}/p-anchors --silo a={r}/p-a --silo b={r}/p-b --out {r}/scores.jsonl", r=root) == 0
+    assert run("select --scores {r}/scores.jsonl --out {r}/masks", r=root) == 0
     return root, files
 
 
