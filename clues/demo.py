@@ -25,7 +25,7 @@ from scoring.selection import MeanAnchorScore, apply_threshold, auroc
 from scoring.steps import ModelOptions, ProjectOptions, load_projection_dir, project_samples, run_warmup, score_dirs
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "tests" / "data" / "pubmedqa_small.json"
+BUNDLED = Path(__file__).resolve().parent / "data" / "pubmedqa_200.json"
 NOISE = {  # silo -> noise kind -> rate: 10 %, 30 % and 50 % noisy
     "silo1": {"cut": 0.05, "delete": 0.05},
     "silo2": {"cut": 0.1, "delete": 0.1, "exchange": 0.1},
@@ -47,13 +47,14 @@ DEFAULT = DemoSize(anchors=40, per_silo=30, checkpoints=2, max_len=512, warmup_s
 
 
 def find_pubmedqa(data_dir: str | None) -> Path:
-    """--data-dir, else ../shared/data beside the checkout, else the 60-item subset shipped with the tests."""
-    candidates = [Path(data_dir) / "pubmedqa" / "ori_pqal.json"] if data_dir else []
-    candidates += [REPO.parent / "shared" / "data" / "pubmedqa" / "ori_pqal.json", BUNDLED]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise DataError(f"--data-dir: no pubmedqa/ori_pqal.json in {data_dir}")
+    """--data-dir (which must hold the file), else ../shared/data beside the checkout, else the bundled subset."""
+    if data_dir:
+        path = Path(data_dir) / "pubmedqa" / "ori_pqal.json"
+        if not path.is_file():
+            raise DataError(f"--data-dir: no pubmedqa/ori_pqal.json in {data_dir}")
+        return path
+    shared = REPO.parent / "shared" / "data" / "pubmedqa" / "ori_pqal.json"
+    return shared if shared.is_file() else BUNDLED
 
 
 def split_silos(path: Path, size: DemoSize, seed: int = 0):
