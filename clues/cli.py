@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir",
         default=None,
-        help="folder with pubmedqa/ori_pqal.json (default: ../shared/data if present, else the bundled 200-item subset)",
+        help="folder with pubmedqa/ori_pqal.json (default: ../shared/data if present, else a bundled 200-item subset)",
     )
     p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     _add_model_args(p)
