@@ -66,13 +66,20 @@ class ProjectOptions:
 def load_run_model(run_dir: Path, opts: ModelOptions) -> tuple[nn.Module, object, dict, list[Checkpoint]]:
     """The base model of a run with a LoRA adapter attached (weights set per checkpoint by `use_checkpoint`)."""
     manifest, checkpoints = read_run(run_dir)
-    attn = "eager"
+    lora = LoraSettings.from_dict(manifest["lora"])
+    model, tokenizer = _lora_model(manifest["model"], lora, manifest["lora_init_seed"], False, opts)
+    return model, tokenizer, manifest, checkpoints
+
+
+def _lora_model(ref: str, lora: LoraSettings, init_seed: int, random_b: bool, opts: ModelOptions):
+    """Base model with a fresh, seeded LoRA adapter, in eval mode. Eager attention: the vmap engine needs it, and
+    SDPA's CPU kernel moves gradients by ~1e-4 relative against the batch-size-1 reference."""
     base = load_base_model(
-        manifest["model"], dtype=opts.dtype, device=opts.device, attn_implementation=attn, cache_dir=opts.cache_dir
+        ref, dtype=opts.dtype, device=opts.device, attn_implementation="eager", cache_dir=opts.cache_dir
     )
-    model = attach_lora(base.model, LoraSettings.from_dict(manifest["lora"]), init_seed=manifest["lora_init_seed"])
+    model = attach_lora(base.model, lora, init_seed=init_seed, random_b=random_b)
     model.eval()
-    return model, base.tokenizer, manifest, checkpoints
+    return model, base.tokenizer
 
 
 def use_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
@@ -110,14 +117,7 @@ def run_warmup(
     Args:
         projection: ``{"kind", "dim", "seed", "nnz"}``; the spec is completed with the model's LoRA layout.
     """
-    base = load_base_model(
-        model_ref,
-        dtype=model_opts.dtype,
-        device=model_opts.device,
-        attn_implementation="eager",
-        cache_dir=model_opts.cache_dir,
-    )
-    model = attach_lora(base.model, lora, init_seed=lora_init_seed, random_b=random_b)
+    model, tokenizer = _lora_model(model_ref, lora, lora_init_seed, random_b, model_opts)
     spec = make_spec(
         projection["kind"], projection["dim"], projection["seed"], lora_layout(model), nnz=projection.get("nnz", 4)
     )
@@ -133,10 +133,8 @@ def run_warmup(
     out_dir = Path(out_dir)
     if training is None:
         return _save_initial_checkpoint(model, out_dir, info)
-    data = tokenize_samples(samples, base.tokenizer, max_len, template=template)
-    return train_lora(
-        model, data, training, out_dir, pad_id=base.tokenizer.pad_token_id, run_info=info, progress=progress
-    )
+    data = tokenize_samples(samples, tokenizer, max_len, template=template)
+    return train_lora(model, data, training, out_dir, pad_id=tokenizer.pad_token_id, run_info=info, progress=progress)
 
 
 def _save_initial_checkpoint(model: nn.Module, out_dir: Path, info: dict) -> list[Checkpoint]:
