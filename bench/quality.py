@@ -7,7 +7,9 @@ next ``--n`` the candidates, of which 10 % each are corrupted by ``cut``, ``dele
 Pipeline, through `scoring.steps`: warmup (``--warmup-steps`` AdamW steps of batch 4 at a constant 3e-4 on a
 random ``--warmup-fraction`` of the candidates, noise included, as CLUES warms up on the pool; ``--checkpoints``
 evenly spaced checkpoints) -> project anchors and candidates (hooks engine, SJLT to ``--proj-dim``) -> score.
-``--no-warmup`` instead takes one checkpoint at the initial adapter with random lora_B and plain gradients.
+``--no-warmup`` instead takes one checkpoint at the initial adapter with random lora_B and plain gradients;
+warmup starts from a random lora_B, the library default (``--zero-b``: peft's B=0, where every lora_A gradient is
+zero until B moves).
 
 Candidates are projected with ``anchor=True``, so the projection directory holds both the Adam-preconditioned
 gradients (role ``candidate``) and the plain ones (role ``anchor``) of the same samples: the "with" and "without
@@ -115,7 +117,7 @@ def warmup(args: argparse.Namespace, candidates: list[Sample], run_dir: Path) ->
         training=training,
         projection={"kind": "sjlt", "dim": args.proj_dim, "seed": 0, "nnz": 4},
         max_len=args.max_len,
-        random_b=args.no_warmup,
+        random_b=not args.zero_b,
         progress=progress("warmup"),
     )
     noisy = sum(s.meta["noise"] != "clean" for s in train)
@@ -222,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k (default 8192)")
     p.add_argument("--batch-size", type=int, default=8, help="gradient batch size (default 8)")
     p.add_argument("--no-warmup", action="store_true", help="one checkpoint at init, random lora_B, plain grads")
+    p.add_argument("--zero-b", action="store_true", help="warm up from peft's lora_B=0 (default: random lora_B)")
     p.add_argument("--precondition", action=argparse.BooleanOptionalAction, default=True, help="Adam (default on)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)

@@ -113,7 +113,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         projection=projection,
         max_len=args.max_len,
         template=args.template,
-        random_b=args.random_b,
+        random_b=not args.zero_b,
         model_opts=_model_options(args),
         progress=progress,
     )
@@ -249,7 +249,11 @@ def _warmup_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--fraction", type=float, default=1.0, help="random fraction of --data to train on (default 1)")
     p.add_argument("--no-train", action="store_true", help="take no step: one checkpoint of the initial adapter")
-    p.add_argument("--random-b", action="store_true", help="initialise lora_B at random (use with --no-train)")
+    p.add_argument(
+        "--zero-b",
+        action="store_true",
+        help="start from peft's lora_B=0 (default: a random lora_B, so lora_A gradients carry signal from step 0)",
+    )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
