@@ -247,6 +247,56 @@ def best_group(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return best_parts.sum(axis=1), best_parts, group
 
 
+def self_similarity(rows: np.ndarray, anchors: np.ndarray, similarity: str) -> np.ndarray:
+    """Row-wise sim(rows[i], anchors[i]) in float64: (M, k), (M, k) -> (M,). Zero-norm rows give 0 (cosine)."""
+    x, a = np.asarray(rows, dtype=np.float64), np.asarray(anchors, dtype=np.float64)
+    dots = np.einsum("ij,ij->i", x, a)  # (M,)
+    if similarity == "dot":
+        return dots
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(a, axis=1)  # (M,)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def leave_one_out(
+    parts: np.ndarray,
+    rows_per_ckpt: Sequence[np.ndarray],
+    anchors_per_ckpt: Sequence[np.ndarray],
+    lrs: Sequence[float],
+    group: np.ndarray,
+    similarity: str,
+) -> np.ndarray:
+    """Re-score anchor samples against the mean of the *other* anchors of their group.
+
+    Scoring anchor i against a mean that includes anchor i adds a self term sim(g_i, a_i)/M — near 1/M, far above
+    typical cross-sample similarities — and would inflate the mean-anchor threshold. Since the group mean is
+    linear, mean_{j≠i} sim(g, a_j) = (M_g · mean_j sim(g, a_j) − sim(g, a_i)) / (M_g − 1).
+
+    Args:
+        parts: (M, T, G) trace terms of the anchor samples against the full group means (`trace_parts`).
+        rows_per_ckpt: T (M, k) anchor samples as candidates; row i is anchor i.
+        anchors_per_ckpt: T (M, k) anchor projections, same rows.
+        lrs: T learning rates.
+        group: (M,) group index of each anchor (column of ``parts``).
+        similarity: ``cosine`` or ``dot``.
+
+    Returns:
+        (M, T, G) corrected terms (columns of other groups unchanged).
+
+    Raises:
+        ShapeMismatchError: a group has fewer than two anchors.
+    """
+    sizes = np.bincount(group, minlength=parts.shape[2])  # (G,)
+    if (sizes[group] < 2).any():
+        raise ShapeMismatchError("leave-one-out anchor scores need at least two anchors in every group")
+    out = parts.copy()
+    rows = np.arange(len(group))
+    m = sizes[group].astype(np.float64)  # (M,)
+    for t, (x, a, lr) in enumerate(zip(rows_per_ckpt, anchors_per_ckpt, lrs, strict=True)):
+        own = float(lr) * self_similarity(x, a, similarity)  # (M,)
+        out[rows, t, group] = (m * parts[rows, t, group] - own) / (m - 1)
+    return out
+
+
 def _check_anchors(anchors: Sequence[ProjectedGrads]) -> None:
     if len(anchors) == 0:
         raise IncompatibleArtifactError("no anchor projections given")
@@ -287,8 +337,9 @@ def _score(
     config: TraceConfig,
     anchor_groups: Sequence[str] | None,
     roles: tuple[str, ...],
+    exclude_self: bool = False,
 ) -> ScoreTable:
-    """The one checked scoring path behind `score_projections` and `score_anchor_samples`."""
+    """The one checked scoring path behind `score_projections` and `score_anchor_samples` (``exclude_self``)."""
     _check_anchors(anchors)
     for name, seq in candidates.items():
         _check_silo(name, seq, anchors, roles)
@@ -296,16 +347,26 @@ def _score(
     check_same_spec(specs, "candidate and anchor projections")
     if len({seq[0].preconditioned for seq in candidates.values()}) > 1:
         raise IncompatibleArtifactError("some silos sent Adam-preconditioned gradients and others did not")
-    directions = [group_directions(a.matrix, anchor_groups, config.similarity)[1] for a in anchors]
+    grouped = [group_directions(a.matrix, anchor_groups, config.similarity) for a in anchors]
+    directions = [dirs for _, dirs in grouped]
     lrs = [a.lr for a in anchors]
     ids: list[str] = []
     silos: list[str] = []
     chunks = [np.empty((0, len(anchors), directions[0].shape[0]))]  # (N_silo, T, G) per silo
     for name, seq in candidates.items():
         try:
-            chunks.append(trace_parts([c.matrix for c in seq], directions, lrs, config.similarity, config.chunk_rows))
+            parts = trace_parts([c.matrix for c in seq], directions, lrs, config.similarity, config.chunk_rows)
         except DataError as exc:
             raise DataError(f"silo {name!r}: {exc}") from exc
+        if exclude_self:
+            if seq[0].ids != anchors[0].ids:
+                raise IncompatibleArtifactError("anchor samples as candidates must have the anchors' ids, in order")
+            names = grouped[0][0]
+            group = np.array([names.index(str(g)) for g in anchor_groups] if anchor_groups else [0] * len(parts))
+            parts = leave_one_out(
+                parts, [c.matrix for c in seq], [a.matrix for a in anchors], lrs, group, config.similarity
+            )
+        chunks.append(parts)
         ids.extend(seq[0].ids)
         silos.extend([name] * len(seq[0]))
     scores, parts, _ = best_group(np.concatenate(chunks))
@@ -353,7 +414,9 @@ def score_anchor_samples(
 
     Their mean is the CLUES threshold. Pass the anchors' projections prepared exactly as the silos prepared
     their candidates (e.g. Adam-preconditioned, role ``candidate``) so that the scores are comparable; the
-    plain anchor projections (role ``anchor``) are accepted too.
+    plain anchor projections (role ``anchor``) are accepted too. Each anchor is scored leave-one-out, against
+    the mean of the other anchors of its group (`leave_one_out`): otherwise its own gradient would count in
+    the direction it is compared with.
 
     Args:
         anchors_as_candidates: T projections of the anchor samples, as candidates.
@@ -367,4 +430,6 @@ def score_anchor_samples(
     Raises:
         The same errors as `score_projections`.
     """
-    return _score({ANCHOR_SILO: anchors_as_candidates}, anchors, config, anchor_groups, ("candidate", "anchor"))
+    return _score(
+        {ANCHOR_SILO: anchors_as_candidates}, anchors, config, anchor_groups, ("candidate", "anchor"), exclude_self=True
+    )

@@ -27,6 +27,7 @@ def naive_trace_scores(
     lrs: Sequence[float],
     similarity: str,
     groups: Sequence[str] | None = None,
+    leave_one_out: bool = False,
 ) -> tuple[list[float], list[list[float]]]:
     """Scores and per-checkpoint parts by brute force.
 
@@ -36,6 +37,7 @@ def naive_trace_scores(
         lrs: [t] learning rates.
         similarity: ``cosine`` or ``dot``.
         groups: [j] group label of anchor j, or None for one group.
+        leave_one_out: candidate i is anchor i; leave anchor i out of the mean it is compared with.
 
     Returns:
         (scores [i], parts [i][t]) where the group maximising Σ_t is chosen (first in sorted order on ties).
@@ -46,7 +48,7 @@ def naive_trace_scores(
     for i in range(len(candidates[0])):
         best_total, best_parts = -math.inf, None
         for group in sorted(set(labels)):
-            members = [j for j in range(n_anchor) if labels[j] == group]
+            members = [j for j in range(n_anchor) if labels[j] == group and not (leave_one_out and j == i)]
             group_parts = []
             for t in range(len(candidates)):
                 sims = [naive_similarity(candidates[t][i], anchors[t][j], similarity) for j in members]

@@ -263,14 +263,41 @@ def test_checkpoint_count_order_role_and_preconditioning_checks(setup):
         score_projections(cands, anchors, TraceConfig(), anchor_groups=["g"] * 3)
 
 
-def test_score_anchor_samples_uses_the_same_path(setup):
+@pytest.mark.parametrize(
+    ("similarity", "groups", "precondition"),
+    list(itertools.product(("cosine", "dot"), (None, ["g", "h", "g", "h"]), (False, True))),
+)
+def test_anchor_samples_are_scored_leave_one_out(setup, similarity, groups, precondition):
+    _, anchors = setup
+    rng = np.random.default_rng(9)
+    # as candidates: the plain anchors, or a different ("preconditioned") version of the same samples
+    cand_mats = [
+        a.matrix * (rng.uniform(0.5, 2.0, a.matrix.shape).astype(np.float16) if precondition else 1) for a in anchors
+    ]
+    as_candidates = [_replace(anchors, t, role="candidate", matrix=m)[t] for t, m in enumerate(cand_mats)]
+    own = score_anchor_samples(as_candidates, anchors, TraceConfig(similarity=similarity, chunk_rows=3), groups)
+    assert own.silos == (ANCHOR_SILO,) * 4 and own.ids == anchors[0].ids
+    cands = [m.astype(np.float64).tolist() for m in cand_mats]
+    mats = [a.matrix.astype(np.float64).tolist() for a in anchors]
+    ref_scores, ref_parts = naive_trace_scores(cands, mats, LRS, similarity, groups, leave_one_out=True)
+    np.testing.assert_allclose(own.scores, ref_scores, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(own.parts, ref_parts, rtol=1e-5, atol=1e-9)
+    including_self, _ = naive_trace_scores(cands, mats, LRS, similarity, groups)
+    assert not np.allclose(own.scores, including_self)
+
+
+def test_leave_one_out_needs_two_anchors_per_group_and_matching_ids(setup):
+    _, anchors = setup
+    with pytest.raises(ShapeMismatchError, match="two anchors"):
+        score_anchor_samples(anchors, anchors, TraceConfig(), anchor_groups=["g", "g", "g", "h"])
+    shuffled = [_replace(anchors, t, ids=("s1", "s0", "s2", "s3"), role="candidate")[t] for t in range(3)]
+    with pytest.raises(IncompatibleArtifactError, match="anchors' ids"):
+        score_anchor_samples(shuffled, anchors, TraceConfig())
+
+
+def test_score_anchor_samples_checks_like_score_projections(setup):
     _, anchors = setup
     config = TraceConfig(similarity="cosine", chunk_rows=2)
-    own = score_anchor_samples(anchors, anchors, config, anchor_groups=["g", "h", "g", "h"])
-    assert own.silos == (ANCHOR_SILO,) * 4 and own.ids == anchors[0].ids
-    mats = [a.matrix.astype(np.float64).tolist() for a in anchors]
-    ref_scores, _ = naive_trace_scores(mats, mats, LRS, "cosine", ["g", "h", "g", "h"])
-    np.testing.assert_allclose(own.scores, ref_scores, rtol=1e-5)
     as_candidates = [_replace(anchors, t, role="candidate", preconditioned=True)[t] for t in range(3)]
     np.testing.assert_array_equal(score_anchor_samples(as_candidates, anchors, config).scores.shape, (4,))
     with pytest.raises(IncompatibleArtifactError, match="learning rate"):
