@@ -38,6 +38,8 @@ def load_data(path: str, fmt: str, limit: int | None = None):
         return data.load_pubmedqa(path, limit=limit)
     if fmt == "gsm8k":
         return data.load_gsm8k(path, limit=limit)
+    if limit is not None and limit < 1:
+        raise ScoringError(f"--limit: must be at least 1, got {limit}")
     samples = data.read_samples(path)
     return samples[:limit] if limit else samples
 
@@ -167,19 +169,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     silos = _parse_silos(args.silo)
     table, anchor_table = score_dirs(silos, Path(args.anchors), TraceConfig(similarity=args.similarity))
-    lines = []
-    for t in (table, anchor_table):
-        for i, sid in enumerate(t.ids):
-            lines.append(
-                json.dumps(
-                    {
-                        "id": sid,
-                        "silo": t.silos[i],
-                        "score": float(t.scores[i]),
-                        "parts": [float(x) for x in t.parts[i]],
-                    }
-                )
-            )
+    lines = [
+        json.dumps({"id": sid, "silo": silo, "score": float(score), "parts": parts.tolist()})
+        for t in (table, anchor_table)
+        for sid, silo, score, parts in zip(t.ids, t.silos, t.scores, t.parts, strict=True)
+    ]
     atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
     print(f"score: {len(table.ids)} samples from {len(silos)} silo(s), {len(anchor_table.ids)} anchors -> {args.out}")
     return 0
@@ -198,8 +192,14 @@ def read_scores(path: Path):
         if line.strip():
             try:
                 row = json.loads(line)
+                row = {
+                    "id": str(row["id"]),
+                    "silo": str(row["silo"]),
+                    "score": float(row["score"]),
+                    "parts": [float(x) for x in row["parts"]],
+                }
                 rows[row["silo"] == ANCHOR_SILO].append(row)
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{path}:{n}: not a score record ({exc})") from exc
     if not rows[False]:
         raise DataError(f"{path}: no silo scores")

@@ -106,6 +106,8 @@ def test_top_fraction_threshold(pipeline, tmp_path):
         (["project", "--run", "{tmp}", "--data", "{root}/a.jsonl", "--out", "{tmp}/p"], "run.json"),
         (["project", "--run", "{root}/run", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/p"], "missing.jsonl"),
         (["warmup", "--model", "tiny", "--data", "{root}/a.jsonl", "--out", "{tmp}/r", "--lora-rank", "0"], "rank"),
+        (["project", "--run", "{root}/run", "--data", "{root}/a.jsonl", "--limit", "0", "--out", "{tmp}/p"], "--limit"),
+        (["select", "--scores", "{root}/a.jsonl", "--out", "{tmp}"], "not a score record"),
     ],
 )
 def test_errors_name_the_field(pipeline, tmp_path, capsys, argv, message):
