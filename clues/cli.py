@@ -67,7 +67,8 @@ class ProgressBar:
             self.bar.close()
 
 
-def _model_options(args: argparse.Namespace):
+def model_options(args: argparse.Namespace):
+    """Device, dtype and the model cache (``$CLUES_CACHE_DIR/models`` when set) from the parsed arguments."""
     from scoring.steps import ModelOptions
 
     return ModelOptions(device=args.device, dtype=args.dtype, cache_dir=_cache_dir())
@@ -116,7 +117,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         template=args.template,
         random_b=not args.zero_b,
-        model_opts=_model_options(args),
+        model_opts=model_options(args),
         progress=progress,
     )
     progress.close()
@@ -143,7 +144,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         Path(args.out),
         anchor=args.anchor,
         opts=opts,
-        model_opts=_model_options(args),
+        model_opts=model_options(args),
         progress=progress,
     )
     progress.close()

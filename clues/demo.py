@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from clues.cli import ProgressBar
+from clues.cli import ProgressBar, model_options
 from scoring.config import LoraSettings, TraceConfig, TrainingConfig
 from scoring.data import load_pubmedqa, write_samples
 from scoring.errors import DataError
 from scoring.noise import inject_noise
 from scoring.selection import MeanAnchorScore, apply_threshold, auroc
-from scoring.steps import ModelOptions, ProjectOptions, load_projection_dir, project_samples, run_warmup, score_dirs
+from scoring.steps import ProjectOptions, load_projection_dir, project_samples, run_warmup, score_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = Path(__file__).resolve().parent / "data" / "pubmedqa_200.json"
@@ -75,7 +75,7 @@ def split_silos(path: Path, size: DemoSize, seed: int = 0):
 def run_demo(args: argparse.Namespace) -> int:
     size = QUICK if args.quick else DEFAULT
     out = Path(args.out)
-    model_opts = ModelOptions(device=args.device, dtype=args.dtype)
+    model_opts = model_options(args)
     started = time.perf_counter()
     anchors, silos = split_silos(find_pubmedqa(args.data_dir), size)
     for name, samples in silos.items():
