@@ -13,7 +13,6 @@ role ``candidate`` for samples to be scored (Adam-preconditioned when asked), an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,15 @@ import torch
 from torch import nn
 
 from scoring.batching import make_batches, tokenize_samples
-from scoring.config import LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig
+from scoring.config import AdamState, LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig
 from scoring.data import Sample
 from scoring.errors import ConfigError, DataError
 from scoring.gradients import adam_precondition, build_gradient_computer
-from scoring.io import atomic_write_bytes, load_projection, save_projection
+from scoring.io import load_projection, save_projection
 from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
 from scoring.projection import build_projector, make_spec
 from scoring.traces import score_anchor_samples, score_projections
-from scoring.training import Checkpoint, read_run, train_lora
+from scoring.training import Checkpoint, checkpoint_entry, read_run, train_lora, write_run_manifest
 from scoring.types import ProjectedGrads, ScoreTable
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -142,21 +141,9 @@ def run_warmup(
 
 
 def _save_initial_checkpoint(model: nn.Module, out_dir: Path, info: dict) -> list[Checkpoint]:
-    from scoring.config import AdamState
-
     ckpt = Checkpoint(0, 0, 1.0, 1.0, out_dir / "ckpt-000", AdamState())
     save_adapter(model, ckpt.adapter_dir)
-    entry = {
-        "index": 0,
-        "step": 0,
-        "lr": 1.0,
-        "lr_last": 1.0,
-        "dir": ckpt.path.name,
-        "adam": ckpt.adam.to_dict(),
-        "has_moments": False,
-    }
-    manifest = {"checkpoints": [entry], "training": None, **info}
-    atomic_write_bytes(out_dir / "run.json", json.dumps(manifest, indent=2).encode())
+    write_run_manifest(out_dir, [{**checkpoint_entry(ckpt), "has_moments": False}], None, info)
     return [ckpt]
 
 

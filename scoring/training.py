@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from scoring.batching import Batch, TokenizedSample, make_batches
@@ -83,8 +83,7 @@ def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
 def _epoch_batches(data: Sequence[TokenizedSample], cfg: TrainingConfig, pad_id: int, epoch: int) -> list[Batch]:
     order = list(data)
     random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    batches = make_batches(order, cfg.batch_size, pad_id, bucket=False)
-    return batches
+    return make_batches(order, cfg.batch_size, pad_id, bucket=False)
 
 
 def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, info: dict) -> None:
@@ -94,9 +93,7 @@ def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: P
         st = optimizer.state.get(param, {})
         state[f"exp_avg.{name}"] = st.get("exp_avg", torch.zeros_like(param)).detach().float().cpu().contiguous()
         state[f"exp_avg_sq.{name}"] = st.get("exp_avg_sq", torch.zeros_like(param)).detach().float().cpu().contiguous()
-    tmp = path / ".optimizer.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(path / "optimizer.safetensors")
+    atomic_write_bytes(path / "optimizer.safetensors", save(state))
     atomic_write_bytes(path / "checkpoint.json", json.dumps(info, indent=2).encode())
 
 
@@ -162,23 +159,25 @@ def train_lora(
                 ckpt = Checkpoint(
                     index, step, sum(lrs_since) / len(lrs_since), lrs_since[-1], out_dir / f"ckpt-{index:03d}", cfg.adam
                 )
-                _save_checkpoint(model, optimizer, ckpt.path, _checkpoint_json(ckpt))
+                _save_checkpoint(model, optimizer, ckpt.path, checkpoint_entry(ckpt))
                 checkpoints.append(ckpt)
                 lrs_since = []
             if step >= total:
                 break
         epoch += 1
     model.eval()
-    manifest = {
-        "checkpoints": [_checkpoint_json(c) for c in checkpoints],
-        "training": cfg.to_dict(),
-        **(run_info or {}),
-    }
-    atomic_write_bytes(out_dir / "run.json", json.dumps(manifest, indent=2).encode())
+    write_run_manifest(out_dir, [checkpoint_entry(c) for c in checkpoints], cfg, run_info)
     return checkpoints
 
 
-def _checkpoint_json(ckpt: Checkpoint) -> dict:
+def write_run_manifest(out_dir: Path, entries: list[dict], cfg: TrainingConfig | None, run_info: dict | None) -> None:
+    """Write ``run.json`` (atomically, last: a run without it is unfinished)."""
+    manifest = {"checkpoints": entries, "training": cfg.to_dict() if cfg else None, **(run_info or {})}
+    atomic_write_bytes(Path(out_dir) / "run.json", json.dumps(manifest, indent=2).encode())
+
+
+def checkpoint_entry(ckpt: Checkpoint) -> dict:
+    """The JSON entry of a checkpoint in ``run.json`` and its ``checkpoint.json``."""
     return {
         "index": ckpt.index,
         "step": ckpt.step,

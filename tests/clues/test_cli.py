@@ -122,3 +122,23 @@ def test_every_command_has_help():
     for command in ("warmup", "project", "score", "select", "demo"):
         out = subprocess.run([sys.executable, "-m", "clues", command, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: clues" in out.stdout
+
+
+def test_no_train_run_has_one_checkpoint_and_refuses_preconditioning(pipeline, tmp_path, capsys):
+    root, _ = pipeline
+    assert (
+        run(
+            "warmup --model tiny --data {r}/a.jsonl --out {t}/run --no-train --max-len 96 --proj-dim 64",
+            r=root,
+            t=tmp_path,
+        )
+        == 0
+    )
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["training"] is None and [c["has_moments"] for c in manifest["checkpoints"]] == [False]
+    assert manifest["checkpoints"][0]["lr"] == 1.0
+    assert run("project --run {t}/run --data {r}/b.jsonl --out {t}/p", r=root, t=tmp_path) == 2
+    assert "--no-precondition" in capsys.readouterr().err
+    assert run("project --run {t}/run --data {r}/b.jsonl --out {t}/p --no-precondition", r=root, t=tmp_path) == 0
+    proj, _ = load_projection(tmp_path / "p" / "ckpt-000.candidate.safetensors")
+    assert not proj.preconditioned and proj.lr == 1.0 and np.abs(proj.matrix).sum() > 0
