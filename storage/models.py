@@ -1,0 +1,220 @@
+"""The tables: `Silo`, `Job` with its `JobCheckpoint`s and `JobMember`s, `AnchorSet`, `Shard`, `Score`,
+`DuplicatePair`. Portable between SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
+
+Deleting a `Job` deletes every row that names it (``ON DELETE CASCADE``; SQLite needs ``foreign_keys=ON``, which
+`storage.db.make_engine` sets).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+ANCHOR_OWNER = "__anchor__"  # the Shard/Score owner of the coordinator's own anchor projections
+JOB_STATUSES = ("draft", "open", "scoring", "done", "failed")
+ANCHOR_STATUSES = ("pending", "running", "done", "failed")
+MEMBER_STATUSES = ("pending", "complete")
+SHARD_ROLES = ("candidate", "anchor")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that always returns aware UTC datetimes (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: storage takes timezone-aware datetimes only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with constraint naming conventions (stable names for Alembic)."""
+
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+def _job_fk() -> Any:
+    return ForeignKey("jobs.id", ondelete="CASCADE")
+
+
+class Silo(Base):
+    """A data owner. Only the sha256 of its bearer token is stored."""
+
+    __tablename__ = "silos"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Job(Base):
+    """A scoring job: the spec (model, LoRA, projection, similarity, threshold, options) plus its life cycle.
+
+    ``status`` is one of `JOB_STATUSES`, ``anchor_status`` one of `ANCHOR_STATUSES`; ``progress`` is in [0, 1].
+    ``checkpoints`` and ``members`` (each with its ``silo``) load with the job, so a detached job stays readable.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(500))
+    lora: Mapped[dict[str, Any]] = mapped_column(JSON)
+    projection: Mapped[dict[str, Any]] = mapped_column(JSON)
+    similarity: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[Any] = mapped_column(JSON)
+    precondition: Mapped[bool]
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    anchor_status: Mapped[str] = mapped_column(String(16), default="pending")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    threshold_value: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    checkpoints: Mapped[list[JobCheckpoint]] = relationship(
+        order_by="JobCheckpoint.index", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
+    members: Mapped[list[JobMember]] = relationship(
+        order_by="JobMember.silo_id", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
+
+
+class JobCheckpoint(Base):
+    """Checkpoint ``index`` of a job (0..T-1) and, once uploaded, the blob of its bundle."""
+
+    __tablename__ = "job_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int]
+    lr: Mapped[float] = mapped_column(Float)
+    lr_last: Mapped[float] = mapped_column(Float)
+    adam: Mapped[dict[str, Any]] = mapped_column(JSON)
+    blob_key: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class JobMember(Base):
+    """A silo taking part in a job; ``status`` is ``pending`` until the silo marks its uploads complete."""
+
+    __tablename__ = "job_members"
+
+    job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
+    silo_id: Mapped[int] = mapped_column(ForeignKey("silos.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    num_samples: Mapped[int | None]
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    silo: Mapped[Silo] = relationship(lazy="joined")
+
+
+class AnchorSet(Base):
+    """The anchor samples file of a job (stored as uploaded) and its sample ids in file order."""
+
+    __tablename__ = "anchor_sets"
+
+    job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    num_samples: Mapped[int]
+    sample_ids: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Shard(Base):
+    """One projection shard: rows ``sample_ids`` of ``owner`` at checkpoint ``checkpoint``, part ``part``.
+
+    ``owner`` is a silo name, or `ANCHOR_OWNER` for the coordinator's anchor projections; ``role`` is one of
+    `SHARD_ROLES`.
+    """
+
+    __tablename__ = "shards"
+    __table_args__ = (
+        UniqueConstraint("job_id", "owner", "checkpoint", "part", "role"),
+        Index(None, "job_id", "owner"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(_job_fk())
+    owner: Mapped[str] = mapped_column(String(64))
+    checkpoint: Mapped[int]
+    part: Mapped[int]
+    role: Mapped[str] = mapped_column(String(16))
+    row_count: Mapped[int]
+    sample_ids: Mapped[list[str]] = mapped_column(JSON)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Score(Base):
+    """The score of one sample: ``parts`` holds the per-checkpoint terms, ``row`` the position for stable order."""
+
+    __tablename__ = "scores"
+    __table_args__ = (Index(None, "job_id", "owner", "row"),)
+
+    job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sample_id: Mapped[str] = mapped_column(String(500), primary_key=True)
+    row: Mapped[int]
+    score: Mapped[float] = mapped_column(Float)
+    parts: Mapped[list[float]] = mapped_column(JSON)
+    selected: Mapped[bool]
+
+
+class DuplicatePair(Base):
+    """Two samples whose projections have cosine similarity above the duplicate threshold; (a) sorts first."""
+
+    __tablename__ = "duplicate_pairs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(_job_fk(), index=True)
+    owner_a: Mapped[str] = mapped_column(String(64))
+    sample_a: Mapped[str] = mapped_column(String(500))
+    owner_b: Mapped[str] = mapped_column(String(64))
+    sample_b: Mapped[str] = mapped_column(String(500))
+    similarity: Mapped[float] = mapped_column(Float)
