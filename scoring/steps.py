@@ -4,7 +4,9 @@ The CLI, the silo agent and the coordinator's workers all call these; they do no
 projection directories they are given.
 
 A *run directory* (made by `run_warmup`) holds ``run.json`` (model reference, LoRA settings, template, max_len,
-projection spec, checkpoints with η_t) and ``ckpt-NNN/`` checkpoints (see `scoring.training`).
+projection spec, the LoRA ``layout`` it hashes, checkpoints with η_t) and ``ckpt-NNN/`` checkpoints (see
+`scoring.training`). `checkpoint_bundles` packs its checkpoints for the coordinator (``clues.checkpoint/1``, see
+`scoring.io`) and `write_run_dir` rebuilds a run directory from them.
 
 A *projection directory* (made by `project_samples`) holds ``ckpt-NNN.<role>.safetensors`` files (see `scoring.io`):
 role ``candidate`` for samples to be scored (Adam-preconditioned when asked), and, for the anchor set, also role
@@ -13,6 +15,7 @@ role ``candidate`` for samples to be scored (Adam-preconditioned when asked), an
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,18 @@ import torch
 from torch import nn
 
 from scoring.batching import make_batches, tokenize_samples
-from scoring.config import AdamState, LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig
+from scoring.config import AdamState, LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig, parameter_layout_hash
 from scoring.data import Sample
 from scoring.errors import ConfigError, DataError
 from scoring.gradients import adam_precondition, build_gradient_computer
-from scoring.io import load_projection, save_projection
+from scoring.io import (
+    CheckpointBundle,
+    atomic_write_bytes,
+    checkpoint_to_bytes,
+    load_projection,
+    save_projection,
+    write_checkpoint_dir,
+)
 from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
 from scoring.projection import build_projector, make_spec
 from scoring.traces import score_anchor_samples, score_projections
@@ -121,9 +131,8 @@ def run_warmup(
         projection: ``{"kind", "dim", "seed", "nnz"}``; the spec is completed with the model's LoRA layout.
     """
     model, tokenizer = _lora_model(model_ref, lora, lora_init_seed, random_b, model_opts)
-    spec = make_spec(
-        projection["kind"], projection["dim"], projection["seed"], lora_layout(model), nnz=projection.get("nnz", 4)
-    )
+    layout = lora_layout(model)
+    spec = make_spec(projection["kind"], projection["dim"], projection["seed"], layout, nnz=projection.get("nnz", 4))
     info = {
         "model": model_ref,
         "lora": lora.to_dict(),
@@ -131,6 +140,7 @@ def run_warmup(
         "max_len": max_len,
         "template": template,
         "projection": spec.to_dict(),
+        "layout": [[name, list(shape)] for name, shape in layout],
         "num_train_samples": len(samples),
     }
     out_dir = Path(out_dir)
@@ -143,8 +153,56 @@ def run_warmup(
 def _save_initial_checkpoint(model: nn.Module, out_dir: Path, info: dict) -> list[Checkpoint]:
     ckpt = Checkpoint(0, 0, 1.0, 1.0, out_dir / "ckpt-000", AdamState())
     save_adapter(model, ckpt.adapter_dir)
-    write_run_manifest(out_dir, [{**checkpoint_entry(ckpt), "has_moments": False}], None, info)
+    entry = {**checkpoint_entry(ckpt), "has_moments": False}
+    atomic_write_bytes(ckpt.path / "checkpoint.json", json.dumps(entry, indent=2).encode())
+    write_run_manifest(out_dir, [entry], None, info)
     return [ckpt]
+
+
+def checkpoint_bundles(run_dir: Path) -> list[bytes]:
+    """Every checkpoint of a finished run as a ``clues.checkpoint/1`` bundle (what the admin uploads), in order."""
+    manifest, checkpoints = read_run(run_dir)
+    if "layout" not in manifest:
+        raise DataError(f"{run_dir}: run.json has no 'layout' (an older warmup run); run 'clues warmup' again")
+    entries = manifest["checkpoints"]
+    return [checkpoint_to_bytes(c.path, manifest["layout"], e) for c, e in zip(checkpoints, entries, strict=True)]
+
+
+def write_run_dir(run_info: dict, bundles: Sequence[CheckpointBundle], dest: Path) -> list[Checkpoint]:
+    """Rebuild a run directory from validated checkpoint bundles (`scoring.io.checkpoint_from_bytes`).
+
+    Args:
+        run_info: the ``run.json`` fields besides the checkpoints: ``model``, ``lora``, ``lora_init_seed``,
+            ``max_len``, ``template``, ``projection`` (whose ``param_hash`` must be the bundles' layout hash).
+        bundles: one per checkpoint, in any order; distinct indices, one layout.
+        dest: the run directory; ``run.json`` is removed first and written last.
+
+    Returns:
+        The run's checkpoints, as `scoring.training.read_run` gives them.
+    """
+    if not bundles:
+        raise DataError("write_run_dir: no checkpoint bundles")
+    layout = bundles[0].layout
+    if any(b.layout != layout for b in bundles):
+        raise DataError("write_run_dir: the checkpoint bundles have different layouts")
+    indices = sorted(b.index for b in bundles)
+    if len(set(indices)) != len(indices):
+        raise DataError(f"write_run_dir: checkpoint indices repeat: {indices}")
+    if "projection" in run_info:
+        expected = ProjectionSpec.from_dict(run_info["projection"]).param_hash
+        if parameter_layout_hash(layout) != expected:
+            raise DataError(f"write_run_dir: the bundles' layout does not hash to the projection's {expected}")
+    dest = Path(dest)
+    (dest / "run.json").unlink(missing_ok=True)
+    entries = []
+    for bundle in sorted(bundles, key=lambda b: b.index):
+        path = dest / f"ckpt-{bundle.index:03d}"
+        write_checkpoint_dir(bundle, path)
+        entries.append(bundle.run_entry(path.name))
+    info = {k: v for k, v in run_info.items() if k != "checkpoints"}
+    info["layout"] = [[name, list(shape)] for name, shape in layout]
+    write_run_manifest(dest, entries, None, info)
+    return read_run(dest)[1]
 
 
 def _collect(chunks: list[tuple[list[str], torch.Tensor]], order: dict[str, int]) -> tuple[list[str], np.ndarray]:

@@ -24,6 +24,8 @@ Contents:
   of millions of rows can be scored. Non-finite chunk results are re-checked in float64, which names NaN/Inf
   rows and repairs float32 overflow.
 - `best_group`: the max-over-groups reduction to (scores, parts).
+- `AnchorDirections`, `build_anchor_directions`, `trace_block`: the checked streaming path — build ḡ once, then
+  score any number of blocks (silos, or uploaded shard parts) one at a time; the coordinator's workers use it.
 - `score_projections`: the checked, high-level entry point over silos → `ScoreTable`.
 - `score_anchor_samples`: the same path on the anchor set's own samples (silo ``__anchor__``), whose mean
   score is the CLUES threshold (see `scoring.selection.MeanAnchorScore`).
@@ -33,10 +35,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from scoring.config import SIMILARITIES, TraceConfig, check_same_spec
+from scoring.config import SIMILARITIES, ProjectionSpec, TraceConfig, check_same_spec
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ShapeMismatchError
 from scoring.types import ProjectedGrads, ScoreTable
 
@@ -311,24 +314,102 @@ def _check_anchors(anchors: Sequence[ProjectedGrads]) -> None:
             raise IncompatibleArtifactError(f"anchor projections at checkpoint {t} are empty")
 
 
-def _check_silo(
-    name: str, seq: Sequence[ProjectedGrads], anchors: Sequence[ProjectedGrads], roles: tuple[str, ...]
-) -> None:
-    if len(seq) != len(anchors):
-        raise IncompatibleArtifactError(f"silo {name!r}: {len(seq)} checkpoints, anchors have {len(anchors)}")
-    for t, (cand, anc) in enumerate(zip(seq, anchors, strict=True)):
+def _check_silo(name: str, seq: Sequence[ProjectedGrads], lrs: Sequence[float], roles: tuple[str, ...]) -> None:
+    if len(seq) != len(lrs):
+        raise IncompatibleArtifactError(f"silo {name!r}: {len(seq)} checkpoints, anchors have {len(lrs)}")
+    for t, (cand, lr) in enumerate(zip(seq, lrs, strict=True)):
         if cand.role not in roles:
             raise IncompatibleArtifactError(f"silo {name!r}: role {cand.role!r} at checkpoint {t}, need {roles}")
         if cand.checkpoint != t:
             raise IncompatibleArtifactError(f"silo {name!r}: position {t} holds checkpoint {cand.checkpoint}")
-        if not math.isclose(cand.lr, anc.lr, rel_tol=LR_REL_TOL, abs_tol=0.0):
+        if not math.isclose(cand.lr, lr, rel_tol=LR_REL_TOL, abs_tol=0.0):
             raise IncompatibleArtifactError(
-                f"silo {name!r}: learning rate {cand.lr!r} at checkpoint {t} differs from the anchors' {anc.lr!r}"
+                f"silo {name!r}: learning rate {cand.lr!r} at checkpoint {t} differs from the anchors' {lr!r}"
             )
         if cand.ids != seq[0].ids:
             raise IncompatibleArtifactError(f"silo {name!r}: ids at checkpoint {t} differ from checkpoint 0")
         if cand.preconditioned != seq[0].preconditioned:
             raise IncompatibleArtifactError(f"silo {name!r}: preconditioning differs between checkpoints")
+
+
+@dataclass(frozen=True)
+class AnchorDirections:
+    """The anchor directions ḡ_{t,g} of every checkpoint t and group g, built once and streamed against.
+
+    Attributes:
+        groups: the G group names (``("all",)`` without groups).
+        directions: T arrays (G, k) float64.
+        lrs: the T learning rates η_t (the anchors').
+        spec: the projection spec every candidate must share.
+        similarity: ``cosine`` or ``dot``.
+    """
+
+    groups: tuple[str, ...]
+    directions: tuple[np.ndarray, ...]
+    lrs: tuple[float, ...]
+    spec: ProjectionSpec
+    similarity: str
+
+    def group_index(self, labels: Sequence[str] | None, n: int) -> np.ndarray:
+        """(n,) column of each anchor's group (all 0 without labels)."""
+        if labels is None:
+            return np.zeros(n, dtype=np.intp)
+        return np.array([self.groups.index(str(label)) for label in labels], dtype=np.intp)
+
+
+def build_anchor_directions(
+    anchors: Sequence[ProjectedGrads], config: TraceConfig, anchor_groups: Sequence[str] | None = None
+) -> AnchorDirections:
+    """Check the T anchor projections (role ``anchor``, checkpoints 0..T-1, same ids) and build ḡ_{t,g}.
+
+    Raises:
+        IncompatibleArtifactError: see `score_projections`.
+        DataError: NaN/Inf, or a zero-norm anchor under cosine similarity.
+    """
+    _check_anchors(anchors)
+    spec = check_same_spec([a.spec for a in anchors], "anchor projections")
+    grouped = [group_directions(a.matrix, anchor_groups, config.similarity) for a in anchors]
+    return AnchorDirections(
+        groups=grouped[0][0],
+        directions=tuple(dirs for _, dirs in grouped),
+        lrs=tuple(a.lr for a in anchors),
+        spec=spec,
+        similarity=config.similarity,
+    )
+
+
+def trace_block(
+    anchors: AnchorDirections,
+    seq: Sequence[ProjectedGrads],
+    config: TraceConfig,
+    name: str = "candidates",
+    roles: tuple[str, ...] = ("candidate",),
+) -> np.ndarray:
+    """Trace terms of one block of samples (e.g. one silo, or one uploaded shard part) at every checkpoint.
+
+    Args:
+        anchors: from `build_anchor_directions`.
+        seq: T projections of the same samples (same ids, in order), position t holding checkpoint t.
+        config: similarity (must match ``anchors``) and chunk size.
+        name: names the block in error messages.
+        roles: accepted roles.
+
+    Returns:
+        (N, T, G) float64 terms η_t · sim(g_t(z), ḡ_{t,g}); `best_group` reduces them to scores.
+
+    Raises:
+        IncompatibleArtifactError, DataError: as `score_projections`, naming ``name``.
+    """
+    if config.similarity != anchors.similarity:
+        raise ConfigError(f"similarity: {config.similarity!r} differs from the anchors' {anchors.similarity!r}")
+    _check_silo(name, seq, anchors.lrs, roles)
+    check_same_spec([anchors.spec] + [c.spec for c in seq], f"silo {name!r} and anchor projections")
+    try:
+        return trace_parts(
+            [c.matrix for c in seq], list(anchors.directions), list(anchors.lrs), config.similarity, config.chunk_rows
+        )
+    except DataError as exc:
+        raise DataError(f"silo {name!r}: {exc}") from exc
 
 
 def _score(
@@ -340,31 +421,20 @@ def _score(
     exclude_self: bool = False,
 ) -> ScoreTable:
     """The one checked scoring path behind `score_projections` and `score_anchor_samples` (``exclude_self``)."""
-    _check_anchors(anchors)
-    for name, seq in candidates.items():
-        _check_silo(name, seq, anchors, roles)
-    specs = [a.spec for a in anchors] + [c.spec for seq in candidates.values() for c in seq]
-    check_same_spec(specs, "candidate and anchor projections")
-    if len({seq[0].preconditioned for seq in candidates.values()}) > 1:
+    directions = build_anchor_directions(anchors, config, anchor_groups)
+    if len({seq[0].preconditioned for seq in candidates.values() if seq}) > 1:
         raise IncompatibleArtifactError("some silos sent Adam-preconditioned gradients and others did not")
-    grouped = [group_directions(a.matrix, anchor_groups, config.similarity) for a in anchors]
-    directions = [dirs for _, dirs in grouped]
-    lrs = [a.lr for a in anchors]
     ids: list[str] = []
     silos: list[str] = []
-    chunks = [np.empty((0, len(anchors), directions[0].shape[0]))]  # (N_silo, T, G) per silo
+    chunks = [np.empty((0, len(anchors), len(directions.groups)))]  # (N_silo, T, G) per silo
     for name, seq in candidates.items():
-        try:
-            parts = trace_parts([c.matrix for c in seq], directions, lrs, config.similarity, config.chunk_rows)
-        except DataError as exc:
-            raise DataError(f"silo {name!r}: {exc}") from exc
+        parts = trace_block(directions, seq, config, name, roles)
         if exclude_self:
             if seq[0].ids != anchors[0].ids:
                 raise IncompatibleArtifactError("anchor samples as candidates must have the anchors' ids, in order")
-            names = grouped[0][0]
-            group = np.array([names.index(str(g)) for g in anchor_groups] if anchor_groups else [0] * len(parts))
+            group = directions.group_index(anchor_groups, len(parts))
             parts = leave_one_out(
-                parts, [c.matrix for c in seq], [a.matrix for a in anchors], lrs, group, config.similarity
+                parts, [c.matrix for c in seq], [a.matrix for a in anchors], directions.lrs, group, config.similarity
             )
         chunks.append(parts)
         ids.extend(seq[0].ids)

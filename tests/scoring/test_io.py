@@ -96,3 +96,67 @@ def test_malformed_files_are_refused_with_the_field_named(data, message):
 def test_missing_file():
     with pytest.raises(DataError, match="no such projection file"):
         load_projection("/nonexistent/p.safetensors")
+
+
+def test_load_projection_agrees_with_projection_from_bytes(tmp_path):
+    proj = make(n=5)
+    losses = np.arange(5, dtype=np.float32)
+    save_projection(tmp_path / "p.safetensors", proj, losses)
+    from_file, file_losses = load_projection(tmp_path / "p.safetensors")
+    from_bytes, bytes_losses = projection_from_bytes((tmp_path / "p.safetensors").read_bytes())
+    assert np.array_equal(from_file.matrix, from_bytes.matrix) and np.array_equal(file_losses, bytes_losses)
+    assert {k: v for k, v in vars(from_file).items() if k != "matrix"} == {
+        k: v for k, v in vars(from_bytes).items() if k != "matrix"
+    }
+
+
+def test_equal_projections_give_equal_bytes_that_any_reader_loads():
+    proj = make(n=3, ids=["a", "bb", "ccc"])  # odd-length ids: the matrix must still be aligned
+    data = projection_to_bytes(proj, np.ones(3, np.float32))
+    assert all(projection_to_bytes(proj, np.ones(3, np.float32)) == data for _ in range(5))
+    import torch
+    from safetensors.torch import load as torch_load
+
+    assert torch.equal(torch_load(data)["matrix"], torch.from_numpy(proj.matrix))
+
+
+def test_empty_projection_round_trips():
+    proj = ProjectedGrads(ids=(), matrix=np.zeros((0, 8), np.float16), spec=SPEC, checkpoint=0, lr=1.0)
+    back, _ = projection_from_bytes(projection_to_bytes(proj))
+    assert back.ids == () and back.matrix.shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{}", "not a valid safetensors"),
+        (_bytes(matrix=np.zeros((2, 8), np.float32)), "float16"),
+        (_bytes(role="judge"), "role"),
+    ],
+)
+def test_load_projection_errors_name_the_file(tmp_path, data, message):
+    path = tmp_path / "shard 1.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=f"^{tmp_path}/shard 1\\.safetensors: .*{message}"):
+        load_projection(path)
+
+
+def test_nan_in_the_last_row_chunk_is_found(tmp_path):
+    matrix = np.zeros((4096 + 3, 8), np.float16)
+    matrix[-1, -1] = np.nan
+    ids = [f"s{i}" for i in range(len(matrix))]
+    (tmp_path / "p.safetensors").write_bytes(_bytes(matrix=matrix, ids=ids))
+    with pytest.raises(DataError, match=r"p\.safetensors: 'matrix' contains NaN or Inf"):
+        load_projection(tmp_path / "p.safetensors")
+    with pytest.raises(DataError, match="upload: 'matrix' contains NaN or Inf"):
+        projection_from_bytes(_bytes(matrix=matrix, ids=ids), where="upload")
+
+
+def test_a_dtype_numpy_lacks_is_a_data_error(tmp_path):
+    header = b'{"matrix":{"dtype":"BF16","shape":[1,8],"data_offsets":[0,16]}}'
+    data = len(header).to_bytes(8, "little") + header + bytes(16)
+    (tmp_path / "p.safetensors").write_bytes(data)
+    with pytest.raises(DataError, match="not a valid safetensors"):
+        projection_from_bytes(data)
+    with pytest.raises(DataError, match="not a valid safetensors"):
+        load_projection(tmp_path / "p.safetensors")
