@@ -6,6 +6,13 @@
     clues select   apply a threshold; write each silo's mask
     clues demo     all of the above on PubMedQA with injected noise, ending with a detection table
 
+The service (docs/coordinator.md):
+
+    clues coordinator up|serve|openapi   run the coordinator API (+ a worker with 'up')
+    clues worker                         a Celery worker of the coordinator
+    clues admin ...                      the coordinator operator's commands over REST
+    clues agent run                      what a silo runs against a coordinator: project, upload, fetch its mask
+
 Parsing and printing only; the work is in `scoring.steps`. Errors print one line naming the field and exit 2.
 """
 
@@ -335,16 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     _add_model_args(p)
     p.set_defaults(func=cmd_demo)
+
+    from agent import cli as agent_cli
+    from clues import admin, service
+
+    service.add_parsers(sub)
+    admin.add_parser(sub)
+    agent_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from agent.client import CoordinatorError
+    from clues.service import CliError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ScoringError, FileNotFoundError) as exc:
+    except (ScoringError, FileNotFoundError, CoordinatorError, CliError) as exc:
         print(f"clues {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

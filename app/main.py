@@ -1,0 +1,72 @@
+"""The coordinator API: `create_app` wires settings, storage, the task queue, routes, errors and metrics.
+
+Run it with ``clues coordinator serve`` (API only) or ``clues coordinator up`` (API + a worker, embedded default).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import errors, metrics
+from app.config import AppSettings, get_settings
+from app.deps import AppState, Enqueue
+from app.routes import health, jobs, silos
+from storage.blobs import LocalBlobStore
+from storage.db import make_engine, make_session_factory, upgrade
+from workers.celery_app import create_celery
+
+API_VERSION = "0.1.0"
+DESCRIPTION = """Federated data-quality scoring (CLUES): silos post projected per-sample gradients, never text; the
+coordinator scores them against its trusted anchor set and returns each silo its selection mask.
+
+Admin routes take the admin token, silo routes a silo's token, both as `Authorization: Bearer <token>`. Errors are
+`{"detail": "<message>"}` with a 4xx status. Binary uploads carry `X-Content-SHA256` and are idempotent."""
+
+
+def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None = None, migrate: bool = True) -> FastAPI:
+    """The FastAPI app.
+
+    Args:
+        settings: default `get_settings()` (environment).
+        enqueue: how tasks reach the workers; default: Celery ``send_task`` by name on the settings' broker.
+            Tests pass a function that runs `workers.pipeline` in-process.
+        migrate: bring the database schema to the current Alembic head on start-up.
+    """
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.storage.database_url)
+    celery = create_celery(settings)
+
+    def send(task: str, job_id: str) -> None:
+        celery.send_task(task, args=[job_id])
+
+    def ping_broker() -> None:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    state = AppState(
+        settings=settings,
+        sessions=make_session_factory(engine),
+        blobs=LocalBlobStore(settings.storage.blob_dir),
+        enqueue=enqueue or send,
+        ping_broker=ping_broker,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if migrate:
+            upgrade(engine)
+        state.blobs.sweep_tmp()
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="clues coordinator", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.clues = state
+    errors.install(app)
+    metrics.install(app)
+    app.include_router(health.router)
+    app.include_router(silos.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,462 @@
+"""Scoring jobs: the admin's set-up and start, the silos' downloads, shard uploads and results.
+
+A silo sees only jobs it is a member of (others answer 404, as if they did not exist) and only its own scores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.deps import AdminDep, AppState, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
+from app.errors import ApiError
+from app.metrics import TASKS
+from app.schemas import (
+    DuplicatePair,
+    JobCreate,
+    JobPublic,
+    MemberPublic,
+    ScoreRow,
+    ScoresPublic,
+    ShardPublic,
+    UploadResult,
+)
+from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive
+from scoring.config import AdamState, LoraSettings, ProjectionSpec
+from scoring.data import read_samples
+from scoring.errors import ConfigError, DataError
+from scoring.io import checkpoint_from_bytes, load_projection
+from scoring.selection import threshold_from_dict
+from scoring.traces import ANCHOR_SILO, LR_REL_TOL
+from storage import repository as repo
+from storage.models import Job
+from workers import names
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
+Index = Annotated[int, PathParam(ge=0, le=100_000)]
+BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}
+ANCHOR_OWNER = ANCHOR_SILO
+
+
+def _spec(job: Job) -> dict:
+    options = dict(job.options or {})
+    return {
+        "model": job.model,
+        "lora": job.lora,
+        "lora_init_seed": options.get("lora_init_seed", 0),
+        "max_len": options.get("max_len", 768),
+        "template": options.get("template", "auto"),
+        "projection": job.projection,
+        "checkpoints": [
+            {"index": c.index, "step": c.step, "lr": c.lr, "lr_last": c.lr_last, "adam": c.adam}
+            for c in sorted(job.checkpoints, key=lambda c: c.index)
+        ],
+        "precondition": job.precondition,
+        "similarity": job.similarity,
+        "threshold": job.threshold,
+        "auto_score": options.get("auto_score", True),
+    }
+
+
+def _public(job: Job, principal: Principal, session) -> JobPublic:
+    anchors = repo.get_anchor_set(session, job_id=job.id) if principal.is_admin else None
+    members = [
+        MemberPublic(name=m.silo.name, status=m.status, num_samples=m.num_samples)
+        for m in job.members
+        if principal.is_admin or m.silo_id == principal.silo.id
+    ]
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        anchor_status=job.anchor_status,
+        progress=job.progress,
+        message=job.message,
+        error=job.error,
+        threshold_value=job.threshold_value,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+        spec=_spec(job),
+        silos=members,
+        checkpoints_uploaded=[c.index for c in job.checkpoints if c.blob_key is not None],
+        anchors=anchors.num_samples if anchors else None,
+    )
+
+
+def _job_for(session, job_id: str, principal: Principal) -> Job:
+    """The job, if the caller may see it (404 otherwise, also for jobs of other silos)."""
+    job = repo.get_job(session, job_id=job_id)
+    if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
+        raise ApiError(404, f"job {job_id} not found")
+    return job
+
+
+def _require_status(job: Job, *allowed: str) -> None:
+    if job.status not in allowed:
+        raise ApiError(409, f"job {job.id} is {job.status!r}; this needs it to be {' or '.join(map(repr, allowed))}")
+
+
+def _checkpoint(job: Job, index: int):
+    for c in job.checkpoints:
+        if c.index == index:
+            return c
+    raise ApiError(404, f"job {job.id} has checkpoints 0..{len(job.checkpoints) - 1}, not {index}")
+
+
+def _enqueue(state: AppState, task: str, job_id: str) -> None:
+    state.enqueue(task, job_id)
+    TASKS.labels(task).inc()
+
+
+def _engine_check(field: str, build) -> None:
+    """Validate with the scoring engine's own config classes; their errors become 422s naming ``field``."""
+    try:
+        build()
+    except ConfigError as exc:
+        raise ApiError(422, f"{field}: {exc}") from exc
+
+
+@router.post("", status_code=201, operation_id="create_job")
+def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> JobPublic:
+    """Create a job in ``draft``: the spec every party computes projections under, and how to select."""
+    _engine_check("lora", lambda: LoraSettings.from_dict(body.lora.model_dump()))
+    _engine_check("projection", lambda: ProjectionSpec.from_dict(body.projection.model_dump()))
+    _engine_check("threshold", lambda: threshold_from_dict(body.threshold))
+    for c in body.checkpoints:
+        _engine_check(f"checkpoints[{c.index}].adam", lambda c=c: AdamState.from_dict(c.adam))
+    job = repo.create_job(
+        session,
+        name=body.name,
+        model=body.model,
+        lora=body.lora.model_dump(),
+        projection=body.projection.model_dump(),
+        similarity=body.similarity,
+        threshold=body.threshold,
+        precondition=body.precondition,
+        options={
+            "lora_init_seed": body.lora_init_seed,
+            "max_len": body.max_len,
+            "template": body.template,
+            "auto_score": body.auto_score,
+        },
+        checkpoints=[c.model_dump() for c in body.checkpoints],
+        silo_names=body.silos,
+    )
+    session.commit()
+    session.refresh(job)
+    return _public(job, principal, session)
+
+
+@router.get("", operation_id="list_jobs")
+def list_jobs(session: SessionDep, principal: PrincipalDep) -> list[JobPublic]:
+    """All jobs (admin), or the jobs a silo is a member of."""
+    jobs = repo.list_jobs(session, silo_id=None if principal.is_admin else principal.silo.id)
+    return [_public(j, principal, session) for j in jobs]
+
+
+@router.get("/{job_id}", operation_id="get_job")
+def get_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+    """The job's spec, status and progress."""
+    return _public(_job_for(session, job_id, principal), principal, session)
+
+
+@router.put(
+    "/{job_id}/checkpoints/{index}",
+    operation_id="upload_checkpoint",
+    openapi_extra={"requestBody": BINARY},
+    responses={201: {"model": UploadResult}},
+)
+async def upload_checkpoint(
+    job_id: JobId, index: Index, request: Request, state: StateDep, session: SessionDep, _: AdminDep
+) -> UploadResult:
+    """A checkpoint bundle (``clues.checkpoint/1``); its layout must hash to the job's projection spec."""
+    job = repo.get_job(session, job_id=job_id)
+    _require_status(job, "draft")
+    ckpt = _checkpoint(job, index)
+    spec = ProjectionSpec.from_dict(job.projection)
+    sha = expected_sha256(request)
+    if already_held(ckpt.blob_key, sha, f"checkpoint {index} of job {job_id}"):
+        return _upload_answer(sha, ckpt.size_bytes, False)
+
+    def validate(path: Path) -> None:
+        bundle = checkpoint_from_bytes(path.read_bytes(), spec, f"checkpoint {index}")
+        if int(bundle.entry.get("index", -1)) != index:
+            raise DataError(f"checkpoint {index}: the bundle is checkpoint {bundle.entry.get('index')}")
+        if not math.isclose(float(bundle.entry["lr"]), ckpt.lr, rel_tol=LR_REL_TOL):
+            raise DataError(f"checkpoint {index}: lr {bundle.entry['lr']} differs from the job's {ckpt.lr}")
+
+    ref, _ = await receive(request, state, "checkpoint", sha, validate)
+    created = repo.set_checkpoint_blob(session, job_id=job_id, index=index, blob_key=ref.key, size_bytes=ref.size)
+    session.commit()
+    return _upload_answer(ref.key, ref.size, created)
+
+
+def _upload_answer(sha: str, size: int | None, created: bool) -> JSONResponse:
+    body = UploadResult(sha256=sha, size=size or 0, created=created)
+    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+
+
+@router.put(
+    "/{job_id}/anchors",
+    operation_id="upload_anchors",
+    openapi_extra={"requestBody": BINARY},
+    responses={201: {"model": UploadResult}},
+)
+async def upload_anchors(
+    job_id: JobId, request: Request, state: StateDep, session: SessionDep, _: AdminDep
+) -> UploadResult:
+    """The anchor set: a JSON or JSONL samples file (Alpaca or chat records), at least two samples."""
+    job = repo.get_job(session, job_id=job_id)
+    _require_status(job, "draft")
+    sha = expected_sha256(request)
+    held = repo.get_anchor_set(session, job_id=job_id)
+    if already_held(held.blob_key if held else None, sha, f"the anchor set of job {job_id}"):
+        return _upload_answer(sha, held.size_bytes, False)
+
+    def validate(path: Path) -> list[str]:
+        try:
+            samples = read_samples(path)
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(path), "anchors")) from exc
+        if len(samples) < 2:
+            raise DataError("anchors: need at least two anchor samples (each is scored against the others)")
+        return [s.id for s in samples]
+
+    ref, ids = await receive(request, state, "anchors", sha, validate)
+    created = repo.set_anchor_set(session, job_id=job_id, blob_key=ref.key, size_bytes=ref.size, sample_ids=ids)
+    session.commit()
+    return _upload_answer(ref.key, ref.size, created)
+
+
+@router.post("/{job_id}/open", operation_id="open_job")
+def open_job(job_id: JobId, state: StateDep, session: SessionDep, principal: AdminDep) -> JobPublic:
+    """``draft`` → ``open``: every checkpoint and the anchor set must be uploaded. Queues the anchor projection."""
+    job = repo.get_job(session, job_id=job_id)
+    if job.status == "open":
+        return _public(job, principal, session)
+    _require_status(job, "draft")
+    missing = [c.index for c in job.checkpoints if c.blob_key is None]
+    if missing:
+        raise ApiError(409, f"job {job_id}: upload checkpoints {missing} first")
+    if repo.get_anchor_set(session, job_id=job_id) is None:
+        raise ApiError(409, f"job {job_id}: upload the anchor set first")
+    repo.update_job(session, job_id=job_id, status="open", message="waiting for silo uploads")
+    session.commit()
+    _enqueue(state, names.PROJECT_ANCHORS, job_id)
+    return _public(job, principal, session)
+
+
+def _start_scoring(state: AppState, session, job: Job) -> None:
+    repo.update_job(session, job_id=job.id, status="scoring", progress=0.0, message="queued", error=None)
+    session.commit()
+    _enqueue(state, names.SCORE_JOB, job.id)
+
+
+@router.post("/{job_id}/score", status_code=202, operation_id="score_job")
+def score_job(job_id: JobId, state: StateDep, session: SessionDep, principal: AdminDep) -> JobPublic:
+    """Start scoring (``open`` or ``failed`` → ``scoring``); every silo must have completed its upload."""
+    job = repo.get_job(session, job_id=job_id)
+    if job.status == "scoring":
+        return _public(job, principal, session)
+    _require_status(job, "open", "failed")
+    pending = [m.silo.name for m in job.members if m.status != "complete"]
+    if pending:
+        raise ApiError(409, f"job {job_id}: silos {pending} have not completed their uploads")
+    _start_scoring(state, session, job)
+    return _public(job, principal, session)
+
+
+@router.get(
+    "/{job_id}/checkpoints/{index}",
+    operation_id="download_checkpoint",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_checkpoint(
+    job_id: JobId, index: Index, state: StateDep, session: SessionDep, principal: PrincipalDep
+) -> FileResponse:
+    """A checkpoint bundle (checksum-verified before it is sent; the checksum is in ``X-Content-SHA256``)."""
+    job = _job_for(session, job_id, principal)
+    if not principal.is_admin:
+        _require_status(job, "open", "scoring", "done", "failed")
+    ckpt = _checkpoint(job, index)
+    if ckpt.blob_key is None:
+        raise ApiError(404, f"checkpoint {index} of job {job_id} has not been uploaded")
+    state.blobs.verify(ckpt.blob_key)
+    return FileResponse(
+        state.blobs.path(ckpt.blob_key),
+        media_type="application/octet-stream",
+        headers={SHA256_HEADER: ckpt.blob_key},
+        filename=f"{job_id}-ckpt-{index:03d}.safetensors",
+    )
+
+
+@router.put(
+    "/{job_id}/shards/{checkpoint}/{part}",
+    operation_id="upload_shard",
+    openapi_extra={"requestBody": BINARY},
+    responses={201: {"model": UploadResult}},
+)
+async def upload_shard(
+    job_id: JobId,
+    checkpoint: Index,
+    part: Index,
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    principal: SiloDep,
+) -> UploadResult:
+    """A projection shard (``clues.projection/1``: ids + fp16 matrix + spec) of part ``part`` at ``checkpoint``.
+
+    Re-sending the same bytes is a no-op (200); other bytes for a held shard are refused (409)."""
+    silo = principal.silo
+    job = _job_for(session, job_id, principal)
+    _require_status(job, "open")
+    member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
+    ckpt = _checkpoint(job, checkpoint)
+    held = {(s.checkpoint, s.part): s for s in repo.list_shards(session, job_id=job_id, owner=silo.name)}
+    sha = expected_sha256(request)
+    same = held.get((checkpoint, part))
+    if already_held(same.blob_key if same else None, sha, f"shard (checkpoint {checkpoint}, part {part})"):
+        return _upload_answer(sha, same.size_bytes, False)
+    if member.status == "complete":
+        raise ApiError(409, f"silo {silo.name} already completed its upload for job {job_id}")
+    spec = ProjectionSpec.from_dict(job.projection)
+
+    def validate(path: Path) -> list[str]:
+        proj, _ = load_projection(path)
+        where = f"shard ckpt {checkpoint} part {part}"
+        if proj.spec != spec:
+            raise DataError(f"{where}: projection spec {proj.spec.to_json()} differs from the job's {spec.to_json()}")
+        if proj.role != "candidate":
+            raise DataError(f"{where}: role must be 'candidate', got {proj.role!r}")
+        if proj.checkpoint != checkpoint:
+            raise DataError(f"{where}: the file is for checkpoint {proj.checkpoint}")
+        if not math.isclose(proj.lr, ckpt.lr, rel_tol=LR_REL_TOL):
+            raise DataError(f"{where}: lr {proj.lr} differs from the job's {ckpt.lr}")
+        if proj.preconditioned != job.precondition:
+            raise DataError(f"{where}: preconditioned={proj.preconditioned}, the job asks {job.precondition}")
+        if len(proj) == 0:
+            raise DataError(f"{where}: no rows")
+        _check_ids(list(proj.ids), checkpoint, part, held, where)
+        return list(proj.ids)
+
+    ref, ids = await receive(request, state, "shard", sha, validate)
+    _, created = repo.add_shard(
+        session,
+        job_id=job_id,
+        owner=silo.name,
+        checkpoint=checkpoint,
+        part=part,
+        role="candidate",
+        sample_ids=ids,
+        blob_key=ref.key,
+        size_bytes=ref.size,
+    )
+    session.commit()
+    return _upload_answer(ref.key, ref.size, created)
+
+
+def _check_ids(ids: list[str], checkpoint: int, part: int, held: dict, where: str) -> None:
+    """Part ``part`` must hold the same ids at every checkpoint, and no id may be in two parts."""
+    same_part = [s for (t, p), s in held.items() if p == part and t != checkpoint]
+    if same_part and list(same_part[0].sample_ids) != ids:
+        known = set(same_part[0].sample_ids)
+        unknown = [i for i in ids if i not in known][:5]
+        raise DataError(
+            f"{where}: ids differ from part {part} at checkpoint {same_part[0].checkpoint}"
+            + (f" (unknown ids {unknown})" if unknown else " (order or missing ids)")
+        )
+    mine = set(ids)
+    for (_, p), s in held.items():
+        if p != part:
+            dup = mine.intersection(s.sample_ids)
+            if dup:
+                raise DataError(f"{where}: duplicate ids already in part {p}: {sorted(dup)[:5]}")
+
+
+@router.get("/{job_id}/shards", operation_id="list_shards")
+def list_shards(job_id: JobId, session: SessionDep, principal: SiloDep) -> list[ShardPublic]:
+    """The shards this silo has uploaded (to resume an interrupted upload)."""
+    _job_for(session, job_id, principal)
+    shards = repo.list_shards(session, job_id=job_id, owner=principal.silo.name)
+    return [ShardPublic(checkpoint=s.checkpoint, part=s.part, rows=s.row_count, sha256=s.blob_key) for s in shards]
+
+
+@router.post("/{job_id}/complete", operation_id="complete_upload")
+def complete_upload(job_id: JobId, state: StateDep, session: SessionDep, principal: SiloDep) -> JobPublic:
+    """Mark this silo's upload complete: every checkpoint must hold the same parts. Starts scoring when the job says
+    ``auto_score`` and this was the last silo."""
+    silo = principal.silo
+    job = _job_for(session, job_id, principal)
+    member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
+    if member.status == "complete":
+        return _public(job, principal, session)
+    _require_status(job, "open")
+    shards = repo.list_shards(session, job_id=job_id, owner=silo.name)
+    parts_at = {t: {s.part for s in shards if s.checkpoint == t} for t in range(len(job.checkpoints))}
+    parts = set().union(*parts_at.values())
+    if not parts:
+        raise ApiError(409, f"silo {silo.name} has uploaded no shards for job {job_id}")
+    lacking = {t: sorted(parts - have) for t, have in parts_at.items() if parts - have}
+    if lacking:
+        raise ApiError(409, f"missing shards (checkpoint: parts): {lacking}")
+    rows = sum(s.row_count for s in shards if s.checkpoint == 0)
+    repo.mark_complete(session, job_id=job_id, silo_id=silo.id, num_samples=rows)
+    session.commit()
+    session.refresh(job)
+    if job.options.get("auto_score", True) and all(m.status == "complete" for m in job.members):
+        _start_scoring(state, session, job)
+    return _public(job, principal, session)
+
+
+@router.get("/{job_id}/scores", operation_id="get_scores")
+def get_scores(
+    job_id: JobId,
+    session: SessionDep,
+    principal: PrincipalDep,
+    silo: Annotated[str | None, Query(max_length=64, description="admin only: one silo (or __anchor__)")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ScoresPublic:
+    """Scores and masks: all silos' (and the anchor samples', silo ``__anchor__``) for the admin; a silo gets
+    only its own. 409 until the job is ``done``."""
+    job = _job_for(session, job_id, principal)
+    if job.status != "done":
+        raise ApiError(409, f"job {job_id} is {job.status!r} ({job.message}); scores exist once it is 'done'")
+    if not principal.is_admin:
+        if silo not in (None, principal.silo.name):
+            raise ApiError(403, "a silo may read only its own scores")
+        silo = principal.silo.name
+    total = repo.count_scores(session, job_id=job_id, owner=silo)
+    rows = repo.list_scores(session, job_id=job_id, owner=silo, limit=limit, offset=offset)
+    return ScoresPublic(
+        job=job_id,
+        status=job.status,
+        threshold=job.threshold_value,
+        total=total,
+        rows=[
+            ScoreRow(silo=r.owner, sample_id=r.sample_id, score=r.score, parts=r.parts, selected=r.selected)
+            for r in rows
+        ],
+    )
+
+
+@router.get("/{job_id}/duplicates", operation_id="get_duplicates")
+def get_duplicates(job_id: JobId, session: SessionDep, _: AdminDep) -> list[DuplicatePair]:
+    """Near-duplicate sample pairs across silos (cosine of projected gradients ≥ 0.98), once scored."""
+    repo.get_job(session, job_id=job_id)
+    return [
+        DuplicatePair(
+            silo_a=d.owner_a, sample_a=d.sample_a, silo_b=d.owner_b, sample_b=d.sample_b, similarity=d.similarity
+        )
+        for d in repo.list_duplicates(session, job_id=job_id)
+    ]

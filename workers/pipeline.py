@@ -1,0 +1,344 @@
+"""The coordinator's work as plain functions: load by id from storage, call the scoring engine, persist.
+
+No Celery here (the task wrappers in `workers.tasks` add retries and delivery guarantees), so every function is
+tested directly. Every function is idempotent: running it twice, or again after a crash half-way, gives the same
+stored result (blobs are content-addressed, shard rows are keyed, scores are replaced in one transaction).
+
+- `project_anchors`: the anchor set's gradients at every checkpoint → anchor shards (owner ``__anchor__``).
+- `score_job`: every silo's shards streamed part by part against the anchor directions → scores, threshold, masks.
+- `find_near_duplicates`: faiss over the last checkpoint's projections → near-duplicate pairs across silos, and the
+  anchor index the dashboard asks for each sample's nearest anchors.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from scoring.config import ProjectionSpec, TraceConfig
+from scoring.errors import DataError
+from scoring.io import checkpoint_from_bytes, projection_from_bytes
+from scoring.selection import apply_threshold, threshold_from_dict
+from scoring.traces import ANCHOR_SILO, best_group, build_anchor_directions, score_anchor_samples, trace_block
+from scoring.types import ProjectedGrads, ScoreTable
+from storage import repository as repo
+from storage.blobs import LocalBlobStore
+from storage.db import make_engine, make_session_factory
+from storage.models import Job, Shard
+from storage.vector_index import VectorIndex, near_duplicates
+from workers.config import WorkerSettings
+
+log = logging.getLogger("clues.workers")
+
+ANCHOR_OWNER = ANCHOR_SILO
+RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projection")
+"""The job spec fields a run directory's ``run.json`` is rebuilt from."""
+
+NEAR_DUPLICATE_THRESHOLD = 0.98
+"""Cosine similarity of two samples' projected gradients at or above which they are reported as near-duplicates."""
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Resources:
+    """What the pipeline needs, built once per worker process."""
+
+    settings: WorkerSettings
+    sessions: sessionmaker[Session]
+    blobs: LocalBlobStore
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> Resources:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.storage.database_url)
+        return cls(settings, make_session_factory(engine), LocalBlobStore(settings.storage.blob_dir))
+
+
+class JobStateError(DataError):
+    """The job is not in a state the step can run in (a permanent failure, not retried)."""
+
+
+def _set(res: Resources, job_id: str, **fields) -> None:
+    with res.sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, **fields)
+
+
+def progress_writer(res: Resources, job_id: str, every_s: float = 1.0) -> Progress:
+    """A progress callback that writes ``progress``/``message`` at most every ``every_s`` seconds (and at 1.0)."""
+    last = [0.0]
+
+    def write(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if fraction >= 1.0 or now - last[0] >= every_s:
+            last[0] = now
+            _set(res, job_id, progress=float(min(max(fraction, 0.0), 1.0)), message=message)
+
+    return write
+
+
+def job_spec(job: Job) -> dict:
+    """The job's scoring spec as the API shows it and as run directories are rebuilt from."""
+    options = dict(job.options or {})
+    return {
+        "model": job.model,
+        "lora": job.lora,
+        "projection": job.projection,
+        "similarity": job.similarity,
+        "threshold": job.threshold,
+        "precondition": job.precondition,
+        "lora_init_seed": options.get("lora_init_seed", 0),
+        "max_len": options.get("max_len", 768),
+        "template": options.get("template", "auto"),
+        "auto_score": options.get("auto_score", True),
+        "checkpoints": [
+            {"index": c.index, "step": c.step, "lr": c.lr, "lr_last": c.lr_last, "adam": c.adam}
+            for c in sorted(job.checkpoints, key=lambda c: c.index)
+        ],
+    }
+
+
+def materialise_run(res: Resources, job_id: str) -> Path:
+    """The job's run directory (``run.json`` + ``ckpt-NNN/``) rebuilt from its checkpoint bundles, cached under the
+    work directory. Built in a temp directory and renamed into place, so a crash never leaves half a run."""
+    from scoring.steps import write_run_dir  # torch: only the worker needs it
+
+    dest = res.settings.work_dir / "jobs" / job_id / "run"
+    if (dest / "run.json").is_file():
+        return dest
+    with res.sessions() as session:
+        job = repo.get_job(session, job_id=job_id)
+        spec = job_spec(job)
+        keys = [(c.index, c.blob_key) for c in sorted(job.checkpoints, key=lambda c: c.index)]
+    missing = [index for index, key in keys if key is None]
+    if missing:
+        raise JobStateError(f"job {job_id}: checkpoints {missing} were never uploaded")
+    projection = ProjectionSpec.from_dict(spec["projection"])
+    bundles = [checkpoint_from_bytes(res.blobs.read_bytes(key), projection, f"checkpoint {i}") for i, key in keys]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".run.", dir=dest.parent))
+    try:
+        write_run_dir({k: spec[k] for k in RUN_KEYS}, bundles, tmp)
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / "run.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def load_shard(res: Resources, shard: Shard) -> tuple[ProjectedGrads, np.ndarray | None]:
+    """A stored shard, checksum-verified, parsed and validated."""
+    data = res.blobs.read_bytes(shard.blob_key)
+    return projection_from_bytes(data, where=f"shard {shard.owner}/ckpt {shard.checkpoint}/part {shard.part}")
+
+
+def _anchor_shards(session: Session, job_id: str, role: str) -> list[Shard]:
+    return repo.list_shards(session, job_id=job_id, owner=ANCHOR_OWNER, role=role)
+
+
+def project_anchors(res: Resources, job_id: str, progress: Progress | None = None) -> None:
+    """Compute and store the anchor projections of every checkpoint (roles ``anchor`` and ``candidate``).
+
+    Skips the work when they are stored already (idempotent)."""
+    with res.sessions() as session:
+        job = repo.get_job(session, job_id=job_id)
+        n_ckpt = len(job.checkpoints)
+        done = all(len(_anchor_shards(session, job_id, role)) == n_ckpt for role in ("anchor", "candidate"))
+        anchor_set = repo.get_anchor_set(session, job_id=job_id)
+        precondition = job.precondition
+        if anchor_set is None:
+            raise JobStateError(f"job {job_id}: no anchor set was uploaded")
+        anchor_key = anchor_set.blob_key
+    if done:
+        _set(res, job_id, anchor_status="done")
+        return
+    from scoring.data import read_samples
+    from scoring.steps import ModelOptions, ProjectOptions, project_samples
+
+    _set(res, job_id, anchor_status="running")
+    run_dir = materialise_run(res, job_id)
+    samples = read_samples(res.blobs.path(anchor_key))
+    res.blobs.verify(anchor_key)
+    settings = res.settings
+    with tempfile.TemporaryDirectory(dir=settings.work_dir) as out:
+        files = project_samples(
+            run_dir,
+            samples,
+            Path(out),
+            anchor=True,
+            opts=ProjectOptions(engine=settings.engine, batch_size=settings.batch_size, precondition=precondition),
+            model_opts=ModelOptions(device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir),
+            progress=(lambda d, t: progress(d / t, f"anchor gradients {d}/{t}")) if progress else None,
+        )
+        with res.sessions.begin() as session:
+            for path in files:
+                data = path.read_bytes()
+                proj, _ = projection_from_bytes(data, where=str(path))
+                ref = res.blobs.put_bytes(data)
+                repo.add_shard(
+                    session,
+                    job_id=job_id,
+                    owner=ANCHOR_OWNER,
+                    checkpoint=proj.checkpoint,
+                    part=0,
+                    role=proj.role,
+                    sample_ids=list(proj.ids),
+                    blob_key=ref.key,
+                    size_bytes=ref.size,
+                )
+            repo.update_job(session, job_id=job_id, anchor_status="done")
+
+
+def _by_part(shards: list[Shard]) -> dict[int, list[Shard]]:
+    parts: dict[int, list[Shard]] = {}
+    for shard in shards:
+        parts.setdefault(shard.part, []).append(shard)
+    return {p: sorted(s, key=lambda s: s.checkpoint) for p, s in sorted(parts.items())}
+
+
+def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> ScoreTable:
+    """Score every member silo's shards against the anchors, apply the threshold and persist scores and masks.
+
+    Shards are streamed one part at a time (T checkpoints of one part in memory), so memory is bounded by the
+    largest part, not by the number of samples.
+
+    Returns:
+        The silos' `ScoreTable` with the selection applied (anchor samples not included).
+    """
+    progress = progress or (lambda fraction, message: None)
+    with res.sessions() as session:
+        job = repo.get_job(session, job_id=job_id)
+        if job.status not in ("scoring", "done"):
+            raise JobStateError(f"job {job_id} is {job.status!r}, not 'scoring'")
+        members = [(m.silo.name, m.status) for m in job.members]
+        config = TraceConfig(similarity=job.similarity)
+        policy = threshold_from_dict(job.threshold)
+    incomplete = [name for name, status in members if status != "complete"]
+    if incomplete:
+        raise JobStateError(f"job {job_id}: silos {incomplete} have not completed their uploads")
+    progress(0.0, "anchor projections")
+    project_anchors(res, job_id)
+    with res.sessions() as session:
+        anchor_rows = _anchor_shards(session, job_id, "anchor")
+        anchor_cand_rows = _anchor_shards(session, job_id, "candidate")
+        silo_parts = {name: _by_part(repo.list_shards(session, job_id=job_id, owner=name)) for name, _ in members}
+    anchors = [load_shard(res, s)[0] for s in anchor_rows]
+    anchor_cands = [load_shard(res, s)[0] for s in anchor_cand_rows]
+    directions = build_anchor_directions(anchors, config)
+    anchor_table = score_anchor_samples(anchor_cands, anchors, config)
+    total = sum(len(parts) for parts in silo_parts.values()) or 1
+    ids: list[str] = []
+    silos: list[str] = []
+    scores: list[np.ndarray] = [np.zeros(0)]
+    trace: list[np.ndarray] = [np.zeros((0, len(anchors)))]
+    preconditioned: set[bool] = set()
+    done = 0
+    for name, parts in silo_parts.items():
+        for part, shards in parts.items():
+            seq = [load_shard(res, s)[0] for s in shards]
+            preconditioned.add(seq[0].preconditioned)
+            block_scores, block_parts, _ = best_group(trace_block(directions, seq, config, f"{name} part {part}"))
+            ids.extend(seq[0].ids)
+            silos.extend([name] * len(seq[0]))
+            scores.append(block_scores)
+            trace.append(block_parts)
+            done += 1
+            progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
+    if len(preconditioned) > 1:
+        raise DataError("some silos sent Adam-preconditioned gradients and others did not")
+    table = ScoreTable(ids=tuple(ids), silos=tuple(silos), scores=np.concatenate(scores), parts=np.concatenate(trace))
+    table = apply_threshold(table, policy, anchor_table)
+    assert table.selected is not None and table.threshold is not None
+    rows = _score_rows(table, table.selected)
+    rows += _score_rows(anchor_table, anchor_table.scores >= table.threshold)
+    progress(0.95, "saving scores")
+    with res.sessions.begin() as session:
+        repo.replace_scores(session, job_id=job_id, rows=rows)
+        repo.update_job(
+            session,
+            job_id=job_id,
+            status="done",
+            progress=1.0,
+            message=f"{int(table.selected.sum())} of {len(table.ids)} samples selected",
+            error=None,
+            threshold_value=float(table.threshold),
+            finished_at=datetime.now(UTC),
+        )
+    return table
+
+
+def _score_rows(table: ScoreTable, selected: np.ndarray) -> list[dict]:
+    """One storage row per sample; ``row`` keeps each silo's upload order."""
+    rows, position = [], {}
+    for i, (sid, silo) in enumerate(zip(table.ids, table.silos, strict=True)):
+        row = position[silo] = position.get(silo, -1) + 1
+        rows.append(
+            {
+                "owner": silo,
+                "sample_id": sid,
+                "row": row,
+                "score": float(table.scores[i]),
+                "parts": [float(x) for x in table.parts[i]],
+                "selected": bool(selected[i]),
+            }
+        )
+    return rows
+
+
+def fail_job(res: Resources, job_id: str, error: str) -> None:
+    """Record a permanent failure (the API shows ``error``)."""
+    log.error("job %s failed: %s", job_id, error)
+    _set(res, job_id, status="failed", error=error, message="failed", finished_at=datetime.now(UTC))
+
+
+def set_anchor_failed(res: Resources, job_id: str, error: str) -> None:
+    """Record that the anchor projection failed (scoring will try again and fail the job if it fails again)."""
+    log.error("anchor projection of job %s failed: %s", job_id, error)
+    _set(res, job_id, anchor_status="failed", error=error)
+
+
+def anchor_index_path(res: Resources, job_id: str) -> Path:
+    return res.settings.storage.index_dir / f"{job_id}.anchors.faiss"
+
+
+def find_near_duplicates(res: Resources, job_id: str, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> int:
+    """Near-duplicate pairs across silos from the last checkpoint's projections, and the anchor index.
+
+    Returns:
+        The number of pairs stored.
+    """
+    with res.sessions() as session:
+        job = repo.get_job(session, job_id=job_id)
+        last = len(job.checkpoints) - 1
+        spec = ProjectionSpec.from_dict(job.projection)
+        names = [m.silo.name for m in job.members]
+        shards = {
+            name: [s for s in repo.list_shards(session, job_id=job_id, owner=name) if s.checkpoint == last]
+            for name in [*names, ANCHOR_OWNER]
+        }
+    groups: dict[str, tuple[list[str], np.ndarray]] = {}
+    for name in names:
+        loaded = [load_shard(res, s)[0] for s in shards[name] if s.role == "candidate"]
+        if loaded:
+            groups[name] = ([i for p in loaded for i in p.ids], np.concatenate([p.matrix for p in loaded]))
+    pairs = near_duplicates(groups, threshold=threshold) if len(groups) > 1 else []
+    anchor = [load_shard(res, s)[0] for s in shards[ANCHOR_OWNER] if s.role == "candidate"]
+    if anchor:
+        index = VectorIndex.build(
+            list(anchor[0].ids), anchor[0].matrix.astype(np.float32), fingerprint=spec.fingerprint()
+        )
+        index.save(anchor_index_path(res, job_id))
+    with res.sessions.begin() as session:
+        repo.replace_duplicates(session, job_id=job_id, pairs=pairs)
+    return len(pairs)
