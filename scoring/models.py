@@ -24,6 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,11 @@ def build_tiny_tokenizer():
     return tok
 
 
+_SEEDED = threading.Lock()
+"""Held while initialising from torch's global RNG under a fixed seed: two threads seeding and drawing at once
+would interleave their draws and build different weights from the same seed."""
+
+
 def build_tiny_model(seed: int = 0, *, vocab_size: int = 259, hidden: int = 64, layers: int = 2) -> nn.Module:
     """A random-initialised Llama small enough for unit tests (eager attention, fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -121,7 +127,7 @@ def build_tiny_model(seed: int = 0, *, vocab_size: int = 259, hidden: int = 64, 
         eos_token_id=2,
         attn_implementation="eager",
     )
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
@@ -243,7 +249,7 @@ def attach_lora(model: nn.Module, lora: LoraSettings, *, init_seed: int | None =
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED, torch.random.fork_rng(devices=[]):
         if init_seed is not None:
             torch.manual_seed(init_seed)
         peft_model = get_peft_model(model, config)

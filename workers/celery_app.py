@@ -26,10 +26,11 @@ def configure(app: Celery, settings: WorkerSettings) -> Celery:
         accept_content=["json"],
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         worker_hijack_root_logger=False,
     )
+    if settings.redis_url:  # kombu's SQLAlchemy transport passes transport options to create_engine: Redis only
+        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+        app.conf.result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
     app.conf.clues_settings = settings
     return app
 

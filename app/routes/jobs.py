@@ -111,8 +111,18 @@ def _checkpoint(job: Job, index: int):
     raise ApiError(404, f"job {job.id} has checkpoints 0..{len(job.checkpoints) - 1}, not {index}")
 
 
-def _enqueue(state: AppState, task: str, job_id: str) -> None:
-    state.enqueue(task, job_id)
+def _transition(state: AppState, session, job: Job, task: str, **fields) -> None:
+    """Commit the job's new state, then queue ``task``; if the queue is unreachable, put the old state back and
+    answer 503 (the task is never lost behind a state that claims it was queued)."""
+    before = {key: getattr(job, key) for key in fields}
+    repo.update_job(session, job_id=job.id, **fields)
+    session.commit()
+    try:
+        state.enqueue(task, job.id)
+    except Exception as exc:
+        repo.update_job(session, job_id=job.id, **before)
+        session.commit()
+        raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
     TASKS.labels(task).inc()
 
 
@@ -248,16 +258,12 @@ def open_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Adm
         raise ApiError(409, f"job {job_id}: upload checkpoints {missing} first")
     if repo.get_anchor_set(session, job_id=job_id) is None:
         raise ApiError(409, f"job {job_id}: upload the anchor set first")
-    repo.update_job(session, job_id=job_id, status="open", message="waiting for silo uploads")
-    session.commit()
-    _enqueue(state, names.PROJECT_ANCHORS, job_id)
+    _transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
     return _public(job, principal, session)
 
 
 def _start_scoring(state: AppState, session, job: Job) -> None:
-    repo.update_job(session, job_id=job.id, status="scoring", progress=0.0, message="queued", error=None)
-    session.commit()
-    _enqueue(state, names.SCORE_JOB, job.id)
+    _transition(state, session, job, names.SCORE_JOB, status="scoring", progress=0.0, message="queued", error=None)
 
 
 @router.post("/{job_id}/score", status_code=202, operation_id="score_job")

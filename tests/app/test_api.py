@@ -336,3 +336,23 @@ def test_healthz_and_metrics(env):
     env.client.get("/v1/silos", headers=ADMIN)
     text = env.client.get("/metrics").text
     assert 'clues_http_requests_total{method="GET",route="/v1/silos",status="200"}' in text
+
+
+def test_an_unreachable_task_queue_is_503_and_the_state_is_put_back(tmp_path):
+    def down(task, job_id):
+        raise ConnectionError("broker down")
+
+    e = Env(tmp_path, [])
+    e.app.state.clues.enqueue = down
+    job = e.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
+    state = e.app.state.clues
+    with state.sessions.begin() as session:
+        for i in range(len(LRS)):
+            ref = state.blobs.put_bytes(f"ckpt{i}".encode())
+            repo.set_checkpoint_blob(session, job_id=job["id"], index=i, blob_key=ref.key, size_bytes=ref.size)
+        ref = state.blobs.put_bytes(b"anchors")
+        repo.set_anchor_set(session, job_id=job["id"], blob_key=ref.key, size_bytes=ref.size, sample_ids=["x", "y"])
+    r = e.client.post(f"/v1/jobs/{job['id']}/open", headers=ADMIN)
+    assert r.status_code == 503 and "broker down" in r.json()["detail"]
+    assert e.client.get(f"/v1/jobs/{job['id']}", headers=ADMIN).json()["status"] == "draft"
+    e.client.__exit__(None, None, None)

@@ -1,0 +1,193 @@
+"""``clues agent ...``: the silo's commands; parsing and printing only (the work is in `agent.loop`).
+
+    clues agent run   take part in a scoring job: project the local samples, upload the projections (never the
+                      text), wait for the scores and write this silo's mask next to the data file
+
+`add_parser` registers the ``agent`` command on the ``clues`` parser. Errors print one line
+``clues agent run: error: ...`` naming the option or the problem, and exit 2. The coordinator's address and the
+silo's token may come from ``CLUES_COORDINATOR`` and ``CLUES_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "clues agent run"
+UNITS = {"checkpoints": "ckpt", "gradients": "grad", "shards": "shard", "scoring": "%"}
+
+
+class StageBars:
+    """tqdm bars on stderr, one per stage of `agent.loop.run_agent`, each opened on its first update (so errors before
+    any work print cleanly) and closed when the stage ends."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage or self.bar is None:
+            self.close()
+            self.stage = stage
+            unit = UNITS.get(stage, "it")
+            self.bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
+
+
+class UsageError(Exception):
+    """A missing or invalid option (the message names it)."""
+
+
+def _cache_dir() -> Path | None:
+    value = os.environ.get("CLUES_CACHE_DIR")
+    return Path(value) / "models" if value else None
+
+
+def _options(args: argparse.Namespace):
+    from agent.loop import AgentOptions
+
+    for option, value in (("--coordinator", args.coordinator), ("--token", args.token)):
+        if not value:
+            env = "CLUES_COORDINATOR" if option == "--coordinator" else "CLUES_TOKEN"
+            raise UsageError(f"{option}: missing; pass {option} or set {env}")
+    for option, value in (("--rows-per-shard", args.rows_per_shard), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{option}: must be at least 1, got {value}")
+    for option, value in (("--poll-interval", args.poll_interval), ("--timeout", args.timeout)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{option}: must be positive, got {value}")
+    return AgentOptions(
+        rows_per_shard=args.rows_per_shard,
+        engine=args.engine,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=_cache_dir(),
+        poll_interval=args.poll_interval,
+        timeout=args.timeout,
+        wait=not args.no_wait,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``clues agent run``; returns the exit status (2 on any error, printed as one line)."""
+    from agent.client import Client, CoordinatorError
+    from agent.loop import AgentError, run_agent
+    from scoring.errors import ScoringError
+
+    bars = StageBars()
+    try:
+        options = _options(args)
+        data = Path(args.data)
+        work_dir = Path(args.work_dir) if args.work_dir else data.parent / ".clues-agent"
+        with Client(args.coordinator, args.token) as client:
+            result = run_agent(client, args.job, data, work_dir=work_dir, options=options, progress=bars)
+    except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
+        bars.close()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    bars.close()
+    print(
+        f"agent: job {result.job_id} is {result.status!r}: {result.samples} samples, "
+        f"{result.uploaded} shard(s) uploaded, {result.skipped} already held"
+    )
+    if result.scores_path is None:
+        print("  the scores are not ready; run the same command again later to fetch this silo's mask")
+    else:
+        threshold = "none" if result.threshold is None else f"{result.threshold:.6g}"
+        print(f"  selected {result.selected} of {result.samples} (threshold {threshold})")
+        print(f"  scores   {result.scores_path}")
+        print(f"  selected {result.selected_path}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``agent`` (with its ``run`` subcommand) on the ``clues`` subparsers ``sub``."""
+    agent = sub.add_parser(
+        "agent",
+        help="the silo agent: take part in a coordinator's scoring job",
+        description="The silo side of a federated scoring job. Only projections leave the silo, never text.",
+    )
+    commands = agent.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "run",
+        help="project local samples, upload the projections, wait for and write this silo's mask",
+        description="Download the job's spec and checkpoints, compute the projected gradients of the local samples, "
+        "upload them as shards (resuming: shards the coordinator holds are not sent again), mark the upload "
+        "complete, wait until the job is scored and write <data stem>.scores.jsonl (id, score, parts, selected) "
+        "and <data stem>.selected.jsonl (the selected samples) next to --data. Safe to run again at any point.",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="URL",
+        default=os.environ.get("CLUES_COORDINATOR"),
+        help="coordinator URL, e.g. http://host:8000 (default: $CLUES_COORDINATOR)",
+    )
+    p.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=os.environ.get("CLUES_TOKEN"),
+        help="this silo's token (default: $CLUES_TOKEN)",
+    )
+    p.add_argument(
+        "--job", required=True, metavar="JOB", help="the job id (32 hex digits, from the coordinator's admin)"
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="local samples: JSONL/JSON records (Alpaca or chat)")
+    p.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        default=None,
+        help="checkpoints, run and projections kept for resuming (default: .clues-agent next to --data)",
+    )
+    p.add_argument(
+        "--rows-per-shard", type=int, default=4096, metavar="N", help="samples per uploaded shard (default 4096)"
+    )
+    p.add_argument(
+        "--engine", default="hooks", choices=("hooks", "vmap", "loop"), help="gradient engine (default: hooks)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per gradient batch (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default: float32)"
+    )
+    p.add_argument(
+        "--poll-interval", type=float, default=2.0, metavar="S", help="seconds between status polls (default 2)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up waiting for the scores after S seconds (an error; the upload stays done, run again later)",
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", help="stop once the upload is complete (run again later for the mask)"
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``clues agent ...`` on its own (the ``clues`` command registers the same parser)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="clues")
+    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

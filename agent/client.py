@@ -1,0 +1,208 @@
+"""A typed httpx client of the coordinator API (docs/coordinator.md), for silos and for the admin CLI.
+
+Retries: connection errors, timeouts and 429/502/503/504 are retried with exponential backoff; every call it
+retries is idempotent on the server (PUT uploads are keyed and checksummed, POST open/score/complete are no-ops when
+already done). Any other 4xx/5xx raises `CoordinatorError` carrying the server's ``detail`` message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SHA256_HEADER = "X-Content-SHA256"
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+
+class CoordinatorError(Exception):
+    """The coordinator refused a request (``status``, ``detail``) or could not be reached after retries."""
+
+    def __init__(self, status: int | None, detail: str):
+        super().__init__(f"{status}: {detail}" if status else detail)
+        self.status, self.detail = status, detail
+
+
+class Client:
+    """One coordinator, one bearer token (the admin's or a silo's).
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        token: bearer token.
+        retries: attempts after the first for retryable failures.
+        backoff: first retry delay in seconds (doubles each time, capped at 30 s).
+        transport: an httpx transport (tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 120.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+        event_hooks: dict[str, list[Callable]] | None = None,
+    ):
+        self.retries, self.backoff = retries, backoff
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            transport=transport,
+            event_hooks=event_hooks,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send with retries; return the response of a 2xx answer, else raise `CoordinatorError`."""
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise CoordinatorError(None, f"{method} {path}: coordinator unreachable ({exc})") from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                    raise CoordinatorError(response.status_code, _detail(response))
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    def _upload(self, path: str, data: bytes) -> dict:
+        headers = {SHA256_HEADER: hashlib.sha256(data).hexdigest(), "Content-Type": "application/octet-stream"}
+        return self._json("PUT", path, content=data, headers=headers)
+
+    # -- admin -----------------------------------------------------------------------------------------------
+
+    def register_silo(self, name: str) -> dict:
+        return self._json("POST", "/v1/silos", json={"name": name})
+
+    def list_silos(self) -> list[dict]:
+        return self._json("GET", "/v1/silos")
+
+    def create_job(self, spec: dict) -> dict:
+        return self._json("POST", "/v1/jobs", json=spec)
+
+    def upload_checkpoint(self, job_id: str, index: int, data: bytes) -> dict:
+        return self._upload(f"/v1/jobs/{job_id}/checkpoints/{index}", data)
+
+    def upload_anchors(self, job_id: str, data: bytes) -> dict:
+        return self._upload(f"/v1/jobs/{job_id}/anchors", data)
+
+    def open_job(self, job_id: str) -> dict:
+        return self._json("POST", f"/v1/jobs/{job_id}/open")
+
+    def start_scoring(self, job_id: str) -> dict:
+        return self._json("POST", f"/v1/jobs/{job_id}/score")
+
+    def duplicates(self, job_id: str) -> list[dict]:
+        return self._json("GET", f"/v1/jobs/{job_id}/duplicates")
+
+    # -- both ------------------------------------------------------------------------------------------------
+
+    def jobs(self) -> list[dict]:
+        return self._json("GET", "/v1/jobs")
+
+    def job(self, job_id: str) -> dict:
+        return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def scores(self, job_id: str, silo: str | None = None, page: int = 50_000) -> dict:
+        """All score rows visible to this token (paged through), with the threshold."""
+        rows: list[dict] = []
+        while True:
+            params: dict[str, Any] = {"limit": page, "offset": len(rows)}
+            if silo:
+                params["silo"] = silo
+            answer = self._json("GET", f"/v1/jobs/{job_id}/scores", params=params)
+            rows.extend(answer["rows"])
+            if len(rows) >= answer["total"] or not answer["rows"]:
+                return {**answer, "rows": rows}
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll: float = 2.0,
+        timeout: float | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """Poll the job until it is ``done`` (returned) or ``failed`` (raises `CoordinatorError` with its error)."""
+        start = time.monotonic()
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job["status"] == "done":
+                return job
+            if job["status"] == "failed":
+                raise CoordinatorError(None, f"job {job_id} failed: {job['error']}")
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise CoordinatorError(None, f"job {job_id} still {job['status']!r} after {timeout:.0f} s")
+            time.sleep(poll)
+
+    # -- silo ------------------------------------------------------------------------------------------------
+
+    def download_checkpoint(self, job_id: str, index: int, dest: Path) -> str:
+        """Stream a checkpoint bundle to ``dest`` (temp name, SHA-256 checked, then renamed). Returns the SHA-256."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        response = self.request("GET", f"/v1/jobs/{job_id}/checkpoints/{index}")
+        data = response.content
+        expected = hashlib.sha256(data).hexdigest()
+        announced = response.headers.get(SHA256_HEADER)
+        if announced != expected:
+            raise CoordinatorError(None, f"checkpoint {index}: received SHA-256 {expected}, announced {announced}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return expected
+
+    def held_shards(self, job_id: str) -> list[dict]:
+        return self._json("GET", f"/v1/jobs/{job_id}/shards")
+
+    def upload_shard(self, job_id: str, checkpoint: int, part: int, data: bytes) -> dict:
+        return self._upload(f"/v1/jobs/{job_id}/shards/{checkpoint}/{part}", data)
+
+    def complete(self, job_id: str) -> dict:
+        return self._json("POST", f"/v1/jobs/{job_id}/complete")
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):  # FastAPI's request validation errors
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    return str(detail or response.text[:500] or response.reason_phrase)

@@ -1,0 +1,378 @@
+"""The silo's side of a scoring job as plain functions (no argparse): fetch the spec and checkpoints, project the
+local samples, upload the projection shards, mark the upload complete, wait for the scores, write this silo's mask.
+
+Only projections leave the silo (sample ids, (N, k) float16 rows and per-sample losses); the text never does.
+
+`run_agent` is the whole workflow; it can be killed at any point and run again. What it keeps under
+``work_dir/<job>/``:
+
+- ``ckpt-NNN.safetensors`` (+ ``.sha256``): the downloaded checkpoint bundles, reused when their checksum holds.
+- ``run/``: the run directory rebuilt from them (`scoring.steps.write_run_dir`), built aside and renamed into place.
+- ``proj-<fingerprint>/``: the projections of one data file (fingerprint: the data file's SHA-256 and the job id),
+  built aside and renamed into place, so a rerun after a crash never recomputes a finished projection.
+
+Shards the coordinator already holds with the same SHA-256 are not sent again, so an interrupted upload resumes
+where it stopped and rerunning a finished agent uploads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.client import Client
+from scoring.config import ProjectionSpec
+from scoring.data import Sample, read_samples, write_samples
+from scoring.io import atomic_write_bytes, checkpoint_from_bytes, load_projection, projection_to_bytes
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``; stages: ``checkpoints``, ``gradients``, ``shards``, ``scoring`` (percent)."""
+
+RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projection")
+"""The job spec fields a run directory's ``run.json`` is rebuilt from."""
+
+
+class AgentError(Exception):
+    """The silo cannot go on (the job's state, the local data, or a mismatch with what the coordinator holds)."""
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How the agent computes, uploads and waits.
+
+    Attributes:
+        rows_per_shard: samples per uploaded shard (part p holds rows [p*R, (p+1)*R) at every checkpoint).
+        engine: per-sample gradient engine (``hooks``, ``vmap`` or ``loop``).
+        batch_size: samples per gradient batch.
+        device, dtype: where and in which precision the model runs.
+        cache_dir: converted model weights (None: the default cache).
+        poll_interval: seconds between status polls while waiting for the scores.
+        timeout: give up waiting after this many seconds (None: wait for ever).
+        wait: wait for the scores and write the mask; False: stop once the upload is complete.
+    """
+
+    rows_per_shard: int = 4096
+    engine: str = "hooks"
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: Path | None = None
+    poll_interval: float = 2.0
+    timeout: float | None = None
+    wait: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("rows_per_shard", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AgentError(f"{name}: must be an integer of at least 1, got {value!r}")
+        if not self.poll_interval > 0:
+            raise AgentError(f"poll_interval: must be positive, got {self.poll_interval!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise AgentError(f"timeout: must be positive or None, got {self.timeout!r}")
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """What one run of the agent did.
+
+    Attributes:
+        job_id, status: the job and its status when the agent stopped.
+        samples: local samples.
+        uploaded, skipped: shards sent, and shards the coordinator already held (not sent again).
+        selected: local samples selected (None when the scores were not read).
+        threshold: the job's score threshold (None when the scores were not read).
+        scores_path, selected_path: the files written (None when the scores were not read).
+    """
+
+    job_id: str
+    status: str
+    samples: int
+    uploaded: int
+    skipped: int
+    selected: int | None = None
+    threshold: float | None = None
+    scores_path: Path | None = None
+    selected_path: Path | None = None
+
+
+def output_paths(data_path: Path) -> tuple[Path, Path]:
+    """``<stem>.scores.jsonl`` and ``<stem>.selected.jsonl`` next to the data file."""
+    stem = Path(data_path).stem
+    return Path(data_path).with_name(f"{stem}.scores.jsonl"), Path(data_path).with_name(f"{stem}.selected.jsonl")
+
+
+def run_agent(
+    client: Client,
+    job_id: str,
+    data_path: Path,
+    *,
+    work_dir: Path,
+    options: AgentOptions = AgentOptions(),
+    progress: Progress | None = None,
+) -> AgentResult:
+    """The silo workflow: spec and checkpoints down, projections up, mask back (see the module docstring).
+
+    Raises:
+        AgentError: the job is not open (and this silo has not completed it), the coordinator holds shards of this
+            silo that differ from what the local data gives, or it scored none for some local samples.
+        scoring.errors.DataError: the data file is malformed (names the file and line).
+        agent.client.CoordinatorError: the coordinator refused a request, could not be reached, or the job failed.
+    """
+    data_path = Path(data_path)
+    if not data_path.is_file():
+        raise AgentError(f"{data_path}: no such data file")
+    samples = read_samples(data_path)
+    job = client.job(job_id)
+    complete = check_job(job)
+    job_dir = Path(work_dir) / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    proj_dir = job_dir / f"proj-{data_fingerprint(data_path, job_id)}"
+    uploaded, skipped = sync_shards(client, job, samples, proj_dir, options, complete=complete, progress=progress)
+    if not complete:
+        job = client.complete(job_id)
+    result = AgentResult(job_id, job["status"], len(samples), uploaded, skipped)
+    if options.wait and job["status"] != "done":
+        job = client.wait(job_id, poll=options.poll_interval, timeout=options.timeout, on_progress=_on_job(progress))
+    if job["status"] != "done":
+        return replace(result, status=job["status"])
+    answer = client.scores(job_id)
+    scores_path, selected_path, selected = write_outputs(data_path, samples, answer["rows"], job_id)
+    return replace(
+        result,
+        status="done",
+        selected=selected,
+        threshold=answer["threshold"],
+        scores_path=scores_path,
+        selected_path=selected_path,
+    )
+
+
+def sync_shards(
+    client: Client,
+    job: dict,
+    samples: list[Sample],
+    proj_dir: Path,
+    options: AgentOptions,
+    *,
+    complete: bool = False,
+    progress: Progress | None = None,
+) -> tuple[int, int]:
+    """Project into ``proj_dir`` (``work_dir/<job>/proj-<fingerprint>``; skipped when it holds them) and upload
+    what the coordinator lacks; returns (uploaded, skipped). A silo that completed its upload only checks its
+    projections against the held shards, and only when they are on disk (it never recomputes them for that)."""
+    spec = job["spec"]
+    indices = [int(c["index"]) for c in spec["checkpoints"]]
+    ready = _projection_ready(proj_dir, indices)
+    if complete and not ready:
+        return 0, 0
+    if not ready:
+        run_dir = prepare_run(client, job["id"], spec, proj_dir.parent, progress)
+        project_local(run_dir, samples, proj_dir, spec, options, progress)
+    held = {(s["checkpoint"], s["part"]): s["sha256"] for s in client.held_shards(job["id"])}
+    shards = iter_shards(proj_dir, indices, [s.id for s in samples], options.rows_per_shard)
+    total = len(indices) * math.ceil(len(samples) / options.rows_per_shard)
+    return upload_shards(client, job["id"], shards, held, total=total, complete=complete, progress=progress)
+
+
+def _on_job(progress: Progress | None) -> Callable[[dict], None] | None:
+    """Show the scoring progress while waiting (other statuses carry other stages' progress, e.g. the anchors')."""
+    if progress is None:
+        return None
+
+    def show(job: dict) -> None:
+        if job["status"] in ("scoring", "done"):
+            progress("scoring", round(100 * job["progress"]) if job["status"] == "scoring" else 100, 100)
+
+    return show
+
+
+def check_job(job: dict) -> bool:
+    """Whether this silo has already completed its upload; raises unless the job takes uploads or that is so."""
+    complete = any(m["status"] == "complete" for m in job.get("silos", []))
+    if job["status"] == "draft":
+        raise AgentError(
+            f"the coordinator has not opened job {job['id']} yet (status 'draft'); ask its admin to upload the "
+            "checkpoints and anchors and open it"
+        )
+    if job["status"] != "open" and not complete:
+        raise AgentError(
+            f"job {job['id']} is {job['status']!r} and this silo never completed its upload; it takes no more uploads"
+        )
+    return complete
+
+
+def data_fingerprint(data_path: Path, job_id: str) -> str:
+    """16 hex digits naming the projections of one data file (its SHA-256) under one job."""
+    digest = hashlib.sha256()
+    with open(data_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return hashlib.sha256(f"{job_id}\0{digest.hexdigest()}".encode()).hexdigest()[:16]
+
+
+def _projection_ready(proj_dir: Path, indices: list[int]) -> bool:
+    return all((proj_dir / f"ckpt-{t:03d}.candidate.safetensors").is_file() for t in indices)
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def download_bundle(client: Client, job_id: str, index: int, job_dir: Path) -> bytes:
+    """Checkpoint bundle ``index``: from ``job_dir`` when its recorded SHA-256 holds, else downloaded (and kept)."""
+    path = job_dir / f"ckpt-{index:03d}.safetensors"
+    sidecar = path.with_name(path.name + ".sha256")
+    if path.is_file() and sidecar.is_file():
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == sidecar.read_text().strip():
+            return data
+    sha = client.download_checkpoint(job_id, index, path)
+    atomic_write_bytes(sidecar, (sha + "\n").encode())
+    return path.read_bytes()
+
+
+def prepare_run(client: Client, job_id: str, spec: dict, job_dir: Path, progress: Progress | None = None) -> Path:
+    """The job's run directory under ``job_dir/run``, rebuilt from its checkpoint bundles (reused when present)."""
+    from scoring.steps import write_run_dir  # torch: loaded only when a run must be rebuilt
+
+    dest = job_dir / "run"
+    if (dest / "run.json").is_file():
+        return dest
+    projection = ProjectionSpec.from_dict(spec["projection"])
+    indices = [int(c["index"]) for c in spec["checkpoints"]]
+    bundles = []
+    for done, index in enumerate(indices, 1):
+        data = download_bundle(client, job_id, index, job_dir)
+        bundles.append(checkpoint_from_bytes(data, projection, f"checkpoint {index} of job {job_id}"))
+        if progress:
+            progress("checkpoints", done, len(indices))
+    tmp = Path(tempfile.mkdtemp(prefix=".run.", dir=job_dir))
+    try:
+        write_run_dir({k: spec[k] for k in RUN_KEYS}, bundles, tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # a directory without run.json is unfinished
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def project_local(
+    run_dir: Path,
+    samples: list[Sample],
+    proj_dir: Path,
+    spec: dict,
+    options: AgentOptions,
+    progress: Progress | None = None,
+) -> Path:
+    """Project ``samples`` at every checkpoint into ``proj_dir`` (built aside, then renamed into place)."""
+    from scoring.steps import ModelOptions, ProjectOptions, project_samples
+
+    opts = ProjectOptions(engine=options.engine, batch_size=options.batch_size, precondition=spec["precondition"])
+    tmp = Path(tempfile.mkdtemp(prefix=".proj.", dir=proj_dir.parent))
+    try:
+        project_samples(
+            run_dir,
+            samples,
+            tmp,
+            anchor=False,
+            opts=opts,
+            model_opts=ModelOptions(device=options.device, dtype=options.dtype, cache_dir=options.cache_dir),
+            progress=(lambda done, total: progress("gradients", done, total)) if progress else None,
+        )
+        shutil.rmtree(proj_dir, ignore_errors=True)
+        tmp.rename(proj_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return proj_dir
+
+
+def iter_shards(
+    proj_dir: Path, indices: list[int], ids: list[str], rows_per_shard: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """``(checkpoint, part, shard bytes)`` in checkpoint order: part p holds rows [p*R, (p+1)*R) at every checkpoint.
+
+    One checkpoint's projections are in memory at a time."""
+    n_parts = math.ceil(len(ids) / rows_per_shard)
+    for t in indices:
+        proj, losses = load_projection(proj_dir / f"ckpt-{t:03d}.candidate.safetensors")
+        if list(proj.ids) != ids:
+            raise AgentError(f"{proj_dir}: the projections' ids differ from the data file's (delete the directory)")
+        for p in range(n_parts):
+            rows = slice(p * rows_per_shard, (p + 1) * rows_per_shard)
+            part = replace(proj, ids=proj.ids[rows], matrix=proj.matrix[rows])  # (R, k), the last part shorter
+            yield t, p, projection_to_bytes(part, losses=None if losses is None else losses[rows])
+
+
+def upload_shards(
+    client: Client,
+    job_id: str,
+    shards: Iterator[tuple[int, int, bytes]],
+    held: dict[tuple[int, int], str],
+    *,
+    total: int = 0,
+    complete: bool = False,
+    progress: Progress | None = None,
+) -> tuple[int, int]:
+    """Send the shards the coordinator does not hold yet; returns (uploaded, skipped).
+
+    Args:
+        held: (checkpoint, part) -> SHA-256 of the shards it holds (`Client.held_shards`).
+        total: the number of shards (for ``progress`` only).
+        complete: this silo has completed its upload: nothing may be sent, every shard must be held already.
+
+    Raises:
+        AgentError: a shard is held with other content, or held shards are not among those the data gives (the data
+            file or ``rows_per_shard`` changed since they were uploaded), or one is missing after completion.
+    """
+    uploaded = skipped = 0
+    made: set[tuple[int, int]] = set()
+    for t, p, data in shards:
+        made.add((t, p))
+        sha = hashlib.sha256(data).hexdigest()
+        have = held.get((t, p))
+        if have == sha:
+            skipped += 1
+        elif have is not None or complete:
+            raise AgentError(
+                f"job {job_id}: the coordinator holds shard (checkpoint {t}, part {p}) "
+                + ("with other content" if have else "not at all, though this silo completed its upload")
+                + ": the data file or --rows-per-shard changed since the upload; use the original data file"
+            )
+        else:
+            client.upload_shard(job_id, t, p, data)
+            uploaded += 1
+        if progress:
+            progress("shards", uploaded + skipped, total)
+    extra = sorted(set(held) - made)
+    if extra:
+        raise AgentError(
+            f"job {job_id}: the coordinator holds shards (checkpoint, part) {extra[:5]} that this data file does not "
+            "give: the data file or --rows-per-shard changed since the upload; use the original ones"
+        )
+    return uploaded, skipped
+
+
+def write_outputs(data_path: Path, samples: list[Sample], rows: list[dict], job_id: str) -> tuple[Path, Path, int]:
+    """Write ``<stem>.scores.jsonl`` (id, score, parts, selected; local order) and ``<stem>.selected.jsonl`` (the
+    selected samples' records), each atomically. Returns both paths and the number selected."""
+    by_id = {r["sample_id"]: r for r in rows}
+    missing = [s.id for s in samples if s.id not in by_id]
+    if missing:
+        raise AgentError(
+            f"job {job_id}: the coordinator has no scores for {len(missing)} of the {len(samples)} local samples "
+            f"(e.g. {missing[:3]}): this data file is not the one this silo uploaded"
+        )
+    scores_path, selected_path = output_paths(data_path)
+    fields = ("score", "parts", "selected")
+    lines = [json.dumps({"id": s.id, **{k: by_id[s.id][k] for k in fields}}) for s in samples]
+    atomic_write_bytes(scores_path, ("\n".join(lines) + "\n").encode())
+    chosen = [s for s in samples if by_id[s.id]["selected"]]
+    write_samples(selected_path, chosen)
+    return scores_path, selected_path, len(chosen)

@@ -1,0 +1,196 @@
+"""The service for real: the API under uvicorn and Celery workers as separate processes, on real Redis (and once on
+real PostgreSQL), two silo agents with the tiny model over HTTP; the embedded default driven from the CLI; and a
+worker killed with SIGKILL while it scores.
+
+Every test compares the masks the silos receive with what the scoring engine computes in-process on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.client import Client
+from agent.loop import AgentOptions, run_agent
+from clues.admin import create_job_from_run, job_spec_from_run
+from tests.conftest import SILOS, TinyData, expected_scores
+from tests.integration.conftest import Service
+
+pytestmark = pytest.mark.integration
+
+
+def _run_agents(
+    world: TinyData, tokens: dict[str, str], service: Service, job_id: str, work: Path
+) -> dict[str, dict[str, dict]]:
+    """Both silos' agents at once (each waits for the other's upload before scores exist); their written scores."""
+    results: dict[str, object] = {}
+
+    def one(silo: str) -> None:
+        try:
+            with Client(service.url, tokens[silo]) as client:
+                results[silo] = run_agent(
+                    client,
+                    job_id,
+                    world.data_file(silo, work / silo),
+                    work_dir=work / silo / "agent",
+                    options=AgentOptions(rows_per_shard=4, poll_interval=0.5, timeout=300),
+                )
+        except BaseException as exc:  # surfaced below
+            results[silo] = exc
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in SILOS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for silo in SILOS:
+        if isinstance(results.get(silo), BaseException):
+            raise results[silo]
+    return {silo: _read_scores(work / silo / f"{silo}.scores.jsonl") for silo in SILOS}
+
+
+def _read_scores(path: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def _assert_matches_engine(world: TinyData, written: dict[str, dict[str, dict]]) -> None:
+    table = expected_scores(world)
+    for silo in SILOS:
+        for sid, score, keep in zip(table.ids, table.scores, table.selected, strict=True):
+            if sid in written[silo]:
+                assert written[silo][sid]["score"] == pytest.approx(score, rel=1e-6, abs=1e-9)
+                assert written[silo][sid]["selected"] == bool(keep)
+        assert set(written[silo]) == {s.id for s in world.samples[silo]}
+
+
+def _create_job(world: TinyData, service: Service, tokens: dict[str, str], **over) -> str:
+    """Register the silos (their tokens go into ``tokens``) and create, fill and open a job from the tiny run."""
+    spec = job_spec_from_run(
+        world.run_dir,
+        name="it",
+        silos=list(SILOS),
+        precondition=True,
+        similarity="cosine",
+        threshold={"kind": "mean-anchor"},
+        auto_score=True,
+    )
+    spec.update(over)
+    with Client(service.url, service.admin_token) as admin:
+        for silo in SILOS:
+            tokens[silo] = admin.register_silo(silo)["token"]
+        return create_job_from_run(admin, world.run_dir, world.anchors_file, spec)["id"]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, database, tmp_path):
+    service = service_factory(database=database, redis=True)
+    service.start_api()
+    service.start_worker("w1")
+    tokens: dict[str, str] = {}
+    job_id = _create_job(tiny_data, service, tokens)
+    written = _run_agents(tiny_data, tokens, service, job_id, tmp_path)
+    _assert_matches_engine(tiny_data, written)
+    with Client(service.url, service.admin_token) as admin:
+        job = admin.job(job_id)
+        assert job["status"] == "done" and job["anchor_status"] == "done"
+        scores = admin.scores(job_id)
+        owners = {r["silo"] for r in scores["rows"]}
+        assert owners == {*SILOS, "__anchor__"}
+    assert service.api_log_has('"event": "request"')
+
+
+def test_embedded_default_from_the_cli(tiny_data, tmp_path):
+    """``clues coordinator up`` with no Redis and no PostgreSQL: SQLite metadata, SQLite broker; all via the CLI."""
+    data_dir = tmp_path / "coord"
+    port = Service.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUES_")}
+    env |= {"CLUES_DATA_DIR": str(data_dir), "CLUES_ADMIN_TOKEN": "admin-secret", "HF_HUB_OFFLINE": "1"}
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "clues", "coordinator", "up", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    try:
+        Service.wait_healthy(url, up, tmp_path / "up.log")
+        cli_env = env | {"CLUES_COORDINATOR": url}
+
+        def clues(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "clues", *args], env=cli_env, capture_output=True, text=True, timeout=600
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        tokens = {silo: json.loads(clues("admin", "silo-add", silo))["token"] for silo in SILOS}
+        job_id = clues(
+            "admin", "job-create", "--run", str(tiny_data.run_dir), "--anchors", str(tiny_data.anchors_file),
+            "--silos", ",".join(SILOS),
+        ).strip()  # fmt: skip
+        agents = []
+        for silo in SILOS:
+            data = tiny_data.data_file(silo, tmp_path / silo)
+            agents.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "clues", "agent", "run", "--job", job_id, "--data", str(data),
+                     "--poll-interval", "0.5", "--timeout", "300", "--rows-per-shard", "4"],
+                    env=cli_env | {"CLUES_TOKEN": tokens[silo]},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )  # fmt: skip
+        for proc in agents:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err
+        written = {silo: _read_scores(tmp_path / silo / f"{silo}.scores.jsonl") for silo in SILOS}
+        _assert_matches_engine(tiny_data, written)
+        assert (data_dir / "broker.sqlite").is_file() and (data_dir / "clues.db").is_file()
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        log.close()
+
+
+def test_a_worker_killed_while_scoring_is_replaced(tiny_data, service_factory, tmp_path):
+    """SIGKILL the only worker in the middle of scoring (it is slowed down per shard part to make the window wide);
+    the task is redelivered to a new worker after the visibility timeout and the masks are the same."""
+    service = service_factory(database="sqlite", redis=True, visibility_timeout=4)
+    service.start_api()
+    slow = service.start_worker("slow", slow_parts_s=1.0)
+    tokens: dict[str, str] = {}
+    job_id = _create_job(tiny_data, service, tokens)
+    written: dict = {}
+    runner = threading.Thread(target=lambda: written.update(_run_agents(tiny_data, tokens, service, job_id, tmp_path)))
+    runner.start()
+    with Client(service.url, service.admin_token) as admin:
+        deadline = time.monotonic() + 300
+        while True:
+            job = admin.job(job_id)
+            if job["status"] == "scoring" and job["message"].startswith("scored "):
+                break
+            assert job["status"] not in ("done", "failed"), job
+            assert time.monotonic() < deadline, "scoring never started"
+            time.sleep(0.1)
+        slow.kill()  # SIGKILL: no warm shutdown, the message stays unacknowledged in Redis
+        slow.wait(30)
+        assert admin.job(job_id)["status"] == "scoring"
+        service.start_worker("w2")
+        runner.join(600)
+        assert not runner.is_alive()
+        job = admin.job(job_id)
+        assert job["status"] == "done", job
+        assert len(admin.scores(job_id)["rows"]) == sum(len(tiny_data.samples[s]) for s in (*SILOS, "anchors"))
+    _assert_matches_engine(tiny_data, written)
+    assert np.isfinite([r["score"] for rows in written.values() for r in rows.values()]).all()
