@@ -1,0 +1,163 @@
+"""`workers.pipeline` called directly (no Celery): scoring matches the engine and is idempotent, near-duplicates
+across silos are found, the anchor index answers nearest-anchor queries, and corrupt or missing inputs fail cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoring.data import Sample
+from scoring.io import load_projection, projection_to_bytes
+from scoring.steps import ProjectOptions, checkpoint_bundles, project_samples
+from scoring.types import ProjectedGrads
+from storage import repository as repo
+from storage.errors import IntegrityError
+from storage.vector_index import VectorIndex
+from tests.conftest import SILOS, TinyData, expected_scores
+from workers import pipeline
+from workers.config import WorkerSettings
+
+
+def _job(res: pipeline.Resources, data: TinyData, silo_samples: dict[str, list[Sample]], root: Path) -> str:
+    """A job in ``scoring`` whose silos uploaded their shards (parts of 4 rows), as agents would."""
+    manifest = json.loads((data.run_dir / "run.json").read_text())
+    with res.sessions.begin() as session:
+        for silo in silo_samples:
+            if not any(s.name == silo for s in repo.list_silos(session)):
+                repo.create_silo(session, name=silo)
+        job = repo.create_job(
+            session,
+            name="t",
+            model=manifest["model"],
+            lora=manifest["lora"],
+            projection=manifest["projection"],
+            similarity="cosine",
+            threshold={"kind": "mean-anchor"},
+            precondition=True,
+            options={k: manifest[k] for k in ("lora_init_seed", "max_len", "template")},
+            checkpoints=[
+                {k: e[k] for k in ("index", "step", "lr", "lr_last", "adam")} for e in manifest["checkpoints"]
+            ],
+            silo_names=list(silo_samples),
+        )
+        job_id = job.id
+        for index, bundle in enumerate(checkpoint_bundles(data.run_dir)):
+            ref = res.blobs.put_bytes(bundle)
+            repo.set_checkpoint_blob(session, job_id=job_id, index=index, blob_key=ref.key, size_bytes=ref.size)
+        ref = res.blobs.put_bytes(data.anchors_file.read_bytes())
+        ids = [s.id for s in data.samples["anchors"]]
+        repo.set_anchor_set(session, job_id=job_id, blob_key=ref.key, size_bytes=ref.size, sample_ids=ids)
+    for silo, samples in silo_samples.items():
+        out = root / f"proj-{silo}-{job_id}"
+        out.mkdir()
+        project_samples(data.run_dir, samples, out, opts=ProjectOptions(batch_size=8, precondition=True))
+        with res.sessions.begin() as session:
+            silo_id = repo.get_silo_by_name(session, name=silo).id
+            for path in sorted(out.glob("ckpt-*.candidate.safetensors")):
+                proj, losses = load_projection(path)
+                for part, start in enumerate(range(0, len(proj), 4)):
+                    rows = slice(start, start + 4)
+                    piece = ProjectedGrads(
+                        ids=proj.ids[rows],
+                        matrix=proj.matrix[rows],
+                        spec=proj.spec,
+                        checkpoint=proj.checkpoint,
+                        lr=proj.lr,
+                        preconditioned=proj.preconditioned,
+                    )
+                    ref = res.blobs.put_bytes(projection_to_bytes(piece, losses[rows]))
+                    repo.add_shard(
+                        session,
+                        job_id=job_id,
+                        owner=silo,
+                        checkpoint=proj.checkpoint,
+                        part=part,
+                        role="candidate",
+                        sample_ids=list(piece.ids),
+                        blob_key=ref.key,
+                        size_bytes=ref.size,
+                    )
+            repo.mark_complete(session, job_id=job_id, silo_id=silo_id, num_samples=len(samples))
+    with res.sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, status="scoring")
+    return job_id
+
+
+@pytest.fixture
+def res(tmp_path) -> pipeline.Resources:
+    from storage.db import upgrade
+
+    resources = pipeline.Resources.from_settings(WorkerSettings(data_dir=tmp_path / "coord"))
+    upgrade(resources.sessions.kw["bind"])
+    return resources
+
+
+def _rows(res, job_id):
+    with res.sessions() as session:
+        return [
+            (r.owner, r.sample_id, r.row, r.score, r.parts, r.selected)
+            for r in repo.list_scores(session, job_id=job_id)
+        ]
+
+
+def test_scores_match_the_engine_and_a_second_run_changes_nothing(res, tiny_data, tmp_path):
+    job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path)
+    messages: list[str] = []
+    table = pipeline.score_job(res, job_id, lambda fraction, message: messages.append(message))
+    expected = expected_scores(tiny_data)
+    assert table.ids == expected.ids
+    assert np.allclose(table.scores, expected.scores, rtol=1e-6, atol=1e-12)
+    assert (table.selected == expected.selected).all() and table.threshold == pytest.approx(expected.threshold)
+    first = _rows(res, job_id)
+    assert len(first) == len(expected.ids) + len(tiny_data.samples["anchors"])
+    assert any(m.startswith("scored 6/6") for m in messages)  # 2 silos x 3 parts of 4, 4, 1 rows
+    with res.sessions() as session:
+        job = repo.get_job(session, job_id=job_id)
+        assert (job.status, job.anchor_status, job.progress) == ("done", "done", 1.0)
+        assert job.threshold_value == pytest.approx(expected.threshold)
+    pipeline.score_job(res, job_id)  # a redelivered task
+    assert _rows(res, job_id) == first
+
+
+def test_near_duplicates_across_silos_and_nearest_anchors(res, tiny_data, tmp_path):
+    a, b = tiny_data.samples["a"], tiny_data.samples["b"]
+    copy = Sample("copy-of-a0", a[0].prompt, a[0].response)  # the same text under another id, in silo b
+    job_id = _job(res, tiny_data, {"a": a, "b": [*b, copy]}, tmp_path)
+    pipeline.score_job(res, job_id)
+    assert pipeline.find_near_duplicates(res, job_id) >= 1
+    with res.sessions() as session:
+        pairs = [(d.owner_a, d.sample_a, d.owner_b, d.sample_b) for d in repo.list_duplicates(session, job_id=job_id)]
+    assert ("a", a[0].id, "b", "copy-of-a0") in pairs
+    assert all(p[0] != p[2] for p in pairs)  # across silos only
+    index = VectorIndex.load(pipeline.anchor_index_path(res, job_id))
+    anchors, _ = load_projection(next((tmp_path).glob(f"proj-a-{job_id}")) / "ckpt-001.candidate.safetensors")
+    ids, sims = index.search(anchors.matrix.astype(np.float32)[:3], k=2)
+    assert len(ids) == 3 and all(len(row) == 2 for row in ids) and (sims <= 1.0 + 1e-5).all()
+    assert set(index.ids) == {s.id for s in tiny_data.samples["anchors"]}
+
+
+def test_a_corrupt_shard_blob_is_an_integrity_error_and_the_job_can_be_failed(res, tiny_data, tmp_path):
+    job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path)
+    with res.sessions() as session:
+        shard = repo.list_shards(session, job_id=job_id, owner="a")[0]
+    path = res.blobs.path(shard.blob_key)
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(IntegrityError):
+        pipeline.score_job(res, job_id)
+    pipeline.fail_job(res, job_id, "shard a/0 is corrupt")
+    with res.sessions() as session:
+        job = repo.get_job(session, job_id=job_id)
+        assert (job.status, job.error) == ("failed", "shard a/0 is corrupt")
+        assert repo.count_scores(session, job_id=job_id) == 0  # nothing half-written
+
+
+def test_scoring_needs_the_scoring_state_and_every_silo_complete(res, tiny_data, tmp_path):
+    job_id = _job(res, tiny_data, {"a": tiny_data.samples["a"]}, tmp_path)
+    with res.sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, status="open")
+    with pytest.raises(pipeline.JobStateError, match="not 'scoring'"):
+        pipeline.score_job(res, job_id)
