@@ -71,23 +71,33 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send with retries; return the response of a 2xx answer, else raise `CoordinatorError`."""
+    def _with_retries(self, what: str, attempt: Callable[[], Any]) -> Any:
+        """Run ``attempt`` until it returns, retrying transport errors and `RETRY_STATUS` answers with backoff."""
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        for n in range(self.retries + 1):
+            last = n == self.retries
             try:
-                response = self.http.request(method, path, **kwargs)
+                return attempt()
             except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise CoordinatorError(None, f"{method} {path}: coordinator unreachable ({exc})") from exc
-            else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRY_STATUS or attempt == self.retries:
-                    raise CoordinatorError(response.status_code, _detail(response))
+                if last:
+                    raise CoordinatorError(None, f"{what}: coordinator unreachable ({exc})") from exc
+            except CoordinatorError as exc:
+                if exc.status not in RETRY_STATUS or last:
+                    raise
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send with retries; return the response of a 2xx answer, else raise `CoordinatorError`."""
+
+        def once() -> httpx.Response:
+            response = self.http.request(method, path, **kwargs)
+            if response.status_code >= 400:
+                raise CoordinatorError(response.status_code, _detail(response))
+            return response
+
+        return self._with_retries(f"{method} {path}", once)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.request(method, path, **kwargs).json()
@@ -167,26 +177,36 @@ class Client:
     # -- silo ------------------------------------------------------------------------------------------------
 
     def download_checkpoint(self, job_id: str, index: int, dest: Path) -> str:
-        """Stream a checkpoint bundle to ``dest`` (temp name, SHA-256 checked, then renamed). Returns the SHA-256."""
+        """Stream a checkpoint bundle to ``dest`` (temp name, SHA-256 checked against ``X-Content-SHA256``, fsync,
+        rename). Returns the SHA-256."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        response = self.request("GET", f"/v1/jobs/{job_id}/checkpoints/{index}")
-        data = response.content
-        expected = hashlib.sha256(data).hexdigest()
-        announced = response.headers.get(SHA256_HEADER)
-        if announced != expected:
-            raise CoordinatorError(None, f"checkpoint {index}: received SHA-256 {expected}, announced {announced}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return expected
+        path = f"/v1/jobs/{job_id}/checkpoints/{index}"
+
+        def once() -> str:
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            try:
+                digest = hashlib.sha256()
+                with os.fdopen(fd, "wb") as fh, self.http.stream("GET", path) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise CoordinatorError(response.status_code, _detail(response))
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        fh.write(chunk)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    announced = response.headers.get(SHA256_HEADER)
+                if announced != digest.hexdigest():
+                    raise CoordinatorError(
+                        None, f"checkpoint {index}: received SHA-256 {digest.hexdigest()}, announced {announced}"
+                    )
+                os.replace(tmp, dest)
+                return digest.hexdigest()
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+
+        return self._with_retries(f"GET {path}", once)
 
     def held_shards(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/v1/jobs/{job_id}/shards")
