@@ -3,6 +3,8 @@ committed: a refused or half-received body leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import AppState
 from app.errors import ApiError
 from app.metrics import UPLOAD_BYTES
-from storage.blobs import BlobRef
+from storage.blobs import BlobRef, BlobWriter
 
 SHA256_HEADER = "X-Content-SHA256"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+WRITE_BLOCK = 8 << 20
+"""Bytes of the body gathered before they are hashed and written in a worker thread (double-buffered)."""
 
 T = TypeVar("T")
 
@@ -51,14 +55,23 @@ def _check_length(request: Request, cap: int) -> None:
 
 
 async def receive(
-    request: Request, state: AppState, kind: str, sha: str, validate: Callable[[Path], T]
+    request: Request,
+    state: AppState,
+    kind: str,
+    sha: str,
+    validate: Callable[[Path], T],
+    record: Callable[[T, int], object] | None = None,
 ) -> tuple[BlobRef, T]:
-    """Stream the body into a blob writer, check size and SHA-256, ``validate(path)`` it, then commit it.
+    """Stream the body into a blob writer, check size and SHA-256, ``validate(path)`` it, ``record`` it, then
+    commit the blob.
 
     Args:
         kind: names the upload in metrics.
         sha: the body's announced SHA-256 (`expected_sha256`).
         validate: called with the temp file's path before anything is committed; raises to refuse.
+        record: ``record(validated, size)`` adds the upload's database rows (flushed, not committed) before the blob
+            is committed, so that a constraint the database enforces (an id already in another part) refuses the
+            upload while nothing is stored yet; the caller commits the session after this returns.
 
     Returns:
         The committed blob and what ``validate`` returned.
@@ -66,13 +79,60 @@ async def receive(
     cap = state.settings.max_upload_bytes
     _check_length(request, cap)
     with state.blobs.writer(expected_sha256=sha, max_bytes=cap) as writer:
-        async for chunk in request.stream():
-            writer.write(chunk)
+        await _stream_into(request, writer)
         if writer.size == 0:
             raise ApiError(400, "empty body")
         if writer.sha256 != sha:
             raise ApiError(400, f"body SHA-256 {writer.sha256} does not match {SHA256_HEADER} {sha}")
-        result = await run_in_threadpool(validate, writer.path)  # parsing and checks: off the event loop
+        path = writer.path
+        # Start the disk flush now, beside the validation: commit's own fsync then finds nothing left to write.
+        flush = asyncio.ensure_future(run_in_threadpool(_flush_to_disk, path))
+        try:
+            result = await run_in_threadpool(validate, path)  # parsing and checks: off the event loop
+        finally:
+            await asyncio.wait([flush])
+        if record is not None:
+            await run_in_threadpool(record, result, writer.size)
         ref = await run_in_threadpool(writer.commit)
     UPLOAD_BYTES.labels(kind).inc(ref.size)
     return ref, result
+
+
+async def _stream_into(request: Request, writer: BlobWriter) -> None:
+    """Feed the body to ``writer`` in `WRITE_BLOCK` pieces, each hashed and written in a worker thread while the
+    event loop receives the next one (hashlib and file writes release the GIL), so the SHA-256 runs beside the
+    HTTP parsing instead of after it. At most one block is in flight, and it has finished when this returns or
+    raises, so the writer is never used by two threads at once nor closed under a write."""
+    pending: asyncio.Future | None = None
+    block = bytearray()
+    try:
+        async for chunk in request.stream():
+            block += chunk
+            if len(block) >= WRITE_BLOCK:
+                if pending is not None:
+                    await pending  # raises what the write raised (e.g. BlobTooLarge)
+                pending = asyncio.ensure_future(run_in_threadpool(writer.write, block))
+                block = bytearray()
+        if pending is not None:
+            await pending
+        if block:
+            writer.write(block)
+    finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
+        if pending is not None and pending.done() and not pending.cancelled():
+            pending.exception()  # retrieved: the error that matters is already propagating
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync ``path`` through a file descriptor of its own; best effort (`BlobWriter.commit` fsyncs again)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

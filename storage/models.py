@@ -191,6 +191,18 @@ class Shard(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class ShardSample(Base):
+    """Which part holds each of an owner's sample ids: the index that makes "is this id already in another part?"
+    one primary-key lookup per id at upload time, instead of reading every held shard's id list."""
+
+    __tablename__ = "shard_samples"
+
+    job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sample_id: Mapped[str] = mapped_column(String(500), primary_key=True)
+    part: Mapped[int]
+
+
 class Score(Base):
     """The score of one sample: ``parts`` holds the per-checkpoint terms, ``row`` the position for stable order."""
 

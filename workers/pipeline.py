@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import DataError
-from scoring.io import checkpoint_from_bytes, projection_from_bytes
+from scoring.io import checkpoint_from_bytes, map_projection, projection_from_bytes
 from scoring.selection import apply_threshold, threshold_from_dict
 from scoring.traces import ANCHOR_SILO, best_group, build_anchor_directions, score_anchor_samples, trace_block
 from scoring.types import ProjectedGrads, ScoreTable
@@ -138,9 +138,21 @@ def materialise_run(res: Resources, job_id: str) -> Path:
 
 
 def load_shard(res: Resources, shard: Shard) -> tuple[ProjectedGrads, np.ndarray | None]:
-    """A stored shard, checksum-verified, parsed and validated."""
-    data = res.blobs.read_bytes(shard.blob_key)
-    return projection_from_bytes(data, where=f"shard {shard.owner}/ckpt {shard.checkpoint}/part {shard.part}")
+    """A stored shard, checksum-verified, parsed and validated, its matrix memory-mapped.
+
+    The file's SHA-256 is checked against its key first, then it is opened with `map_projection`: every field is
+    checked, but the matrix is a read-only map of the blob (no copy) and is not scanned for NaN/Inf again. The upload
+    route refused non-finite values, the checksum proves these are the bytes it validated, and
+    `scoring.traces.trace_parts` still re-checks non-finite results in float64.
+
+    Raises:
+        NotFoundError: the blob is missing.
+        IntegrityError: the file does not hash to its key.
+        DataError: malformed content.
+    """
+    res.blobs.verify(shard.blob_key)
+    where = f"shard {shard.owner}/ckpt {shard.checkpoint}/part {shard.part}"
+    return map_projection(res.blobs.path(shard.blob_key), where=where)
 
 
 def _anchor_shards(session: Session, job_id: str, role: str) -> list[Shard]:
@@ -200,7 +212,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
             repo.update_job(session, job_id=job_id, anchor_status="done")
 
 
-def _by_part(shards: list[Shard]) -> dict[int, list[Shard]]:
+def shards_by_part(shards: list[Shard]) -> dict[int, list[Shard]]:
     parts: dict[int, list[Shard]] = {}
     for shard in shards:
         parts.setdefault(shard.part, []).append(shard)
@@ -232,7 +244,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     with res.sessions() as session:
         anchor_rows = _anchor_shards(session, job_id, "anchor")
         anchor_cand_rows = _anchor_shards(session, job_id, "candidate")
-        silo_parts = {name: _by_part(repo.list_shards(session, job_id=job_id, owner=name)) for name, _ in members}
+        silo_parts = {name: shards_by_part(repo.list_shards(session, job_id=job_id, owner=name)) for name, _ in members}
     anchors = [load_shard(res, s)[0] for s in anchor_rows]
     anchor_cands = [load_shard(res, s)[0] for s in anchor_cand_rows]
     directions = build_anchor_directions(anchors, config)
@@ -243,18 +255,15 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     scores: list[np.ndarray] = [np.zeros(0)]
     trace: list[np.ndarray] = [np.zeros((0, len(anchors)))]
     preconditioned: set[bool] = set()
-    done = 0
-    for name, parts in silo_parts.items():
-        for part, shards in parts.items():
-            seq = [load_shard(res, s)[0] for s in shards]
-            preconditioned.add(seq[0].preconditioned)
-            block_scores, block_parts, _ = best_group(trace_block(directions, seq, config, f"{name} part {part}"))
-            ids.extend(seq[0].ids)
-            silos.extend([name] * len(seq[0]))
-            scores.append(block_scores)
-            trace.append(block_parts)
-            done += 1
-            progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
+    blocks = [(name, part, shards) for name, parts in silo_parts.items() for part, shards in parts.items()]
+    for done, (name, part, seq) in enumerate(prefetched(res, blocks), start=1):
+        preconditioned.add(seq[0].preconditioned)
+        block_scores, block_parts, _ = best_group(trace_block(directions, seq, config, f"{name} part {part}"))
+        ids.extend(seq[0].ids)
+        silos.extend([name] * len(seq[0]))
+        scores.append(block_scores)
+        trace.append(block_parts)
+        progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
     if len(preconditioned) > 1:
         raise DataError("some silos sent Adam-preconditioned gradients and others did not")
     table = ScoreTable(ids=tuple(ids), silos=tuple(silos), scores=np.concatenate(scores), parts=np.concatenate(trace))
@@ -276,6 +285,23 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
             finished_at=datetime.now(UTC),
         )
     return table
+
+
+def prefetched(res: Resources, blocks: list[tuple[str, int, list[Shard]]]):
+    """Yield ``(silo, part, projections)`` for each block, loading (checksum + map) the next block in a thread while
+    the caller scores this one: the SHA-256 of part p+1 runs beside the trace of part p (hashlib and numpy release
+    the GIL). At most two blocks are held."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(shards: list[Shard]) -> list[ProjectedGrads]:
+        return [load_shard(res, s)[0] for s in shards]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(load, blocks[0][2]) if blocks else None
+        for i, (name, part, _) in enumerate(blocks):
+            seq = pending.result()
+            pending = pool.submit(load, blocks[i + 1][2]) if i + 1 < len(blocks) else None
+            yield name, part, seq
 
 
 def _score_rows(table: ScoreTable, selected: np.ndarray) -> list[dict]:

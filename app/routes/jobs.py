@@ -328,14 +328,15 @@ async def upload_shard(
     _require_status(job, "open")
     member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
     ckpt = _checkpoint(job, checkpoint)
-    held = {(s.checkpoint, s.part): s for s in repo.list_shards(session, job_id=job_id, owner=silo.name)}
     sha = expected_sha256(request)
-    same = held.get((checkpoint, part))
+    key = {"job_id": job_id, "owner": silo.name, "part": part}
+    same = repo.get_shard(session, checkpoint=checkpoint, role="candidate", **key)
     if already_held(same.blob_key if same else None, sha, f"shard (checkpoint {checkpoint}, part {part})"):
         return _upload_answer(sha, same.size_bytes, False)
     if member.status == "complete":
         raise ApiError(409, f"silo {silo.name} already completed its upload for job {job_id}")
     spec = ProjectionSpec.from_dict(job.projection)
+    part_ids = repo.part_sample_ids(session, **key)  # the ids this part holds at another checkpoint, if any
 
     def validate(path: Path) -> list[str]:
         proj, _ = load_projection(path)
@@ -352,41 +353,30 @@ async def upload_shard(
             raise DataError(f"{where}: preconditioned={proj.preconditioned}, the job asks {job.precondition}")
         if len(proj) == 0:
             raise DataError(f"{where}: no rows")
-        _check_ids(list(proj.ids), checkpoint, part, held, where)
-        return list(proj.ids)
+        ids = list(proj.ids)
+        if part_ids is not None:
+            _check_same_ids(ids, *part_ids, part, where)
+        return ids
 
-    ref, ids = await receive(request, state, "shard", sha, validate)
-    _, created = repo.add_shard(
-        session,
-        job_id=job_id,
-        owner=silo.name,
-        checkpoint=checkpoint,
-        part=part,
-        role="candidate",
-        sample_ids=ids,
-        blob_key=ref.key,
-        size_bytes=ref.size,
-    )
+    def record(ids: list[str], size: int) -> None:  # an id already in another part: ConflictError -> 409
+        repo.add_shard(
+            session, checkpoint=checkpoint, role="candidate", sample_ids=ids, blob_key=sha, size_bytes=size, **key
+        )
+
+    ref, _ = await receive(request, state, "shard", sha, validate, record)
     session.commit()
-    return _upload_answer(ref.key, ref.size, created)
+    return _upload_answer(ref.key, ref.size, True)
 
 
-def _check_ids(ids: list[str], checkpoint: int, part: int, held: dict, where: str) -> None:
-    """Part ``part`` must hold the same ids at every checkpoint, and no id may be in two parts."""
-    same_part = [s for (t, p), s in held.items() if p == part and t != checkpoint]
-    if same_part and list(same_part[0].sample_ids) != ids:
-        known = set(same_part[0].sample_ids)
-        unknown = [i for i in ids if i not in known][:5]
+def _check_same_ids(ids: list[str], other_checkpoint: int, known: list[str], part: int, where: str) -> None:
+    """Part ``part`` must hold the same ids, in the same order, at every checkpoint."""
+    if ids != known:
+        held = set(known)
+        unknown = [i for i in ids if i not in held][:5]
         raise DataError(
-            f"{where}: ids differ from part {part} at checkpoint {same_part[0].checkpoint}"
+            f"{where}: ids differ from part {part} at checkpoint {other_checkpoint}"
             + (f" (unknown ids {unknown})" if unknown else " (order or missing ids)")
         )
-    mine = set(ids)
-    for (_, p), s in held.items():
-        if p != part:
-            dup = mine.intersection(s.sample_ids)
-            if dup:
-                raise DataError(f"{where}: duplicate ids already in part {p}: {sorted(dup)[:5]}")
 
 
 @router.get("/{job_id}/shards", operation_id="list_shards")

@@ -260,8 +260,10 @@ def test_ids_must_match_across_checkpoints_and_not_repeat_across_parts(env):
     assert put(env.client, f"/v1/jobs/{job_id}/shards/0/0", shard(["s1", "s2"]), tok).status_code == 201
     r = put(env.client, f"/v1/jobs/{job_id}/shards/1/0", shard(["s1", "zz"], 1), tok)
     assert r.status_code == 422 and "unknown ids ['zz']" in r.json()["detail"]
+    before = env.blob_count()
     r = put(env.client, f"/v1/jobs/{job_id}/shards/0/1", shard(["s2", "s3"]), tok)
-    assert r.status_code == 422 and "duplicate ids" in r.json()["detail"] and "s2" in r.json()["detail"]
+    assert r.status_code == 409 and "already in other parts" in r.json()["detail"] and "s2" in r.json()["detail"]
+    assert env.blob_count() == before  # refused before the blob was committed
     r = put(env.client, f"/v1/jobs/{job_id}/shards/0/1", _raw_shard(["s3", "s3"], np.ones((2, 16), np.float16)), tok)
     assert r.status_code == 422 and "unique" in r.json()["detail"]
     # incomplete: part 0 exists at checkpoint 0 only

@@ -104,7 +104,7 @@ def test_anchor_set_idempotent_and_conflicting(session: Session):
 def _shard(session: Session, job_id: str, key: str = KEY_A, checkpoint: int = 0, part: int = 0, owner: str = "alpha"):
     return repo.add_shard(
         session, job_id=job_id, owner=owner, checkpoint=checkpoint, part=part, role="candidate",
-        sample_ids=["s1", "s2", "s3"], blob_key=key, size_bytes=99,
+        sample_ids=[f"p{part}-s{i}" for i in range(3)], blob_key=key, size_bytes=99,
     )  # fmt: skip
 
 
@@ -149,6 +149,20 @@ def test_add_shard_race_uses_a_savepoint(session: Session, engine):
     session.commit()
     assert repo.get_job(session, job_id=job.id).message == "before the race"
     assert len(repo.list_shards(session, job_id=job.id)) == 1
+
+
+def test_an_id_may_be_in_one_part_only_and_lookups_find_its_part(session: Session):
+    job = new_job(session)
+    _shard(session, job.id, part=0)
+    _shard(session, job.id, part=0, checkpoint=1)  # the same part at another checkpoint: fine
+    assert repo.parts_of_samples(session, job_id=job.id, owner="alpha", sample_ids=["p0-s1", "zz"]) == {"p0-s1": 0}
+    assert repo.part_sample_ids(session, job_id=job.id, owner="alpha", part=0) == (0, ["p0-s0", "p0-s1", "p0-s2"])
+    with pytest.raises(ConflictError, match="already in other parts"):
+        repo.add_shard(
+            session, job_id=job.id, owner="alpha", checkpoint=0, part=1, role="candidate",
+            sample_ids=["new", "p0-s2"], blob_key=KEY_B, size_bytes=9,
+        )  # fmt: skip
+    assert repo.parts_of_samples(session, job_id=job.id, owner="beta", sample_ids=["p0-s1"]) == {}  # per owner
 
 
 def test_list_shards_order_and_filters(session: Session):
