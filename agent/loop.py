@@ -225,15 +225,25 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def download_bundle(client: Client, job_id: str, index: int, job_dir: Path) -> bytes:
-    """Checkpoint bundle ``index``: from ``job_dir`` when its recorded SHA-256 holds, else downloaded (and kept)."""
+def download_bundle(client: Client, job_id: str, index: int, job_dir: Path, expected: str | None = None) -> bytes:
+    """Checkpoint bundle ``index``: from ``job_dir`` when its SHA-256 holds, else downloaded (and kept).
+
+    ``expected`` is the SHA-256 the job spec lists for it; without one, the checksum recorded at download (from
+    ``X-Content-SHA256``) is the reference.
+
+    Raises:
+        AgentError: the downloaded bundle is not the one the job spec lists.
+    """
     path = job_dir / f"ckpt-{index:03d}.safetensors"
     sidecar = path.with_name(path.name + ".sha256")
-    if path.is_file() and sidecar.is_file():
+    reference = expected or (sidecar.read_text().strip() if sidecar.is_file() else None)
+    if path.is_file() and reference:
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() == sidecar.read_text().strip():
+        if hashlib.sha256(data).hexdigest() == reference:
             return data
     sha = client.download_checkpoint(job_id, index, path)
+    if expected and sha != expected:
+        raise AgentError(f"checkpoint {index} of job {job_id}: downloaded SHA-256 {sha}, the job spec lists {expected}")
     atomic_write_bytes(sidecar, (sha + "\n").encode())
     return path.read_bytes()
 
@@ -249,7 +259,7 @@ def prepare_run(client: Client, job_id: str, spec: dict, job_dir: Path, progress
     indices = [int(c["index"]) for c in spec["checkpoints"]]
     bundles = []
     for done, index in enumerate(indices, 1):
-        data = download_bundle(client, job_id, index, job_dir)
+        data = download_bundle(client, job_id, index, job_dir, spec["checkpoints"][done - 1].get("sha256"))
         bundles.append(checkpoint_from_bytes(data, projection, f"checkpoint {index} of job {job_id}"))
         if progress:
             progress("checkpoints", done, len(indices))

@@ -122,6 +122,34 @@ class Job(Base):
         order_by="JobMember.silo_id", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
     )
 
+    def spec(self) -> dict[str, Any]:
+        """The scoring spec every party computes under, as the API shows it and run directories are rebuilt from;
+        each checkpoint carries the SHA-256 of its uploaded bundle (None until uploaded)."""
+        options = dict(self.options or {})
+        return {
+            "model": self.model,
+            "lora": self.lora,
+            "lora_init_seed": options.get("lora_init_seed", 0),
+            "max_len": options.get("max_len", 768),
+            "template": options.get("template", "auto"),
+            "projection": self.projection,
+            "checkpoints": [
+                {
+                    "index": c.index,
+                    "step": c.step,
+                    "lr": c.lr,
+                    "lr_last": c.lr_last,
+                    "adam": c.adam,
+                    "sha256": c.blob_key,
+                }
+                for c in sorted(self.checkpoints, key=lambda c: c.index)
+            ],
+            "precondition": self.precondition,
+            "similarity": self.similarity,
+            "threshold": self.threshold,
+            "auto_score": options.get("auto_score", True),
+        }
+
 
 class JobCheckpoint(Base):
     """Checkpoint ``index`` of a job (0..T-1) and, once uploaded, the blob of its bundle."""

@@ -33,7 +33,7 @@ from scoring.types import ProjectedGrads, ScoreTable
 from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory
-from storage.models import Job, Shard
+from storage.models import Shard
 from storage.vector_index import VectorIndex, near_duplicates
 from workers.config import WorkerSettings
 
@@ -86,27 +86,6 @@ def progress_writer(res: Resources, job_id: str, every_s: float = 1.0) -> Progre
     return write
 
 
-def job_spec(job: Job) -> dict:
-    """The job's scoring spec as the API shows it and as run directories are rebuilt from."""
-    options = dict(job.options or {})
-    return {
-        "model": job.model,
-        "lora": job.lora,
-        "projection": job.projection,
-        "similarity": job.similarity,
-        "threshold": job.threshold,
-        "precondition": job.precondition,
-        "lora_init_seed": options.get("lora_init_seed", 0),
-        "max_len": options.get("max_len", 768),
-        "template": options.get("template", "auto"),
-        "auto_score": options.get("auto_score", True),
-        "checkpoints": [
-            {"index": c.index, "step": c.step, "lr": c.lr, "lr_last": c.lr_last, "adam": c.adam}
-            for c in sorted(job.checkpoints, key=lambda c: c.index)
-        ],
-    }
-
-
 def materialise_run(res: Resources, job_id: str) -> Path:
     """The job's run directory (``run.json`` + ``ckpt-NNN/``) rebuilt from its checkpoint bundles, cached under the
     work directory. Built in a temp directory and renamed into place, so a crash never leaves half a run."""
@@ -117,7 +96,7 @@ def materialise_run(res: Resources, job_id: str) -> Path:
         return dest
     with res.sessions() as session:
         job = repo.get_job(session, job_id=job_id)
-        spec = job_spec(job)
+        spec = job.spec()
         keys = [(c.index, c.blob_key) for c in sorted(job.checkpoints, key=lambda c: c.index)]
     missing = [index for index, key in keys if key is None]
     if missing:

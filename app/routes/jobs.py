@@ -45,26 +45,6 @@ BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", 
 ANCHOR_OWNER = ANCHOR_SILO
 
 
-def _spec(job: Job) -> dict:
-    options = dict(job.options or {})
-    return {
-        "model": job.model,
-        "lora": job.lora,
-        "lora_init_seed": options.get("lora_init_seed", 0),
-        "max_len": options.get("max_len", 768),
-        "template": options.get("template", "auto"),
-        "projection": job.projection,
-        "checkpoints": [
-            {"index": c.index, "step": c.step, "lr": c.lr, "lr_last": c.lr_last, "adam": c.adam}
-            for c in sorted(job.checkpoints, key=lambda c: c.index)
-        ],
-        "precondition": job.precondition,
-        "similarity": job.similarity,
-        "threshold": job.threshold,
-        "auto_score": options.get("auto_score", True),
-    }
-
-
 def _public(job: Job, principal: Principal, session) -> JobPublic:
     anchors = repo.get_anchor_set(session, job_id=job.id) if principal.is_admin else None
     members = [
@@ -84,7 +64,7 @@ def _public(job: Job, principal: Principal, session) -> JobPublic:
         created_at=job.created_at,
         updated_at=job.updated_at,
         finished_at=job.finished_at,
-        spec=_spec(job),
+        spec=job.spec(),
         silos=members,
         checkpoints_uploaded=[c.index for c in job.checkpoints if c.blob_key is not None],
         anchors=anchors.num_samples if anchors else None,
