@@ -154,7 +154,7 @@ def instrument() -> Phases:
 
     ``blob_write``: hashing + writing the body (`BlobWriter.write`: in 8 MiB blocks in a worker thread, overlapping
     the receiving, with `app.uploads` as it is now; every chunk on the event loop with the committed code);
-    ``validate``: `load_projection` as the shard route calls it; ``commit``: flush + fsync + rename
+    ``validate``: `map_projection` as the shard route calls it; ``commit``: flush + fsync + rename
     (`BlobWriter.commit`); ``add_shard``: the shard row (the ids as JSON). The rest of the wall time is receiving
     the body (HTTP parsing, on the event loop) and the route's other work."""
     import app.routes.jobs as jobs_routes
@@ -164,7 +164,7 @@ def instrument() -> Phases:
     phases = Phases()
     BlobWriter.write = phases.timed("blob_write", BlobWriter.write)
     BlobWriter.commit = phases.timed("commit", BlobWriter.commit)
-    jobs_routes.load_projection = phases.timed("validate", jobs_routes.load_projection)
+    jobs_routes.map_projection = phases.timed("validate", jobs_routes.map_projection)
     repository.add_shard = phases.timed("add_shard", repository.add_shard)
     return phases
 

@@ -30,7 +30,7 @@ from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive
 from scoring.config import AdamState, LoraSettings, ProjectionSpec
 from scoring.data import read_samples
 from scoring.errors import ConfigError, DataError
-from scoring.io import checkpoint_from_bytes, load_projection
+from scoring.io import checkpoint_from_bytes, map_projection
 from scoring.selection import threshold_from_dict
 from scoring.traces import ANCHOR_SILO, LR_REL_TOL
 from storage import repository as repo
@@ -319,8 +319,8 @@ async def upload_shard(
     part_ids = repo.part_sample_ids(session, **key)  # the ids this part holds at another checkpoint, if any
 
     def validate(path: Path) -> list[str]:
-        proj, _ = load_projection(path)
         where = f"shard ckpt {checkpoint} part {part}"
+        proj, _ = map_projection(path, where=where, check_finite=True)  # no copy: the file's pages are cached
         if proj.spec != spec:
             raise DataError(f"{where}: projection spec {proj.spec.to_json()} differs from the job's {spec.to_json()}")
         if proj.role != "candidate":
