@@ -1,0 +1,57 @@
+"""The Celery task wrappers (run eagerly, in-process): transient errors are retried, permanent ones fail the job."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from scoring.errors import DataError
+from workers import tasks
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    calls: dict[str, list] = {"score": [], "fail": [], "sent": []}
+    conf = tasks.celery_app.conf
+    monkeypatch.setitem(conf, "task_always_eager", True)
+    monkeypatch.setitem(conf, "result_backend", "cache+memory://")  # eager results stay in this process
+    monkeypatch.delattr(tasks.celery_app._local, "backend", raising=False)
+    monkeypatch.setattr(tasks, "resources", lambda: object())
+    monkeypatch.setattr(tasks, "_progress", lambda task, job_id: lambda fraction, message: None)
+    monkeypatch.setattr(tasks.pipeline, "fail_job", lambda res, job_id, error: calls["fail"].append(error))
+    monkeypatch.setattr(tasks.celery_app, "send_task", lambda name, args: calls["sent"].append((name, args)))
+    monkeypatch.setattr(tasks.score_job, "retry_backoff", False)  # no sleeping between eager retries
+    yield calls
+    tasks.celery_app._local.__dict__.pop("backend", None)  # the next user gets the configured backend again
+
+
+def test_transient_errors_are_retried_then_the_task_succeeds(eager, monkeypatch):
+    def flaky(res, job_id, progress):
+        eager["score"].append(job_id)
+        if len(eager["score"]) < 3:
+            raise OperationalError("SELECT 1", {}, Exception("database is locked"))
+        return type("Table", (), {"ids": ("x", "y")})()
+
+    monkeypatch.setattr(tasks.pipeline, "score_job", flaky)
+    result = tasks.score_job.apply(args=["j1"])
+    assert result.get() == "done"
+    assert eager["score"] == ["j1", "j1", "j1"] and eager["fail"] == []
+    assert eager["sent"] == [("clues.near_duplicates", ["j1"])]
+
+
+def test_permanent_errors_fail_the_job_without_retrying(eager, monkeypatch):
+    def broken(res, job_id, progress):
+        eager["score"].append(job_id)
+        raise DataError("silo 'a' part 0: rows [3] hold NaN or Inf")
+
+    monkeypatch.setattr(tasks.pipeline, "score_job", broken)
+    assert tasks.score_job.apply(args=["j2"]).get() == "failed"
+    assert eager["score"] == ["j2"] and eager["fail"] == ["silo 'a' part 0: rows [3] hold NaN or Inf"]
+    assert eager["sent"] == []
+
+
+def test_delivery_guarantees_are_configured():
+    conf = tasks.celery_app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    for task in (tasks.score_job, tasks.project_anchors, tasks.near_duplicates):
+        assert task.acks_late and task.reject_on_worker_lost and OperationalError in task.autoretry_for
