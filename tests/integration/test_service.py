@@ -1,5 +1,6 @@
 """The service for real: the API under uvicorn and Celery workers as separate processes, on real Redis (and once on
-real PostgreSQL), two silo agents with the tiny model over HTTP; the embedded default driven from the CLI; and a
+real PostgreSQL), two silo agents with the tiny model over HTTP; the whole round trip from the CLI, embedded and on
+Redis + PostgreSQL; and a
 worker killed with SIGKILL while it scores.
 
 Every test compares the masks the silos receive with what the scoring engine computes in-process on the same data.
@@ -108,12 +109,20 @@ def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, data
     assert service.api_log_has('"event": "request"')
 
 
-def test_embedded_default_from_the_cli(tiny_data, tmp_path):
-    """``clues coordinator up`` with no Redis and no PostgreSQL: SQLite metadata, SQLite broker; all via the CLI."""
+@pytest.mark.parametrize("servers", ["embedded", "redis+postgresql"])
+def test_round_trip_from_the_cli(tiny_data, tmp_path, request, servers):
+    """All via the CLI: ``clues coordinator up``, ``clues admin ...``, two ``clues agent run``. Embedded: no Redis and
+    no PostgreSQL (SQLite metadata, SQLite broker); then the same commands with CLUES_REDIS_URL and
+    CLUES_DATABASE_URL pointing at the real servers."""
     data_dir = tmp_path / "coord"
     port = Service.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUES_")}
     env |= {"CLUES_DATA_DIR": str(data_dir), "CLUES_ADMIN_TOKEN": "admin-secret", "HF_HUB_OFFLINE": "1"}
+    if servers != "embedded":
+        env |= {
+            "CLUES_REDIS_URL": request.getfixturevalue("redis_url"),
+            "CLUES_DATABASE_URL": request.getfixturevalue("postgres_url"),
+        }
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115
     up = subprocess.Popen(
@@ -153,7 +162,8 @@ def test_embedded_default_from_the_cli(tiny_data, tmp_path):
             assert proc.returncode == 0, err
         written = {silo: _read_scores(tmp_path / silo / f"{silo}.scores.jsonl") for silo in SILOS}
         _assert_matches_engine(tiny_data, written)
-        assert (data_dir / "broker.sqlite").is_file() and (data_dir / "clues.db").is_file()
+        embedded_files = (data_dir / "broker.sqlite").is_file() and (data_dir / "clues.db").is_file()
+        assert embedded_files == (servers == "embedded")
     finally:
         up.send_signal(signal.SIGINT)
         try:
