@@ -1,7 +1,6 @@
 """The service for real: the API under uvicorn and Celery workers as separate processes, on real Redis (and once on
 real PostgreSQL), two silo agents with the tiny model over HTTP; the whole round trip from the CLI, embedded and on
-Redis + PostgreSQL; and a
-worker killed with SIGKILL while it scores.
+Redis + PostgreSQL; and a worker killed with SIGKILL while it scores.
 
 Every test compares the masks the silos receive with what the scoring engine computes in-process on the same data.
 """
