@@ -28,18 +28,17 @@ from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, map_projection, projection_from_bytes
 from scoring.selection import apply_threshold, threshold_from_dict
-from scoring.traces import ANCHOR_SILO, best_group, build_anchor_directions, score_anchor_samples, trace_block
+from scoring.traces import best_group, build_anchor_directions, score_anchor_samples, trace_block
 from scoring.types import ProjectedGrads, ScoreTable
 from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory
-from storage.models import Shard
+from storage.models import ANCHOR_OWNER, Shard
 from storage.vector_index import VectorIndex, near_duplicates
 from workers.config import WorkerSettings
 
 log = logging.getLogger("clues.workers")
 
-ANCHOR_OWNER = ANCHOR_SILO
 RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projection")
 """The job spec fields a run directory's ``run.json`` is rebuilt from."""
 
@@ -159,8 +158,8 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
 
     _set(res, job_id, anchor_status="running")
     run_dir = materialise_run(res, job_id)
-    samples = read_samples(res.blobs.path(anchor_key))
     res.blobs.verify(anchor_key)
+    samples = read_samples(res.blobs.path(anchor_key))
     settings = res.settings
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as out:
         files = project_samples(

@@ -32,7 +32,7 @@ from scoring.data import read_samples
 from scoring.errors import ConfigError, DataError
 from scoring.io import checkpoint_from_bytes, map_projection
 from scoring.selection import threshold_from_dict
-from scoring.traces import ANCHOR_SILO, LR_REL_TOL
+from scoring.traces import LR_REL_TOL
 from storage import repository as repo
 from storage.models import Job
 from workers import names
@@ -42,7 +42,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
 Index = Annotated[int, PathParam(ge=0, le=100_000)]
 BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}
-ANCHOR_OWNER = ANCHOR_SILO
 
 
 def _public(job: Job, principal: Principal, session) -> JobPublic:

@@ -161,3 +161,11 @@ def test_scoring_needs_the_scoring_state_and_every_silo_complete(res, tiny_data,
         repo.update_job(session, job_id=job_id, status="open")
     with pytest.raises(pipeline.JobStateError, match="not 'scoring'"):
         pipeline.score_job(res, job_id)
+
+
+def test_the_anchor_owner_is_the_engine_s_anchor_silo():
+    """Anchor scores come out of the engine labelled ``ANCHOR_SILO`` and are stored under storage's owner name."""
+    from scoring.traces import ANCHOR_SILO
+    from storage.models import ANCHOR_OWNER
+
+    assert ANCHOR_OWNER == ANCHOR_SILO == pipeline.ANCHOR_OWNER
