@@ -62,6 +62,16 @@ def put(client, url, data: bytes, token: str, sha: str | None = None):
     return client.put(url, content=data, headers=headers)
 
 
+def store_checkpoints_and_anchors(state, job_id: str) -> None:
+    """Set a job's checkpoint blobs and anchor set straight in storage (bundles are tested elsewhere)."""
+    with state.sessions.begin() as session:
+        for i in range(len(LRS)):
+            ref = state.blobs.put_bytes(f"ckpt{i}".encode())
+            repo.set_checkpoint_blob(session, job_id=job_id, index=i, blob_key=ref.key, size_bytes=ref.size)
+        ref = state.blobs.put_bytes(b"anchors")
+        repo.set_anchor_set(session, job_id=job_id, blob_key=ref.key, size_bytes=ref.size, sample_ids=["x", "y"])
+
+
 class Env:
     def __init__(self, tmp_path: Path, enqueued: list):
         self.settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret", max_upload_bytes=64 * 1024)
@@ -78,13 +88,7 @@ class Env:
     def open_job(self) -> str:
         """A job in ``open`` with checkpoints and anchors set directly in storage (bundles are tested elsewhere)."""
         job = self.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
-        state = self.app.state.clues
-        with state.sessions.begin() as session:
-            for i in range(len(LRS)):
-                ref = state.blobs.put_bytes(f"ckpt{i}".encode())
-                repo.set_checkpoint_blob(session, job_id=job["id"], index=i, blob_key=ref.key, size_bytes=ref.size)
-            ref = state.blobs.put_bytes(b"anchors")
-            repo.set_anchor_set(session, job_id=job["id"], blob_key=ref.key, size_bytes=ref.size, sample_ids=["x", "y"])
+        store_checkpoints_and_anchors(self.app.state.clues, job["id"])
         r = self.client.post(f"/v1/jobs/{job['id']}/open", headers=ADMIN)
         assert r.status_code == 200, r.text
         return job["id"]
@@ -347,13 +351,7 @@ def test_an_unreachable_task_queue_is_503_and_the_state_is_put_back(tmp_path):
     e = Env(tmp_path, [])
     e.app.state.clues.enqueue = down
     job = e.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
-    state = e.app.state.clues
-    with state.sessions.begin() as session:
-        for i in range(len(LRS)):
-            ref = state.blobs.put_bytes(f"ckpt{i}".encode())
-            repo.set_checkpoint_blob(session, job_id=job["id"], index=i, blob_key=ref.key, size_bytes=ref.size)
-        ref = state.blobs.put_bytes(b"anchors")
-        repo.set_anchor_set(session, job_id=job["id"], blob_key=ref.key, size_bytes=ref.size, sample_ids=["x", "y"])
+    store_checkpoints_and_anchors(e.app.state.clues, job["id"])
     r = e.client.post(f"/v1/jobs/{job['id']}/open", headers=ADMIN)
     assert r.status_code == 503 and "broker down" in r.json()["detail"]
     assert e.client.get(f"/v1/jobs/{job['id']}", headers=ADMIN).json()["status"] == "draft"

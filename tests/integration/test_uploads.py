@@ -12,7 +12,7 @@ import pytest
 
 from agent.client import Client
 from storage import repository as repo
-from tests.app.test_api import job_body, shard
+from tests.app.test_api import job_body, shard, store_checkpoints_and_anchors
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +22,8 @@ def test_a_dropped_connection_mid_body_stores_nothing(coordinator):
         token = {name: admin.register_silo(name)["token"] for name in ("a", "b")}["a"]
         job_id = admin.create_job(job_body())["id"]
     state = coordinator.app.state.clues
-    with state.sessions.begin() as session:  # checkpoints and anchors set directly: bundles are tested elsewhere
-        for i in range(2):
-            ref = state.blobs.put_bytes(f"ckpt{i}".encode())
-            repo.set_checkpoint_blob(session, job_id=job_id, index=i, blob_key=ref.key, size_bytes=ref.size)
-        ref = state.blobs.put_bytes(b"anchors")
-        repo.set_anchor_set(session, job_id=job_id, blob_key=ref.key, size_bytes=ref.size, sample_ids=["x", "y"])
+    store_checkpoints_and_anchors(state, job_id)
+    with state.sessions.begin() as session:
         repo.update_job(session, job_id=job_id, status="open")
     data = shard([f"s{i}" for i in range(500)])
     url = urlparse(coordinator.url)
