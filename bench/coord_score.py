@@ -68,6 +68,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
+from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
 from scoring.config import ProjectionSpec, TraceConfig
 from scoring.io import load_projection, projection_to_bytes
@@ -84,8 +85,7 @@ PARAM_COUNT = 1_000_000
 MIB = 1 << 20
 
 
-def log(msg: str) -> None:
-    print(f"[coord_score {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("coord_score")
 
 
 @dataclass(frozen=True)
@@ -461,11 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 

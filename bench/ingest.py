@@ -58,6 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 import numpy as np
 import psutil
+from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 from fastapi import Request  # at module level: the route's annotation is resolved from the module's globals
 
 from scoring.config import ProjectionSpec
@@ -71,8 +72,7 @@ PARAM_COUNT = 1_000_000
 MIB = 1 << 20
 
 
-def log(msg: str) -> None:
-    print(f"[ingest {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("ingest")
 
 
 def make_spec(dim: int) -> ProjectionSpec:
@@ -532,11 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 

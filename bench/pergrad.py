@@ -57,6 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 from torch import Tensor, nn
 
 from scoring.config import LoraSettings
@@ -89,8 +90,7 @@ CONFIGS = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[pergrad {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("pergrad")
 
 
 def make_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -354,11 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "agreement": agreement,
         "wall_s": time.perf_counter() - started,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -52,6 +51,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
+from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
 from scoring.config import LoraSettings, TraceConfig, TrainingConfig
 from scoring.data import Sample, load_pubmedqa
@@ -67,8 +67,7 @@ NOISE_RATES = {"cut": 0.1, "delete": 0.1, "exchange": 0.1}
 KINDS = tuple(NOISE_RATES)
 
 
-def log(msg: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("quality")
 
 
 def progress(label: str):
@@ -280,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg_at_end": os.getloadavg(),
         },
     }
-    text = json.dumps(result, indent=2)
-    (args.out / "result.json").write_text(text + "\n")
-    print(text)
+    emit(result, args.out / "result.json")
     return 0
 
 
