@@ -1,7 +1,8 @@
 """Frozen, validated algorithm settings that round-trip through JSON.
 
 Contains `LoraSettings` (which modules get adapters, rank, alpha), `ProjectionSpec` (how gradients are compressed;
-carried with every projection), `TraceConfig` (how projections become scores) and the helper
+carried with every projection), `TraceConfig` (how projections become scores), `TrainingConfig` (a warmup run),
+`LocalTrainConfig` with `round_lr` (one silo's local training in a federated round) and the helper
 `parameter_layout_hash`. Standard library only: the coordinator API imports this module without torch.
 
 Choose `ProjectionSpec(kind="sjlt")` unless you have a reason not to: it is exact-sparse (s non-zeros per input
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
@@ -24,6 +26,22 @@ ProjectionKind = Literal["sjlt", "rademacher", "gaussian"]
 Similarity = Literal["cosine", "dot"]
 PROJECTION_KINDS: tuple[str, ...] = ("sjlt", "rademacher", "gaussian")
 SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
+MERGE_KINDS: tuple[str, ...] = (
+    "cat",
+    "svd",
+    "linear",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+"""peft ``add_weighted_adapter`` combination types (see `scoring.merging`)."""
+DENSITY_MERGE_KINDS = frozenset(k for k in MERGE_KINDS if k.split("_")[0] in ("ties", "dare", "magnitude"))
+"""The merge kinds that need a ``density``."""
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:
@@ -230,6 +248,87 @@ class TrainingConfig(_JsonMixin):
         if isinstance(data.get("adam"), dict):
             data["adam"] = AdamState.from_dict(data["adam"])
         return super().from_dict(data)
+
+
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig(_JsonMixin):
+    """One silo's local LoRA training in a federated round (FedAvg, or FedProx with ``prox_mu > 0``).
+
+    Attributes:
+        steps: optimizer steps per round.
+        batch_size: samples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate.
+        schedule: how the lr moves across rounds (constant within a round): ``constant``, ``linear`` or
+            ``cosine`` (see `round_lr`).
+        weight_decay: AdamW weight decay.
+        prox_mu: FedProx coefficient μ of ``μ/2 · ||w - w_global||²`` (0 is plain FedAvg local training).
+        max_grad_norm: clip the global gradient norm to this (0 disables clipping).
+        seed: shuffling seed (each round shuffles with ``(seed, round)``).
+        adam: the AdamW betas and eps.
+    """
+
+    steps: int = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    adam: AdamState = field(default_factory=AdamState)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            _require(ok, name, f"must be a positive integer, got {value!r}")
+        _require(_is_real(self.lr) and self.lr > 0, "lr", f"must be a positive number, got {self.lr!r}")
+        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("weight_decay", "prox_mu", "max_grad_norm"):
+            value = getattr(self, name)
+            _require(_is_real(value) and value >= 0, name, f"must be a number >= 0, got {value!r}")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["adam"] = self.adam.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        data = dict(data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and isinstance(data.get("adam"), dict):
+            data["adam"] = AdamState.from_dict(data["adam"])
+        return super().from_dict(data)
+
+
+def round_lr(cfg: LocalTrainConfig, round: int, rounds: int) -> float:
+    """The learning rate of round ``round`` (0-based) of ``rounds``: the schedule steps once per round.
+
+    ``constant``: ``lr``; ``linear``: ``lr · (1 - r/rounds)``; ``cosine``: ``lr · (1 + cos(π r/rounds)) / 2``. The
+    last round keeps a positive lr (the schedules reach 0 only at ``r = rounds``).
+
+    Raises:
+        ConfigError: ``rounds < 1`` or ``round`` outside ``[0, rounds)``.
+    """
+    _require(isinstance(rounds, int) and rounds >= 1, "rounds", f"must be a positive integer, got {rounds!r}")
+    _require(isinstance(round, int) and 0 <= round < rounds, "round", f"must be in [0, {rounds}), got {round!r}")
+    progress = round / rounds
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
 
 
 def check_same_spec(specs: Iterable[ProjectionSpec], what: str = "projections") -> ProjectionSpec:

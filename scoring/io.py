@@ -15,7 +15,13 @@
 - tensors ``adapter.<name>``: the peft adapter weights, names as peft saved them, in their saved dtype.
 - tensors ``exp_avg.<name>``, ``exp_avg_sq.<name>``: the Adam moments (absent for an untrained run).
 - metadata: ``format``, ``layout`` (JSON ``[[name, shape], ...]`` in `lora_layout` order, hashing to the projection
-  spec's ``param_hash``), ``adapter_config`` (peft's JSON), ``checkpoint`` (the ``checkpoint.json`` entry).
+  spec's ``param_hash``), ``adapter_config`` (peft's JSON), ``checkpoint`` (the ``checkpoint.json`` entry), and
+  optionally ``update`` (JSON: a silo's federated-round update: ``round``, ``num_samples``, ``score_mass``,
+  ``train_loss``).
+
+The same format carries the adapters of federated training: the global adapter of each round and each silo's
+update are bundles without moments (a silo's Adam moments never leave it); `bundle_to_bytes` writes one from arrays
+and `read_bundle` checks one against a layout hash instead of a projection spec.
 
 numpy has no bfloat16, so the bundle codec reads tensors as raw bytes (`safetensors.deserialize`) and writes the
 safetensors layout itself: a bfloat16 adapter (a warmup run in bfloat16) is held as float32 arrays of equal value and
@@ -53,6 +59,7 @@ _FLOAT_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype
 _DTYPE_CODES = {dtype: code for code, dtype in _FLOAT_DTYPES.items()}
 _GROUPS = ("adapter", "exp_avg", "exp_avg_sq")
 _ENTRY_FIELDS = ("index", "step", "lr", "lr_last", "adam")
+_UPDATE_FIELDS = ("round", "num_samples", "score_mass", "train_loss")
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 RawTensor = tuple[str, tuple[int, ...], bytes | memoryview]
@@ -331,6 +338,7 @@ class CheckpointBundle:
         entry: the checkpoint's ``checkpoint.json`` entry (index, step, lr, lr_last, adam).
         dtypes: bundle tensor name (``adapter.<name>``, ...) -> safetensors dtype code (``F32``, ``BF16``, ...);
             a tensor not listed is written in its array's dtype.
+        update: a silo's round update (``round``, ``num_samples``, ``score_mass``, ``train_loss``); None otherwise.
     """
 
     layout: Layout
@@ -340,6 +348,7 @@ class CheckpointBundle:
     adapter_config: dict[str, Any]
     entry: dict[str, Any]
     dtypes: dict[str, str] = field(default_factory=dict)
+    update: dict[str, Any] | None = None
 
     @property
     def index(self) -> int:
@@ -452,6 +461,23 @@ def _check_entry(entry: object, where: str) -> dict[str, Any]:
     return {key: entry[key] for key in _ENTRY_FIELDS}
 
 
+def _check_update(update: object, where: str) -> dict[str, Any]:
+    """A silo update's ``round`` and ``num_samples`` (integers ≥ 0), ``score_mass`` and ``train_loss`` (finite)."""
+    if not isinstance(update, dict):
+        raise DataError(f"{where}: the update must be a JSON object")
+    missing = [key for key in _UPDATE_FIELDS if key not in update]
+    if missing:
+        raise DataError(f"{where}: the update lacks {missing}")
+    for key in ("round", "num_samples"):
+        if not _is_count(update[key]):
+            raise DataError(f"{where}: update '{key}' must be an integer >= 0, got {update[key]!r}")
+    for key in ("score_mass", "train_loss"):
+        value = update[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise DataError(f"{where}: update '{key}' must be a finite number, got {value!r}")
+    return {key: update[key] for key in _UPDATE_FIELDS}
+
+
 def _json_meta(metadata: Mapping[str, str], key: str, kind: type, where: str) -> Any:
     try:
         value = json.loads(_meta(metadata, key, where))
@@ -499,13 +525,45 @@ def checkpoint_to_bytes(
     config = _json_meta({"adapter_config": _read_file(config_path).decode()}, "adapter_config", dict, str(config_path))
     if entry is None:
         entry = json.loads(_read_file(ckpt_dir / "checkpoint.json"))
+    return _bundle_bytes(tensors, order, config, _check_entry(entry, where), None)
+
+
+def _bundle_bytes(
+    tensors: Mapping[str, RawTensor],
+    layout: Layout,
+    config: dict[str, Any],
+    entry: dict[str, Any],
+    update: dict[str, Any] | None,
+) -> bytes:
     metadata = {
         "format": CHECKPOINT_FORMAT,
-        "layout": json.dumps([[name, list(shape)] for name, shape in order]),
+        "layout": json.dumps([[name, list(shape)] for name, shape in layout]),
         "adapter_config": _config_text(config),
-        "checkpoint": json.dumps(_check_entry(entry, where), sort_keys=True),
+        "checkpoint": json.dumps(entry, sort_keys=True),
     }
+    if update is not None:
+        metadata["update"] = json.dumps(update, sort_keys=True)
     return _write_raw(tensors, metadata)
+
+
+def bundle_to_bytes(bundle: CheckpointBundle) -> bytes:
+    """The canonical bytes of a bundle held as arrays (a round's global adapter, a silo's update): tensors keep
+    the dtypes in ``bundle.dtypes`` (else their arrays'), and equal bundles give equal bytes.
+
+    Raises:
+        DataError: tensors that do not match the layout, a malformed entry or update, a non-float dtype.
+    """
+    where = "bundle"
+    layout = _parse_layout(bundle.layout, where)
+    groups = [("adapter", bundle.adapter), ("exp_avg", bundle.exp_avg), ("exp_avg_sq", bundle.exp_avg_sq)]
+    tensors = {
+        f"{prefix}.{name}": _to_raw(np.asarray(array), bundle.dtypes.get(f"{prefix}.{name}"), name)
+        for prefix, arrays in groups
+        for name, array in arrays.items()
+    }
+    _check_tensors(layout, {key: shape for key, (_, shape, _) in tensors.items()}, where)
+    update = None if bundle.update is None else _check_update(bundle.update, where)
+    return _bundle_bytes(tensors, layout, bundle.adapter_config, _check_entry(bundle.entry, where), update)
 
 
 def _config_text(config: dict[str, Any]) -> str:
@@ -522,18 +580,34 @@ def checkpoint_from_bytes(data: bytes, spec: ProjectionSpec, where: str = "check
             adapter_config that is not a JSON object, a checkpoint entry without index/step/lr/lr_last/adam or with
             a negative or non-finite lr.
     """
+    return read_bundle(data, spec.param_hash, spec.param_count, where)
+
+
+def read_bundle(
+    data: bytes, param_hash: str | None, param_count: int | None, where: str = "bundle"
+) -> CheckpointBundle:
+    """`checkpoint_from_bytes` against a layout hash and parameter count (None: any layout), e.g. a federated
+    job's adapter layout; also checks the optional ``update`` field (round and num_samples integers ≥ 0,
+    finite score_mass and train_loss).
+
+    Raises:
+        DataError: as `checkpoint_from_bytes`, or a malformed ``update``.
+    """
     raw, metadata = _read_raw(data, where)
     if _meta(metadata, "format", where) != CHECKPOINT_FORMAT:
         raise DataError(f"{where}: format must be {CHECKPOINT_FORMAT!r}, got {metadata['format']!r}")
     layout = _parse_layout(_json_meta(metadata, "layout", list, where), where)
     got_hash, got_count = parameter_layout_hash(layout), sum(math.prod(shape) for _, shape in layout)
-    if got_hash != spec.param_hash:
+    if param_hash is not None and got_hash != param_hash:
         raise DataError(
-            f"{where}: metadata field 'layout' hashes to {got_hash}, not the spec's param_hash {spec.param_hash} "
+            f"{where}: metadata field 'layout' hashes to {got_hash}, not the expected param_hash {param_hash} "
             "(a different model, LoRA targets, rank or parameter order?)"
         )
-    if got_count != spec.param_count:
-        raise DataError(f"{where}: metadata field 'layout' counts {got_count} parameters, not {spec.param_count}")
+    if param_count is not None and got_count != param_count:
+        raise DataError(f"{where}: metadata field 'layout' counts {got_count} parameters, not {param_count}")
+    update = None
+    if "update" in metadata:
+        update = _check_update(_json_meta(metadata, "update", dict, where), where)
     _check_tensors(layout, {key: shape for key, (_, shape, _) in raw.items()}, where)
     arrays = {key: _to_array(tensor, key, where) for key, tensor in raw.items()}
     for key, array in arrays.items():
@@ -547,7 +621,7 @@ def checkpoint_from_bytes(data: bytes, spec: ProjectionSpec, where: str = "check
 
     dtypes = {key: dtype for key, (dtype, _, _) in raw.items()}
     return CheckpointBundle(
-        layout, group("adapter"), group("exp_avg"), group("exp_avg_sq"), adapter_config, entry, dtypes
+        layout, group("adapter"), group("exp_avg"), group("exp_avg_sq"), adapter_config, entry, dtypes, update
     )
 
 

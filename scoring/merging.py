@@ -24,23 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scoring.config import DENSITY_MERGE_KINDS, MERGE_KINDS
 from scoring.errors import ConfigError
 
-MERGE_KINDS = (
-    "cat",
-    "svd",
-    "linear",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
 MIXED_RANK_KINDS = frozenset({"cat"} | {k for k in MERGE_KINDS if k.endswith("svd")})
-DENSITY_KINDS = frozenset(k for k in MERGE_KINDS if k.split("_")[0] in ("ties", "dare", "magnitude"))
+DENSITY_KINDS = DENSITY_MERGE_KINDS
 
 
 def count_weights(counts: Sequence[int]) -> list[float]:

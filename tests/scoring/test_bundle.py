@@ -205,7 +205,7 @@ CASES = {
     "layout not json": (lambda d: _tamper(d, layout="[["), "'layout' is not JSON"),
     "layout order": (
         lambda d: _tamper(d, layout=json.dumps(json.loads(_parts(d)[1]["layout"])[::-1])),
-        "'layout' hashes to .* not the spec's param_hash",
+        "'layout' hashes to .* not the expected param_hash",
     ),
     "layout shape": (
         lambda d: _tamper(
@@ -263,7 +263,10 @@ def test_a_re_encoded_bundle_with_a_zero_lr_passes(good):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"param_hash": "0123456789abcdef"}, "not the spec's param_hash 0123456789abcdef"), ({"param_count": 7}, "not 7")],
+    [
+        ({"param_hash": "0123456789abcdef"}, "not the expected param_hash 0123456789abcdef"),
+        ({"param_count": 7}, "not 7"),
+    ],
 )
 def test_bundle_for_another_spec_is_refused(good, change, message):
     data, spec = good
