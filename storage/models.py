@@ -1,5 +1,6 @@
 """The tables: `Silo`, `Job` with its `JobCheckpoint`s and `JobMember`s, `AnchorSet`, `Shard`, `Score`,
-`DuplicatePair`. Portable between SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
+`DuplicatePair`; for training, `TrainJob` with its `TrainMember`s, `TrainRound`s and `TrainUpdate`s. Portable between
+SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
 
 Deleting a `Job` deletes every row that names it (``ON DELETE CASCADE``; SQLite needs ``foreign_keys=ON``, which
 `storage.db.make_engine` sets).
@@ -32,6 +33,9 @@ JOB_STATUSES = ("draft", "open", "scoring", "done", "failed")
 ANCHOR_STATUSES = ("pending", "running", "done", "failed")
 MEMBER_STATUSES = ("pending", "complete")
 SHARD_ROLES = ("candidate", "anchor")
+TRAIN_MODES = ("warmup", "federated", "merge")
+TRAIN_STATUSES = ("draft", "starting", "running", "evaluating", "done", "failed")
+ROUND_STATUSES = ("open", "aggregating", "closed")
 
 
 def utcnow() -> datetime:
@@ -148,6 +152,7 @@ class Job(Base):
             "similarity": self.similarity,
             "threshold": self.threshold,
             "auto_score": options.get("auto_score", True),
+            "warmup": options.get("warmup"),
         }
 
 
@@ -258,3 +263,103 @@ class DuplicatePair(Base):
     owner_b: Mapped[str] = mapped_column(String(64))
     sample_b: Mapped[str] = mapped_column(String(500))
     similarity: Mapped[float] = mapped_column(Float)
+
+
+def _train_fk() -> Any:
+    return ForeignKey("train_jobs.id", ondelete="CASCADE")
+
+
+class TrainJob(Base):
+    """A training job: federated warmup (its rounds become scoring checkpoints), federated training or one-shot
+    adapter merging on the silos' selected samples.
+
+    ``mode`` is one of `TRAIN_MODES`, ``status`` one of `TRAIN_STATUSES`. ``settings`` holds the validated job spec
+    (LoRA, local training, aggregation, merge, selection, evaluation, checkpoint rounds...). ``round`` is the round
+    in progress (or the last one once finished); ``layout``/``adapter_config`` describe the adapter and are set when
+    the initial adapter is built. Blob columns hold content-addressed keys.
+    """
+
+    __tablename__ = "train_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    mode: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(500))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    rounds: Mapped[int]
+    quorum: Mapped[int]
+    round_timeout_s: Mapped[float] = mapped_column(Float)
+    scoring_job_id: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    layout: Mapped[list[Any] | None] = mapped_column(JSON)
+    adapter_config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    server_state_blob: Mapped[str | None] = mapped_column(String(64))
+    final_blob: Mapped[str | None] = mapped_column(String(64))
+    eval_blob: Mapped[str | None] = mapped_column(String(64))
+    eval_num_samples: Mapped[int | None]
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    members: Mapped[list[TrainMember]] = relationship(
+        order_by="TrainMember.silo_id", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
+
+
+class TrainMember(Base):
+    """A silo taking part in a training job; ``num_samples`` is what it last reported training on."""
+
+    __tablename__ = "train_members"
+
+    job_id: Mapped[str] = mapped_column(_train_fk(), primary_key=True)
+    silo_id: Mapped[int] = mapped_column(ForeignKey("silos.id", ondelete="CASCADE"), primary_key=True)
+    num_samples: Mapped[int | None]
+
+    silo: Mapped[Silo] = relationship(lazy="joined")
+
+
+class TrainRound(Base):
+    """Round ``round`` of a training job: the global adapter it starts from (``start_blob``), the learning rate the
+    silos use, its deadline, and once aggregated the resulting adapter, who took part and the evaluation.
+
+    ``status``: ``open`` (takes updates until every member sent one or the deadline passes), ``aggregating`` (a
+    worker claimed it: no more updates), ``closed`` (``result_blob`` set).
+    """
+
+    __tablename__ = "train_rounds"
+
+    job_id: Mapped[str] = mapped_column(_train_fk(), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lr: Mapped[float] = mapped_column(Float)
+    start_blob: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    result_blob: Mapped[str | None] = mapped_column(String(64))
+    participants: Mapped[list[str] | None] = mapped_column(JSON)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class TrainUpdate(Base):
+    """One silo's adapter after its local training in one round (a ``clues.checkpoint/1`` bundle without moments)."""
+
+    __tablename__ = "train_updates"
+
+    job_id: Mapped[str] = mapped_column(_train_fk(), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    silo_id: Mapped[int] = mapped_column(ForeignKey("silos.id", ondelete="CASCADE"), primary_key=True)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    num_samples: Mapped[int]
+    score_mass: Mapped[float] = mapped_column(Float)
+    train_loss: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    silo: Mapped[Silo] = relationship(lazy="joined")

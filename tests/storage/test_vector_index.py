@@ -84,10 +84,12 @@ def test_near_duplicates_across_owners():
         "gamma": ([f"c{i}" for i in range(100)], c),
     }
     pairs = near_duplicates(groups, threshold=0.98, k=4)
-    assert [(p["owner_a"], p["sample_a"], p["owner_b"], p["sample_b"]) for p in pairs] == [
-        ("alpha", "a20", "gamma", "c7"),  # identical rows first
+    # both planted pairs have cosine 1 - O(1e-7) (alpha is float16), so their order is not asserted, only sorting
+    assert {(p["owner_a"], p["sample_a"], p["owner_b"], p["sample_b"]) for p in pairs} == {
+        ("alpha", "a20", "gamma", "c7"),
         ("alpha", "a10", "beta", "b5"),
-    ]
+    }
+    assert len(pairs) == 2
     assert all(0.98 <= p["similarity"] <= 1.0 for p in pairs)
     assert pairs == sorted(pairs, key=lambda p: -p["similarity"])
 
