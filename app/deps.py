@@ -17,8 +17,9 @@ from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.models import Silo
 
-Enqueue = Callable[[str, str], None]
-"""``enqueue(task_name, job_id)``: hand a task to the workers."""
+Enqueue = Callable[..., None]
+"""``enqueue(task_name, job_id, *args, countdown=None)``: hand a task to the workers (``countdown``: not before
+that many seconds)."""
 
 
 @dataclass

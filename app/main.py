@@ -5,17 +5,21 @@ Run it with ``clues coordinator serve`` (API only) or ``clues coordinator up`` (
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from app import errors, metrics
 from app.config import AppSettings, get_settings
 from app.deps import AppState, Enqueue
-from app.routes import health, jobs, silos
+from app.routes import health, jobs, silos, train
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory, upgrade
 from workers.celery_app import create_celery
+
+log = logging.getLogger("clues.app")
 
 API_VERSION = "0.1.0"
 DESCRIPTION = """Federated data-quality scoring (CLUES): silos post projected per-sample gradients, never text; the
@@ -39,8 +43,8 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
     engine = make_engine(settings.storage.database_url)
     celery = create_celery(settings)
 
-    def send(task: str, job_id: str) -> None:
-        celery.send_task(task, args=[job_id])
+    def send(task: str, *args: Any, countdown: float | None = None) -> None:
+        celery.send_task(task, args=list(args), countdown=countdown)
 
     def ping_broker() -> None:
         with celery.connection_for_write() as conn:
@@ -59,6 +63,10 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
         if migrate:
             upgrade(engine)
         state.blobs.sweep_tmp()
+        try:
+            train.resume_training(state)
+        except Exception:  # a broker down at start-up: rounds still resume on the next job read past a deadline
+            log.exception("could not re-queue the training jobs' pending steps")
         yield
         engine.dispose()
 
@@ -69,4 +77,5 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
     app.include_router(health.router)
     app.include_router(silos.router)
     app.include_router(jobs.router)
+    app.include_router(train.router)
     return app

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from scoring.config import MERGE_KINDS
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -156,3 +158,159 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: str
     broker: str
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+TrainMode = Literal["warmup", "federated", "merge"]
+TrainStatus = Literal["draft", "starting", "running", "evaluating", "done", "failed"]
+
+
+class LocalTrainSpec(_Strict):
+    """One silo's local training in a round (checked again by `scoring.config.LocalTrainConfig`)."""
+
+    steps: int = Field(10, ge=1, le=1_000_000, description="optimizer steps per round")
+    batch_size: int = Field(4, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=4096)
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning rate across rounds")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    prox_mu: float = Field(0.0, ge=0, allow_inf_nan=False, description="FedProx proximal coefficient (silo side)")
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 disables clipping")
+    seed: int = Field(0, ge=0)
+    adam: dict[str, Any] = Field(default_factory=dict, description="beta1, beta2, eps")
+
+
+class AggregationSpec(_Strict):
+    """The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi; fedprox
+    is fedavg on the server with the silos' proximal term (``local.prox_mu`` > 0)."""
+
+    rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox"] = "fedavg"
+    eta: float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate (fedadam/fedyogi)")
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0, allow_inf_nan=False, description="adaptivity (fedadam/fedyogi)")
+
+
+class MergeSpec(_Strict):
+    """How the silos' adapters are merged (mode ``merge``), with peft's ``add_weighted_adapter``."""
+
+    kind: Literal[MERGE_KINDS] = Field("cat", description="peft combination type")  # type: ignore[valid-type]
+    density: float | None = Field(None, gt=0, le=1, description="required by the ties/dare/magnitude kinds")
+    svd_rank: int | None = Field(None, ge=1, le=4096)
+    weights: Literal["samples", "uniform", "score_mass"] = Field("samples", description="merge weights ∝ this")
+
+
+class SelectionSpec(_Strict):
+    """Which local samples each silo trains on.
+
+    ``fraction``: a seeded random ``fraction`` of its data (warmup); ``selected``: the samples the scoring job
+    selected; ``random``: as many random samples as ``selected`` would give (the control); ``all``: everything."""
+
+    source: Literal["fraction", "selected", "random", "all"]
+    scoring_job: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    fraction: float = Field(0.05, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+
+
+class EvalSpec(_Strict):
+    """Coordinator-side evaluation of the global adapter on the uploaded held-out set."""
+
+    tasks: list[Literal["loss", "pubmedqa", "gsm8k"]] | None = Field(
+        None, description="default: loss, plus pubmedqa/gsm8k when every sample carries their label"
+    )
+    every: int = Field(1, ge=1, description="evaluate after every N-th round (and always after the last)")
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    pubmedqa_method: Literal["loglik", "generate"] = "loglik"
+
+
+class TrainCreate(_Strict):
+    """A training job. ``model``, ``lora``, ``lora_init_seed``, ``max_len`` and ``template`` default to the scoring
+    job's when ``selection.scoring_job`` is given."""
+
+    name: str = Field(min_length=1, max_length=200)
+    mode: TrainMode
+    silos: list[str] = Field(min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=500)
+    lora: LoraSpec | None = None
+    lora_init_seed: int | None = Field(None, ge=0)
+    random_b: bool | None = Field(None, description="random lora_B at init (default: true for warmup, else false)")
+    max_len: int | None = Field(None, ge=8, le=32768)
+    template: str | None = Field(None, min_length=1, max_length=32)
+    rounds: int = Field(1, ge=1, le=10_000, description="federated rounds (merge: 1)")
+    quorum: int | None = Field(None, ge=1, description="fewest updates a round needs at its deadline (default: all)")
+    round_timeout_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    local: LocalTrainSpec = Field(default_factory=LocalTrainSpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    selection: SelectionSpec | None = Field(None, description="default: fraction 0.05 for warmup, else required")
+    checkpoint_rounds: list[int] | None = Field(
+        None, description="warmup: rounds whose global adapter becomes a scoring checkpoint (default: up to 4)"
+    )
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("silos")
+    @classmethod
+    def _unique(cls, silos: list[str]) -> list[str]:
+        if len(set(silos)) != len(silos):
+            raise ValueError("silo names must be unique")
+        return silos
+
+
+class TrainMemberPublic(BaseModel):
+    name: str
+    num_samples: int | None = Field(description="samples it last reported training on")
+
+
+class RoundPublic(BaseModel):
+    round: int
+    lr: float
+    status: Literal["open", "aggregating", "closed"]
+    deadline: datetime
+    started_at: datetime
+    closed_at: datetime | None
+    received: list[str] = Field(description="silos whose update is in (a silo sees only itself)")
+    participants: list[str] | None = Field(description="silos aggregated, once closed")
+    train_loss: float | None = Field(description="sample-weighted mean of the silos' local training loss")
+    metrics: dict[str, Any] | None = Field(description="evaluation of the round's resulting adapter")
+    start_sha256: str
+    result_sha256: str | None
+
+
+class TrainPublic(BaseModel):
+    id: str
+    name: str
+    mode: TrainMode
+    status: TrainStatus
+    round: int = Field(description="the round in progress, or the last one")
+    rounds: int
+    progress: float
+    message: str
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    spec: dict[str, Any] = Field(description="model, LoRA, local training, aggregation, merge, selection, ...")
+    silos: list[TrainMemberPublic]
+    history: list[RoundPublic]
+    metrics: dict[str, Any] | None = Field(description="evaluation of the final adapter")
+    eval_samples: int | None
+    final_sha256: str | None
+
+
+class ScoringFromWarmup(_Strict):
+    """A scoring job whose checkpoints are the warmup job's checkpoint rounds (global adapter + learning rate)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    silos: list[str] | None = Field(None, description="default: the warmup job's silos")
+    projection: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
+        description="kind, dim, seed, nnz (param_hash/param_count come from the warmup adapter)",
+    )
+    precondition: bool = Field(
+        False, description="silos precondition with the Adam moments of their own warmup training (kept locally)"
+    )
+    similarity: Literal["cosine", "dot"] = "cosine"
+    threshold: dict[str, Any] = Field(default_factory=lambda: {"kind": "mean-anchor"})
+    auto_score: bool = True

@@ -61,16 +61,23 @@ class Coordinator:
     tasks: list[threading.Thread] = field(default_factory=list)
 
     def join_tasks(self, timeout: float = 120.0) -> None:
-        """Wait for the background tasks started so far."""
+        """Wait for the background tasks started so far (deadline timers still waiting are cancelled)."""
         for thread in list(self.tasks):
+            if not getattr(thread, "fired", True):  # a deadline timer still waiting
+                continue
             thread.join(timeout)
+
+    def cancel_timers(self) -> None:
+        for thread in self.tasks:
+            if isinstance(thread, threading.Timer):
+                thread.cancel()
 
 
 def inline_enqueue(settings, coordinator: Coordinator):
     """``enqueue(task, job_id)`` running `workers.pipeline` in this process, as `workers.tasks` would: the anchor
     projection at once, scoring (then the near-duplicate report) in a thread so that the request that queued it
     (a silo's ``complete``, the admin's ``score``) answers first. A failure fails the job, as a worker would."""
-    from workers import names, pipeline
+    from workers import names, pipeline, training
 
     resources: list = []
 
@@ -94,8 +101,55 @@ def inline_enqueue(settings, coordinator: Coordinator):
             coordinator.errors.append(exc)
             pipeline.fail_job(res(), job_id, str(exc))
 
-    def enqueue(task: str, job_id: str) -> None:
-        if task == names.PROJECT_ANCHORS:
+    def background(name: str, target, *args, delay: float | None = None) -> None:
+        def guarded() -> None:
+            thread.fired = True
+            try:
+                target(*args)
+            except Exception as exc:
+                coordinator.errors.append(exc)
+
+        thread = threading.Timer(delay or 0.0, guarded)
+        thread.name, thread.daemon, thread.fired = f"{name}-{args[0][:8]}", True, False
+        coordinator.tasks.append(thread)
+        thread.start()
+
+    def schedule(job_id: str, opened) -> None:
+        if opened is not None:
+            background("deadline", aggregate, job_id, opened.round, delay=opened.delay_s + 0.2)
+
+    def init(job_id: str) -> None:
+        try:
+            schedule(job_id, training.init_train(res(), job_id))
+        except Exception as exc:
+            training.fail_train(res(), job_id, str(exc))
+            raise
+
+    def aggregate(job_id: str, round: int) -> None:
+        try:
+            outcome = training.aggregate_round(res(), job_id, round)
+        except Exception as exc:
+            training.fail_train(res(), job_id, f"round {round}: {exc}")
+            raise
+        schedule(job_id, outcome.opened)
+        if outcome.evaluate is not None:
+            background("evaluate", evaluate, job_id, outcome.evaluate)
+
+    def evaluate(job_id: str, round: int) -> None:
+        try:
+            training.evaluate_round(res(), job_id, round)
+        except Exception as exc:
+            training.fail_train(res(), job_id, f"evaluation of round {round}: {exc}")
+            raise
+
+    def enqueue(task: str, job_id: str, *args, countdown: float | None = None) -> None:
+        if task == names.TRAIN_INIT:
+            background("init", init, job_id, delay=countdown)
+        elif task == names.TRAIN_AGGREGATE:
+            background("aggregate", aggregate, job_id, *args, delay=countdown)
+        elif task == names.TRAIN_EVALUATE:
+            background("evaluate", evaluate, job_id, *args, delay=countdown)
+        elif task == names.PROJECT_ANCHORS:
             project(job_id)
         elif task == names.SCORE_JOB:
             thread = threading.Thread(target=score, args=(job_id,), name=f"score-{job_id[:8]}", daemon=True)
@@ -135,6 +189,7 @@ def serve_coordinator(data_dir: Path, admin_token: str = "admin-secret") -> Iter
     try:
         yield coordinator
     finally:
+        coordinator.cancel_timers()
         coordinator.join_tasks()
         server.should_exit = True
         thread.join(30)

@@ -3,3 +3,6 @@
 PROJECT_ANCHORS = "clues.project_anchors"
 SCORE_JOB = "clues.score_job"
 NEAR_DUPLICATES = "clues.near_duplicates"
+TRAIN_INIT = "clues.train_init"
+TRAIN_AGGREGATE = "clues.train_aggregate"
+TRAIN_EVALUATE = "clues.train_evaluate"

@@ -158,6 +158,11 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
 
     _set(res, job_id, anchor_status="running")
     run_dir = materialise_run(res, job_id)
+    if precondition and not _run_has_moments(run_dir):
+        # A job made from a federated warmup: every silo preconditions with the moments of its own local training,
+        # which never leave it, so the coordinator has none. Its anchor samples are scored with plain gradients
+        # (the anchor directions are plain gradients in every case).
+        precondition = False
     res.blobs.verify(anchor_key)
     samples = read_samples(res.blobs.path(anchor_key))
     settings = res.settings
@@ -188,6 +193,13 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
                     size_bytes=ref.size,
                 )
             repo.update_job(session, job_id=job_id, anchor_status="done")
+
+
+def _run_has_moments(run_dir: Path) -> bool:
+    from scoring.training import read_run
+
+    manifest, _ = read_run(run_dir)
+    return all(entry.get("has_moments", True) for entry in manifest["checkpoints"])
 
 
 def shards_by_part(shards: list[Shard]) -> dict[int, list[Shard]]:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from scoring.errors import ScoringError
 from storage.errors import StorageError, TransientStorageError
-from workers import names, pipeline
+from workers import names, pipeline, training
 from workers.celery_app import celery_app
 
 log = logging.getLogger("clues.workers")
@@ -95,3 +95,57 @@ def near_duplicates(self: Task, job_id: str) -> int:
     except PERMANENT:
         log.exception("near-duplicate report of job %s failed", job_id)
         return -1
+
+
+def _schedule_deadline(job_id: str, opened: training.RoundOpened | None) -> None:
+    """The round's deadline check: aggregates with what arrived (quorum permitting) if not all silos sent."""
+    if opened is not None:
+        celery_app.send_task(names.TRAIN_AGGREGATE, args=[job_id, opened.round], countdown=opened.delay_s + 1.0)
+
+
+@celery_app.task(name=names.TRAIN_INIT, **RETRY)
+def train_init(self: Task, job_id: str) -> str:
+    """The initial adapter and round 0 of a training job; schedules round 0's deadline check."""
+    res = resources()
+    try:
+        _schedule_deadline(job_id, training.init_train(res, job_id))
+    except TRANSIENT:
+        raise
+    except PERMANENT as exc:
+        log.exception("training job %s could not start", job_id)
+        training.fail_train(res, job_id, str(exc))
+        return "failed"
+    return "started"
+
+
+@celery_app.task(name=names.TRAIN_AGGREGATE, **RETRY)
+def train_aggregate(self: Task, job_id: str, round: int) -> str:
+    """Aggregate (or merge) a round when it is due; schedules the next deadline check and the evaluation."""
+    res = resources()
+    try:
+        outcome = training.aggregate_round(res, job_id, round)
+    except TRANSIENT:
+        raise
+    except PERMANENT as exc:
+        log.exception("round %d of training job %s failed", round, job_id)
+        training.fail_train(res, job_id, f"round {round}: {exc}")
+        return "failed"
+    _schedule_deadline(job_id, outcome.opened)
+    if outcome.evaluate is not None:
+        celery_app.send_task(names.TRAIN_EVALUATE, args=[job_id, outcome.evaluate])
+    return outcome.status
+
+
+@celery_app.task(name=names.TRAIN_EVALUATE, **RETRY)
+def train_evaluate(self: Task, job_id: str, round: int) -> str:
+    """Held-out metrics of a round's adapter (the job's, for the last round)."""
+    res = resources()
+    try:
+        training.evaluate_round(res, job_id, round)
+    except TRANSIENT:
+        raise
+    except PERMANENT as exc:
+        log.exception("evaluation of round %d of training job %s failed", round, job_id)
+        training.fail_train(res, job_id, f"evaluation of round {round}: {exc}")
+        return "failed"
+    return "done"

@@ -1,0 +1,346 @@
+"""The coordinator's side of training jobs as plain functions (no Celery; `workers.tasks` wraps them).
+
+- `init_train`: the initial adapter (seeded LoRA init, the same every silo would make), the job's layout, round 0.
+- `aggregate_round`: once every member sent its update, or at the deadline with at least ``quorum``: FedAvg /
+  quality-FedAvg / FedAdam / FedYogi over the updates (server optimizer state persisted as a blob), or for a merge
+  job peft's ``add_weighted_adapter``; then the next round opens or the job finishes.
+- `evaluate_round`: the held-out metrics of a round's resulting adapter (and of the job, for the last round).
+
+Every function is idempotent: a redelivered task finds its work done (a round already closed, a round already open)
+or redoes it deterministically (blobs are content-addressed). Each returns what the task wrapper must schedule next
+(a deadline check, an evaluation), so that scheduling stays in `workers.tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
+from scoring.aggregation import SiloUpdate, build_aggregator, state_from_arrays, state_to_arrays
+from scoring.config import LocalTrainConfig, LoraSettings, round_lr
+from scoring.errors import ConfigError
+from scoring.io import CheckpointBundle, bundle_to_bytes, checkpoint_to_bytes, read_bundle, write_checkpoint_dir
+from storage import repository as repo
+from storage.models import TrainJob, utcnow
+from workers.pipeline import JobStateError, Resources
+
+log = logging.getLogger("clues.workers")
+
+
+@dataclass(frozen=True)
+class RoundOpened:
+    """A round that is open: the wrapper schedules its deadline check ``delay_s`` from now."""
+
+    round: int
+    deadline: datetime
+
+    @property
+    def delay_s(self) -> float:
+        return max(0.0, (self.deadline - utcnow()).total_seconds())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `aggregate_round` did: ``waiting`` (not all updates in, deadline not passed), ``closed`` (aggregated),
+    ``already`` (closed before), ``failed`` (too few updates at the deadline). ``opened``: the next round;
+    ``evaluate``: a round whose result is to be evaluated."""
+
+    status: str
+    opened: RoundOpened | None = None
+    evaluate: int | None = None
+
+
+def _set(res: Resources, job_id: str, **fields: Any) -> None:
+    with res.sessions.begin() as session:
+        repo.update_train_job(session, job_id=job_id, **fields)
+
+
+def fail_train(res: Resources, job_id: str, message: str) -> None:
+    """Record a permanent failure on the job."""
+    _set(res, job_id, status="failed", error=message, message="failed", finished_at=utcnow())
+
+
+def _model_options(res: Resources) -> dict[str, Any]:
+    s = res.settings
+    return {"dtype": s.dtype, "device": s.device, "cache_dir": s.model_cache_dir}
+
+
+def _entry(job: TrainJob, round: int, lr: float, steps_done: int) -> dict[str, Any]:
+    adam = LocalTrainConfig.from_dict(job.settings["local"]).adam.to_dict()
+    return {"index": round, "step": steps_done, "lr": lr, "lr_last": lr, "adam": adam}
+
+
+def _lr(job: TrainJob, round: int) -> float:
+    return round_lr(LocalTrainConfig.from_dict(job.settings["local"]), round, job.rounds)
+
+
+def _deadline(job: TrainJob) -> datetime:
+    return utcnow() + timedelta(seconds=job.round_timeout_s)
+
+
+def init_train(res: Resources, job_id: str) -> RoundOpened | None:
+    """Build the initial adapter and open round 0 (``starting`` → ``running``); returns round 0 (also when a
+    redelivered task finds it open already), None when the job is in no state to start."""
+    with res.sessions() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        if job.status != "starting":
+            if job.status == "running" and job.round == 0:
+                row = repo.get_round(session, job_id=job_id, round=0)
+                return RoundOpened(0, row.deadline) if row.status == "open" else None
+            return None
+        model_ref, settings = job.model, dict(job.settings)
+    _set(res, job_id, message="building the initial adapter", progress=0.0)
+    from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
+
+    base = load_base_model(model_ref, **_model_options(res))
+    lora = LoraSettings.from_dict(settings["lora"])
+    model = attach_lora(base.model, lora, init_seed=settings["lora_init_seed"], random_b=settings["random_b"])
+    layout = [[name, list(shape)] for name, shape in lora_layout(model)]
+    with res.sessions() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        entry = _entry(job, 0, _lr(job, 0), 0)
+    with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
+        save_adapter(model, Path(tmp) / "adapter")
+        data = checkpoint_to_bytes(Path(tmp), layout, entry)
+        adapter_config = json.loads((Path(tmp) / "adapter" / "adapter_config.json").read_text())
+    ref = res.blobs.put_bytes(data)
+    with res.sessions.begin() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        deadline = _deadline(job)
+        row, _ = repo.open_round(session, job_id=job_id, round=0, lr=entry["lr"], start_blob=ref.key, deadline=deadline)
+        repo.update_train_job(
+            session,
+            job_id=job_id,
+            status="running",
+            round=0,
+            layout=layout,
+            adapter_config=adapter_config,
+            message=f"round 1 of {job.rounds} open",
+        )
+        return RoundOpened(0, row.deadline)
+
+
+def _work(res: Resources) -> Path:
+    path = res.settings.work_dir / "train"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
+    """Aggregate (or merge) round ``round`` if it is due; open the next round or finish the job.
+
+    Due means: every member has sent its update, or the deadline has passed. At the deadline with fewer than
+    ``quorum`` updates the job fails (its message names who is missing)."""
+    with res.sessions.begin() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        row = repo.get_round(session, job_id=job_id, round=round)
+        if row.status == "closed" or job.status != "running":
+            return Outcome("already")
+        members = [m.silo.name for m in job.members]
+        if row.status == "open":
+            received = len(repo.list_updates(session, job_id=job_id, round=round))
+            if received < len(members) and utcnow() < row.deadline:
+                return Outcome("waiting")
+            repo.claim_round(session, job_id=job_id, round=round)
+        # Listed after the claim: an update committed before it is aggregated, none is recorded after it.
+        updates = repo.list_updates(session, job_id=job_id, round=round)
+        sent = [u.silo.name for u in updates]
+        if len(sent) < job.quorum:
+            missing = [m for m in members if m not in sent]
+            message = (
+                f"round {round}: {len(sent)} of {len(members)} silos sent updates by the deadline, below the quorum "
+                f"of {job.quorum} (missing: {missing})"
+            )
+            repo.update_train_job(
+                session, job_id=job_id, status="failed", error=message, message="failed", finished_at=utcnow()
+            )
+            return Outcome("failed")
+        silo_updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in updates]
+        start_blob, lr, mode = row.start_blob, row.lr, job.mode
+        settings, state_blob = dict(job.settings), job.server_state_blob
+        repo.update_train_job(session, job_id=job_id, message=f"aggregating round {round + 1} ({len(sent)} silos)")
+    start = read_bundle(res.blobs.read_bytes(start_blob), None, None, f"round {round} start")
+    bundles = [
+        read_bundle(res.blobs.read_bytes(key), None, None, f"update of {name}") for name, key, *_ in silo_updates
+    ]
+    with res.sessions() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        steps_done = (round + 1) * LocalTrainConfig.from_dict(settings["local"]).steps
+        entry = _entry(job, round, lr, steps_done)
+        model_ref = job.model
+    new_state = None
+    if mode == "merge":
+        result = _merge(res, model_ref, settings["merge"], start, bundles, silo_updates, entry)
+    else:
+        result, new_state = _aggregate(res, settings["aggregation"], start, bundles, silo_updates, state_blob, entry)
+    ref = res.blobs.put_bytes(result)
+    state_key = res.blobs.put_bytes(new_state).key if new_state is not None else state_blob
+    weights = [n for _, _, n, _, _ in silo_updates]
+    loss = float(np.average([u[4] for u in silo_updates], weights=weights))
+    with res.sessions.begin() as session:
+        if not repo.close_round(
+            session,
+            job_id=job_id,
+            round=round,
+            result_blob=ref.key,
+            participants=[name for name, *_ in silo_updates],
+            train_loss=loss,
+        ):
+            return Outcome("already")  # another delivery of this task closed it first
+        job = repo.get_train_job(session, job_id=job_id)
+        evaluate = round if _evaluation_due(job, round) else None
+        if round + 1 < job.rounds:
+            deadline = _deadline(job)
+            repo.open_round(
+                session, job_id=job_id, round=round + 1, lr=_lr(job, round + 1), start_blob=ref.key, deadline=deadline
+            )
+            repo.update_train_job(
+                session,
+                job_id=job_id,
+                round=round + 1,
+                server_state_blob=state_key,
+                progress=(round + 1) / job.rounds,
+                message=f"round {round + 2} of {job.rounds} open",
+            )
+            return Outcome("closed", RoundOpened(round + 1, deadline), evaluate)
+        final = {"final_blob": ref.key, "server_state_blob": state_key, "progress": 1.0}
+        if evaluate is not None:
+            repo.update_train_job(session, job_id=job_id, status="evaluating", message="evaluating", **final)
+        else:
+            repo.update_train_job(session, job_id=job_id, status="done", message="done", finished_at=utcnow(), **final)
+        return Outcome("closed", None, evaluate)
+
+
+def _evaluation_due(job: TrainJob, round: int) -> bool:
+    if job.eval_blob is None:
+        return False
+    every = int(job.settings["evaluation"].get("every", 1))
+    return round + 1 == job.rounds or (round + 1) % every == 0
+
+
+def _aggregate(
+    res: Resources,
+    aggregation: dict[str, Any],
+    start: CheckpointBundle,
+    bundles: list[CheckpointBundle],
+    silo_updates: list[tuple],
+    state_blob: str | None,
+    entry: dict[str, Any],
+) -> tuple[bytes, bytes]:
+    options = {k: v for k, v in aggregation.items() if k != "rule"}
+    rule = "fedavg" if aggregation["rule"] == "fedprox" else aggregation["rule"]
+    aggregator = build_aggregator(rule, **options)
+    state = state_from_arrays(load_arrays(res.blobs.read_bytes(state_blob))) if state_blob else None
+    updates = [
+        SiloUpdate(name, bundle.adapter, num_samples, score_mass)
+        for (name, _, num_samples, score_mass, _), bundle in zip(silo_updates, bundles, strict=True)
+    ]
+    new, state = aggregator.aggregate(start.adapter, updates, state)
+    result = CheckpointBundle(start.layout, new, {}, {}, start.adapter_config, entry)
+    return bundle_to_bytes(result), save_arrays(state_to_arrays(state))
+
+
+def merge_weights(kind: str, silo_updates: list[tuple]) -> list[float]:
+    """Merge weights, summing to 1: ∝ sample counts (``samples``), equal (``uniform``) or ∝ positive score mass."""
+    if kind == "uniform":
+        return [1.0 / len(silo_updates)] * len(silo_updates)
+    values = [float(u[2]) if kind == "samples" else max(float(u[3]), 0.0) for u in silo_updates]
+    if sum(values) <= 0 or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"merge.weights: {kind!r} gives no positive weight: {values}")
+    return [v / sum(values) for v in values]
+
+
+def _merge(
+    res: Resources,
+    model_ref: str,
+    merge: dict[str, Any],
+    start: CheckpointBundle,
+    bundles: list[CheckpointBundle],
+    silo_updates: list[tuple],
+    entry: dict[str, Any],
+) -> bytes:
+    """peft's ``add_weighted_adapter`` over the silos' adapters; the merged adapter as a bundle (its own layout:
+    ``cat`` adds the ranks up)."""
+    from safetensors import safe_open
+
+    from scoring.merging import merge_adapters
+    from scoring.models import load_base_model
+
+    with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
+        dirs = {}
+        for (name, *_), bundle in zip(silo_updates, bundles, strict=True):
+            write_checkpoint_dir(bundle, Path(tmp) / "in" / name)
+            dirs[name] = Path(tmp) / "in" / name / "adapter"
+        base = load_base_model(model_ref, **_model_options(res))
+        model = merge_adapters(
+            base.model,
+            dirs,
+            merge_weights(merge.get("weights", "samples"), silo_updates),
+            kind=merge["kind"],
+            density=merge.get("density"),
+            svd_rank=merge.get("svd_rank"),
+            name="merged",
+        )
+        model.save_pretrained(str(Path(tmp) / "out"), selected_adapters=["merged"])
+        out = Path(tmp) / "merged"
+        shutil.move(str(Path(tmp) / "out" / "merged"), str(out / "adapter"))
+        with safe_open(str(out / "adapter" / "adapter_model.safetensors"), framework="np") as f:
+            layout = [[name, list(f.get_slice(name).get_shape())] for name in sorted(f.keys())]
+        return checkpoint_to_bytes(out, layout, entry)
+
+
+def evaluate_round(res: Resources, job_id: str, round: int) -> dict[str, Any]:
+    """Evaluate the adapter round ``round`` produced on the job's held-out set; store the metrics on the round
+    (and on the job, finishing it, for the last round). Skipped when stored already."""
+    with res.sessions() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        row = repo.get_round(session, job_id=job_id, round=round)
+        if row.metrics is not None:
+            return row.metrics
+        if row.result_blob is None or job.eval_blob is None:
+            raise JobStateError(f"training job {job_id}: round {round} has no result or the job no evaluation set")
+        model_ref, settings, result_blob, eval_blob = job.model, dict(job.settings), row.result_blob, job.eval_blob
+        last = round + 1 == job.rounds
+    from scoring.data import read_samples
+    from scoring.evaluation import evaluate
+    from scoring.models import load_adapter, load_base_model
+
+    bundle = read_bundle(res.blobs.read_bytes(result_blob), None, None, f"round {round} result")
+    res.blobs.verify(eval_blob)
+    samples = read_samples(res.blobs.path(eval_blob))
+    ev = settings["evaluation"]
+    with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
+        write_checkpoint_dir(bundle, Path(tmp))
+        base = load_base_model(model_ref, **_model_options(res))
+        model = load_adapter(base.model, Path(tmp) / "adapter", trainable=False)
+        model.eval()
+        metrics = evaluate(
+            model,
+            base.tokenizer,
+            samples,
+            tasks=ev.get("tasks"),
+            max_len=settings["max_len"],
+            template=settings["template"],
+            batch_size=ev.get("batch_size", 8),
+            max_new_tokens=ev.get("max_new_tokens", 256),
+            pubmedqa_method=ev.get("pubmedqa_method", "loglik"),
+        )
+    metrics = {"round": round, **metrics}
+    with res.sessions.begin() as session:
+        repo.set_round_metrics(session, job_id=job_id, round=round, metrics=metrics)
+        if last:
+            repo.update_train_job(
+                session, job_id=job_id, metrics=metrics, status="done", message="done", finished_at=utcnow()
+            )
+    return metrics
