@@ -1,23 +1,26 @@
 """``clues agent ...``: the silo's commands; parsing and printing only (the work is in `agent.loop`).
 
-    clues agent run   take part in a scoring job: project the local samples, upload the projections (never the
-                      text), wait for the scores and write this silo's mask next to the data file
+    clues agent run     take part in a scoring job: project the local samples, upload the projections (never the
+                        text), wait for the scores and write this silo's mask next to the data file
+    clues agent train   take part in a training job: train every round locally from the global adapter, upload
+                        the adapter (never the text or the Adam moments), download the final adapter
 
 `add_parser` registers the ``agent`` command on the ``clues`` parser. Errors print one line
-``clues agent run: error: ...`` naming the option or the problem, and exit 2. The coordinator's address and the
-silo's token may come from ``CLUES_COORDINATOR`` and ``CLUES_TOKEN``.
+``clues agent run: error: ...`` (or ``train``) naming the option or the problem, and exit 2. The coordinator's
+address and the silo's token may come from ``CLUES_COORDINATOR`` and ``CLUES_TOKEN``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 PROG = "clues agent run"
-UNITS = {"checkpoints": "ckpt", "gradients": "grad", "shards": "shard", "scoring": "%"}
+UNITS = {"checkpoints": "ckpt", "gradients": "grad", "shards": "shard", "scoring": "%", "training": "step"}
 
 
 class StageBars:
@@ -56,19 +59,28 @@ def _cache_dir() -> Path | None:
     return Path(value) / "models" if value else None
 
 
-def _options(args: argparse.Namespace):
-    from agent.loop import AgentOptions
-
+def _check_common(args: argparse.Namespace) -> None:
+    """The options ``run`` and ``train`` share: where the coordinator is, the token, the polling."""
     for option, value in (("--coordinator", args.coordinator), ("--token", args.token)):
         if not value:
             env = "CLUES_COORDINATOR" if option == "--coordinator" else "CLUES_TOKEN"
             raise UsageError(f"{option}: missing; pass {option} or set {env}")
-    for option, value in (("--rows-per-shard", args.rows_per_shard), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UsageError(f"{option}: must be at least 1, got {value}")
     for option, value in (("--poll-interval", args.poll_interval), ("--timeout", args.timeout)):
         if value is not None and not value > 0:
             raise UsageError(f"{option}: must be positive, got {value}")
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    return Path(args.work_dir) if args.work_dir else Path(args.data).parent / ".clues-agent"
+
+
+def _options(args: argparse.Namespace):
+    from agent.loop import AgentOptions
+
+    _check_common(args)
+    for option, value in (("--rows-per-shard", args.rows_per_shard), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{option}: must be at least 1, got {value}")
     return AgentOptions(
         rows_per_shard=args.rows_per_shard,
         engine=args.engine,
@@ -91,10 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     bars = StageBars()
     try:
         options = _options(args)
-        data = Path(args.data)
-        work_dir = Path(args.work_dir) if args.work_dir else data.parent / ".clues-agent"
         with Client(args.coordinator, args.token) as client:
-            result = run_agent(client, args.job, data, work_dir=work_dir, options=options, progress=bars)
+            result = run_agent(
+                client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars
+            )
     except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
         bars.close()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -114,22 +126,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    """Register ``agent`` (with its ``run`` subcommand) on the ``clues`` subparsers ``sub``."""
-    agent = sub.add_parser(
-        "agent",
-        help="the silo agent: take part in a coordinator's scoring job",
-        description="The silo side of a federated scoring job. Only projections leave the silo, never text.",
-    )
-    commands = agent.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
-    p = commands.add_parser(
-        "run",
-        help="project local samples, upload the projections, wait for and write this silo's mask",
-        description="Download the job's spec and checkpoints, compute the projected gradients of the local samples, "
-        "upload them as shards (resuming: shards the coordinator holds are not sent again), mark the upload "
-        "complete, wait until the job is scored and write <data stem>.scores.jsonl (id, score, parts, selected) "
-        "and <data stem>.selected.jsonl (the selected samples) next to --data. Safe to run again at any point.",
-    )
+def cmd_train(args: argparse.Namespace) -> int:
+    """``clues agent train``; prints one JSON line summing up; returns the exit status (2 on any error)."""
+    from agent.client import Client, CoordinatorError
+    from agent.loop import AgentError
+    from agent.train import TrainOptions, run_training
+    from scoring.errors import ScoringError
+
+    bars = StageBars()
+    try:
+        _check_common(args)
+        options = TrainOptions(
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=_cache_dir(),
+            poll_interval=args.poll_interval,
+            timeout=args.timeout,
+        )
+        with Client(args.coordinator, args.token) as client:
+            result = run_training(
+                client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars
+            )
+    except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
+        bars.close()
+        print(f"clues agent train: error: {exc}", file=sys.stderr)
+        return 2
+    bars.close()
+    summary = {
+        "job": result.job_id,
+        "status": result.status,
+        "num_samples": result.num_samples,
+        "rounds_trained": result.rounds_trained,
+        "late_rounds": result.late_rounds,
+        "final_adapter": str(result.final_path),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, what: str) -> None:
+    """--coordinator, --token, --job, --data, --work-dir (holding ``what``), --device, --dtype, --poll-interval."""
     p.add_argument(
         "--coordinator",
         metavar="URL",
@@ -150,15 +186,8 @@ def add_parser(sub) -> None:
         "--work-dir",
         metavar="DIR",
         default=None,
-        help="checkpoints, run and projections kept for resuming (default: .clues-agent next to --data)",
+        help=f"{what} kept for resuming (default: .clues-agent next to --data)",
     )
-    p.add_argument(
-        "--rows-per-shard", type=int, default=4096, metavar="N", help="samples per uploaded shard (default 4096)"
-    )
-    p.add_argument(
-        "--engine", default="hooks", choices=("hooks", "vmap", "loop"), help="gradient engine (default: hooks)"
-    )
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per gradient batch (default 8)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default: float32)"
@@ -166,6 +195,33 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--poll-interval", type=float, default=2.0, metavar="S", help="seconds between status polls (default 2)"
     )
+
+
+def add_parser(sub) -> None:
+    """Register ``agent`` (with its ``run`` and ``train`` subcommands) on the ``clues`` subparsers ``sub``."""
+    agent = sub.add_parser(
+        "agent",
+        help="the silo agent: take part in a coordinator's scoring or training job",
+        description="The silo side of federated scoring and training jobs. Only projections (scoring) or adapters "
+        "(training) leave the silo, never text.",
+    )
+    commands = agent.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "run",
+        help="project local samples, upload the projections, wait for and write this silo's mask",
+        description="Download the job's spec and checkpoints, compute the projected gradients of the local samples, "
+        "upload them as shards (resuming: shards the coordinator holds are not sent again), mark the upload "
+        "complete, wait until the job is scored and write <data stem>.scores.jsonl (id, score, parts, selected) "
+        "and <data stem>.selected.jsonl (the selected samples) next to --data. Safe to run again at any point.",
+    )
+    _add_common(p, "checkpoints, run and projections")
+    p.add_argument(
+        "--rows-per-shard", type=int, default=4096, metavar="N", help="samples per uploaded shard (default 4096)"
+    )
+    p.add_argument(
+        "--engine", default="hooks", choices=("hooks", "vmap", "loop"), help="gradient engine (default: hooks)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per gradient batch (default 8)")
     p.add_argument(
         "--timeout",
         type=float,
@@ -177,6 +233,22 @@ def add_parser(sub) -> None:
         "--no-wait", action="store_true", help="stop once the upload is complete (run again later for the mask)"
     )
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser(
+        "train",
+        help="take part in a training job: train locally every round, upload the adapter, fetch the final one",
+        description="For every round of the training job this silo has not sent yet: download the round's global "
+        "adapter, train it locally on the samples the job's selection picks (AdamW, continuing this silo's own "
+        "moments, which never leave it), upload the new adapter, and wait for the next round. Ends when the job "
+        "is done, with the final adapter under --work-dir; prints one JSON line. Safe to run again at any point: "
+        "a round already trained is re-sent, not retrained. Use the same --work-dir for a scoring job made from "
+        "a warmup job with preconditioning (it needs this silo's moments).",
+    )
+    _add_common(p, "the rounds' adapters and this silo's Adam moments")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="give up after S seconds in all (default: never)"
+    )
+    p.set_defaults(func=cmd_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """A typed httpx client of the coordinator API (docs/coordinator.md), for silos and for the admin CLI.
 
 Retries: connection errors, timeouts and 429/502/503/504 are retried with exponential backoff; every call it
-retries is idempotent on the server (PUT uploads are keyed and checksummed, POST open/score/complete are no-ops when
-already done). Any other 4xx/5xx raises `CoordinatorError` carrying the server's ``detail`` message.
+retries is idempotent on the server (PUT uploads are keyed and checksummed, POST open/score/complete/start are no-ops
+when already done). Any other 4xx/5xx raises `CoordinatorError` carrying the server's ``detail`` message.
 """
 
 from __future__ import annotations
@@ -106,6 +106,37 @@ class Client:
         headers = {SHA256_HEADER: hashlib.sha256(data).hexdigest(), "Content-Type": "application/octet-stream"}
         return self._json("PUT", path, content=data, headers=headers)
 
+    def _download(self, path: str, dest: Path, what: str) -> str:
+        """Stream ``GET path`` to ``dest``: a temp file beside it, SHA-256 checked against ``X-Content-SHA256``,
+        fsync, rename (a reader never sees a partial file). Returns the SHA-256."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def once() -> str:
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            try:
+                digest = hashlib.sha256()
+                with os.fdopen(fd, "wb") as fh, self.http.stream("GET", path) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise CoordinatorError(response.status_code, _detail(response))
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        fh.write(chunk)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    announced = response.headers.get(SHA256_HEADER)
+                if announced != digest.hexdigest():
+                    raise CoordinatorError(
+                        None, f"{what}: received SHA-256 {digest.hexdigest()}, announced {announced}"
+                    )
+                os.replace(tmp, dest)
+                return digest.hexdigest()
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+
+        return self._with_retries(f"GET {path}", once)
+
     # -- admin -----------------------------------------------------------------------------------------------
 
     def register_silo(self, name: str) -> dict:
@@ -131,6 +162,19 @@ class Client:
 
     def duplicates(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/v1/jobs/{job_id}/duplicates")
+
+    def create_train_job(self, spec: dict) -> dict:
+        return self._json("POST", "/v1/train", json=spec)
+
+    def upload_eval_set(self, job_id: str, data: bytes) -> dict:
+        return self._upload(f"/v1/train/{job_id}/eval", data)
+
+    def start_train_job(self, job_id: str) -> dict:
+        return self._json("POST", f"/v1/train/{job_id}/start")
+
+    def scoring_job_from_warmup(self, train_id: str, body: dict) -> dict:
+        """A scoring job (``draft``, checkpoints uploaded) from a finished warmup job (`ScoringFromWarmup` body)."""
+        return self._json("POST", f"/v1/train/{train_id}/scoring-job", json=body)
 
     # -- both ------------------------------------------------------------------------------------------------
 
@@ -160,53 +204,62 @@ class Client:
         timeout: float | None = None,
         on_progress: Callable[[dict], None] | None = None,
     ) -> dict:
-        """Poll the job until it is ``done`` (returned) or ``failed`` (raises `CoordinatorError` with its error)."""
+        """Poll the scoring job until it is ``done`` (returned) or ``failed`` (raises `CoordinatorError` with its
+        error)."""
+        return self._wait(self.job, f"job {job_id}", job_id, poll, timeout, on_progress)
+
+    def wait_train(
+        self,
+        job_id: str,
+        *,
+        poll: float = 2.0,
+        timeout: float | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """`wait` for a training job (``evaluating`` is not done yet: the final metrics are still to come)."""
+        return self._wait(self.train_job, f"training job {job_id}", job_id, poll, timeout, on_progress)
+
+    def _wait(
+        self,
+        fetch: Callable[[str], dict],
+        what: str,
+        job_id: str,
+        poll: float,
+        timeout: float | None,
+        on_progress: Callable[[dict], None] | None,
+    ) -> dict:
         start = time.monotonic()
         while True:
-            job = self.job(job_id)
+            job = fetch(job_id)
             if on_progress:
                 on_progress(job)
             if job["status"] == "done":
                 return job
             if job["status"] == "failed":
-                raise CoordinatorError(None, f"job {job_id} failed: {job['error']}")
+                raise CoordinatorError(None, f"{what} failed: {job['error']}")
             if timeout is not None and time.monotonic() - start > timeout:
-                raise CoordinatorError(None, f"job {job_id} still {job['status']!r} after {timeout:.0f} s")
+                raise CoordinatorError(None, f"{what} still {job['status']!r} after {timeout:.0f} s")
             time.sleep(poll)
+
+    def train_jobs(self) -> list[dict]:
+        return self._json("GET", "/v1/train")
+
+    def train_job(self, job_id: str) -> dict:
+        return self._json("GET", f"/v1/train/{job_id}")
+
+    def download_round_adapter(self, job_id: str, round: int, dest: Path) -> str:
+        """Stream the global adapter round ``round`` starts from to ``dest`` (see `_download`); returns its SHA-256."""
+        return self._download(f"/v1/train/{job_id}/rounds/{round}/adapter", dest, f"round {round} adapter")
+
+    def download_final_adapter(self, job_id: str, dest: Path) -> str:
+        """Stream the training job's final adapter to ``dest`` (see `_download`); returns its SHA-256."""
+        return self._download(f"/v1/train/{job_id}/adapter", dest, "final adapter")
 
     # -- silo ------------------------------------------------------------------------------------------------
 
     def download_checkpoint(self, job_id: str, index: int, dest: Path) -> str:
-        """Stream a checkpoint bundle to ``dest`` (temp name, SHA-256 checked against ``X-Content-SHA256``, fsync,
-        rename). Returns the SHA-256."""
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        path = f"/v1/jobs/{job_id}/checkpoints/{index}"
-
-        def once() -> str:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-            try:
-                digest = hashlib.sha256()
-                with os.fdopen(fd, "wb") as fh, self.http.stream("GET", path) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        raise CoordinatorError(response.status_code, _detail(response))
-                    for chunk in response.iter_bytes(1 << 20):
-                        digest.update(chunk)
-                        fh.write(chunk)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    announced = response.headers.get(SHA256_HEADER)
-                if announced != digest.hexdigest():
-                    raise CoordinatorError(
-                        None, f"checkpoint {index}: received SHA-256 {digest.hexdigest()}, announced {announced}"
-                    )
-                os.replace(tmp, dest)
-                return digest.hexdigest()
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-
-        return self._with_retries(f"GET {path}", once)
+        """Stream checkpoint bundle ``index`` of a scoring job to ``dest`` (see `_download`); returns its SHA-256."""
+        return self._download(f"/v1/jobs/{job_id}/checkpoints/{index}", dest, f"checkpoint {index}")
 
     def held_shards(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/v1/jobs/{job_id}/shards")
@@ -216,6 +269,10 @@ class Client:
 
     def complete(self, job_id: str) -> dict:
         return self._json("POST", f"/v1/jobs/{job_id}/complete")
+
+    def upload_round_update(self, job_id: str, round: int, data: bytes) -> dict:
+        """This silo's adapter bundle after local training in ``round`` (201 new, 200 held; 409 late or closed)."""
+        return self._upload(f"/v1/train/{job_id}/rounds/{round}/update", data)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -7,7 +7,9 @@ Only projections leave the silo (sample ids, (N, k) float16 rows and per-sample 
 ``work_dir/<job>/``:
 
 - ``ckpt-NNN.safetensors`` (+ ``.sha256``): the downloaded checkpoint bundles, reused when their checksum holds.
-- ``run/``: the run directory rebuilt from them (`scoring.steps.write_run_dir`), built aside and renamed into place.
+- ``run/``: the run directory rebuilt from them (`scoring.steps.write_run_dir`), built aside and renamed into place;
+  for a job made from a federated warmup that preconditions, with this silo's own Adam moments of that warmup
+  (`add_warmup_moments`).
 - ``proj-<fingerprint>/``: the projections of one data file (fingerprint: the data file's SHA-256 and the job id),
   built aside and renamed into place, so a rerun after a crash never recomputes a finished projection.
 
@@ -266,11 +268,41 @@ def prepare_run(client: Client, job_id: str, spec: dict, job_dir: Path, progress
     tmp = Path(tempfile.mkdtemp(prefix=".run.", dir=job_dir))
     try:
         write_run_dir({k: spec[k] for k in RUN_KEYS}, bundles, tmp)
+        add_warmup_moments(tmp, spec, job_dir.parent)
         shutil.rmtree(dest, ignore_errors=True)  # a directory without run.json is unfinished
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def add_warmup_moments(run_dir: Path, spec: dict, work_dir: Path) -> None:
+    """For a job made from a federated warmup (``spec.warmup``) that preconditions: copy this silo's own Adam
+    moments after each checkpoint round (kept by `agent.train` under ``work_dir``) into the run directory as each
+    checkpoint's ``optimizer.safetensors`` and mark them in ``run.json``. The bundles carry none: moments never
+    leave a silo.
+
+    Raises:
+        AgentError: this silo holds no moments for a checkpoint round under ``work_dir``.
+    """
+    warmup = spec.get("warmup")
+    if not warmup or not spec["precondition"]:
+        return
+    from agent.train import local_moments_path  # agent.train imports this module
+
+    manifest = json.loads((run_dir / "run.json").read_text())
+    for entry in manifest["checkpoints"]:
+        round = warmup["rounds"][entry["index"]]
+        moments = local_moments_path(work_dir, warmup["job"], round)
+        if not moments.is_file():
+            raise AgentError(
+                f"preconditioning needs this silo's Adam moments of round {round} of warmup job {warmup['job']} "
+                f"({moments} is missing): the silo must have taken part in warmup job {warmup['job']} with the same "
+                "--work-dir"
+            )
+        shutil.copyfile(moments, run_dir / entry["dir"] / "optimizer.safetensors")
+        entry["has_moments"] = True
+    atomic_write_bytes(run_dir / "run.json", json.dumps(manifest, indent=2).encode())
 
 
 def project_local(

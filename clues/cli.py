@@ -11,7 +11,9 @@ The service (docs/coordinator.md):
     clues coordinator up|serve|openapi   run the coordinator API (+ a worker with 'up')
     clues worker                         a Celery worker of the coordinator
     clues admin ...                      the coordinator operator's commands over REST
+    clues train                          create and start a federated training job (docs/training.md)
     clues agent run                      what a silo runs against a coordinator: project, upload, fetch its mask
+    clues agent train                    what a silo runs for a training job: train each round, upload the adapter
 
 Parsing and printing only; the work is in `scoring.steps`. Errors print one line naming the field and exit 2.
 """
@@ -348,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     service.add_parsers(sub)
     admin.add_parser(sub)
+    admin.add_train_parser(sub)
     agent_cli.add_parser(sub)
     return parser
 

@@ -1,0 +1,353 @@
+"""The silo's side of a training job (docs/training.md, "Silo protocol") as plain functions (no argparse): choose
+the local samples, then for every round this silo has not sent yet download the global adapter, train locally
+from it, upload the new adapter, and poll until the next round opens; at the end download the final adapter.
+
+Only adapters leave the silo (the weights and four numbers: round, sample count, score mass, loss); the text and
+this silo's Adam moments never do.
+
+`run_training` is the whole workflow; it can be killed at any point and run again. What it keeps under
+``work_dir/train-<job>/``:
+
+- ``round-NNNN/global.safetensors``: the round's global adapter, reused when its SHA-256 is the round's
+  ``start_sha256``.
+- ``round-NNNN/moments.safetensors``: this silo's AdamW moments after its training in that round
+  (`scoring.federated.save_moments`); the next round it trains continues from them, and a scoring job made from
+  a warmup with ``precondition`` uses them (`local_moments_path`, read by `agent.loop`).
+- ``round-NNNN/update.safetensors``: the update sent for that round. When present it is sent again as it is,
+  never retrained, so a silo that crashed after training re-sends the same bytes (the coordinator answers 200).
+- ``final.safetensors``: the final adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.client import Client, CoordinatorError
+from agent.loop import AgentError, Progress
+from scoring.config import LocalTrainConfig, LoraSettings
+from scoring.data import Sample, read_samples
+from scoring.io import CheckpointBundle, atomic_write_bytes, bundle_to_bytes, read_bundle
+
+DTYPES = ("float32", "bfloat16", "float16")
+FINISHED = ("done", "evaluating")
+"""Statuses in which the final adapter exists (``evaluating``: only the held-out metrics are still to come)."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Where the silo trains and how it waits.
+
+    Attributes:
+        device, dtype: where and in which precision the model runs.
+        cache_dir: converted model weights (None: the default cache).
+        poll_interval: seconds between status polls while waiting for a round to open.
+        timeout: give up after this many seconds in all (None: wait for ever).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: Path | None = None
+    poll_interval: float = 2.0
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device:
+            raise AgentError(f"device: must be a torch device name such as 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise AgentError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if not self.poll_interval > 0:
+            raise AgentError(f"poll_interval: must be positive, got {self.poll_interval!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise AgentError(f"timeout: must be positive or None, got {self.timeout!r}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one run of `run_training` did.
+
+    Attributes:
+        job_id, status: the job and its status when the silo stopped (``done`` or ``evaluating``).
+        rounds_trained: rounds whose update this run sent (trained now, or re-sent from the work directory).
+        late_rounds: rounds whose update the coordinator refused as late (409: closed or past its deadline).
+        num_samples: local samples trained on.
+        final_path: the downloaded final adapter bundle.
+    """
+
+    job_id: str
+    status: str
+    rounds_trained: list[int]
+    late_rounds: list[int]
+    num_samples: int
+    final_path: Path
+
+
+def train_dir(work_dir: Path, job_id: str) -> Path:
+    return Path(work_dir) / f"train-{job_id}"
+
+
+def round_dir(work_dir: Path, job_id: str, round: int) -> Path:
+    return train_dir(work_dir, job_id) / f"round-{round:04d}"
+
+
+def local_moments_path(work_dir: Path, job_id: str, round: int) -> Path:
+    """This silo's AdamW moments after its local training in ``round`` of training job ``job_id``."""
+    return round_dir(work_dir, job_id, round) / "moments.safetensors"
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _held(path: Path, sha256: str | None) -> bool:
+    return sha256 is not None and path.is_file() and _sha256_file(path) == sha256
+
+
+def seeded_subset(samples: list[Sample], k: int, seed: int, job_id: str) -> list[Sample]:
+    """``k`` samples drawn with a seed derived from ``seed``, the job id and the local sample ids (so the same
+    every round and every rerun, whatever the file's order), kept in file order."""
+    ids = sorted(s.id for s in samples)
+    data = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    keep = set(random.Random(f"clues-train:{seed}:{job_id}:{data}").sample(ids, min(k, len(ids))))
+    return [s for s in samples if s.id in keep]
+
+
+def _local_scores(client: Client, scoring_job: str, samples: list[Sample]) -> dict[str, dict]:
+    """This silo's score rows of ``scoring_job`` by sample id; every local sample must have one."""
+    by_id = {row["sample_id"]: row for row in client.scores(scoring_job)["rows"]}
+    missing = [s.id for s in samples if s.id not in by_id]
+    if missing:
+        raise AgentError(
+            f"scoring job {scoring_job} has no scores for {len(missing)} of the {len(samples)} local samples "
+            f"(e.g. {missing[:3]}): use the data file this silo scored with"
+        )
+    return by_id
+
+
+def choose_samples(client: Client, job: dict, samples: list[Sample]) -> tuple[list[Sample], float]:
+    """The local samples to train on under ``spec.selection`` and their score mass (the sum of their scores when a
+    scoring job gives them, else 0).
+
+    ``fraction``: a seeded random ``max(1, round(fraction·n))``; ``selected``: those the scoring job selected;
+    ``random``: as many seeded random ones as ``selected`` gives (the control); ``all``: every one.
+
+    Raises:
+        AgentError: the selection leaves no sample, or the scoring job lacks scores for local samples.
+    """
+    selection = job["spec"]["selection"]
+    source, scoring_job = selection["source"], selection.get("scoring_job")
+    scores = _local_scores(client, scoring_job, samples) if scoring_job else None
+    if source in ("selected", "random") and scores is None:
+        raise AgentError(f"training job {job['id']}: selection {source!r} names no scoring job")
+    if source == "all":
+        chosen = list(samples)
+    elif source == "fraction":
+        k = max(1, round(selection["fraction"] * len(samples)))
+        chosen = seeded_subset(samples, k, selection["seed"], job["id"])
+    elif source == "selected":
+        chosen = [s for s in samples if scores[s.id]["selected"]]
+    elif source == "random":
+        k = sum(1 for s in samples if scores[s.id]["selected"])
+        chosen = seeded_subset(samples, k, selection["seed"], job["id"])
+    else:
+        raise AgentError(f"training job {job['id']}: unknown selection source {source!r} (a newer coordinator?)")
+    if not chosen:
+        why = f"scoring job {scoring_job} selected none of them" if scores is not None else "the data file is empty"
+        raise AgentError(
+            f"training job {job['id']}: selection {source!r} leaves none of the {len(samples)} local samples to "
+            f"train on ({why})"
+        )
+    mass = float(sum(scores[s.id]["score"] for s in chosen)) if scores is not None else 0.0
+    return chosen, mass
+
+
+class LocalTrainer:
+    """The job's model with its LoRA adapter and the tokenised training samples, loaded on first use (a silo
+    rerun on a finished job loads nothing)."""
+
+    def __init__(self, spec: dict, samples: list[Sample], options: TrainOptions):
+        self.spec, self.samples, self.options = spec, samples, options
+        self.model: Any = None
+
+    def _load(self) -> None:
+        from scoring.batching import tokenize_samples
+        from scoring.models import attach_lora, load_base_model
+
+        spec, opts = self.spec, self.options
+        base = load_base_model(spec["model"], dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir)
+        lora = LoraSettings.from_dict(spec["lora"])
+        self.model = attach_lora(base.model, lora, init_seed=spec["lora_init_seed"], random_b=spec["random_b"])
+        self.data = tokenize_samples(self.samples, base.tokenizer, spec["max_len"], spec["template"])
+        self.pad_id = base.tokenizer.pad_token_id
+
+    def train(self, start: CheckpointBundle, *, lr: float, round: int, moments: Any, progress: Progress | None):
+        """`scoring.federated.local_update` from the round's global adapter ``start``.
+
+        Raises:
+            AgentError: the global adapter's layout is not this model's LoRA layout.
+        """
+        from scoring.federated import local_update
+        from scoring.models import lora_layout
+
+        if self.model is None:
+            self._load()
+        mine = tuple(lora_layout(self.model))
+        if start.layout != mine:
+            raise AgentError(
+                f"round {round}: the global adapter's layout ({len(start.layout)} tensors) is not this model's LoRA "
+                f"layout ({len(mine)} tensors): a different model or LoRA settings than the job's spec"
+            )
+        return local_update(
+            self.model,
+            self.data,
+            LocalTrainConfig.from_dict(self.spec["local"]),
+            pad_id=self.pad_id,
+            global_weights=start.adapter,
+            lr=lr,
+            moments=moments,
+            round=round,
+            progress=(lambda step, total, _loss: progress("training", step, total)) if progress else None,
+        )
+
+
+def _previous_moments(work_dir: Path, job_id: str, round: int):
+    """The moments this silo kept from the last round before ``round`` it trained in (None: it trained none)."""
+    from scoring.federated import load_moments
+
+    rounds = [
+        int(p.parent.name.removeprefix("round-"))
+        for p in train_dir(work_dir, job_id).glob("round-*/moments.safetensors")
+    ]
+    earlier = [r for r in rounds if r < round]
+    return load_moments(local_moments_path(work_dir, job_id, max(earlier))) if earlier else None
+
+
+def train_round(
+    client: Client,
+    job: dict,
+    row: dict,
+    trainer: LocalTrainer,
+    score_mass: float,
+    work_dir: Path,
+    progress: Progress | None = None,
+) -> Path:
+    """Train this silo's update for round ``row`` (a ``history`` entry) and write it (with the moments after it)
+    under ``round-NNNN/``; returns the update's path. An update already written is returned as it is."""
+    from scoring.federated import save_moments
+
+    index, job_id = row["round"], job["id"]
+    where = round_dir(work_dir, job_id, index)
+    update_path = where / "update.safetensors"
+    if update_path.is_file():
+        return update_path
+    global_path = where / "global.safetensors"
+    if not _held(global_path, row["start_sha256"]):
+        sha = client.download_round_adapter(job_id, index, global_path)
+        if sha != row["start_sha256"]:
+            raise AgentError(
+                f"round {index} of job {job_id}: downloaded SHA-256 {sha}, the job lists {row['start_sha256']}"
+            )
+    start = read_bundle(global_path.read_bytes(), None, None, f"round {index} adapter of training job {job_id}")
+    moments = _previous_moments(work_dir, job_id, index)
+    result = trainer.train(start, lr=row["lr"], round=index, moments=moments, progress=progress)
+    save_moments(local_moments_path(work_dir, job_id, index), result.moments)
+    update = CheckpointBundle(
+        layout=start.layout,
+        adapter=result.weights,
+        exp_avg={},
+        exp_avg_sq={},
+        adapter_config=start.adapter_config,
+        entry={**start.entry, "step": start.entry["step"] + result.steps},
+        update={
+            "round": index,
+            "num_samples": result.num_samples,
+            "score_mass": score_mass,
+            "train_loss": result.mean_loss,
+        },
+    )
+    atomic_write_bytes(update_path, bundle_to_bytes(update))  # last: its presence means the round is trained
+    return update_path
+
+
+def _due_round(job: dict) -> dict | None:
+    """The open round this silo has not sent an update for (its ``received`` lists only itself), if any."""
+    if job["status"] != "running":
+        return None
+    row = next((h for h in job["history"] if h["round"] == job["round"]), None)
+    return row if row is not None and row["status"] == "open" and not row["received"] else None
+
+
+def fetch_final(client: Client, job: dict, work_dir: Path) -> Path:
+    """``final.safetensors``: the job's final adapter, downloaded unless held with the job's SHA-256."""
+    path = train_dir(work_dir, job["id"]) / "final.safetensors"
+    if not _held(path, job["final_sha256"]):
+        sha = client.download_final_adapter(job["id"], path)
+        if job["final_sha256"] is not None and sha != job["final_sha256"]:
+            raise AgentError(
+                f"training job {job['id']}: final adapter SHA-256 {sha}, the job lists {job['final_sha256']}"
+            )
+    return path
+
+
+def run_training(
+    client: Client,
+    job_id: str,
+    data_path: Path,
+    *,
+    work_dir: Path,
+    options: TrainOptions = TrainOptions(),
+    progress: Progress | None = None,
+) -> TrainResult:
+    """The silo's training workflow (see the module docstring): every open round it has not sent yet is trained
+    and uploaded; it returns once the job is ``done`` or ``evaluating``, with the final adapter downloaded.
+
+    Raises:
+        AgentError: the job is still a draft, the selection leaves no local sample, or the global adapter does not
+            fit the model.
+        scoring.errors.DataError: the data file is malformed (names the file and line).
+        agent.client.CoordinatorError: the coordinator refused a request, the job failed (its error), or
+            ``options.timeout`` passed.
+    """
+    started = time.monotonic()
+    data_path = Path(data_path)
+    if not data_path.is_file():
+        raise AgentError(f"{data_path}: no such data file")
+    samples = read_samples(data_path)
+    job = client.train_job(job_id)
+    if job["status"] == "draft":
+        raise AgentError(
+            f"the coordinator has not started training job {job_id} yet (status 'draft'); ask its admin to start it"
+        )
+    chosen, score_mass = choose_samples(client, job, samples)
+    trainer = LocalTrainer(job["spec"], chosen, options)
+    trained: list[int] = []
+    late: list[int] = []
+    while True:
+        if job["status"] in FINISHED:
+            final = fetch_final(client, job, work_dir)
+            return TrainResult(job_id, job["status"], trained, late, len(chosen), final)
+        if job["status"] == "failed":
+            raise CoordinatorError(None, f"training job {job_id} failed: {job['error']}")
+        row = _due_round(job)
+        if row is not None and row["round"] not in trained + late:
+            update = train_round(client, job, row, trainer, score_mass, work_dir, progress)
+            try:
+                client.upload_round_update(job_id, row["round"], update.read_bytes())
+                trained.append(row["round"])
+            except CoordinatorError as exc:
+                if exc.status != 409:
+                    raise
+                late.append(row["round"])  # closed or past its deadline: the job goes on without it
+        elif options.timeout is not None and time.monotonic() - started > options.timeout:
+            raise CoordinatorError(
+                None,
+                f"training job {job_id} still {job['status']!r} (round {job['round']}) after {options.timeout:.0f} s",
+            )
+        else:
+            time.sleep(options.poll_interval)
+        job = client.train_job(job_id)
