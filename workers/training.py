@@ -53,8 +53,9 @@ class RoundOpened:
 @dataclass(frozen=True)
 class Outcome:
     """What `aggregate_round` did: ``waiting`` (not all updates in, deadline not passed), ``closed`` (aggregated),
-    ``already`` (closed before), ``failed`` (too few updates at the deadline). ``opened``: the next round;
-    ``evaluate``: a round whose result is to be evaluated."""
+    ``already`` (closed before), ``failed`` (too few updates at the deadline). ``opened``: a round whose deadline
+    check to schedule (the next round, or this one again when ``waiting``); ``evaluate``: a round whose result is
+    to be evaluated."""
 
     status: str
     opened: RoundOpened | None = None
@@ -150,8 +151,8 @@ def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
         members = [m.silo.name for m in job.members]
         if row.status == "open":
             received = len(repo.list_updates(session, job_id=job_id, round=round))
-            if received < len(members) and utcnow() < row.deadline:
-                return Outcome("waiting")
+            if received < len(members) and utcnow() < row.deadline:  # early (e.g. clocks apart): check again then
+                return Outcome("waiting", RoundOpened(round, row.deadline))
             repo.claim_round(session, job_id=job_id, round=round)
         # Listed after the claim: an update committed before it is aggregated, none is recorded after it.
         updates = repo.list_updates(session, job_id=job_id, round=round)
