@@ -82,12 +82,19 @@ def progress(label: str):
     return update
 
 
+def shuffled_items(path: Path, need: int, what: str, seed: int) -> list[Sample]:
+    """Every PubMedQA item of ``path`` after the seeded shuffle the splits take their slices from (at least
+    ``need`` of them; ``what`` names the options that ask for them)."""
+    items = load_pubmedqa(path)
+    if len(items) < need:
+        raise SystemExit(f"{what} = {need} exceeds the {len(items)} items of {path}")
+    random.Random(seed).shuffle(items)
+    return items
+
+
 def split_data(path: Path, n: int, n_anchors: int, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(clean anchors, noisy candidates): disjoint, after a seeded shuffle of all items."""
-    items = load_pubmedqa(path)
-    if len(items) < n + n_anchors:
-        raise SystemExit(f"--n + --anchors = {n + n_anchors} exceeds the {len(items)} items of {path}")
-    random.Random(seed).shuffle(items)
+    items = shuffled_items(path, n + n_anchors, "--n + --anchors", seed)
     anchors, pool = items[:n_anchors], items[n_anchors : n_anchors + n]
     return anchors, inject_noise(pool, NOISE_RATES, seed=seed)
 
