@@ -198,8 +198,26 @@ class AdamState(_JsonMixin):
         _require(self.eps > 0, "eps", "must be positive")
 
 
+class _WithAdam(_JsonMixin):
+    """`_JsonMixin` for settings that nest an `AdamState` as ``adam`` (a JSON object in the dict form)."""
+
+    adam: AdamState
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["adam"] = self.adam.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        data = dict(data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and isinstance(data.get("adam"), dict):
+            data["adam"] = AdamState.from_dict(data["adam"])
+        return super().from_dict(data)
+
+
 @dataclass(frozen=True)
-class TrainingConfig(_JsonMixin):
+class TrainingConfig(_WithAdam):
     """A plain LoRA SFT run that saves ``num_checkpoints`` evenly spaced checkpoints.
 
     Attributes:
@@ -237,18 +255,6 @@ class TrainingConfig(_JsonMixin):
         _require(self.num_checkpoints > 0, "num_checkpoints", "must be positive")
         _require(self.max_steps >= 0, "max_steps", "must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["adam"] = self.adam.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        data = dict(data)
-        if isinstance(data.get("adam"), dict):
-            data["adam"] = AdamState.from_dict(data["adam"])
-        return super().from_dict(data)
-
 
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 
@@ -258,7 +264,7 @@ def _is_real(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class LocalTrainConfig(_JsonMixin):
+class LocalTrainConfig(_WithAdam):
     """One silo's local LoRA training in a federated round (FedAvg, or FedProx with ``prox_mu > 0``).
 
     Attributes:
@@ -298,18 +304,6 @@ class LocalTrainConfig(_JsonMixin):
             _require(_is_real(value) and value >= 0, name, f"must be a number >= 0, got {value!r}")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
         _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["adam"] = self.adam.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        data = dict(data) if isinstance(data, dict) else data
-        if isinstance(data, dict) and isinstance(data.get("adam"), dict):
-            data["adam"] = AdamState.from_dict(data["adam"])
-        return super().from_dict(data)
 
 
 def round_lr(cfg: LocalTrainConfig, round: int, rounds: int) -> float:
