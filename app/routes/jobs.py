@@ -90,16 +90,17 @@ def _checkpoint(job: Job, index: int):
     raise ApiError(404, f"job {job.id} has checkpoints 0..{len(job.checkpoints) - 1}, not {index}")
 
 
-def _transition(state: AppState, session, job: Job, task: str, **fields) -> None:
-    """Commit the job's new state, then queue ``task``; if the queue is unreachable, put the old state back and
-    answer 503 (the task is never lost behind a state that claims it was queued)."""
+def _transition(state: AppState, session, job, task: str, update=repo.update_job, **fields) -> None:
+    """Commit the job's new state (with ``update``: `repo.update_job`, or `repo.update_train_job` for a training
+    job), then queue ``task``; if the queue is unreachable, put the old state back and answer 503 (the task is never
+    lost behind a state that claims it was queued)."""
     before = {key: getattr(job, key) for key in fields}
-    repo.update_job(session, job_id=job.id, **fields)
+    update(session, job_id=job.id, **fields)
     session.commit()
     try:
         state.enqueue(task, job.id)
     except Exception as exc:
-        repo.update_job(session, job_id=job.id, **before)
+        update(session, job_id=job.id, **before)
         session.commit()
         raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
     TASKS.labels(task).inc()

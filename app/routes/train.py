@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse
 from app.deps import AdminDep, AppState, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
 from app.errors import ApiError
 from app.metrics import TASKS
-from app.routes.jobs import BINARY, _engine_check, _public, _upload_answer
+from app.routes.jobs import BINARY, _engine_check, _public, _transition, _upload_answer
 from app.schemas import (
     JobPublic,
     RoundPublic,
@@ -189,20 +189,6 @@ def _settings_from(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
     return model, settings, scoring_job
 
 
-def _transition(state: AppState, session, job: TrainJob, task: str, *args: Any, **fields: Any) -> None:
-    """Commit the job's new state, then queue ``task``; on an unreachable queue restore the state and answer 503."""
-    before = {key: getattr(job, key) for key in fields}
-    repo.update_train_job(session, job_id=job.id, **fields)
-    session.commit()
-    try:
-        state.enqueue(task, job.id, *args)
-    except Exception as exc:
-        repo.update_train_job(session, job_id=job.id, **before)
-        session.commit()
-        raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
-    TASKS.labels(task).inc()
-
-
 @router.post("", status_code=201, operation_id="create_train_job")
 def create_train_job(body: TrainCreate, session: SessionDep, principal: AdminDep) -> TrainPublic:
     """Create a training job in ``draft``."""
@@ -287,7 +273,16 @@ def start_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
     """``draft`` → ``starting``: a worker builds the initial adapter and opens round 0."""
     job = repo.get_train_job(session, job_id=job_id)
     if job.status == "draft" or (job.status == "failed" and job.layout is None):
-        _transition(state, session, job, names.TRAIN_INIT, status="starting", message="queued", error=None)
+        _transition(
+            state,
+            session,
+            job,
+            names.TRAIN_INIT,
+            update=repo.update_train_job,
+            status="starting",
+            message="queued",
+            error=None,
+        )
     elif job.status != "starting" and job.layout is None:
         raise ApiError(409, f"training job {job_id} is {job.status!r}")
     return _train_public(job, principal, session)
