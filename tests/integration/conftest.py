@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import SILOS
 from tests.storage.conftest import postgres_url  # noqa: F401  (a fixture, used by service_factory)
 
 REDIS_URL = os.environ.get("CLUES_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
@@ -133,3 +135,24 @@ def service_factory(tmp_path, request) -> Iterator:
     yield make
     for service in made:
         service.stop()
+
+
+def each_silo(run) -> dict[str, object]:
+    """``run(silo)`` for both silos at once (each may wait for the other); their results, errors re-raised."""
+    results: dict[str, object] = {}
+
+    def one(silo: str) -> None:
+        try:
+            results[silo] = run(silo)
+        except BaseException as exc:  # surfaced below
+            results[silo] = exc
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in SILOS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for silo in SILOS:
+        if isinstance(results.get(silo), BaseException):
+            raise results[silo]
+    return results

@@ -23,7 +23,7 @@ from agent.client import Client
 from agent.loop import AgentOptions, run_agent
 from clues.admin import create_job_from_run, job_spec_from_run
 from tests.conftest import SILOS, TinyData, expected_scores
-from tests.integration.conftest import Service
+from tests.integration.conftest import Service, each_silo
 
 pytestmark = pytest.mark.integration
 
@@ -32,29 +32,18 @@ def _run_agents(
     world: TinyData, tokens: dict[str, str], service: Service, job_id: str, work: Path
 ) -> dict[str, dict[str, dict]]:
     """Both silos' agents at once (each waits for the other's upload before scores exist); their written scores."""
-    results: dict[str, object] = {}
 
-    def one(silo: str) -> None:
-        try:
-            with Client(service.url, tokens[silo]) as client:
-                results[silo] = run_agent(
-                    client,
-                    job_id,
-                    world.data_file(silo, work / silo),
-                    work_dir=work / silo / "agent",
-                    options=AgentOptions(rows_per_shard=4, poll_interval=0.5, timeout=300),
-                )
-        except BaseException as exc:  # surfaced below
-            results[silo] = exc
+    def one(silo: str):
+        with Client(service.url, tokens[silo]) as client:
+            return run_agent(
+                client,
+                job_id,
+                world.data_file(silo, work / silo),
+                work_dir=work / silo / "agent",
+                options=AgentOptions(rows_per_shard=4, poll_interval=0.5, timeout=300),
+            )
 
-    threads = [threading.Thread(target=one, args=(s,)) for s in SILOS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    for silo in SILOS:
-        if isinstance(results.get(silo), BaseException):
-            raise results[silo]
+    each_silo(one)
     return {silo: _read_scores(work / silo / f"{silo}.scores.jsonl") for silo in SILOS}
 
 

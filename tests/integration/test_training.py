@@ -6,7 +6,6 @@ set.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,32 +16,11 @@ from agent.loop import AgentOptions, run_agent
 from agent.train import TrainOptions, run_training
 from scoring.io import read_bundle
 from tests.conftest import SILOS, TinyData
-from tests.integration.conftest import Service
+from tests.integration.conftest import Service, each_silo
 
 pytestmark = pytest.mark.integration
 
 MODEL = {"model": "tiny:0", "lora": {"rank": 4, "alpha": 8.0}, "max_len": 96}
-
-
-def _each_silo(run) -> dict[str, object]:
-    """``run(silo)`` for both silos at once (each round waits for both); their results, errors re-raised."""
-    results: dict[str, object] = {}
-
-    def one(silo: str) -> None:
-        try:
-            results[silo] = run(silo)
-        except BaseException as exc:  # surfaced below
-            results[silo] = exc
-
-    threads = [threading.Thread(target=one, args=(s,)) for s in SILOS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    for silo in SILOS:
-        if isinstance(results.get(silo), BaseException):
-            raise results[silo]
-    return results
 
 
 def _train(service: Service, tokens: dict[str, str], job_id: str, data: dict[str, Path], work: Path) -> dict:
@@ -51,7 +29,7 @@ def _train(service: Service, tokens: dict[str, str], job_id: str, data: dict[str
             options = TrainOptions(poll_interval=0.3, timeout=300)
             return run_training(client, job_id, data[silo], work_dir=work / silo, options=options)
 
-    return _each_silo(run)
+    return each_silo(run)
 
 
 def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyData, service_factory, tmp_path):
@@ -102,7 +80,7 @@ def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyDat
             options = AgentOptions(rows_per_shard=4, poll_interval=0.3, timeout=300)
             return run_agent(client, job["id"], data[silo], work_dir=work / silo, options=options)
 
-    scored = _each_silo(score)
+    scored = each_silo(score)
     selected = {silo: scored[silo].selected for silo in SILOS}
     assert all(n is not None and n > 0 for n in selected.values()), selected
 
