@@ -16,6 +16,7 @@ from app.errors import ApiError
 from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.models import Silo
+from webui import COOKIE_NAME, SessionSigner, same_origin
 
 Enqueue = Callable[..., None]
 """``enqueue(task_name, job_id, *args, countdown=None)``: hand a task to the workers (``countdown``: not before
@@ -29,6 +30,7 @@ class AppState:
     blobs: LocalBlobStore
     enqueue: Enqueue
     ping_broker: Callable[[], None]
+    signer: SessionSigner
 
 
 def get_state(request: Request) -> AppState:
@@ -59,21 +61,51 @@ class Principal:
         return self.silo is None
 
 
-def get_principal(
-    state: StateDep,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Principal:
-    if credentials is None or not credentials.credentials:
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
-    token = credentials.credentials
+def principal_for_token(state: AppState, session: Session, token: str) -> Principal | None:
+    """The administrator or the silo a bearer token belongs to; None for an unknown token."""
     admin = state.settings.admin_token
     if admin and hmac.compare_digest(token.encode(), admin.encode()):
         return Principal(None)
     silo = repo.silo_by_token(session, token=token)
-    if silo is None:
-        raise ApiError(401, "unknown token", {"WWW-Authenticate": "Bearer"})
+    return Principal(silo) if silo is not None else None
+
+
+def principal_from_cookie(state: AppState, session: Session, request: Request) -> Principal | None:
+    """The dashboard session's principal, if the request carries a valid session cookie whose token still holds:
+    the admin token unchanged, or the silo still holding the token it logged in with."""
+    signed = state.signer.read(request.cookies.get(COOKIE_NAME))
+    if signed is None:
+        return None
+    if signed.subject == "admin":
+        admin = state.settings.admin_token
+        return Principal(None) if admin and state.signer.matches(signed, repo.hash_token(admin)) else None
+    kind, _, name = signed.subject.partition(":")
+    silo = repo.find_silo(session, name=name) if kind == "silo" else None
+    if silo is None or not state.signer.matches(signed, silo.token_hash):
+        return None
     return Principal(silo)
+
+
+def get_principal(
+    state: StateDep,
+    session: SessionDep,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The caller, from ``Authorization: Bearer`` or else the dashboard's session cookie. A cookie-authenticated
+    request that changes state must come from our own pages (`webui.same_origin`): 403 otherwise."""
+    if credentials is not None and credentials.credentials:
+        principal = principal_for_token(state, session, credentials.credentials)
+        if principal is None:
+            raise ApiError(401, "unknown token", {"WWW-Authenticate": "Bearer"})
+        return principal
+    principal = principal_from_cookie(state, session, request)
+    if principal is None:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
+    unsafe = request.method not in ("GET", "HEAD", "OPTIONS")
+    if unsafe and not same_origin(request.headers, request.headers.get("host")):
+        raise ApiError(403, "cross-site request refused: a dashboard session may change state only from its own pages")
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

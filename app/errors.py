@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ScoringError
 from storage.blobs import BlobTooLarge
@@ -34,11 +36,16 @@ def _status(exc: Exception) -> int:
     return 503  # storage unreachable or another server-side storage problem
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers on ``app``."""
+PageErrors = tuple[Callable[[Request], bool], Callable[[Request, int, str], Response]]
 
-    async def handle(request: Request, exc: Exception) -> JSONResponse:
+
+def install(app: FastAPI, pages: PageErrors | None = None) -> None:
+    """Register the handlers on ``app``; ``pages``: (is this request for a page?, render the error as a page)."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
         status = _status(exc)
+        if pages is not None and pages[0](request):
+            return pages[1](request, status, str(exc))
         headers = exc.headers if isinstance(exc, ApiError) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 

@@ -11,12 +11,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app import errors, metrics
+from app import errors, metrics, ui
 from app.config import AppSettings, get_settings
 from app.deps import AppState, Enqueue
-from app.routes import health, jobs, silos, train
+from app.routes import health, jobs, scores, silos, train
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory, upgrade
+from webui import SessionSigner, load_secret
 from workers.celery_app import create_celery
 
 log = logging.getLogger("clues.app")
@@ -56,6 +57,7 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
         blobs=LocalBlobStore(settings.storage.blob_dir),
         enqueue=enqueue or send,
         ping_broker=ping_broker,
+        signer=SessionSigner(load_secret(settings.session_secret, settings.data_dir / "session.key")),
     )
 
     @asynccontextmanager
@@ -72,10 +74,12 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
 
     app = FastAPI(title="clues coordinator", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
     app.state.clues = state
-    errors.install(app)
+    errors.install(app, pages=(ui.is_page, ui.error_page))
     metrics.install(app)
     app.include_router(health.router)
     app.include_router(silos.router)
     app.include_router(jobs.router)
+    app.include_router(scores.router)
     app.include_router(train.router)
+    ui.install(app)
     return app

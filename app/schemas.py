@@ -130,12 +130,28 @@ class ShardPublic(BaseModel):
     sha256: str
 
 
+class OverrideInfo(BaseModel):
+    id: int
+    decision: Literal["keep", "drop", "auto"]
+    reason: str
+    actor: str
+    created_at: datetime
+
+
+class NearestAnchor(BaseModel):
+    anchor_id: str
+    trace: float = Field(description="Σ_t η_t·sim(g_t(sample), g_t(anchor)): the pairwise trace (TracIn) term")
+
+
 class ScoreRow(BaseModel):
     silo: str
     sample_id: str
     score: float
     parts: list[float] = Field(description="η_t·sim at each checkpoint t; they sum to score")
-    selected: bool
+    selected: bool = Field(description="the decision in force: the threshold's, unless the owner overrode it")
+    auto_selected: bool = Field(description="the threshold's own decision")
+    override: OverrideInfo | None = Field(description="the owner's override in force, if any")
+    nearest_anchors: list[NearestAnchor] | None = Field(description="the anchor samples with the largest traces")
 
 
 class ScoresPublic(BaseModel):
@@ -152,6 +168,71 @@ class DuplicatePair(BaseModel):
     silo_b: str
     sample_b: str
     similarity: float
+
+
+class ClusterMember(BaseModel):
+    silo: str
+    sample_id: str
+    score: float | None
+    selected: bool | None
+
+
+class DuplicateCluster(BaseModel):
+    members: list[ClusterMember]
+    silos: list[str]
+    pairs: int
+    max_similarity: float
+
+
+class DuplicateClusters(BaseModel):
+    total: int = Field(description="clusters in all, before limit/offset")
+    clusters: list[DuplicateCluster]
+
+
+class OwnerSummary(BaseModel):
+    n: int
+    kept: int = Field(description="samples kept by the decision in force (overrides included)")
+    auto_kept: int = Field(description="samples the threshold kept")
+    overridden: int
+    counts: list[int] = Field(description="histogram counts on the summary's shared bin edges")
+    mean: float
+    median: float
+    part_means: list[float] | None = Field(description="mean η_t·sim per checkpoint")
+    part_means_kept: list[float] | None
+    part_means_dropped: list[float] | None
+
+
+class ScoreSummary(BaseModel):
+    job: str
+    threshold: float | None
+    checkpoints: int
+    edges: list[float] = Field(description="histogram bin edges shared by every owner")
+    silos: dict[str, OwnerSummary] = Field(description="per silo; the admin also gets __anchor__")
+    anchor_scores: list[float] = Field(description="anchor samples' scores, sorted (admin only; empty for a silo)")
+
+
+class OverrideCreate(_Strict):
+    sample_id: str = Field(min_length=1, max_length=500)
+    decision: Literal["keep", "drop", "auto"] = Field(description="auto: back to the threshold's decision")
+    reason: str = Field(min_length=1, max_length=500, description="why; kept in the audit log")
+
+
+class OverridePublic(BaseModel):
+    id: int
+    job: str
+    silo: str
+    sample_id: str
+    decision: Literal["keep", "drop", "auto"]
+    reason: str
+    actor: str
+    previous: bool = Field(description="the decision in force before this override")
+    selected: bool = Field(description="the decision in force after it")
+    created_at: datetime
+
+
+class OverrideLog(BaseModel):
+    total: int
+    rows: list[OverridePublic]
 
 
 class Health(BaseModel):

@@ -412,6 +412,46 @@ def trace_block(
         raise DataError(f"silo {name!r}: {exc}") from exc
 
 
+def per_anchor_directions(anchors: Sequence[ProjectedGrads], config: TraceConfig) -> AnchorDirections:
+    """One "group" per anchor sample (named by its id): the directions `nearest_anchors` scores against."""
+    return build_anchor_directions(anchors, config, anchor_groups=list(anchors[0].ids) if anchors else None)
+
+
+def nearest_anchors(
+    per_anchor: AnchorDirections, seq: Sequence[ProjectedGrads], config: TraceConfig, k: int = 3, rows: int = 2048
+) -> tuple[list[list[str]], np.ndarray]:
+    """Each sample's k most related anchor samples by the pairwise trace Σ_t η_t·sim(g_t(z), g_t(a)) (TracIn between
+    the sample and one anchor), what the silo dashboard shows beside a sample's score.
+
+    Args:
+        per_anchor: from `per_anchor_directions`.
+        seq: T projections of the same samples, checked as by `trace_block`.
+        config: similarity (must match) and chunk size.
+        k: anchors per sample (at most the number of anchors).
+        rows: samples scored at a time; memory is O(rows · T · anchors).
+
+    Returns:
+        ``(ids, values)``: per sample the k anchor ids, most related first, and the (N, k) float64 traces.
+    """
+    if config.similarity != per_anchor.similarity:
+        raise ConfigError(f"similarity: {config.similarity!r} differs from the anchors' {per_anchor.similarity!r}")
+    n = len(seq[0]) if seq else 0
+    k = max(0, min(k, len(per_anchor.groups)))
+    idx, values = np.zeros((n, k), dtype=np.intp), np.zeros((n, k), dtype=np.float64)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        totals = trace_parts(
+            [c.matrix[start:stop] for c in seq],
+            list(per_anchor.directions),
+            list(per_anchor.lrs),
+            config.similarity,
+            config.chunk_rows,
+        ).sum(axis=1)  # (rows, A)
+        top = np.argsort(-totals, axis=1, kind="stable")[:, :k]
+        idx[start:stop], values[start:stop] = top, np.take_along_axis(totals, top, axis=1)
+    return [[per_anchor.groups[j] for j in row] for row in idx.tolist()], values
+
+
 def _score(
     candidates: Mapping[str, Sequence[ProjectedGrads]],
     anchors: Sequence[ProjectedGrads],

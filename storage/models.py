@@ -1,6 +1,6 @@
 """The tables: `Silo`, `Job` with its `JobCheckpoint`s and `JobMember`s, `AnchorSet`, `Shard`, `Score`,
-`DuplicatePair`; for training, `TrainJob` with its `TrainMember`s, `TrainRound`s and `TrainUpdate`s. Portable between
-SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
+`ScoreOverride`, `DuplicatePair`; for training, `TrainJob` with its `TrainMember`s, `TrainRound`s and
+`TrainUpdate`s. Portable between SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
 
 Deleting a `Job` deletes every row that names it (``ON DELETE CASCADE``; SQLite needs ``foreign_keys=ON``, which
 `storage.db.make_engine` sets).
@@ -36,6 +36,7 @@ SHARD_ROLES = ("candidate", "anchor")
 TRAIN_MODES = ("warmup", "federated", "merge")
 TRAIN_STATUSES = ("draft", "starting", "running", "evaluating", "done", "failed")
 ROUND_STATUSES = ("open", "aggregating", "closed")
+DECISIONS = ("keep", "drop", "auto")  # an owner's override of a sample's keep/drop; "auto" returns to the threshold
 
 
 def utcnow() -> datetime:
@@ -115,6 +116,7 @@ class Job(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
     threshold_value: Mapped[float | None] = mapped_column(Float)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -237,10 +239,19 @@ class ShardSample(Base):
 
 
 class Score(Base):
-    """The score of one sample: ``parts`` holds the per-checkpoint terms, ``row`` the position for stable order."""
+    """The score of one sample: ``parts`` holds the per-checkpoint terms, ``row`` the position for stable order.
+
+    ``selected`` is the decision in force (what masks and training jobs use): the threshold's own decision
+    ``auto_selected`` unless the owner overrode it, in which case ``override_id`` names the `ScoreOverride` in force.
+    ``nearest``: the anchor samples with the largest pairwise trace terms, ``[[anchor_id, Σ_t η_t·sim], ...]``.
+    """
 
     __tablename__ = "scores"
-    __table_args__ = (Index(None, "job_id", "owner", "row"),)
+    __table_args__ = (
+        Index(None, "job_id", "owner", "row"),
+        Index(None, "job_id", "score"),
+        Index(None, "job_id", "owner", "score"),
+    )
 
     job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -249,6 +260,31 @@ class Score(Base):
     score: Mapped[float] = mapped_column(Float)
     parts: Mapped[list[float]] = mapped_column(JSON)
     selected: Mapped[bool]
+    auto_selected: Mapped[bool]
+    override_id: Mapped[int | None]
+    nearest: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class ScoreOverride(Base):
+    """One owner decision about one sample, kept as an audit record (never updated or deleted but with its job).
+
+    ``decision`` is one of `DECISIONS`; ``previous``/``selected`` are the decision in force before and after it;
+    ``actor`` is the silo that made it.
+    """
+
+    __tablename__ = "score_overrides"
+    __table_args__ = (Index(None, "job_id", "owner", "sample_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(_job_fk())
+    owner: Mapped[str] = mapped_column(String(64))
+    sample_id: Mapped[str] = mapped_column(String(500))
+    decision: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(64))
+    previous: Mapped[bool]
+    selected: Mapped[bool]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DuplicatePair(Base):

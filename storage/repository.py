@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
+from storage import scores
 from storage.errors import ConflictError, NotFoundError
 from storage.models import (
     AnchorSet,
@@ -92,9 +93,14 @@ def silo_by_token(session: Session, *, token: str) -> Silo | None:
     return session.scalar(select(Silo).where(Silo.token_hash == hash_token(token)))
 
 
+def find_silo(session: Session, *, name: str) -> Silo | None:
+    """The silo of this name, or None."""
+    return session.scalar(select(Silo).where(Silo.name == name))
+
+
 def get_silo_by_name(session: Session, *, name: str) -> Silo:
     """Raises `NotFoundError` when no silo has this name."""
-    silo = session.scalar(select(Silo).where(Silo.name == name))
+    silo = find_silo(session, name=name)
     if silo is None:
         raise NotFoundError(f"silo '{name}' does not exist")
     return silo
@@ -417,8 +423,18 @@ def _replace(session: Session, model: type[Score] | type[DuplicatePair], job_id:
 
 
 def replace_scores(session: Session, *, job_id: str, rows: Iterable[dict[str, Any]]) -> int:
-    """Replace all scores of a job; rows have ``owner, sample_id, row, score, parts, selected``. Returns the count."""
-    return _replace(session, Score, job_id, rows)
+    """Replace all scores of a job; rows have ``owner, sample_id, row, score, parts, selected`` and optionally
+    ``nearest``. ``selected`` is the threshold's decision: the owners' overrides are put back in force over it, and
+    the job's summary is rebuilt. Returns the count."""
+    count = _replace(
+        session,
+        Score,
+        job_id,
+        ({"nearest": None, **r, "auto_selected": r["selected"], "override_id": None} for r in rows),
+    )
+    scores.reapply_overrides(session, job_id=job_id)
+    scores.store_summary(session, job_id=job_id)
+    return count
 
 
 def list_scores(

@@ -28,7 +28,14 @@ from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, map_projection, projection_from_bytes
 from scoring.selection import apply_threshold, threshold_from_dict
-from scoring.traces import best_group, build_anchor_directions, score_anchor_samples, trace_block
+from scoring.traces import (
+    best_group,
+    build_anchor_directions,
+    nearest_anchors,
+    per_anchor_directions,
+    score_anchor_samples,
+    trace_block,
+)
 from scoring.types import ProjectedGrads, ScoreTable
 from storage import repository as repo
 from storage.blobs import LocalBlobStore
@@ -44,6 +51,8 @@ RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projectio
 
 NEAR_DUPLICATE_THRESHOLD = 0.98
 """Cosine similarity of two samples' projected gradients at or above which they are reported as near-duplicates."""
+NEAREST_ANCHORS = 3
+"""Anchor samples recorded per sample, by pairwise trace (`scoring.traces.nearest_anchors`)."""
 
 Progress = Callable[[float, str], None]
 
@@ -238,12 +247,14 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     anchors = [load_shard(res, s)[0] for s in anchor_rows]
     anchor_cands = [load_shard(res, s)[0] for s in anchor_cand_rows]
     directions = build_anchor_directions(anchors, config)
+    per_anchor = per_anchor_directions(anchors, config)
     anchor_table = score_anchor_samples(anchor_cands, anchors, config)
     total = sum(len(parts) for parts in silo_parts.values()) or 1
     ids: list[str] = []
     silos: list[str] = []
     scores: list[np.ndarray] = [np.zeros(0)]
     trace: list[np.ndarray] = [np.zeros((0, len(anchors)))]
+    nearest: list[list[list]] = []
     preconditioned: set[bool] = set()
     blocks = [(name, part, shards) for name, parts in silo_parts.items() for part, shards in parts.items()]
     for done, (name, part, seq) in enumerate(prefetched(res, blocks), start=1):
@@ -253,6 +264,9 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         silos.extend([name] * len(seq[0]))
         scores.append(block_scores)
         trace.append(block_parts)
+        near_ids, near_values = nearest_anchors(per_anchor, seq, config, k=NEAREST_ANCHORS)
+        for anchor_ids, values in zip(near_ids, near_values.tolist(), strict=True):
+            nearest.append([[a, v] for a, v in zip(anchor_ids, values, strict=True)])
         progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
     if len(preconditioned) > 1:
         raise DataError("some silos sent Adam-preconditioned gradients and others did not")
@@ -260,10 +274,11 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     table = apply_threshold(table, policy, anchor_table)
     assert table.selected is not None and table.threshold is not None
     rows = _score_rows(table, table.selected)
+    for row, near in zip(rows, nearest, strict=True):
+        row["nearest"] = near
     rows += _score_rows(anchor_table, anchor_table.scores >= table.threshold)
     progress(0.95, "saving scores")
-    with res.sessions.begin() as session:
-        repo.replace_scores(session, job_id=job_id, rows=rows)
+    with res.sessions.begin() as session:  # threshold first: replace_scores summarises against it
         repo.update_job(
             session,
             job_id=job_id,
@@ -274,6 +289,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
             threshold_value=float(table.threshold),
             finished_at=datetime.now(UTC),
         )
+        repo.replace_scores(session, job_id=job_id, rows=rows)
     return table
 
 

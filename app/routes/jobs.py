@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -17,12 +17,9 @@ from app.deps import AdminDep, AppState, Principal, PrincipalDep, SessionDep, Si
 from app.errors import ApiError
 from app.metrics import TASKS
 from app.schemas import (
-    DuplicatePair,
     JobCreate,
     JobPublic,
     MemberPublic,
-    ScoreRow,
-    ScoresPublic,
     ShardPublic,
     UploadResult,
 )
@@ -392,47 +389,3 @@ def complete_upload(job_id: JobId, state: StateDep, session: SessionDep, princip
     if job.options.get("auto_score", True) and all(m.status == "complete" for m in job.members):
         _start_scoring(state, session, job)
     return _public(job, principal, session)
-
-
-@router.get("/{job_id}/scores", operation_id="get_scores")
-def get_scores(
-    job_id: JobId,
-    session: SessionDep,
-    principal: PrincipalDep,
-    silo: Annotated[str | None, Query(max_length=64, description="admin only: one silo (or __anchor__)")] = None,
-    limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> ScoresPublic:
-    """Scores and masks: all silos' (and the anchor samples', silo ``__anchor__``) for the admin; a silo gets
-    only its own. 409 until the job is ``done``."""
-    job = _job_for(session, job_id, principal)
-    if job.status != "done":
-        raise ApiError(409, f"job {job_id} is {job.status!r} ({job.message}); scores exist once it is 'done'")
-    if not principal.is_admin:
-        if silo not in (None, principal.silo.name):
-            raise ApiError(403, "a silo may read only its own scores")
-        silo = principal.silo.name
-    total = repo.count_scores(session, job_id=job_id, owner=silo)
-    rows = repo.list_scores(session, job_id=job_id, owner=silo, limit=limit, offset=offset)
-    return ScoresPublic(
-        job=job_id,
-        status=job.status,
-        threshold=job.threshold_value,
-        total=total,
-        rows=[
-            ScoreRow(silo=r.owner, sample_id=r.sample_id, score=r.score, parts=r.parts, selected=r.selected)
-            for r in rows
-        ],
-    )
-
-
-@router.get("/{job_id}/duplicates", operation_id="get_duplicates")
-def get_duplicates(job_id: JobId, session: SessionDep, _: AdminDep) -> list[DuplicatePair]:
-    """Near-duplicate sample pairs across silos (cosine of projected gradients ≥ 0.98), once scored."""
-    repo.get_job(session, job_id=job_id)
-    return [
-        DuplicatePair(
-            silo_a=d.owner_a, sample_a=d.sample_a, silo_b=d.owner_b, sample_b=d.sample_b, similarity=d.similarity
-        )
-        for d in repo.list_duplicates(session, job_id=job_id)
-    ]

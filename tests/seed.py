@@ -1,0 +1,199 @@
+"""A scored job written straight into storage, as the workers would leave it: for dashboard tests and the dashboard
+benchmark, which need many scored rows without running the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from storage import repository as repo
+from storage.models import ANCHOR_OWNER
+
+
+@dataclass(frozen=True)
+class SeededJob:
+    job_id: str
+    tokens: dict[str, str]  # silo name -> bearer token
+    threshold: float
+    sample_ids: dict[str, list[str]]  # silo name -> its sample ids, in upload order
+    anchor_ids: list[str]
+
+
+def seed_scored_job(
+    session: Session,
+    *,
+    silos: tuple[str, ...] = ("silo1", "silo2", "silo3"),
+    per_silo: int | tuple[int, ...] = 50,
+    anchors: int = 40,
+    checkpoints: int = 2,
+    noise: tuple[float, ...] = (0.1, 0.3, 0.5),
+    duplicates: int = 3,
+    seed: int = 0,
+    name: str = "seeded",
+    sample_ids: dict[str, list[str]] | None = None,
+) -> SeededJob:
+    """Create the silos (if missing), a ``done`` job over them and its scores: a noisy fraction of each silo scores
+    low, the threshold is the mean anchor score, each sample names its 3 nearest anchors, and ``duplicates`` pairs
+    of samples across the first two silos are near-duplicates. Commits."""
+    rng = np.random.default_rng(seed)
+    sizes = per_silo if isinstance(per_silo, tuple) else (per_silo,) * len(silos)
+    tokens = {}
+    for s in silos:
+        if repo.find_silo(session, name=s) is None:
+            tokens[s] = repo.create_silo(session, name=s)[1]
+    lr = [1e-3 / (t + 1) for t in range(checkpoints)]
+    job = repo.create_job(
+        session,
+        name=name,
+        model="smollm2-135m",
+        lora={"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+        projection={"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
+        similarity="cosine",
+        threshold={"kind": "mean-anchor"},
+        precondition=True,
+        options={"max_len": 512},
+        checkpoints=[
+            {"index": t, "step": 10 * (t + 1), "lr": lr[t], "lr_last": lr[t], "adam": {}} for t in range(checkpoints)
+        ],
+        silo_names=list(silos),
+    )
+    anchor_ids = [f"anchor-{i:04d}" for i in range(anchors)]
+
+    def parts(clean: np.ndarray) -> np.ndarray:  # (n, T) terms η_t·cos, clean samples align with the anchors
+        base = np.where(clean, 0.35, 0.05)[:, None] + 0.08 * rng.standard_normal((len(clean), checkpoints))
+        return base * np.asarray(lr)[None, :] * 1e3
+
+    anchor_parts = parts(np.ones(anchors, dtype=bool))
+    threshold = float(anchor_parts.sum(1).mean())
+    rows, ids_by_silo = [], {}
+    for s, n, rate in zip(silos, sizes, noise * len(silos), strict=False):
+        ids = (sample_ids or {}).get(s) or [f"{s}-{i:06d}" for i in range(n)]
+        ids_by_silo[s] = ids
+        p = parts(rng.random(len(ids)) >= rate)
+        nearest = rng.integers(0, anchors, size=(len(ids), 3))
+        for i, sid in enumerate(ids):
+            score = float(p[i].sum())
+            rows.append(
+                {
+                    "owner": s,
+                    "sample_id": sid,
+                    "row": i,
+                    "score": score,
+                    "parts": p[i].tolist(),
+                    "selected": score >= threshold,
+                    "nearest": [[anchor_ids[a], float(score / (k + 1))] for k, a in enumerate(nearest[i])],
+                }
+            )
+    for i, aid in enumerate(anchor_ids):
+        score = float(anchor_parts[i].sum())
+        rows.append(
+            {
+                "owner": ANCHOR_OWNER,
+                "sample_id": aid,
+                "row": i,
+                "score": score,
+                "parts": anchor_parts[i].tolist(),
+                "selected": score >= threshold,
+            }
+        )
+    for s in silos:
+        m = repo.get_member(session, job_id=job.id, silo_id=repo.get_silo_by_name(session, name=s).id)
+        m.status, m.num_samples = "complete", len(ids_by_silo[s])
+    repo.update_job(session, job_id=job.id, status="scoring", anchor_status="done", threshold_value=threshold)
+    repo.replace_scores(session, job_id=job.id, rows=rows)
+    if duplicates and len(silos) > 1:
+        a, b = ids_by_silo[silos[0]], ids_by_silo[silos[1]]
+        repo.replace_duplicates(
+            session,
+            job_id=job.id,
+            pairs=[
+                {
+                    "owner_a": silos[0],
+                    "sample_a": a[i],
+                    "owner_b": silos[1],
+                    "sample_b": b[i],
+                    "similarity": 0.99 - 0.001 * i,
+                }
+                for i in range(min(duplicates, len(a), len(b)))
+            ],
+        )
+    kept = sum(r["selected"] for r in rows if r["owner"] != ANCHOR_OWNER)
+    total = sum(len(v) for v in ids_by_silo.values())
+    repo.update_job(
+        session,
+        job_id=job.id,
+        status="done",
+        progress=1.0,
+        threshold_value=threshold,
+        message=f"{kept} of {total} samples selected",
+    )
+    session.commit()
+    return SeededJob(job.id, tokens, threshold, ids_by_silo, anchor_ids)
+
+
+def seed_training_job(
+    session: Session,
+    *,
+    scoring_job_id: str | None,
+    silos: tuple[str, ...] = ("silo1", "silo2", "silo3"),
+    rounds: int = 3,
+    status: str = "done",
+    name: str = "federated on the selection",
+) -> str:
+    """A federated training job with ``rounds`` closed rounds (falling training loss, an evaluation per round and
+    final metrics), as the workers leave one. Commits; returns its id."""
+    from datetime import UTC, datetime, timedelta
+
+    settings = {
+        "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+        "local": {"steps": 4, "batch_size": 4, "lr": 1e-3},
+        "aggregation": {"rule": "fedavg"},
+        "merge": None,
+        "selection": {"source": "selected", "scoring_job": scoring_job_id, "seed": 0} if scoring_job_id else None,
+        "checkpoint_rounds": [],
+        "evaluation": {"every": 1, "max_new_tokens": 8},
+    }
+    job = repo.create_train_job(
+        session,
+        name=name,
+        mode="federated",
+        model="smollm2-135m",
+        settings=settings,
+        rounds=rounds,
+        quorum=len(silos),
+        round_timeout_s=600.0,
+        scoring_job_id=scoring_job_id,
+        silo_names=list(silos),
+    )
+    now = datetime.now(UTC)
+    for r in range(rounds):
+        repo.open_round(
+            session, job_id=job.id, round=r, lr=1e-3, start_blob=f"{r:064x}", deadline=now + timedelta(hours=1)
+        )
+        repo.claim_round(session, job_id=job.id, round=r)
+        repo.close_round(
+            session,
+            job_id=job.id,
+            round=r,
+            result_blob=f"{r + 1:064x}",
+            participants=list(silos),
+            train_loss=2.8 - 0.25 * r,
+        )
+        repo.set_round_metrics(
+            session, job_id=job.id, round=r, metrics={"loss": 2.7 - 0.2 * r, "pubmedqa_accuracy": 0.3 + 0.1 * r}
+        )
+    for m in job.members:
+        m.num_samples = 30
+    repo.update_train_job(
+        session,
+        job_id=job.id,
+        status=status,
+        round=rounds - 1,
+        progress=1.0,
+        message=f"{rounds} rounds",
+        metrics={"loss": 2.7 - 0.2 * (rounds - 1), "pubmedqa_accuracy": 0.5},
+    )
+    session.commit()
+    return job.id
