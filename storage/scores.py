@@ -279,15 +279,15 @@ def reapply_overrides(session: Session, *, job_id: str) -> int:
         select(ScoreOverride).where(ScoreOverride.job_id == job_id).order_by(ScoreOverride.id)
     ):
         latest[(record.owner, record.sample_id)] = record
-    forced = [r for r in latest.values() if r.decision != "auto"]
-    for r in forced:
-        session.execute(
+    applied = 0
+    for r in (r for r in latest.values() if r.decision != "auto"):
+        applied += session.execute(
             update(Score)
             .where(and_(Score.job_id == job_id, Score.owner == r.owner, Score.sample_id == r.sample_id))
             .values(selected=r.decision == "keep", override_id=r.id)
-        )
+        ).rowcount  # type: ignore[attr-defined]  # 0 when the sample is no longer scored
     session.flush()
-    return len(forced)
+    return applied
 
 
 # --- near-duplicate clusters ---------------------------------------------------------------------------------------

@@ -91,6 +91,11 @@ def _query(job: Job, owner, kept, overridden, min_score, max_score, q, sort, ord
     return query
 
 
+def _cell(text: str) -> str:
+    """A text cell a spreadsheet will not run as a formula (ids and reasons come from silos)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def _override_info(record: ScoreOverride | None) -> OverrideInfo | None:
     if record is None:
         return None
@@ -184,8 +189,8 @@ def export_scores_csv(
                     decision, reason = (o.decision, o.reason) if o else ("", "")
                     nearest = ";".join(a for a, _ in r.nearest or [])
                     values = [repr(p) for p in r.parts]
-                    decided = [int(r.selected), int(r.auto_selected), decision, reason, nearest]
-                    out.writerow([r.owner, r.sample_id, repr(r.score), *values, *decided])
+                    decided = [int(r.selected), int(r.auto_selected), decision, _cell(reason), _cell(nearest)]
+                    out.writerow([r.owner, _cell(r.sample_id), repr(r.score), *values, *decided])
                 yield buf.getvalue()
                 buf.seek(0)
                 buf.truncate()
