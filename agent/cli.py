@@ -4,10 +4,13 @@
                         text), wait for the scores and write this silo's mask next to the data file
     clues agent train   take part in a training job: train every round locally from the global adapter, upload
                         the adapter (never the text or the Adam moments), download the final adapter
+    clues agent dashboard
+                        serve this silo's own dashboard on this machine: its scores joined with its local text,
+                        what was dropped and why, and keep/drop overrides (`agent.dashboard`)
 
 `add_parser` registers the ``agent`` command on the ``clues`` parser. Errors print one line
-``clues agent run: error: ...`` (or ``train``) naming the option or the problem, and exit 2. The coordinator's
-address and the silo's token may come from ``CLUES_COORDINATOR`` and ``CLUES_TOKEN``.
+``clues agent run: error: ...`` (or ``train``, ``dashboard``) naming the option or the problem, and exit 2. The
+coordinator's address and the silo's token may come from ``CLUES_COORDINATOR`` and ``CLUES_TOKEN``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,12 +63,17 @@ def _cache_dir() -> Path | None:
     return Path(value) / "models" if value else None
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    """The options ``run`` and ``train`` share: where the coordinator is, the token, the polling."""
+def _check_connection(args: argparse.Namespace) -> None:
+    """Where the coordinator is and the token: from the options or the environment."""
     for option, value in (("--coordinator", args.coordinator), ("--token", args.token)):
         if not value:
             env = "CLUES_COORDINATOR" if option == "--coordinator" else "CLUES_TOKEN"
             raise UsageError(f"{option}: missing; pass {option} or set {env}")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """The options ``run`` and ``train`` share: where the coordinator is, the token, the polling."""
+    _check_connection(args)
     for option, value in (("--poll-interval", args.poll_interval), ("--timeout", args.timeout)):
         if value is not None and not value > 0:
             raise UsageError(f"{option}: must be positive, got {value}")
@@ -164,8 +173,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, what: str) -> None:
-    """--coordinator, --token, --job, --data, --work-dir (holding ``what``), --device, --dtype, --poll-interval."""
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: any free port), so a port in use is a clean error before start."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port: must be 0 to 65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+    return sock
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``clues agent dashboard``: check the token with the coordinator, print the URL, serve until Ctrl-C."""
+    import uvicorn
+
+    from agent.client import Client, CoordinatorError
+    from agent.dashboard import create_dashboard, describe
+    from scoring.errors import ScoringError
+
+    prog = "clues agent dashboard"
+    try:
+        _check_connection(args)
+        if not Path(args.data).is_file():
+            raise UsageError(f"--data: {args.data}: no such file")
+        with Client(args.coordinator, args.token, timeout=30.0, retries=1, backoff=0.2) as client:
+            jobs = client.jobs()  # the token check
+        app = create_dashboard(args.coordinator, args.token, Path(args.data), _work_dir(args))
+        sock = _listen(args.host, args.port)
+    except CoordinatorError as exc:
+        print(f"{prog}: error: {describe(exc, args.coordinator)[1]}", file=sys.stderr)
+        return 2
+    except (UsageError, ScoringError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    dashboard = app.state.dashboard
+    dashboard.learn_name(jobs)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"{dashboard.brand} dashboard: http://{shown}:{port}/ui/jobs (Ctrl-C stops it)")
+    print(f"  {len(dashboard.text.current())} local samples from {args.data}; coordinator {args.coordinator}")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"{prog}: warning: listening on {host}: anyone who reaches it and has the token sees this silo's text")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--coordinator",
         metavar="URL",
@@ -178,6 +236,11 @@ def _add_common(p: argparse.ArgumentParser, what: str) -> None:
         default=os.environ.get("CLUES_TOKEN"),
         help="this silo's token (default: $CLUES_TOKEN)",
     )
+
+
+def _add_common(p: argparse.ArgumentParser, what: str) -> None:
+    """--coordinator, --token, --job, --data, --work-dir (holding ``what``), --device, --dtype, --poll-interval."""
+    _add_connection(p)
     p.add_argument(
         "--job", required=True, metavar="JOB", help="the job id (32 hex digits, from the coordinator's admin)"
     )
@@ -201,7 +264,7 @@ def add_parser(sub) -> None:
     """Register ``agent`` (with its ``run`` and ``train`` subcommands) on the ``clues`` subparsers ``sub``."""
     agent = sub.add_parser(
         "agent",
-        help="the silo agent: take part in a coordinator's scoring or training job",
+        help="the silo agent: take part in a coordinator's scoring or training job, or see this silo's scores",
         description="The silo side of federated scoring and training jobs. Only projections (scoring) or adapters "
         "(training) leave the silo, never text.",
     )
@@ -249,6 +312,27 @@ def add_parser(sub) -> None:
         "--timeout", type=float, default=None, metavar="S", help="give up after S seconds in all (default: never)"
     )
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser(
+        "dashboard",
+        help="serve this silo's own dashboard: its scores with its local text, what was dropped and why",
+        description="Serve a dashboard on this machine that joins the coordinator's scores for this silo with the "
+        "text of its data file (which never leaves it): score histograms with the threshold, the samples with "
+        "their text, filters and text search, and keep/drop overrides with a reason (recorded on the "
+        "coordinator). Log in with this silo's token. The token is checked with the coordinator at start-up.",
+    )
+    _add_connection(p)
+    p.add_argument("--data", required=True, metavar="FILE", help="local samples: JSONL/JSON records (Alpaca or chat)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8600, help="port to listen on (default 8600; 0: any free port)")
+    p.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        default=None,
+        help="where the session secret is kept (default: .clues-agent next to --data; "
+        "$CLUES_SESSION_SECRET overrides it)",
+    )
+    p.set_defaults(func=cmd_dashboard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Retries: connection errors, timeouts and 429/502/503/504 are retried with exponential backoff; every call it
 retries is idempotent on the server (PUT uploads are keyed and checksummed, POST open/score/complete/start are no-ops
-when already done). Any other 4xx/5xx raises `CoordinatorError` carrying the server's ``detail`` message.
+when already done); an override is sent once, never retried (each one is an audit record). Any other 4xx/5xx
+raises `CoordinatorError` carrying the server's ``detail`` message.
 """
 
 from __future__ import annotations
@@ -196,6 +197,34 @@ class Client:
             if len(rows) >= answer["total"] or not answer["rows"]:
                 return {**answer, "rows": rows}
 
+    def scores_page(self, job_id: str, **params: Any) -> dict:
+        """One page of score rows (`ScoresPublic`): the coordinator's filters, sort and paging, e.g. ``kept=True,
+        sort="score", order="desc", limit=50``; None values are left out."""
+        query = {k: _param(v) for k, v in params.items() if v is not None}
+        return self._json("GET", f"/v1/jobs/{job_id}/scores", params=query)
+
+    def summary(self, job_id: str) -> dict:
+        """What the dashboards chart (`ScoreSummary`): histogram edges and counts, kept and overridden counts."""
+        return self._json("GET", f"/v1/jobs/{job_id}/summary")
+
+    def overrides(self, job_id: str, **params: Any) -> dict:
+        """The override audit log (`OverrideLog`), newest first; ``limit``, ``offset``, ``sample_id``."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return self._json("GET", f"/v1/jobs/{job_id}/overrides", params=query)
+
+    def create_override(self, job_id: str, sample_id: str, decision: str, reason: str) -> dict:
+        """Keep or drop one of this silo's samples against the threshold (``auto`` undoes that); the new audit
+        record. Sent once, never retried: a retry after a lost answer would log the decision twice."""
+        body = {"sample_id": sample_id, "decision": decision, "reason": reason}
+        path = f"/v1/jobs/{job_id}/overrides"
+        try:
+            response = self.http.post(path, json=body)
+        except httpx.TransportError as exc:
+            raise CoordinatorError(None, f"POST {path}: coordinator unreachable ({exc})") from exc
+        if response.status_code >= 400:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return response.json()
+
     def wait(
         self,
         job_id: str,
@@ -273,6 +302,11 @@ class Client:
     def upload_round_update(self, job_id: str, round: int, data: bytes) -> dict:
         """This silo's adapter bundle after local training in ``round`` (201 new, 200 held; 409 late or closed)."""
         return self._upload(f"/v1/train/{job_id}/rounds/{round}/update", data)
+
+
+def _param(value: Any) -> Any:
+    """A query value as the coordinator parses it (booleans as ``true``/``false``)."""
+    return str(value).lower() if isinstance(value, bool) else value
 
 
 def _detail(response: httpx.Response) -> str:
