@@ -1,5 +1,5 @@
 """The tables: `Silo`, `Job` with its `JobCheckpoint`s and `JobMember`s, `AnchorSet`, `Shard`, `Score`,
-`ScoreOverride`, `DuplicatePair`; for training, `TrainJob` with its `TrainMember`s, `TrainRound`s and
+`ScorePart`, `ScoreOverride`, `DuplicatePair`; for training, `TrainJob` with its `TrainMember`s, `TrainRound`s and
 `TrainUpdate`s. Portable between SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
 
 Deleting a `Job` deletes every row that names it (``ON DELETE CASCADE``; SQLite needs ``foreign_keys=ON``, which
@@ -243,7 +243,8 @@ class Score(Base):
 
     ``selected`` is the decision in force (what masks and training jobs use): the threshold's own decision
     ``auto_selected`` unless the owner overrode it, in which case ``override_id`` names the `ScoreOverride` in force.
-    ``nearest``: the anchor samples with the largest pairwise trace terms, ``[[anchor_id, Σ_t η_t·sim], ...]``.
+    ``nearest``: the anchor samples with the largest pairwise traces, ``[{"anchor_id", "trace": Σ_t η_t·sim}, ...]``
+    (the API's own shape, so pages of rows are served without decoding it).
     """
 
     __tablename__ = "scores"
@@ -251,6 +252,7 @@ class Score(Base):
         Index(None, "job_id", "owner", "row"),
         Index(None, "job_id", "score"),
         Index(None, "job_id", "owner", "score"),
+        Index(None, "job_id", "owner", "selected", "auto_selected", "override_id"),  # covers the kept counts
     )
 
     job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
@@ -263,6 +265,20 @@ class Score(Base):
     auto_selected: Mapped[bool]
     override_id: Mapped[int | None]
     nearest: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class ScorePart(Base):
+    """Checkpoint ``t``'s term of one sample's score, one row per (sample, t): a copy of ``Score.parts[t]`` kept so
+    that sorting a job's samples by one checkpoint's term walks an index instead of decoding every row's JSON."""
+
+    __tablename__ = "score_parts"
+    __table_args__ = (Index(None, "job_id", "t", "value"),)
+
+    job_id: Mapped[str] = mapped_column(_job_fk(), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sample_id: Mapped[str] = mapped_column(String(500), primary_key=True)
+    t: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
 
 
 class ScoreOverride(Base):

@@ -28,6 +28,7 @@ from storage.models import (
     JobCheckpoint,
     JobMember,
     Score,
+    ScorePart,
     Shard,
     ShardSample,
     Silo,
@@ -412,7 +413,9 @@ def list_shards(session: Session, *, job_id: str, owner: str | None = None, role
 # --- scores and duplicates ---------------------------------------------------------------------------------------
 
 
-def _replace(session: Session, model: type[Score] | type[DuplicatePair], job_id: str, rows: Iterable[dict]) -> int:
+def _replace(
+    session: Session, model: type[Score | ScorePart | DuplicatePair], job_id: str, rows: Iterable[dict]
+) -> int:
     session.execute(delete(model).where(model.job_id == job_id))
     count, it = 0, iter(rows)
     while batch := [{**r, "job_id": job_id} for r in islice(it, BATCH_ROWS)]:
@@ -426,11 +429,17 @@ def replace_scores(session: Session, *, job_id: str, rows: Iterable[dict[str, An
     """Replace all scores of a job; rows have ``owner, sample_id, row, score, parts, selected`` and optionally
     ``nearest``. ``selected`` is the threshold's decision: the owners' overrides are put back in force over it, and
     the job's summary is rebuilt. Returns the count."""
-    count = _replace(
+    rows = [{"nearest": None, **r, "auto_selected": r["selected"], "override_id": None} for r in rows]
+    count = _replace(session, Score, job_id, rows)
+    _replace(
         session,
-        Score,
+        ScorePart,
         job_id,
-        ({"nearest": None, **r, "auto_selected": r["selected"], "override_id": None} for r in rows),
+        (
+            {"owner": r["owner"], "sample_id": r["sample_id"], "t": t, "value": float(v)}
+            for r in rows
+            for t, v in enumerate(r["parts"])
+        ),
     )
     scores.reapply_overrides(session, job_id=job_id)
     scores.store_summary(session, job_id=job_id)

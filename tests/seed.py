@@ -83,7 +83,9 @@ def seed_scored_job(
                     "score": score,
                     "parts": p[i].tolist(),
                     "selected": score >= threshold,
-                    "nearest": [[anchor_ids[a], float(score / (k + 1))] for k, a in enumerate(nearest[i])],
+                    "nearest": [
+                        {"anchor_id": anchor_ids[a], "trace": float(score / (k + 1))} for k, a in enumerate(nearest[i])
+                    ],
                 }
             )
     for i, aid in enumerate(anchor_ids):

@@ -5,9 +5,10 @@ tested directly. Every function is idempotent: running it twice, or again after 
 stored result (blobs are content-addressed, shard rows are keyed, scores are replaced in one transaction).
 
 - `project_anchors`: the anchor set's gradients at every checkpoint → anchor shards (owner ``__anchor__``).
-- `score_job`: every silo's shards streamed part by part against the anchor directions → scores, threshold, masks.
+- `score_job`: every silo's shards streamed part by part against the anchor directions → scores, threshold, masks,
+  and each sample's nearest anchor samples by pairwise trace (what the dashboards show).
 - `find_near_duplicates`: faiss over the last checkpoint's projections → near-duplicate pairs across silos, and the
-  anchor index the dashboard asks for each sample's nearest anchors.
+  anchor nearest-neighbour index.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     silos: list[str] = []
     scores: list[np.ndarray] = [np.zeros(0)]
     trace: list[np.ndarray] = [np.zeros((0, len(anchors)))]
-    nearest: list[list[list]] = []
+    nearest: list[list[dict]] = []
     preconditioned: set[bool] = set()
     blocks = [(name, part, shards) for name, parts in silo_parts.items() for part, shards in parts.items()]
     for done, (name, part, seq) in enumerate(prefetched(res, blocks), start=1):
@@ -266,7 +267,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         trace.append(block_parts)
         near_ids, near_values = nearest_anchors(per_anchor, seq, config, k=NEAREST_ANCHORS)
         for anchor_ids, values in zip(near_ids, near_values.tolist(), strict=True):
-            nearest.append([[a, v] for a, v in zip(anchor_ids, values, strict=True)])
+            nearest.append([{"anchor_id": a, "trace": v} for a, v in zip(anchor_ids, values, strict=True)])
         progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
     if len(preconditioned) > 1:
         raise DataError("some silos sent Adam-preconditioned gradients and others did not")
