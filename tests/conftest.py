@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,36 +164,51 @@ def inline_enqueue(settings, coordinator: Coordinator):
 
 
 @contextmanager
-def serve_coordinator(data_dir: Path, admin_token: str = "admin-secret") -> Iterator[Coordinator]:
-    """The real app (SQLite + blob store under ``data_dir``) served by uvicorn on a free 127.0.0.1 port."""
+def serve_asgi(make_app: Callable[[str], Any], name: str = "server") -> Iterator[tuple[str, Any]]:
+    """``make_app(url)``'s app served by uvicorn on a free 127.0.0.1 port in a thread: yields ``(url, app)``."""
     import uvicorn
 
-    from app.config import AppSettings
-    from app.main import create_app
-
-    settings = AppSettings(data_dir=Path(data_dir), admin_token=admin_token, log_json=False)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    coordinator = Coordinator(f"http://127.0.0.1:{port}", settings, admin_token, None)
-    coordinator.app = create_app(settings, enqueue=inline_enqueue(settings, coordinator))
-    server = uvicorn.Server(uvicorn.Config(coordinator.app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="coordinator", daemon=True)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = make_app(url)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the coordinator did not start")
+            raise RuntimeError(f"the {name} did not start")
         time.sleep(0.02)
     try:
-        yield coordinator
+        yield url, app
     finally:
-        coordinator.cancel_timers()
-        coordinator.join_tasks()
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def serve_coordinator(data_dir: Path, admin_token: str = "admin-secret") -> Iterator[Coordinator]:
+    """The real app (SQLite + blob store under ``data_dir``) served by uvicorn on a free 127.0.0.1 port."""
+    from app.config import AppSettings
+    from app.main import create_app
+
+    settings = AppSettings(data_dir=Path(data_dir), admin_token=admin_token, log_json=False)
+    coordinator = Coordinator("", settings, admin_token, None)
+
+    def make(url: str):
+        coordinator.url = url
+        coordinator.app = create_app(settings, enqueue=inline_enqueue(settings, coordinator))
+        return coordinator.app
+
+    with serve_asgi(make, "coordinator"):
+        try:
+            yield coordinator
+        finally:
+            coordinator.cancel_timers()
+            coordinator.join_tasks()
 
 
 @pytest.fixture
