@@ -463,3 +463,10 @@ def test_override_log_admin_all_silo_own(env):
     r = env.client.get(env.url("/overrides"), params={"silo": ANCHOR_OWNER}, headers=ADMIN)
     assert r.status_code == 422
     assert env.client.get(env.url("/overrides"), headers=env.silo("silo3")).json() == {"total": 0, "rows": []}
+
+
+def test_a_silo_learns_its_own_name(env):
+    me = env.client.get("/v1/silos/me", headers=env.silo("silo2"))
+    assert me.status_code == 200 and me.json()["name"] == "silo2"
+    assert env.client.get("/v1/silos/me", headers=ADMIN).status_code == 403
+    assert env.client.get("/v1/silos/me").status_code == 401
