@@ -189,7 +189,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    """``clues agent dashboard``: check the token with the coordinator, print the URL, serve until Ctrl-C."""
+    """``clues agent dashboard``: ask the coordinator whose token this is (``GET /v1/silos/me``: a silo's, else
+    exit 2), print the URL, serve until Ctrl-C."""
     import uvicorn
 
     from agent.client import Client, CoordinatorError
@@ -202,17 +203,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         if not Path(args.data).is_file():
             raise UsageError(f"--data: {args.data}: no such file")
         with Client(args.coordinator, args.token, timeout=30.0, retries=1, backoff=0.2) as client:
-            jobs = client.jobs()  # the token check
-        app = create_dashboard(args.coordinator, args.token, Path(args.data), _work_dir(args))
+            silo = client.me()["name"]  # the token check
+        app = create_dashboard(args.coordinator, args.token, Path(args.data), _work_dir(args), silo=silo)
         sock = _listen(args.host, args.port)
     except CoordinatorError as exc:
-        print(f"{prog}: error: {describe(exc, args.coordinator)[1]}", file=sys.stderr)
+        message = describe(exc, args.coordinator)[1]
+        if exc.status == 403:  # a token the coordinator knows, but not a silo's (the admin's)
+            message = f"--token: not a silo's token; the coordinator at {args.coordinator} answered 403: {exc.detail}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except (UsageError, ScoringError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     dashboard = app.state.dashboard
-    dashboard.learn_name(jobs)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"{dashboard.brand} dashboard: http://{shown}:{port}/ui/jobs (Ctrl-C stops it)")
@@ -319,7 +322,8 @@ def add_parser(sub) -> None:
         description="Serve a dashboard on this machine that joins the coordinator's scores for this silo with the "
         "text of its data file (which never leaves it): score histograms with the threshold, the samples with "
         "their text, filters and text search, and keep/drop overrides with a reason (recorded on the "
-        "coordinator). Log in with this silo's token. The token is checked with the coordinator at start-up.",
+        "coordinator). Log in with this silo's token. The token is checked with the coordinator at start-up "
+        "(it must be a silo's, not the admin's).",
     )
     _add_connection(p)
     p.add_argument("--data", required=True, metavar="FILE", help="local samples: JSONL/JSON records (Alpaca or chat)")

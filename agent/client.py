@@ -286,6 +286,11 @@ class Client:
 
     # -- silo ------------------------------------------------------------------------------------------------
 
+    def me(self) -> dict:
+        """The silo this token belongs to (`SiloPublic`: ``id``, ``name``, ``created_at``); the admin token gets a
+        403 `CoordinatorError`, an unknown one a 401."""
+        return self._json("GET", "/v1/silos/me")
+
     def download_checkpoint(self, job_id: str, index: int, dest: Path) -> str:
         """Stream checkpoint bundle ``index`` of a scoring job to ``dest`` (see `_download`); returns its SHA-256."""
         return self._download(f"/v1/jobs/{job_id}/checkpoints/{index}", dest, f"checkpoint {index}")

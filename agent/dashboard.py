@@ -9,22 +9,18 @@ with the silo's local text, so the owner sees what was dropped and why, and can 
     /api/jobs/{id}/samples       score rows joined with the local text, filtered, sorted and paged here
     /api/jobs/{id}/overrides     the audit log (GET); keep/drop/auto with a reason (POST, sent to the coordinator)
 
-The text never leaves this process: the coordinator sends ids and scores, the join happens here, and an override
-sends only the sample id, the decision and the reason. All of a job's rows are fetched once and kept in memory
-(`JobRows`); after ``ttl_s`` they are refetched in the background while the old ones keep serving. Started by
-``clues agent dashboard``.
+Here: the FastAPI app (`create_dashboard`), the session cookie, the routes and the error pages; the local text and
+the joined rows, filtered, sorted and paged, are `agent.samples`. The text never leaves this process: an override
+sends only the sample id, the decision and the reason. The silo's name is the coordinator's answer to whose token
+this is (``GET /v1/silos/me``). Started by ``clues agent dashboard``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-import logging
 import os
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -40,18 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.client import Client, CoordinatorError
-from scoring.data import Sample, read_samples
+from agent.samples import SORT_PATTERN, LocalText, RowCache, SampleQuery, query_rows
 from storage.repository import hash_token
 from webui import STATIC_DIR, TEMPLATES_DIR, Session, SessionSigner, load_secret, plotly_js, same_origin
 
-log = logging.getLogger("clues.agent.dashboard")
-
 PREFIX = "/ui"
 STATIC = f"{PREFIX}/static"
-PREVIEW_CHARS = 400
-FETCH_PAGE = 50_000
-MAX_JOBS = 8  # jobs whose rows are held at once
-SORT_PATTERN = r"^(row|score|sample_id|silo|selected|part:\d{1,4})$"
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
 templates = Jinja2Templates(
     env=Environment(
@@ -61,153 +51,7 @@ templates = Jinja2Templates(
 )
 
 
-# -- the local text and the joined rows: plain data and pure functions ------------------------------------------------
-
-
-def _preview(text: str) -> str:
-    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
-
-
-@dataclass(frozen=True)
-class Text:
-    """What the table shows of one local sample, and what text search looks in (all its text, lower-cased)."""
-
-    instruction: str  # the prompt's non-system turns (Alpaca: instruction, blank line, input), ≤ PREVIEW_CHARS
-    response: str  # ≤ PREVIEW_CHARS
-    search: str
-
-
-def index_text(samples: list[Sample]) -> dict[str, Text]:
-    """Sample id → `Text`, computed once per read of the data file."""
-    out = {}
-    for s in samples:
-        prompt = "\n\n".join(c for r, c in s.prompt if r != "system") or "\n\n".join(c for _, c in s.prompt)
-        search = "\n".join([s.id, *(c for _, c in s.prompt), s.response]).lower()
-        out[s.id] = Text(_preview(prompt), _preview(s.response), search)
-    return out
-
-
-class LocalText:
-    """The silo's data file, read again when it changes on disk (a file that no longer reads keeps the old text)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.version = 0
-        self._stamp: tuple[int, int] | None = None
-        self._lock = threading.Lock()
-        self.by_id: dict[str, Text] = {}
-        self.current()  # the first read raises: a bad file stops the dashboard from starting
-
-    def current(self) -> dict[str, Text]:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            if self._stamp is None:
-                raise
-            return self.by_id
-        with self._lock:
-            if (st.st_mtime_ns, st.st_size) != self._stamp:
-                try:
-                    self.by_id, self.version = index_text(read_samples(self.path)), self.version + 1
-                except (OSError, ValueError) as exc:
-                    if self._stamp is None:
-                        raise
-                    log.warning("%s: kept the text read before: %s", self.path, exc)
-                self._stamp = (st.st_mtime_ns, st.st_size)
-        return self.by_id
-
-
-def join_rows(score_rows: list[dict], text: dict[str, Text]) -> tuple[list[dict], list[str]]:
-    """The coordinator's rows with ``instruction``, ``response`` and ``text_missing`` added, and each row's search
-    text (just the lower-cased id when the local file lacks the sample)."""
-    rows, search = [], []
-    for r in score_rows:
-        t = text.get(r["sample_id"])
-        rows.append({**r, "instruction": t.instruction if t else "", "response": t.response if t else ""})
-        rows[-1]["text_missing"] = t is None
-        search.append(t.search if t else r["sample_id"].lower())
-    return rows, search
-
-
-def _sort_key(sort: str) -> Callable[[dict], Any]:
-    if sort.startswith("part:"):
-        t = int(sort.partition(":")[2])
-        return lambda r: r["parts"][t]
-    if sort in ("score", "sample_id", "selected"):
-        return lambda r: r[sort]
-    raise ValueError(sort)
-
-
-@dataclass
-class JobRows:
-    """One job's rows for this silo, in upload order, joined with the local text. ``orders`` caches ascending index
-    orders per sort key; `patch` clears it."""
-
-    threshold: float | None
-    rows: list[dict]
-    search: list[str]
-    text_version: int
-    fetched: float  # time.monotonic() when the fetch began
-    orders: dict[str, list[int]] = field(default_factory=dict)
-    without_text: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.without_text = sum(r["text_missing"] for r in self.rows)
-
-    @property
-    def checkpoints(self) -> int | None:
-        return len(self.rows[0]["parts"]) if self.rows else None
-
-    def order(self, sort: str) -> list[int]:
-        if sort in ("row", "silo"):  # every row is this silo's
-            return list(range(len(self.rows)))
-        order = self.orders.get(sort)
-        if order is None:
-            key, rows = _sort_key(sort), self.rows
-            order = self.orders[sort] = sorted(range(len(rows)), key=lambda i: key(rows[i]))
-        return order
-
-    def patch(self, record: dict) -> None:
-        """Put an override the coordinator recorded (`OverridePublic`) into the cached row."""
-        info = None
-        if record["decision"] != "auto":
-            info = {k: record[k] for k in ("id", "decision", "reason", "actor", "created_at")}
-        for row in self.rows:
-            if row["sample_id"] == record["sample_id"]:
-                row["selected"], row["override"] = record["selected"], info
-        self.orders.clear()
-
-
-@dataclass(frozen=True)
-class SampleQuery:
-    """The table's filters (None: any) and order."""
-
-    q: str | None = None
-    kept: bool | None = None
-    overridden: bool | None = None
-    min_score: float | None = None
-    max_score: float | None = None
-    sort: str = "row"
-    descending: bool = False
-
-
-def query_rows(job: JobRows, query: SampleQuery, limit: int, offset: int) -> tuple[int, list[dict]]:
-    """``(total matching, the page)``: each filter narrows an index list, in the requested order."""
-    rows, idx = job.rows, job.order(query.sort)
-    if query.descending:
-        idx = idx[::-1]
-    if query.kept is not None:
-        idx = [i for i in idx if rows[i]["selected"] is query.kept]
-    if query.overridden is not None:
-        idx = [i for i in idx if (rows[i]["override"] is not None) is query.overridden]
-    if query.min_score is not None:
-        idx = [i for i in idx if rows[i]["score"] >= query.min_score]
-    if query.max_score is not None:
-        idx = [i for i in idx if rows[i]["score"] <= query.max_score]
-    if query.q:
-        needle, search = query.q.lower(), job.search
-        idx = [i for i in idx if needle in search[i]]
-    return len(idx), [rows[i] for i in idx[offset : offset + limit]]
+# -- coordinator failures -------------------------------------------------------------------------------------------
 
 
 def describe(exc: CoordinatorError, url: str) -> tuple[int, str]:
@@ -246,24 +90,25 @@ class Dashboard:
     ) -> None:
         self.client, self.url, self.text, self.signer = client, url, text, signer
         self.silo: str | None = silo
-        self.ttl_s, self.secure = ttl_s, secure
+        self.secure = secure
+        self.rows = RowCache(client, text, ttl_s=ttl_s)
         self._token, self._token_hash = token, hash_token(token)
         self.cookie = f"clues_silo_{signer.fingerprint(self._token_hash)[:12]}"  # not the coordinator's cookie
-        self._cache: dict[str, JobRows] = {}
-        self._patched: dict[str, float] = {}
-        self._refreshing: set[str] = set()
-        self._lock = threading.Lock()
-        self._fill_locks: dict[str, threading.Lock] = {}
 
     @property
     def brand(self) -> str:
         return f"silo {self.silo}" if self.silo else "silo"
 
-    def learn_name(self, jobs: list[dict]) -> None:
-        """The coordinator shows a silo only itself among a job's members: that is this silo's name."""
-        for job in jobs:
-            if self.silo is None and job.get("silos"):
-                self.silo = job["silos"][0]["name"]
+    def learn_name(self) -> str:
+        """This silo's name: the coordinator's answer to whose token this is (`Client.me`), asked once and kept.
+
+        Raises:
+            agent.client.CoordinatorError: the coordinator cannot be reached or refuses the token (a 403 for a
+                token that is not a silo's).
+        """
+        if self.silo is None:
+            self.silo = self.client.me()["name"]
+        return self.silo
 
     # -- sessions
 
@@ -278,64 +123,6 @@ class Dashboard:
         if session is None or not session.subject.startswith("silo:"):
             return None
         return session if self.signer.matches(session, self._token_hash) else None
-
-    # -- rows
-
-    def rows(self, job_id: str) -> JobRows:
-        """The job's joined rows: fetched now when none are held (or the local text changed), else the held ones,
-        with a refetch started in the background once they are older than ``ttl_s``."""
-        self.text.current()
-        entry = self._cache.get(job_id)
-        if entry is None or entry.text_version != self.text.version:
-            return self._fill(job_id, force=False)
-        if time.monotonic() - entry.fetched > self.ttl_s:
-            with self._lock:
-                if job_id in self._refreshing:
-                    return entry
-                self._refreshing.add(job_id)
-            threading.Thread(target=self._refresh, args=(job_id,), name=f"rows-{job_id[:8]}", daemon=True).start()
-        return entry
-
-    def _refresh(self, job_id: str) -> None:
-        try:
-            self._fill(job_id, force=True)
-        except Exception as exc:  # the held rows keep serving; the next request tries again
-            log.warning("job %s: refetching the scores failed: %s", job_id, exc)
-        finally:
-            with self._lock:
-                self._refreshing.discard(job_id)
-
-    def _fill(self, job_id: str, *, force: bool) -> JobRows:
-        """Fetch and join the job's rows (one fetch at a time per job; unless ``force``, rows that another request
-        fetched meanwhile are taken instead)."""
-        with self._lock:
-            lock = self._fill_locks.setdefault(job_id, threading.Lock())
-        with lock:
-            held = self._cache.get(job_id)
-            if not force and held is not None and held.text_version == self.text.version:
-                return held
-            started = time.monotonic()
-            answer = self.client.scores(job_id, page=FETCH_PAGE)
-            text, version = self.text.current(), self.text.version
-            rows, search = join_rows(answer["rows"], text)
-            entry = JobRows(answer["threshold"], rows, search, version, started)
-            with self._lock:
-                if self._patched.get(job_id, 0.0) > started:  # an override landed while this fetch ran: the
-                    held = self._cache.get(job_id)  # rows may predate it, so keep the patched ones (or these)
-                    entry = held if held is not None and held.text_version == version else entry
-                    entry.fetched = 0.0  # and fetch again on the next request
-                self._cache[job_id] = entry
-                while len(self._cache) > MAX_JOBS:  # forget the job fetched longest ago
-                    others = (j for j in self._cache if j != job_id)
-                    del self._cache[min(others, key=lambda j: self._cache[j].fetched)]
-            return entry
-
-    def patch(self, job_id: str, record: dict) -> None:
-        with self._lock:
-            self._patched[job_id] = time.monotonic()
-            entry = self._cache.get(job_id)
-        if entry is not None:
-            entry.patch(record)
 
     # -- pages
 
@@ -441,16 +228,16 @@ def logout(dash: DashDep) -> RedirectResponse:
 
 @ui.get("/jobs", response_class=HTMLResponse)
 def jobs_page(request: Request, dash: DashDep, _: PageAuth) -> Response:
+    dash.learn_name()
     jobs = dash.client.jobs()
-    dash.learn_name(jobs)
     return dash.render(request, "jobs.html", jobs=jobs[::-1], samples=len(dash.text.current()))
 
 
 @ui.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: JobId, request: Request, dash: DashDep, _: PageAuth) -> Response:
+    silo = dash.learn_name()
     job = dash.client.job(job_id)
-    dash.learn_name([job])
-    return dash.render(request, "job.html", job=job, charts=job["status"] == "done", silo=dash.silo or "")
+    return dash.render(request, "job.html", job=job, charts=job["status"] == "done", silo=silo)
 
 
 @ui.get("/static/plotly.min.js")
@@ -497,7 +284,7 @@ def get_samples(
 ) -> JSONResponse:
     """This silo's score rows (the coordinator's fields) with ``instruction`` and ``response`` previews from the
     local file and ``text_missing`` when it lacks the sample; ``without_text`` counts those over the whole job."""
-    job = dash.rows(job_id)
+    job = dash.rows.get(job_id)
     if sort.startswith("part:") and job.checkpoints is not None and int(sort[5:]) >= job.checkpoints:
         raise HTTPException(422, f"sort: {sort} names no checkpoint; job {job_id} has {job.checkpoints} (0..T-1)")
     query = SampleQuery(q, kept, overridden, min_score, max_score, sort, order == "desc")
@@ -520,7 +307,7 @@ def post_override(job_id: JobId, body: OverrideBody, dash: DashDep, _: SameOrigi
     if not body.reason.strip():
         raise HTTPException(422, "reason: required; say why you keep or drop this sample (it goes in the audit log)")
     record = dash.client.create_override(job_id, body.sample_id, body.decision, body.reason.strip())
-    dash.patch(job_id, record)
+    dash.rows.patch(job_id, record)
     return JSONResponse(record, status_code=201)
 
 
@@ -595,7 +382,7 @@ def create_dashboard(
         token: this silo's token: sent to the coordinator, and the password of the login form.
         data: the silo's data file (`scoring.data.read_samples`); read now, and again when it changes.
         work_dir: where the session secret is kept (``session.key``) unless ``CLUES_SESSION_SECRET`` is set.
-        silo: this silo's name, when known (else learnt from the coordinator's jobs).
+        silo: this silo's name, when known (else asked of the coordinator, ``GET /v1/silos/me``, on the first page).
         transport: an httpx transport for the coordinator client (tests).
         client_factory: makes the coordinator client instead (tests); ``transport`` is then unused.
         ttl_s: age after which a job's held rows are refetched (in the background).

@@ -1,6 +1,7 @@
-"""The silo's dashboard (`agent.dashboard`) against a real coordinator served over HTTP (uvicorn), with a job
-seeded straight into its storage: login, the joined sample table (text search, filters, sort, paging), overrides
-round-tripped to the coordinator, CSRF and cross-silo refusals, coordinator failures, and ``clues agent dashboard``.
+"""The silo's dashboard (`agent.dashboard`, its rows from `agent.samples`) against a real coordinator served over
+HTTP (uvicorn), with a job seeded straight into its storage: login, the silo's name, the joined sample table (text
+search, filters, sort, paging), overrides round-tripped to the coordinator, CSRF and cross-silo refusals, coordinator
+failures, and ``clues agent dashboard``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent.cli import main
-from agent.dashboard import JobRows, SampleQuery, create_dashboard, query_rows
+from agent.dashboard import create_dashboard
+from agent.samples import JobRows, SampleQuery, query_rows
 from tests.app.test_api import job_body
 from tests.conftest import serve_coordinator
 from tests.seed import seed_scored_job
@@ -184,6 +186,26 @@ def test_a_job_not_scored_yet_shows_its_progress(world, dash):
     r = dash.get(f"/api/jobs/{job_id}/samples")
     assert r.status_code == 409 and "'draft'" in r.json()["detail"]
     assert job_id in dash.get("/ui/jobs").text
+
+
+def test_the_name_of_a_silo_with_no_jobs_comes_from_the_coordinator(world, tmp_path):
+    admin = {"Authorization": f"Bearer {world['coord'].admin_token}"}
+    created = httpx.post(f"{world['coord'].url}/v1/silos", json={"name": "gamma"}, headers=admin).json()
+    with dashboard(world, tmp_path, token=created["token"]) as client:
+        assert client.app.state.dashboard.silo is None
+        assert "silo gamma" not in client.get("/ui/login").text  # not asked before a login
+        login(client, created["token"])
+        page = client.get("/ui/jobs")
+        assert page.status_code == 200 and "silo gamma" in page.text and "data-job=" not in page.text
+        assert client.app.state.dashboard.silo == "gamma" and client.get("/api/jobs").json() == []
+
+
+def test_the_admin_token_is_not_a_silos(world, tmp_path):
+    admin = world["coord"].admin_token
+    with dashboard(world, tmp_path, token=admin) as client:
+        login(client, admin)
+        page = client.get("/ui/jobs")
+        assert page.status_code == 403 and "use a silo&#39;s token" in page.text
 
 
 # -- the joined table -----------------------------------------------------------------------------------------------
@@ -451,6 +473,14 @@ def test_cli_checks_the_token_then_serves(world, no_env, tmp_path, capsys, monke
     assert f"silo alpha dashboard: http://127.0.0.1:{port}/ui/jobs" in out and "29 local samples" in out
     assert world["token"] not in out and (work / "session.key").is_file()
     assert app.state.dashboard.silo == "alpha"
+
+
+def test_cli_refuses_the_admin_token(world, no_env, tmp_path, capsys):
+    argv = ["agent", "dashboard", "--data", str(world["data"]), "--coordinator", world["coord"].url]
+    assert main([*argv, "--token", world["coord"].admin_token, "--work-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clues agent dashboard: error: --token: not a silo's token; the coordinator at ")
+    assert "403" in err and err.count("\n") == 1
 
 
 def test_cli_port_in_use(world, no_env, tmp_path, capsys):
