@@ -443,6 +443,7 @@ def replace_scores(session: Session, *, job_id: str, rows: Iterable[dict[str, An
     )
     scores.reapply_overrides(session, job_id=job_id)
     scores.store_summary(session, job_id=job_id)
+    scores.refresh_statistics(session)
     return count
 
 

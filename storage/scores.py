@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Row, Select, Text, and_, case, cast, func, or_, select, update
+from sqlalchemy import Row, Select, Text, and_, case, cast, func, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError
@@ -207,6 +207,18 @@ def build_summary(session: Session, *, job_id: str, bins: int = HIST_BINS) -> di
     }
 
 
+def refresh_statistics(session: Session) -> None:
+    """Give PostgreSQL's planner fresh statistics on the score tables after a job's scores were bulk-written.
+
+    Without them (autovacuum has not run yet, or is off) PostgreSQL plans the ``part:<t>`` sort of a fresh 100k-row
+    job as a nested loop that did not answer within a minute, instead of walking the ``(job, t, value)`` index
+    (`bench/dashboard.py`). SQLite is left alone: with no statistics it already walks the indexes, and with them it
+    chooses a slower scan-and-sort for that query.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE scores, score_parts"))
+
+
 def store_summary(session: Session, *, job_id: str) -> dict[str, Any]:
     """Build the job's summary and keep it on the job row."""
     summary = build_summary(session, job_id=job_id)
@@ -356,11 +368,17 @@ def duplicate_clusters(session: Session, *, job_id: str) -> list[dict[str, Any]]
 
 
 def _scores_of(session: Session, job_id: str, members: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """Score and decision of each (owner, sample id): per owner, ``sample_id IN (...)`` in chunks of 500 — primary
+    key lookups whatever the planner knows (an OR of pairs made both databases scan the job's rows)."""
+    by_owner: dict[str, list[str]] = {}
+    for owner, sid in members:
+        by_owner.setdefault(owner, []).append(sid)
     out: dict[tuple[str, str], dict] = {}
-    for start in range(0, len(members), 500):
-        chunk = members[start : start + 500]
-        cond = or_(*(and_(Score.owner == o, Score.sample_id == s) for o, s in chunk))
-        stmt = select(Score.owner, Score.sample_id, Score.score, Score.selected).where(Score.job_id == job_id, cond)
-        for owner, sid, score, selected in session.execute(stmt):
-            out[(owner, sid)] = {"score": score, "selected": selected}
+    for owner, ids in by_owner.items():
+        for start in range(0, len(ids), 500):
+            stmt = select(Score.sample_id, Score.score, Score.selected).where(
+                Score.job_id == job_id, Score.owner == owner, Score.sample_id.in_(ids[start : start + 500])
+            )
+            for sid, score, selected in session.execute(stmt):
+                out[(owner, sid)] = {"score": score, "selected": selected}
     return out
