@@ -62,6 +62,7 @@ def _render(request: Request, name: str, principal: Principal | None, status: in
         "who": who,
         "is_admin": principal is not None and principal.is_admin,
         "charts": False,
+        "status_code": status,
     }
     response = templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
     response.headers["Cache-Control"] = "no-store"

@@ -223,5 +223,5 @@ def test_a_silo_sees_only_its_own_rows(env: Env, page) -> None:
 def test_unknown_job_is_an_error_page(env: Env, page) -> None:
     login(page, env.url, ADMIN)
     response = page.goto(env.url + "/ui/jobs/" + "0" * 32)
-    assert response.status == 404
+    assert response.status == 404 and page.title() == "Error 404 · clues coordinator"
     assert "does not exist" in page.locator(".error").inner_text()
