@@ -5,7 +5,8 @@
 const clues = (() => {
   const esc = (s) =>
     String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-  const num = (x, digits = 4) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits));
+  // significant digits, not decimals: trace scores are often ~1e-5 (η_t times a cosine)
+  const num = (x, digits = 4) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toPrecision(digits));
   const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
 
   async function request(method, url, body) {
