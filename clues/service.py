@@ -84,6 +84,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """In the worker child (Linux): receive SIGTERM when the parent dies, even by SIGKILL, so no worker is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """API in this process, one worker in a child process; Ctrl-C stops both."""
     settings = _admin_token(app_settings(args), generate=True)
@@ -91,7 +99,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     database = "PostgreSQL" if (settings.database_url or "").startswith("postgresql") else "SQLite"
     print(f"clues coordinator: data {settings.data_dir}, database {database}, broker {broker}", file=sys.stderr)
     env = {**os.environ, "CLUES_DATA_DIR": str(settings.data_dir)}
-    worker = subprocess.Popen([sys.executable, "-m", "clues", "worker"], env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "clues", "worker"], env=env, preexec_fn=_die_with_parent)
+    # uvicorn shuts down on SIGTERM and then re-raises it: with the default handler the process would end there,
+    # before the worker is stopped below
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         _serve(settings, args.host, args.port)
     finally:
