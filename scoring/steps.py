@@ -15,6 +15,9 @@ role ``candidate`` for samples to be scored (Adam-preconditioned when asked), an
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -232,6 +235,33 @@ def project_samples(
     Returns:
         The written file paths.
     """
+    try:
+        return _project_samples(run_dir, samples, out_dir, anchor, opts, model_opts, progress)
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand the freed model, activations and gradient buffers back to the OS.
+
+    glibc keeps freed heap memory: after projecting with SmolLM2 a process stays at ~6.3 GiB resident with nothing
+    alive, enough that three silo agents waiting for their scores on one 23 GiB machine got one OOM-killed.
+    ``malloc_trim`` brings it back to ~0.4 GiB (measured). A no-op off glibc.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _project_samples(
+    run_dir: Path,
+    samples: Sequence[Sample],
+    out_dir: Path,
+    anchor: bool,
+    opts: ProjectOptions,
+    model_opts: ModelOptions,
+    progress: Progress | None,
+) -> list[Path]:
     model, tokenizer, manifest, checkpoints = load_run_model(run_dir, model_opts)
     spec = ProjectionSpec.from_dict(manifest["projection"])
     has_moments = [e.get("has_moments", True) for e in manifest["checkpoints"]]

@@ -272,3 +272,18 @@ def test_bundle_for_another_spec_is_refused(good, change, message):
     data, spec = good
     with pytest.raises(DataError, match=message):
         checkpoint_from_bytes(data, ProjectionSpec.from_dict({**spec.to_dict(), **change}))
+
+
+def test_projection_hands_freed_memory_back_even_when_it_fails(trained, tmp_path, monkeypatch):
+    """`project_samples` ends with `release_memory` (glibc keeps ~6 GiB of freed SmolLM2 buffers otherwise), on
+    success and on error."""
+    import scoring.steps as steps
+
+    run, _, samples = trained
+    calls = []
+    monkeypatch.setattr(steps, "release_memory", lambda: calls.append(1))
+    assert project_samples(run, samples[:2], tmp_path / "ok", opts=ProjectOptions(precondition=False))
+    assert calls == [1]
+    with pytest.raises(DataError, match=r"no run\.json"):
+        project_samples(tmp_path / "no-run", samples[:2], tmp_path / "bad")
+    assert calls == [1, 1]
