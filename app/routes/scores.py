@@ -11,9 +11,10 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Row
 
@@ -74,21 +75,53 @@ def _owner(principal: Principal, silo: str | None) -> str | None:
     return principal.silo.name
 
 
-def _query(job: Job, owner, kept, overridden, min_score, max_score, q, sort, order) -> score_store.ScoreQuery:
-    query = score_store.ScoreQuery(
-        owner=owner,
-        selected=kept,
-        overridden=overridden,
-        min_score=min_score,
-        max_score=max_score,
-        id_contains=q or None,
-        sort=sort,
-        descending=order == "desc",
-    )
-    t = query.part_index()
-    if t is not None and t >= len(job.checkpoints):
-        raise ApiError(422, f"sort: part:{t} names no checkpoint; job {job.id} has {len(job.checkpoints)} (0..T-1)")
-    return query
+@dataclass(frozen=True)
+class ScoreFilters:
+    """The sample table's filters and order as the query parameters gave them (`score_filters`)."""
+
+    silo: str | None
+    kept: bool | None
+    overridden: bool | None
+    min_score: float | None
+    max_score: float | None
+    q: str | None
+    sort: str
+    order: str
+
+    def query(self, job: Job, principal: Principal) -> score_store.ScoreQuery:
+        """The storage query: the caller's own rows only for a silo (`_owner`), ``part:<t>`` checked against T."""
+        query = score_store.ScoreQuery(
+            owner=_owner(principal, self.silo),
+            selected=self.kept,
+            overridden=self.overridden,
+            min_score=self.min_score,
+            max_score=self.max_score,
+            id_contains=self.q or None,
+            sort=self.sort,
+            descending=self.order == "desc",
+        )
+        t = query.part_index()
+        if t is not None and t >= len(job.checkpoints):
+            T = len(job.checkpoints)
+            raise ApiError(422, f"sort: part:{t} names no checkpoint; job {job.id} has {T} (0..T-1)")
+        return query
+
+
+def score_filters(
+    silo: Silo = None,
+    kept: Kept = None,
+    overridden: Overridden = None,
+    min_score: MinScore = None,
+    max_score: MaxScore = None,
+    q: Search = None,
+    sort: Sort = "row",
+    order: Order = "asc",
+) -> ScoreFilters:
+    """The query parameters the JSON table and its CSV export share."""
+    return ScoreFilters(silo, kept, overridden, min_score, max_score, q, sort, order)
+
+
+Filters = Annotated[ScoreFilters, Depends(score_filters)]
 
 
 def _cell(text: str) -> str:
@@ -125,21 +158,14 @@ def get_scores(
     job_id: JobId,
     session: SessionDep,
     principal: PrincipalDep,
-    silo: Silo = None,
-    kept: Kept = None,
-    overridden: Overridden = None,
-    min_score: MinScore = None,
-    max_score: MaxScore = None,
-    q: Search = None,
-    sort: Sort = "row",
-    order: Order = "asc",
+    filters: Filters,
     limit: Limit = None,
     offset: Offset = 0,
 ) -> Response:
     """Scores and masks, filtered, sorted and paged in the database: all silos' (and the anchor samples', silo
     ``__anchor__``) for the admin; a silo gets only its own. 409 until the job is ``done``."""
     job = _scored(session, job_id, principal)
-    query = _query(job, _owner(principal, silo), kept, overridden, min_score, max_score, q, sort, order)
+    query = filters.query(job, principal)
     total, rows = score_store.query_scores(
         session, job_id=job_id, query=query, limit=limit, offset=offset, raw_json=True
     )
@@ -160,19 +186,12 @@ def export_scores_csv(
     state: StateDep,
     session: SessionDep,
     principal: PrincipalDep,
-    silo: Silo = None,
-    kept: Kept = None,
-    overridden: Overridden = None,
-    min_score: MinScore = None,
-    max_score: MaxScore = None,
-    q: Search = None,
-    sort: Sort = "row",
-    order: Order = "asc",
+    filters: Filters,
 ) -> StreamingResponse:
     """The rows `get_scores` would return (same filters and order, no paging) as CSV: silo, sample_id, score,
     part_0..part_{T-1}, selected, auto_selected, override (decision) and override_reason, nearest (anchor ids)."""
     job = _scored(session, job_id, principal)
-    query = _query(job, _owner(principal, silo), kept, overridden, min_score, max_score, q, sort, order)
+    query = filters.query(job, principal)
     T = len(job.checkpoints)
 
     def lines() -> Iterator[str]:
