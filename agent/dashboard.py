@@ -31,24 +31,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.client import Client, CoordinatorError
 from agent.samples import SORT_PATTERN, LocalText, RowCache, SampleQuery, query_rows
 from storage.repository import hash_token
-from webui import STATIC_DIR, TEMPLATES_DIR, Session, SessionSigner, load_secret, plotly_js, same_origin
+from webui import (
+    PREFIX,
+    STATIC_DIR,
+    Session,
+    SessionSigner,
+    cookie_options,
+    load_secret,
+    plotly_js,
+    safe_next,
+    same_origin,
+    template_environment,
+)
 
-PREFIX = "/ui"
 STATIC = f"{PREFIX}/static"
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
-templates = Jinja2Templates(
-    env=Environment(
-        loader=ChoiceLoader([FileSystemLoader(Path(__file__).parent / "templates"), FileSystemLoader(TEMPLATES_DIR)]),
-        autoescape=select_autoescape(["html"]),
-    )
-)
+templates = Jinja2Templates(env=template_environment(Path(__file__).parent / "templates"))
 
 
 # -- coordinator failures -------------------------------------------------------------------------------------------
@@ -177,18 +181,11 @@ SameOrigin = Annotated[None, Depends(_same_origin)]
 ui = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 
-def _safe_next(target: str | None) -> str:
-    """Only our own pages: no scheme, no host, no protocol-relative ``//`` (an open redirect otherwise)."""
-    if target and target.startswith(f"{PREFIX}/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return f"{PREFIX}/jobs"
-
-
 def _login_page(request: Request, dash: Dashboard, next: str | None, error: str | None = None) -> Response:
     hint = "Paste this silo's token: the one its agent uses with the coordinator."
     status = 200 if error is None else 401
     return dash.render(
-        request, "login.html", status=status, login_url=f"{PREFIX}/login", next=_safe_next(next), hint=hint, error=error
+        request, "login.html", status=status, login_url=f"{PREFIX}/login", next=safe_next(next), hint=hint, error=error
     )
 
 
@@ -206,15 +203,11 @@ def login(
 ) -> Response:
     if not dash.token_matches(token.strip()):
         return _login_page(request, dash, next, "That is not this silo's token.")
-    response = RedirectResponse(_safe_next(next), status_code=303)
+    response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         dash.cookie,
         dash.new_cookie(),
-        max_age=int(dash.signer.ttl_s),
-        httponly=True,
-        samesite="strict",
-        secure=dash.secure,
-        path="/",
+        **cookie_options(dash.signer, dash.secure),
     )
     return response
 

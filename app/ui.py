@@ -22,23 +22,16 @@ from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
 
 from app.deps import Principal, SessionDep, StateDep, principal_for_token, principal_from_cookie
 from app.routes.jobs import JobId, _job_for, _public
 from app.routes.train import TrainId, _train_for, _train_public
 from storage import repository as repo
-from webui import COOKIE_NAME, STATIC_DIR, TEMPLATES_DIR, plotly_js
+from webui import COOKIE_NAME, PREFIX, STATIC_DIR, cookie_options, plotly_js, safe_next, template_environment
 
-PREFIX = "/ui"
 STATIC = f"{PREFIX}/static"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
-templates = Jinja2Templates(
-    env=Environment(
-        loader=ChoiceLoader([FileSystemLoader(Path(__file__).parent / "templates"), FileSystemLoader(TEMPLATES_DIR)]),
-        autoescape=select_autoescape(["html"]),
-    )
-)
+templates = Jinja2Templates(env=template_environment(Path(__file__).parent / "templates"))
 
 
 class LoginRequired(Exception):
@@ -69,13 +62,6 @@ def _render(request: Request, name: str, principal: Principal | None, status: in
     return response
 
 
-def _safe_next(target: str | None) -> str:
-    """Only our own pages: no scheme, no host, no protocol-relative ``//`` (an open redirect otherwise)."""
-    if target and target.startswith(f"{PREFIX}/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return f"{PREFIX}/jobs"
-
-
 @router.get("", response_class=HTMLResponse)
 def home() -> RedirectResponse:
     return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
@@ -84,7 +70,7 @@ def home() -> RedirectResponse:
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str | None = None) -> Response:
     hint = "Paste the admin token, or your silo's token to see your own samples' scores."
-    return _render(request, "login.html", None, login_url=f"{PREFIX}/login", next=_safe_next(next), hint=hint)
+    return _render(request, "login.html", None, login_url=f"{PREFIX}/login", next=safe_next(next), hint=hint)
 
 
 @router.post("/login", response_class=HTMLResponse)
@@ -103,7 +89,7 @@ def login(
             None,
             status=401,
             login_url=f"{PREFIX}/login",
-            next=_safe_next(next),
+            next=safe_next(next),
             hint="Paste the admin token, or your silo's token.",
             error="That token is not valid here.",
         )
@@ -112,15 +98,11 @@ def login(
         if principal.is_admin
         else (f"silo:{principal.silo.name}", principal.silo.token_hash)
     )
-    response = RedirectResponse(_safe_next(next), status_code=303)
+    response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         COOKIE_NAME,
         state.signer.sign(subject, token_hash),
-        max_age=int(state.signer.ttl_s),
-        httponly=True,
-        samesite="strict",
-        secure=state.settings.secure_cookies,
-        path="/",
+        **cookie_options(state.signer, state.settings.secure_cookies),
     )
     return response
 

@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
+
+PREFIX = "/ui"  # where both dashboards serve their pages
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
 STATIC_DIR = PACKAGE_DIR / "static"
@@ -39,6 +42,20 @@ def plotly_js() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError("plotly.min.js not found: install the plotly package (pip install plotly)")
+
+
+def template_environment(own: Path) -> Environment:
+    """Jinja2 templates from ``own`` first, then the shared ones (base page, login form, macros); autoescaped."""
+    loader = ChoiceLoader([FileSystemLoader(own), FileSystemLoader(TEMPLATES_DIR)])
+    return Environment(loader=loader, autoescape=select_autoescape(["html"]))
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: only our own pages — no scheme, no host, no protocol-relative ``//`` (an open
+    redirect otherwise); else the jobs page."""
+    if target and target.startswith(f"{PREFIX}/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return f"{PREFIX}/jobs"
 
 
 def _b64(data: bytes) -> str:
@@ -98,6 +115,12 @@ class SessionSigner:
         except (ValueError, KeyError, TypeError):
             return None
         return session if session.expires > (now or time.time()) else None
+
+
+def cookie_options(signer: SessionSigner, secure: bool) -> dict:
+    """``set_cookie`` keyword arguments of a session cookie: HttpOnly, SameSite=Strict, whole site, the signer's
+    lifetime, ``Secure`` when asked (HTTPS)."""
+    return {"max_age": int(signer.ttl_s), "httponly": True, "samesite": "strict", "secure": secure, "path": "/"}
 
 
 def load_secret(value: str | None, path: Path) -> bytes:
