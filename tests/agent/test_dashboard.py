@@ -181,7 +181,7 @@ def test_a_job_not_scored_yet_shows_its_progress(world, dash):
     body = job_body(name="pending", silos=["alpha"])
     job_id = httpx.post(f"{world['coord'].url}/v1/jobs", json=body, headers=admin).json()["id"]
     page = dash.get(f"/ui/jobs/{job_id}")
-    assert page.status_code == 200 and "draft" in page.text and f'clues.poll("/api/jobs/{job_id}"' in page.text
+    assert page.status_code == 200 and "draft" in page.text and f'clues.followJob("/api/jobs/{job_id}"' in page.text
     assert 'id="sample-table"' not in page.text and "plotly.min.js" not in page.text
     r = dash.get(f"/api/jobs/{job_id}/samples")
     assert r.status_code == 409 and "'draft'" in r.json()["detail"]

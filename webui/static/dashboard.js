@@ -172,6 +172,20 @@ const clues = (() => {
     return () => clearTimeout(timer);
   }
 
+  // One job's page while it runs: the progress bar and message follow the job; the page reloads once `changed(job)`
+  // says its state moved on (e.g. the scores exist).
+  function followJob(url, changed) {
+    poll(url, 2000, (j) => {
+      if (changed(j)) { location.reload(); return false; }
+      document.querySelector("#job-state .bar").style.width = `${(100 * j.progress).toFixed(1)}%`;
+      document.querySelector("#job-state .message").textContent = j.message;
+    });
+  }
+
+  // Sample-table columns of the T per-checkpoint terms, each sortable server-side (`part:<t>`).
+  const partColumns = (T) =>
+    Array.from({ length: T }, (_, t) => ({ label: `t${t}`, sort: `part:${t}`, cls: "num", render: (r) => num(r.parts[t]) }));
+
   // Live progress of the job rows on a list page: rows carry data-job / data-kind, cells .status/.progress/.message/.error.
   function liveJobs(kind, url, ms = 2000) {
     poll(url, ms, (jobs) => {
@@ -191,5 +205,5 @@ const clues = (() => {
     });
   }
 
-  return { esc, num, pct, getJSON, postJSON, histogram, boxes, bars, lines, table, poll, liveJobs, COLORS };
+  return { esc, num, pct, getJSON, postJSON, histogram, boxes, bars, lines, table, poll, followJob, partColumns, liveJobs, COLORS };
 })();
