@@ -67,6 +67,12 @@ def seed_scored_job(
 
     anchor_parts = parts(np.ones(anchors, dtype=bool))
     threshold = float(anchor_parts.sum(1).mean())
+
+    def row(owner: str, sample_id: str, i: int, terms: np.ndarray, **extra) -> dict:
+        score = float(terms.sum())
+        return {"owner": owner, "sample_id": sample_id, "row": i, "score": score, "parts": terms.tolist(),
+                "selected": score >= threshold, **extra}  # fmt: skip
+
     rows, ids_by_silo = [], {}
     for s, n, rate in zip(silos, sizes, noise * len(silos), strict=False):
         ids = (sample_ids or {}).get(s) or [f"{s}-{i:06d}" for i in range(n)]
@@ -75,31 +81,9 @@ def seed_scored_job(
         nearest = rng.integers(0, anchors, size=(len(ids), 3))
         for i, sid in enumerate(ids):
             score = float(p[i].sum())
-            rows.append(
-                {
-                    "owner": s,
-                    "sample_id": sid,
-                    "row": i,
-                    "score": score,
-                    "parts": p[i].tolist(),
-                    "selected": score >= threshold,
-                    "nearest": [
-                        {"anchor_id": anchor_ids[a], "trace": float(score / (k + 1))} for k, a in enumerate(nearest[i])
-                    ],
-                }
-            )
-    for i, aid in enumerate(anchor_ids):
-        score = float(anchor_parts[i].sum())
-        rows.append(
-            {
-                "owner": ANCHOR_OWNER,
-                "sample_id": aid,
-                "row": i,
-                "score": score,
-                "parts": anchor_parts[i].tolist(),
-                "selected": score >= threshold,
-            }
-        )
+            near = [{"anchor_id": anchor_ids[a], "trace": score / (k + 1)} for k, a in enumerate(nearest[i])]
+            rows.append(row(s, sid, i, p[i], nearest=near))
+    rows += [row(ANCHOR_OWNER, aid, i, anchor_parts[i]) for i, aid in enumerate(anchor_ids)]
     for s in silos:
         m = repo.get_member(session, job_id=job.id, silo_id=repo.get_silo_by_name(session, name=s).id)
         m.status, m.num_samples = "complete", len(ids_by_silo[s])
