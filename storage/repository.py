@@ -442,7 +442,9 @@ def replace_scores(session: Session, *, job_id: str, rows: Iterable[dict[str, An
         ),
     )
     scores.reapply_overrides(session, job_id=job_id)
-    scores.store_summary(session, job_id=job_id)
+    scores.store_summary(
+        session, job_id=job_id, rows=((r["owner"], r["score"], r["parts"], r["auto_selected"]) for r in rows)
+    )
     scores.refresh_statistics(session)
     return count
 

@@ -15,7 +15,7 @@ Like `storage.repository`, functions take the session first, flush, and never co
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,8 +153,15 @@ def decision_counts(session: Session, *, job_id: str) -> dict[str, dict[str, int
     }
 
 
-def build_summary(session: Session, *, job_id: str, bins: int = HIST_BINS) -> dict[str, Any]:
-    """Histograms and per-checkpoint means of a job's scores (see the module docstring).
+SummaryRow = tuple[str, float, Sequence[float], bool]
+"""(owner, score, per-checkpoint terms, the threshold's decision) of one sample."""
+
+
+def build_summary(
+    session: Session, *, job_id: str, bins: int = HIST_BINS, rows: Iterable[SummaryRow] | None = None
+) -> dict[str, Any]:
+    """Histograms and per-checkpoint means of a job's scores (see the module docstring): of ``rows`` when the caller
+    holds them (it just wrote them), else read from the database.
 
     Returns:
         ``{"edges": [bins+1 floats], "threshold", "checkpoints": T, "owners": {owner: {"n", "counts", "mean",
@@ -164,9 +171,12 @@ def build_summary(session: Session, *, job_id: str, bins: int = HIST_BINS) -> di
     job = session.get(Job, job_id)
     if job is None:
         raise NotFoundError(f"job '{job_id}' does not exist")
-    by_owner: dict[str, tuple[list[float], list[list[float]], list[bool]]] = {}
-    stmt = select(Score.owner, Score.score, Score.parts, Score.auto_selected).where(Score.job_id == job_id)
-    for owner, score, parts, kept in session.execute(stmt.execution_options(yield_per=10_000)):
+    by_owner: dict[str, tuple[list[float], list[Sequence[float]], list[bool]]] = {}
+    if rows is None:
+        stmt = select(Score.owner, Score.score, Score.parts, Score.auto_selected).where(Score.job_id == job_id)
+        # each owner's rows in upload order, as writers hand them over: the same sums to the last bit either way
+        rows = session.execute(stmt.order_by(Score.owner, Score.row).execution_options(yield_per=10_000))
+    for owner, score, parts, kept in rows:
         scores, terms, flags = by_owner.setdefault(owner, ([], [], []))
         scores.append(score)
         terms.append(parts)
@@ -219,9 +229,9 @@ def refresh_statistics(session: Session) -> None:
         session.execute(text("ANALYZE scores, score_parts"))
 
 
-def store_summary(session: Session, *, job_id: str) -> dict[str, Any]:
-    """Build the job's summary and keep it on the job row."""
-    summary = build_summary(session, job_id=job_id)
+def store_summary(session: Session, *, job_id: str, rows: Iterable[SummaryRow] | None = None) -> dict[str, Any]:
+    """Build the job's summary (of ``rows``, else of its stored scores) and keep it on the job row."""
+    summary = build_summary(session, job_id=job_id, rows=rows)
     job = session.get(Job, job_id)
     assert job is not None  # build_summary raised otherwise
     job.summary = summary
