@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -447,25 +447,6 @@ def replace_scores(session: Session, *, job_id: str, rows: Iterable[dict[str, An
     )
     scores.refresh_statistics(session)
     return count
-
-
-def list_scores(
-    session: Session, *, job_id: str, owner: str | None = None, limit: int | None = None, offset: int = 0
-) -> list[Score]:
-    """A job's scores, optionally of one owner, ordered by owner then row."""
-    stmt = select(Score).where(Score.job_id == job_id)
-    if owner is not None:
-        stmt = stmt.where(Score.owner == owner)
-    stmt = stmt.order_by(Score.owner, Score.row).offset(offset).limit(limit)
-    return list(session.scalars(stmt))
-
-
-def count_scores(session: Session, *, job_id: str, owner: str | None = None) -> int:
-    """How many scores a job (or one owner in it) has."""
-    stmt = select(func.count()).select_from(Score).where(Score.job_id == job_id)
-    if owner is not None:
-        stmt = stmt.where(Score.owner == owner)
-    return session.scalar(stmt) or 0
 
 
 def replace_duplicates(session: Session, *, job_id: str, pairs: Iterable[dict[str, Any]]) -> int:

@@ -57,7 +57,10 @@ def test_repository_round_trip(pg_engine):
         assert got.created_at.tzinfo is UTC and [m.silo.name for m in got.members] == ["alpha", "beta"]
         assert session.get(JobCheckpoint, (job.id, 0)).size_bytes == 3 << 30  # BIGINT
         assert repo.silo_by_token(session, token=token).name == "gamma"
-        assert repo.list_scores(session, job_id=job.id)[0].parts == [0.25, 0.25]
+        assert score_store.query_scores(session, job_id=job.id, query=score_store.ScoreQuery())[1][0].parts == [
+            0.25,
+            0.25,
+        ]
         with pytest.raises(ConflictError):
             repo.create_silo(session, name="gamma")
         session.rollback()

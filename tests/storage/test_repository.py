@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from storage import repository as repo
 from storage.errors import ConflictError, NotFoundError
 from storage.models import AnchorSet, JobCheckpoint, JobMember, Score, Shard, Silo
+from storage.scores import ScoreQuery, query_scores
 from tests.storage.factories import KEY_A, KEY_B, new_job
 
 
@@ -222,13 +223,13 @@ def test_scores_replace_list_count(session: Session):
     assert repo.replace_scores(session, job_id=job.id, rows=iter(rows)) == 10
     assert repo.replace_scores(session, job_id=job.id, rows=rows) == 10  # idempotent
     session.commit()
-    got = repo.list_scores(session, job_id=job.id)
+    got = query_scores(session, job_id=job.id, query=ScoreQuery())[1]
     assert [(s.owner, s.row) for s in got][:2] == [("alpha", 0), ("alpha", 1)] and len(got) == 10
     assert got[3].parts == [3.0, -3.0] and got[3].selected is False
-    page = repo.list_scores(session, job_id=job.id, owner="beta", limit=2, offset=1)
+    page = query_scores(session, job_id=job.id, query=ScoreQuery(owner="beta"), limit=2, offset=1)[1]
     assert [s.sample_id for s in page] == ["beta-1", "beta-2"]
-    assert repo.count_scores(session, job_id=job.id) == 10
-    assert repo.count_scores(session, job_id=job.id, owner="alpha") == 5
+    assert query_scores(session, job_id=job.id, query=ScoreQuery(), limit=0)[0] == 10
+    assert query_scores(session, job_id=job.id, query=ScoreQuery(owner="alpha"), limit=0)[0] == 5
     assert "owner" in rows[0] and "job_id" not in rows[0]  # the caller's dicts are not modified
 
 
@@ -239,7 +240,7 @@ def test_scores_batches(session: Session, monkeypatch):
         {"owner": "a", "sample_id": str(i), "row": i, "score": 0.0, "parts": [], "selected": False} for i in range(8)
     ]
     assert repo.replace_scores(session, job_id=job.id, rows=rows) == 8
-    assert repo.count_scores(session, job_id=job.id) == 8
+    assert query_scores(session, job_id=job.id, query=ScoreQuery(), limit=0)[0] == 8
 
 
 def test_duplicates_replace_and_list(session: Session):

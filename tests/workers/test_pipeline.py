@@ -15,6 +15,7 @@ from scoring.steps import ProjectOptions, checkpoint_bundles, project_samples
 from scoring.types import ProjectedGrads
 from storage import repository as repo
 from storage.errors import IntegrityError
+from storage.scores import ScoreQuery, query_scores
 from storage.vector_index import VectorIndex
 from tests.conftest import SILOS, TinyData, expected_scores
 from workers import pipeline
@@ -99,7 +100,7 @@ def _rows(res, job_id):
     with res.sessions() as session:
         return [
             (r.owner, r.sample_id, r.row, r.score, r.parts, r.selected)
-            for r in repo.list_scores(session, job_id=job_id)
+            for r in query_scores(session, job_id=job_id, query=ScoreQuery())[1]
         ]
 
 
@@ -152,7 +153,7 @@ def test_a_corrupt_shard_blob_is_an_integrity_error_and_the_job_can_be_failed(re
     with res.sessions() as session:
         job = repo.get_job(session, job_id=job_id)
         assert (job.status, job.error) == ("failed", "shard a/0 is corrupt")
-        assert repo.count_scores(session, job_id=job_id) == 0  # nothing half-written
+        assert query_scores(session, job_id=job_id, query=ScoreQuery(), limit=0)[0] == 0  # nothing half-written
 
 
 def test_scoring_needs_the_scoring_state_and_every_silo_complete(res, tiny_data, tmp_path):
