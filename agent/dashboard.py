@@ -44,6 +44,7 @@ from webui import (
     SessionSigner,
     cookie_options,
     load_secret,
+    page_context,
     plotly_js,
     safe_next,
     same_origin,
@@ -131,17 +132,8 @@ class Dashboard:
     # -- pages
 
     def render(self, request: Request, name: str, *, status: int = 200, **context: Any) -> Response:
-        base = {
-            "brand": self.brand,
-            "static": STATIC,
-            "home": f"{PREFIX}/jobs",
-            "logout_url": f"{PREFIX}/logout",
-            "who": self.brand if self.session_of(request) else None,
-            "is_admin": False,
-            "charts": False,
-            "coordinator": self.url,
-            "status_code": status,
-        }
+        who = self.brand if self.session_of(request) else None
+        base = page_context(self.brand, who, status, coordinator=self.url)
         return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
 
 

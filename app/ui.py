@@ -27,7 +27,16 @@ from app.deps import Principal, SessionDep, StateDep, principal_for_token, princ
 from app.routes.jobs import JobId, _job_for, _public
 from app.routes.train import TrainId, _train_for, _train_public
 from storage import repository as repo
-from webui import COOKIE_NAME, PREFIX, STATIC_DIR, cookie_options, plotly_js, safe_next, template_environment
+from webui import (
+    COOKIE_NAME,
+    PREFIX,
+    STATIC_DIR,
+    cookie_options,
+    page_context,
+    plotly_js,
+    safe_next,
+    template_environment,
+)
 
 STATIC = f"{PREFIX}/static"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -47,16 +56,7 @@ def _page_principal(request: Request, state: StateDep, session: SessionDep) -> P
 
 def _render(request: Request, name: str, principal: Principal | None, status: int = 200, **context: Any) -> Response:
     who = None if principal is None else ("admin" if principal.is_admin else f"silo {principal.silo.name}")
-    base = {
-        "brand": "coordinator",
-        "static": STATIC,
-        "home": f"{PREFIX}/jobs",
-        "logout_url": f"{PREFIX}/logout",
-        "who": who,
-        "is_admin": principal is not None and principal.is_admin,
-        "charts": False,
-        "status_code": status,
-    }
+    base = page_context("coordinator", who, status, is_admin=principal is not None and principal.is_admin)
     response = templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
     response.headers["Cache-Control"] = "no-store"
     return response

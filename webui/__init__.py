@@ -50,6 +50,22 @@ def template_environment(own: Path) -> Environment:
     return Environment(loader=loader, autoescape=select_autoescape(["html"]))
 
 
+def page_context(brand: str, who: str | None, status: int, **extra: object) -> dict:
+    """What the shared base template needs on every page: the header's brand and user (None: logged out), where the
+    static files, the jobs page and the logout form are, the status (error pages), no charts unless a page asks."""
+    return {
+        "brand": brand,
+        "static": f"{PREFIX}/static",
+        "home": f"{PREFIX}/jobs",
+        "logout_url": f"{PREFIX}/logout",
+        "who": who,
+        "is_admin": False,
+        "charts": False,
+        "status_code": status,
+        **extra,
+    }
+
+
 def safe_next(target: str | None) -> str:
     """Where to go after logging in: only our own pages — no scheme, no host, no protocol-relative ``//`` (an open
     redirect otherwise); else the jobs page."""
