@@ -108,6 +108,11 @@ _SEEDED = threading.Lock()
 """Held while initialising from torch's global RNG under a fixed seed: two threads seeding and drawing at once
 would interleave their draws and build different weights from the same seed."""
 
+_LOADING = threading.RLock()
+"""Held while transformers or peft load weights: ``from_pretrained`` builds the model under a context that patches
+``torch.nn.Module`` process-wide (parameters on the meta device), so two threads loading at once corrupt each
+other's models ("Cannot copy out of meta tensor"). Loads in one process are therefore serialised."""
+
 
 def build_tiny_model(seed: int = 0, *, vocab_size: int = 259, hidden: int = 64, layers: int = 2) -> nn.Module:
     """A random-initialised Llama small enough for unit tests (eager attention, fp32)."""
@@ -204,7 +209,13 @@ def load_base_model(
         attn_implementation: ``eager`` (needed by the vmap gradient engine) or ``sdpa`` (faster training).
         cache_dir: where converted GGUF weights are cached (default `default_cache_dir`).
     """
-    torch_dtype = parse_dtype(dtype)
+    with _LOADING:
+        return _load_base_model(ref, parse_dtype(dtype), device, attn_implementation, cache_dir)
+
+
+def _load_base_model(
+    ref: str, torch_dtype: torch.dtype, device: str, attn_implementation: str, cache_dir: Path | None
+) -> LoadedModel:
     if ref == "tiny" or ref.startswith("tiny:"):
         seed = int(ref.split(":", 1)[1]) if ":" in ref else 0
         model, tokenizer = build_tiny_model(seed), build_tiny_tokenizer()
@@ -249,7 +260,7 @@ def attach_lora(model: nn.Module, lora: LoraSettings, *, init_seed: int | None =
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with _SEEDED, torch.random.fork_rng(devices=[]):
+    with _LOADING, _SEEDED, torch.random.fork_rng(devices=[]):
         if init_seed is not None:
             torch.manual_seed(init_seed)
         peft_model = get_peft_model(model, config)
@@ -269,7 +280,8 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str, *, trainable: bool =
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelNotFoundError(f"no peft adapter in {adapter_dir} (adapter_config.json missing)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    with _LOADING:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
 def save_adapter(peft_model: nn.Module, adapter_dir: Path | str) -> None:
