@@ -100,6 +100,7 @@ def _options(args: argparse.Namespace):
         poll_interval=args.poll_interval,
         timeout=args.timeout,
         wait=not args.no_wait,
+        out_dir=Path(args.out_dir) if args.out_dir else None,
     )
 
 
@@ -278,7 +279,8 @@ def add_parser(sub) -> None:
         description="Download the job's spec and checkpoints, compute the projected gradients of the local samples, "
         "upload them as shards (resuming: shards the coordinator holds are not sent again), mark the upload "
         "complete, wait until the job is scored and write <data stem>.scores.jsonl (id, score, parts, selected) "
-        "and <data stem>.selected.jsonl (the selected samples) next to --data. Safe to run again at any point.",
+        "and <data stem>.selected.jsonl (the selected samples) next to --data (or in --out-dir). Safe to run again "
+        "at any point.",
     )
     _add_common(p, "checkpoints, run and projections")
     p.add_argument(
@@ -297,6 +299,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--no-wait", action="store_true", help="stop once the upload is complete (run again later for the mask)"
+    )
+    p.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        default=None,
+        help="where <data stem>.scores.jsonl and .selected.jsonl go (default: next to --data, e.g. when the data "
+        "folder is read-only)",
     )
     p.set_defaults(func=cmd_run)
 

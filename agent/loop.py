@@ -57,6 +57,7 @@ class AgentOptions:
         poll_interval: seconds between status polls while waiting for the scores.
         timeout: give up waiting after this many seconds (None: wait for ever).
         wait: wait for the scores and write the mask; False: stop once the upload is complete.
+        out_dir: where the mask files go (None: next to the data file, which may then be read-only elsewhere).
     """
 
     rows_per_shard: int = 4096
@@ -68,6 +69,7 @@ class AgentOptions:
     poll_interval: float = 2.0
     timeout: float | None = None
     wait: bool = True
+    out_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("rows_per_shard", "batch_size"):
@@ -104,10 +106,11 @@ class AgentResult:
     selected_path: Path | None = None
 
 
-def output_paths(data_path: Path) -> tuple[Path, Path]:
-    """``<stem>.scores.jsonl`` and ``<stem>.selected.jsonl`` next to the data file."""
-    stem = Path(data_path).stem
-    return Path(data_path).with_name(f"{stem}.scores.jsonl"), Path(data_path).with_name(f"{stem}.selected.jsonl")
+def output_paths(data_path: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """``<stem>.scores.jsonl`` and ``<stem>.selected.jsonl`` in ``out_dir``, by default next to the data file."""
+    data_path = Path(data_path)
+    folder = Path(out_dir) if out_dir is not None else data_path.parent
+    return folder / f"{data_path.stem}.scores.jsonl", folder / f"{data_path.stem}.selected.jsonl"
 
 
 def run_agent(
@@ -145,7 +148,7 @@ def run_agent(
     if job["status"] != "done":
         return replace(result, status=job["status"])
     answer = client.scores(job_id)
-    scores_path, selected_path, selected = write_outputs(data_path, samples, answer["rows"], job_id)
+    scores_path, selected_path, selected = write_outputs(data_path, samples, answer["rows"], job_id, options.out_dir)
     return replace(
         result,
         status="done",
@@ -401,9 +404,12 @@ def upload_shards(
     return uploaded, skipped
 
 
-def write_outputs(data_path: Path, samples: list[Sample], rows: list[dict], job_id: str) -> tuple[Path, Path, int]:
+def write_outputs(
+    data_path: Path, samples: list[Sample], rows: list[dict], job_id: str, out_dir: Path | None = None
+) -> tuple[Path, Path, int]:
     """Write ``<stem>.scores.jsonl`` (id, score, parts, selected; local order) and ``<stem>.selected.jsonl`` (the
-    selected samples' records), each atomically. Returns both paths and the number selected."""
+    selected samples' records), each atomically, in ``out_dir`` (default: next to the data file, `output_paths`).
+    Returns both paths and the number selected."""
     by_id = {r["sample_id"]: r for r in rows}
     missing = [s.id for s in samples if s.id not in by_id]
     if missing:
@@ -411,7 +417,9 @@ def write_outputs(data_path: Path, samples: list[Sample], rows: list[dict], job_
             f"job {job_id}: the coordinator has no scores for {len(missing)} of the {len(samples)} local samples "
             f"(e.g. {missing[:3]}): this data file is not the one this silo uploaded"
         )
-    scores_path, selected_path = output_paths(data_path)
+    scores_path, selected_path = output_paths(data_path, out_dir)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     fields = ("score", "parts", "selected")
     lines = [json.dumps({"id": s.id, **{k: by_id[s.id][k] for k in fields}}) for s in samples]
     atomic_write_bytes(scores_path, ("\n".join(lines) + "\n").encode())

@@ -179,6 +179,18 @@ def test_samples_the_coordinator_did_not_score(world, scored, tmp_path):
         agent(world, "a", scored.job_id, tmp_path / "more.jsonl", tmp_path / "work")
 
 
+def test_mask_files_go_to_out_dir_and_nothing_is_written_beside_the_data(world, scored, tmp_path):
+    """For a data folder mounted read-only (docker/compose.silo.yml): --out-dir takes the mask files."""
+    data_dir = tmp_path / "ro"
+    data_dir.mkdir()
+    data = data_dir / "a.jsonl"
+    data.write_bytes(scored.data["a"].read_bytes())
+    result = agent(world, "a", scored.job_id, data, tmp_path / "work", out_dir=tmp_path / "masks")
+    assert result.selected_path == tmp_path / "masks" / "a.selected.jsonl" == output_paths(data, tmp_path / "masks")[1]
+    assert result.scores_path.read_text() == output_paths(scored.data["a"])[0].read_text()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["a.jsonl"]
+
+
 def test_bad_data_names_the_file_and_line(world, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q2"}\n')
