@@ -330,19 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole pipeline on PubMedQA with injected noise",
-        description="Three silos with 10/30/50 %% noise, clean anchors, SmolLM2: warmup, project, "
-        "score, select; prints detection AUROC per silo.",
+        help="the whole product on one machine: embedded coordinator, three silo agents, SmolLM2, PubMedQA",
+        description="Start an embedded coordinator (no Redis, no PostgreSQL) and three silo agents holding PubMedQA "
+        "splits with 10/30/50 % injected noise; run federated warmup, projection uploads, scoring, masks, and "
+        "federated training on all / a random subset / the selected samples with held-out evaluation; print a "
+        "summary (per silo: detection AUROC; per arm: held-out loss and PubMedQA accuracy) and keep the "
+        "dashboards up until Ctrl-C. Logs and data under --out.",
     )
-    p.add_argument("--quick", action="store_true", help="a small run (a few minutes on 2 cores)")
-    p.add_argument("--model", default="smollm2", help="model reference (default smollm2)")
+    p.add_argument("--quick", action="store_true", help="a small run (about 3 minutes on 2 cores)")
+    p.add_argument("--model", default="smollm2", help="model reference (default smollm2; 'tiny:0' for a smoke test)")
     p.add_argument(
         "--data-dir",
         default=None,
         help="folder with pubmedqa/ori_pqal.json (default: ../shared/data if present, else a bundled 200-item subset)",
     )
-    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
-    _add_model_args(p)
+    p.add_argument("--out", default="runs/demo", help="working directory, emptied first (default runs/demo)")
+    p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
+    p.add_argument("--no-serve", action="store_true", help="exit after the summary instead of serving the dashboards")
     p.set_defaults(func=cmd_demo)
 
     from agent import cli as agent_cli
