@@ -46,4 +46,6 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pergrad.py --config tiny
 	$(BIN)/python bench/pergrad.py --config smollm2
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality.py --domain pubmedqa > bench/results/quality-pubmedqa.json
+	$(BIN)/python bench/quality.py --domain gsm8k > bench/results/quality-gsm8k.json
+	$(BIN)/python bench/plot_quality.py

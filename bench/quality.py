@@ -1,37 +1,46 @@
-"""Detection quality of the trace score on PubMedQA with 30 % injected noise, against perplexity filtering.
+"""The paper-style quality table: does the trace score find the noisy samples, and does training on what it keeps
+give a better model? One domain per run; PubMedQA (medical) or GSM8K (math), SmolLM2-135M-Instruct.
 
-Setup (seeded): the 1000 PubMedQA PQA-L items are shuffled; the first ``--anchors`` are the clean anchor set, the
-next ``--n`` the candidates, of which 10 % each are corrupted by ``cut``, ``delete`` and ``exchange``
-(`scoring.noise.inject_noise`). SmolLM2-135M-Instruct, LoRA r=8 on q_proj and v_proj.
+Setup (seeded): the domain's items are shuffled; the first ``--anchors`` are the clean anchor set, the next ``--n``
+the candidates, into which noise is injected (`scoring.noise.inject_noise`; ``NOISE``: PubMedQA 10 % each of
+``cut``, ``delete``, ``exchange``; GSM8K 15 % each of ``wrong_answer`` and ``exchange``); a clean held-out set of
+``--held-out`` items comes from the rest (PubMedQA) or from ``test.jsonl`` (GSM8K).
 
-Pipeline, through `scoring.steps`: warmup (``--warmup-steps`` AdamW steps of batch 4 at a constant 3e-4 on a
-random ``--warmup-fraction`` of the candidates, noise included, as CLUES warms up on the pool; ``--checkpoints``
-evenly spaced checkpoints) -> project anchors and candidates (hooks engine, SJLT to ``--proj-dim``) -> score.
-``--no-warmup`` instead takes one checkpoint at the initial adapter with random lora_B and plain gradients;
-warmup starts from a random lora_B, the library default (``--zero-b``: peft's B=0, where every lora_A gradient is
-zero until B moves).
+Warmup (`scoring.steps.run_warmup`): ``--warmup-steps`` AdamW steps of batch 4 at a constant ``--lr`` on a random
+``--warmup-fraction`` of the candidates (noise included, as CLUES warms up on the pool), from a random lora_B,
+LoRA r=8 on q_proj and v_proj; ``--checkpoints`` evenly spaced checkpoints, each with its Adam moments.
 
-Candidates are projected with ``anchor=True``, so the projection directory holds both the Adam-preconditioned
-gradients (role ``candidate``) and the plain ones (role ``anchor``) of the same samples: the "with" and "without
-preconditioning" variants come from one gradient pass.
+One gradient pass per checkpoint (hooks engine, exact per-sample LoRA gradients) feeds every variant: plain and
+Adam-preconditioned (m'/(√v'+ε), LESS/CLUES) gradients, each unprojected (all P LoRA coordinates) and projected with
+SJLT to every k of ``--dims``. Each variant is scored by the product's own path (`scoring.traces.score_projections`,
+anchors leave-one-out by `score_anchor_samples`, CLUES threshold = mean anchor score), with cosine and dot
+similarity, over all checkpoints and over the last one alone. PubMedQA also reports anchor groups by the anchors'
+yes/no/maybe decision (LESS's max over groups).
 
-Scores reported (AUROC of clean against noisy, overall and per noise kind against the clean samples only):
+Methods in the table:
 
-- ``trace_{cosine,dot}_{precond,plain}``: the influence-trace score Σ_t η_t · sim(g_t(z), mean anchor gradient at
-  t), with per-checkpoint AUROCs of each term alone. The *primary* trace score is cosine with preconditioning
-  (plain when there is no Adam state): the library's defaults.
-- ``perplexity_ckpt{t}``: score = -(mean response loss at checkpoint t). The primary perplexity baseline is the
-  last checkpoint (the warmed-up model); every checkpoint is reported.
-- ``hybrid_rank_cosine_perplexity``: the average of the rank vectors of the primary trace score and the primary
-  perplexity score. A documented combination reported beside, never instead of, the trace score.
+- ``all``: keep everything (no ranking, so no AUROC);
+- ``random``: a seeded random score;
+- ``perplexity``: minus the mean response loss at the last checkpoint (every checkpoint in ``detail``);
+- ``ours``: the trace variants named ``ours[sim, precond|plain, T ckpts, k]``; the *primary* one (the product's
+  recipe) is cosine, Adam-preconditioned, all checkpoints, k = the largest of ``--dims``.
 
-Targets (pass/fail printed under ``targets``, no tuning on the evaluation labels): primary trace AUROC >= 0.95
-overall, and on every noise kind not below the perplexity AUROC at any checkpoint.
+Metrics: detection AUROC of clean against noisy, overall and per noise kind (against the clean samples only), and
+precision (clean share) of the kept samples at the primary method's keep rate (mean-anchor threshold): every ranked
+method keeps its top samples at that same rate. Then, unless ``--no-train``, four training arms on the candidates
+— all, random, perplexity and ours (primary; the samples the threshold keeps) — each a fresh LoRA (peft's B=0, the
+same seed) trained for ``--train-epochs`` epochs (`scoring.training.train_lora`, batch 4, constant ``--lr``), and
+the untrained base, are evaluated on the held-out set (`scoring.evaluation.evaluate`: mean response loss, and
+PubMedQA accuracy by option log-likelihood or GSM8K exact match of the final number by greedy generation).
 
-Usage::
+Issue 2's target is checked on PubMedQA (``targets``): primary trace AUROC >= 0.95 overall, and on every noise kind
+not below the perplexity AUROC at any checkpoint.
 
-    python bench/quality.py --out bench/.work/quality > bench/results/quality.json
-    python bench/quality.py --no-warmup --out bench/.work/quality-nowarmup > bench/results/quality-nowarmup.json
+Usage (the docs/results.md figures; ~23 and ~25 min on 2 CPU cores)::
+
+    python bench/quality.py --domain pubmedqa > bench/results/quality-pubmedqa.json
+    python bench/quality.py --domain gsm8k > bench/results/quality-gsm8k.json
+    python bench/plot_quality.py   # docs/results.md and docs/img/quality-*.png from those two files
 
 One JSON object goes to stdout (and ``<out>/result.json``); progress goes to stderr.
 """
@@ -39,11 +48,11 @@ One JSON object goes to stdout (and ``<out>/result.json``); progress goes to std
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,20 +62,33 @@ import numpy as np
 import torch
 from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
-from scoring.config import LoraSettings, TraceConfig, TrainingConfig
-from scoring.data import Sample, load_pubmedqa
-from scoring.io import load_projection
+from scoring.batching import make_batches, tokenize_samples
+from scoring.config import LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig
+from scoring.data import Sample, load_gsm8k, load_pubmedqa
+from scoring.evaluation import evaluate
+from scoring.gradients import adam_precondition, build_gradient_computer
+from scoring.models import attach_lora, load_base_model
 from scoring.noise import inject_noise
-from scoring.selection import auroc, average_ranks
-from scoring.steps import ProjectOptions, project_samples, run_warmup
-from scoring.traces import score_projections
+from scoring.projection import build_projector, flatten_grads, make_spec
+from scoring.selection import (
+    MeanAnchorScore,
+    apply_threshold,
+    auroc,
+    average_ranks,
+    precision_at_keep,
+    top_fraction_mask,
+)
+from scoring.steps import ModelOptions, load_run_model, release_memory, run_warmup, use_checkpoint
+from scoring.traces import score_anchor_samples, score_projections
+from scoring.training import train_lora
 from scoring.types import ProjectedGrads
 
 REPO = Path(__file__).resolve().parents[1]
-NOISE_RATES = {"cut": 0.1, "delete": 0.1, "exchange": 0.1}
-KINDS = tuple(NOISE_RATES)
-
-
+NOISE = {
+    "pubmedqa": {"cut": 0.1, "delete": 0.1, "exchange": 0.1},
+    "gsm8k": {"wrong_answer": 0.15, "exchange": 0.15},
+}
+FULL = "full"
 log = make_log("quality")
 
 
@@ -82,162 +104,315 @@ def progress(label: str):
     return update
 
 
-def shuffled_items(path: Path, need: int, what: str, seed: int) -> list[Sample]:
-    """Every PubMedQA item of ``path`` after the seeded shuffle the splits take their slices from (at least
-    ``need`` of them; ``what`` names the options that ask for them)."""
-    items = load_pubmedqa(path)
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    anchors: list[Sample]
+    candidates: list[Sample]  # noisy, labelled with meta["noise"]
+    held_out: list[Sample]
+
+
+def split_data(domain: str, data_dir: Path, n: int, n_anchors: int, n_held_out: int, seed: int) -> Split:
+    """Disjoint clean anchors, noisy candidates and a clean held-out set, from one seeded shuffle."""
+    if domain == "pubmedqa":
+        items = load_pubmedqa(data_dir / "pubmedqa" / "ori_pqal.json")
+        need = n + n_anchors + n_held_out
+        held_pool: list[Sample] | None = None
+    else:
+        items = load_gsm8k(data_dir / "gsm8k" / "train.jsonl")
+        held_pool = load_gsm8k(data_dir / "gsm8k" / "test.jsonl")
+        need = n + n_anchors
     if len(items) < need:
-        raise SystemExit(f"{what} = {need} exceeds the {len(items)} items of {path}")
+        raise SystemExit(f"{domain}: {len(items)} items, --n + --anchors (+ --held-out) need {need}")
     random.Random(seed).shuffle(items)
-    return items
-
-
-def split_data(path: Path, n: int, n_anchors: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(clean anchors, noisy candidates): disjoint, after a seeded shuffle of all items."""
-    items = shuffled_items(path, n + n_anchors, "--n + --anchors", seed)
     anchors, pool = items[:n_anchors], items[n_anchors : n_anchors + n]
-    return anchors, inject_noise(pool, NOISE_RATES, seed=seed)
+    if held_pool is None:
+        held_out = items[n_anchors + n : need]
+    else:
+        random.Random(seed + 1).shuffle(held_pool)
+        held_out = held_pool[:n_held_out]
+    return Split(anchors, inject_noise(pool, NOISE[domain], seed=seed), held_out)
+
+
+# --- warmup and the gradient pass ----------------------------------------------------------------------------
 
 
 def warmup(args: argparse.Namespace, candidates: list[Sample], run_dir: Path) -> dict:
-    """Run (or skip, with --no-warmup) the LoRA warmup; returns what was done."""
-    rng = random.Random(args.seed + 1)
-    train = rng.sample(candidates, max(1, round(args.warmup_fraction * len(candidates))))
-    training = None
-    if not args.no_warmup:
-        training = TrainingConfig(
-            epochs=1000,  # bounded by max_steps
-            batch_size=4,
-            lr=args.lr,
-            schedule="constant",
-            warmup_ratio=0.0,
-            num_checkpoints=args.checkpoints,
-            max_steps=args.warmup_steps,
-            seed=args.seed,
-        )
+    train = random.Random(args.seed + 1).sample(candidates, max(1, round(args.warmup_fraction * len(candidates))))
+    training = TrainingConfig(
+        epochs=1000,  # bounded by max_steps
+        batch_size=4,
+        lr=args.lr,
+        schedule="constant",
+        warmup_ratio=0.0,
+        num_checkpoints=args.checkpoints,
+        max_steps=args.warmup_steps,
+        seed=args.seed,
+    )
     ckpts = run_warmup(
-        "smollm2",
+        args.model,
         train,
         run_dir,
         lora=LoraSettings(),
         training=training,
-        projection={"kind": "sjlt", "dim": args.proj_dim, "seed": 0, "nnz": 4},
+        projection={"kind": "sjlt", "dim": max(args.dims), "seed": 0, "nnz": 4},
         max_len=args.max_len,
-        random_b=not args.zero_b,
         progress=progress("warmup"),
     )
-    noisy = sum(s.meta["noise"] != "clean" for s in train)
     return {
-        "train_samples": 0 if args.no_warmup else len(train),
-        "train_noisy": 0 if args.no_warmup else noisy,
+        "train_samples": len(train),
+        "train_noisy": sum(s.meta["noise"] != "clean" for s in train),
         "checkpoints": [{"index": c.index, "step": c.step, "lr": c.lr} for c in ckpts],
     }
 
 
-def load_role(proj_dir: Path, role: str) -> tuple[list[ProjectedGrads], list[np.ndarray]]:
-    """Projections of one role in checkpoint order, and each checkpoint's per-sample losses."""
-    loaded = [load_projection(f) for f in sorted(proj_dir.glob(f"ckpt-*.{role}.safetensors"))]
-    if not loaded:
-        raise SystemExit(f"{proj_dir}: no {role} projections")
-    return [p for p, _ in loaded], [loss for _, loss in loaded]
+@dataclass
+class Features:
+    """Per (role, preconditioning, dim key): one (N, d) float32 array per checkpoint; plus losses and η_t.
+
+    role: ``anchors`` or ``candidates``; preconditioning: ``plain`` or ``adam``; dim key: an int k or `FULL`."""
+
+    arrays: dict[tuple[str, str, object], list[np.ndarray]]
+    specs: dict[object, ProjectionSpec]
+    losses: list[np.ndarray]  # candidates' mean response loss per checkpoint
+    lrs: list[float]
 
 
-def detection(scores: np.ndarray, noise: np.ndarray) -> dict[str, float]:
-    """AUROC of clean vs all noisy, and of clean vs each kind alone."""
+def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int) -> Features:
+    """One exact per-sample gradient pass per checkpoint over anchors and candidates, kept in every variant."""
+    model, tokenizer, manifest, checkpoints = load_run_model(run_dir, ModelOptions())
+    layout = [(name, tuple(shape)) for name, shape in manifest["layout"]]
+    specs: dict[object, ProjectionSpec] = {k: make_spec("sjlt", k, 0, layout, nnz=4) for k in dims}
+    n_params = sum(int(np.prod(shape)) for _, shape in layout)
+    # The unprojected variant is tagged with a spec of dimension P so that the product's scoring path (which checks
+    # that every party used one spec) takes it unchanged; no projection is applied to it.
+    specs[FULL] = make_spec("gaussian", n_params, 0, layout)
+    projectors = {k: build_projector(specs[k]) for k in dims}
+    engine = build_gradient_computer(model, "hooks")
+    roles = {"anchors": split.anchors, "candidates": split.candidates}
+    arrays: dict[tuple[str, str, object], list[np.ndarray]] = {
+        (role, pre, key): [] for role in roles for pre in ("plain", "adam") for key in specs
+    }
+    losses: list[np.ndarray] = []
+    total, done, start = len(checkpoints) * sum(map(len, roles.values())), 0, time.perf_counter()
+    for ckpt in checkpoints:
+        use_checkpoint(model, ckpt)
+        moments = ckpt.moments()
+        for role, samples in roles.items():
+            order = {s.id: i for i, s in enumerate(samples)}
+            rows = {(pre, key): np.zeros((len(samples), specs[key].dim), np.float32) for pre in ("plain", "adam")
+                    for key in specs}  # fmt: skip
+            loss = np.zeros(len(samples))
+            tokenized = tokenize_samples(samples, tokenizer, manifest["max_len"], template=manifest["template"])
+            for batch in make_batches(tokenized, batch_size, tokenizer.pad_token_id):
+                idx = [order[i] for i in batch.ids]
+                grads, batch_losses = engine.compute(batch.input_ids, batch.labels)
+                loss[idx] = batch_losses.detach().cpu().numpy()
+                for pre, g in (("plain", grads), ("adam", adam_precondition(grads, *moments, ckpt.adam))):
+                    rows[(pre, FULL)][idx] = flatten_grads(g).detach().cpu().numpy()
+                    for k, projector in projectors.items():
+                        rows[(pre, k)][idx] = projector.project(g).detach().cpu().numpy()
+                done += len(idx)
+            log(f"gradients: {done}/{total} ({time.perf_counter() - start:.0f} s)")
+            for (pre, key), matrix in rows.items():
+                arrays[(role, pre, key)].append(matrix)
+            if role == "candidates":
+                losses.append(loss)
+    del model, engine
+    release_memory()
+    return Features(arrays, specs, losses, [c.lr for c in checkpoints])
+
+
+# --- scoring -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    similarity: str
+    precond: str  # "adam" | "plain"
+    ckpts: str  # "all" | "last"
+    dim: object  # k or FULL
+    groups: bool = False
+
+    @property
+    def name(self) -> str:
+        dim = "unprojected" if self.dim == FULL else f"k={self.dim}"
+        t = "all ckpts" if self.ckpts == "all" else "last ckpt"
+        return f"ours[{self.similarity}, {self.precond}, {t}, {dim}{', anchor groups' if self.groups else ''}]"
+
+
+def _projections(feat: Features, role: str, pre: str, key: object, ids: list[str], ts: list[int], as_role: str):
+    return [
+        ProjectedGrads(
+            ids=tuple(ids),
+            matrix=feat.arrays[(role, pre, key)][t],
+            spec=feat.specs[key],
+            checkpoint=i,
+            lr=feat.lrs[t],
+            role=as_role,
+            preconditioned=as_role == "candidate" and pre == "adam",
+        )
+        for i, t in enumerate(ts)
+    ]
+
+
+def trace_scores(feat: Features, split: Split, v: Variant) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate scores, keep mask at the mean-anchor threshold) of one variant, by the product's scoring path."""
+    ts = list(range(len(feat.lrs))) if v.ckpts == "all" else [len(feat.lrs) - 1]
+    cand_ids, anchor_ids = [s.id for s in split.candidates], [s.id for s in split.anchors]
+    anchors = _projections(feat, "anchors", "plain", v.dim, anchor_ids, ts, "anchor")
+    cands = _projections(feat, "candidates", v.precond, v.dim, cand_ids, ts, "candidate")
+    anchors_as_cands = _projections(feat, "anchors", v.precond, v.dim, anchor_ids, ts, "candidate")
+    groups = [s.meta["label"] for s in split.anchors] if v.groups else None
+    config = TraceConfig(similarity=v.similarity, chunk_rows=1024)
+    table = score_projections({"pool": cands}, anchors, config, groups)
+    anchor_table = score_anchor_samples(anchors_as_cands, anchors, config, groups)
+    selected = apply_threshold(table, MeanAnchorScore(), anchor_table)
+    return table.scores, np.asarray(selected.selected)
+
+
+def detection(scores: np.ndarray | None, noise: np.ndarray, keep: np.ndarray) -> dict:
+    """AUROC (overall and per kind vs the clean samples) of a score; precision of the ``keep`` mask."""
     clean = noise == "clean"
-    out = {"overall": auroc(scores, clean)}
-    for kind in KINDS:
+    out: dict = {"precision_at_keep": precision_at_keep(keep, clean), "kept": int(keep.sum())}
+    if scores is None:
+        return out | {"auroc": None}
+    out["auroc"] = auroc(scores, clean)
+    for kind in sorted(set(noise) - {"clean"}):
         rows = clean | (noise == kind)
-        if (noise == kind).any():
-            out[kind] = auroc(scores[rows], clean[rows])
+        out[f"auroc_{kind}"] = auroc(scores[rows], clean[rows])
     return out
 
 
-def trace_variant(cands: list[ProjectedGrads], anchors: list[ProjectedGrads], sim: str, noise: np.ndarray) -> dict:
-    """Trace-score AUROCs (total and per checkpoint) of one candidate variant and similarity."""
-    table = score_projections({"pool": cands}, anchors, TraceConfig(similarity=sim))
-    out = detection(table.scores, noise)
-    out["per_checkpoint"] = [detection(table.parts[:, t], noise) for t in range(table.parts.shape[1])]
-    out["_scores"] = table.scores
-    return out
+def score_methods(feat: Features, split: Split, dims: list[int], domain: str, seed: int) -> dict:
+    noise = np.array([s.meta["noise"] for s in split.candidates])
+    ids = [s.id for s in split.candidates]
+    silos = ["pool"] * len(ids)
+    primary = Variant("cosine", "adam", "all", max(dims))
+    primary_scores, primary_keep = trace_scores(feat, split, primary)
+    rate = float(primary_keep.mean())
+
+    def at_rate(scores: np.ndarray) -> np.ndarray:
+        return top_fraction_mask(scores, ids, silos, rate)[0]
+
+    methods: dict[str, dict] = {"all": detection(None, noise, np.ones(len(ids), bool))}
+    random_scores = np.random.default_rng(seed).random(len(ids))
+    methods["random"] = detection(random_scores, noise, at_rate(random_scores))
+    ppl = {t: -loss for t, loss in enumerate(feat.losses)}
+    last = len(feat.losses) - 1
+    methods["perplexity"] = detection(ppl[last], noise, at_rate(ppl[last]))
+    detail = {f"perplexity@ckpt{t}": detection(s, noise, at_rate(s)) for t, s in ppl.items()}
+    keeps = {"all": np.ones(len(ids), bool), "random": at_rate(random_scores), "perplexity": at_rate(ppl[last])}
+    variants = [
+        Variant(sim, pre, ckpts, dim)
+        for sim in ("cosine", "dot")
+        for pre in ("adam", "plain")
+        for ckpts in ("all", "last")
+        for dim in [*dims, FULL]
+    ]
+    labels = [s.meta.get("label") for s in split.anchors]
+    if domain == "pubmedqa" and min(labels.count(label) for label in set(labels)) >= 2:  # leave-one-out needs 2
+        variants += [Variant("cosine", "adam", "all", max(dims), groups=True)]
+    for v in variants:
+        scores, keep = (primary_scores, primary_keep) if v == primary else trace_scores(feat, split, v)
+        row = detection(scores, noise, at_rate(scores)) | {"threshold_kept": int(keep.sum())}
+        row["precision_at_threshold"] = precision_at_keep(keep, noise == "clean")
+        (methods if v == primary else detail)[v.name] = row
+        if v == primary:
+            keeps["ours"] = keep
+    detail["per_checkpoint(primary)"] = [
+        detection(s, noise, at_rate(s)) for s in (_single_ckpt(feat, split, primary, t) for t in range(len(feat.lrs)))
+    ]
+    hybrid = (average_ranks(primary_scores) + average_ranks(ppl[last])) / 2.0
+    detail["hybrid_rank(ours, perplexity)"] = detection(hybrid, noise, at_rate(hybrid))
+    return {"primary": primary.name, "keep_rate": rate, "methods": methods, "detail": detail, "_keeps": keeps}
 
 
-def score_all(cand_dir: Path, anchor_dir: Path, noise: np.ndarray, ids: list[str]) -> dict:
-    """Every reported score's AUROCs; the primary trace is cosine on preconditioned gradients if there are any."""
-    anchors, _ = load_role(anchor_dir, "anchor")
-    precond, losses = load_role(cand_dir, "candidate")
-    plain, _ = load_role(cand_dir, "anchor")
-    plain = [dataclasses.replace(p, role="candidate") for p in plain]  # same samples, plain gradients
-    if list(precond[0].ids) != ids:
-        raise SystemExit("projection ids are not in sample order")
-    variants = {"plain": plain}
-    if precond[0].preconditioned:
-        variants = {"precond": precond, "plain": plain}
-    results: dict = {}
-    for name, cands in variants.items():
-        for sim in ("cosine", "dot"):
-            results[f"trace_{sim}_{name}"] = trace_variant(cands, anchors, sim, noise)
-    for t, loss in enumerate(losses):
-        results[f"perplexity_ckpt{t}"] = detection(-loss.astype(np.float64), noise)
-    primary = {"trace": f"trace_cosine_{next(iter(variants))}", "perplexity": f"perplexity_ckpt{len(losses) - 1}"}
-    trace_scores = results[primary["trace"]]["_scores"]
-    hybrid = (average_ranks(trace_scores) + average_ranks(-losses[-1].astype(np.float64))) / 2.0
-    results["hybrid_rank_cosine_perplexity"] = detection(hybrid, noise)
-    for value in results.values():
-        value.pop("_scores", None)
-    return {"auroc": results, "primary": primary}
+def _single_ckpt(feat: Features, split: Split, v: Variant, t: int) -> np.ndarray:
+    """Scores of variant ``v`` at checkpoint t alone."""
+    sub = Features({key: [arrs[t]] for key, arrs in feat.arrays.items()}, feat.specs, [feat.losses[t]], [feat.lrs[t]])
+    return trace_scores(sub, split, Variant(v.similarity, v.precond, "all", v.dim, v.groups))[0]
 
 
-def check_targets(scores: dict) -> dict:
-    """Primary trace AUROC >= 0.95 overall; per kind not below perplexity at any checkpoint."""
-    auc, primary = scores["auroc"], scores["primary"]
-    trace = auc[primary["trace"]]
-    ppl = {k: v for k, v in auc.items() if k.startswith("perplexity_")}
-    out: dict = {"trace_overall_ge_0.95": {"value": trace["overall"], "pass": trace["overall"] >= 0.95}}
-    for kind in KINDS:
-        best = max(ppl, key=lambda k: ppl[k][kind])
-        out[f"trace_{kind}_ge_perplexity"] = {
-            "trace": trace[kind],
-            "best_perplexity": ppl[best][kind],
+def check_targets(methods: dict, detail: dict) -> dict:
+    """Issue 2 (PubMedQA): primary trace AUROC >= 0.95 overall; per kind not below perplexity at any checkpoint."""
+    ours = methods[next(k for k in methods if k.startswith("ours["))]
+    out: dict = {"trace_overall_ge_0.95": {"value": ours["auroc"], "pass": ours["auroc"] >= 0.95}}
+    ppl = {k: v for k, v in detail.items() if k.startswith("perplexity@")}
+    for key in (k for k in ours if k.startswith("auroc_")):
+        best = max(ppl, key=lambda k: ppl[k][key])
+        out[f"trace_{key[6:]}_ge_perplexity"] = {
+            "trace": ours[key],
+            "best_perplexity": ppl[best][key],
             "at": best,
-            "pass": trace[kind] >= ppl[best][kind],
+            "pass": ours[key] >= ppl[best][key],
         }
     out["all_pass"] = all(v["pass"] for v in out.values())
     return out
 
 
-def project_all(args: argparse.Namespace, run_dir: Path, anchors: list, candidates: list, out: Path) -> dict:
-    """Project anchors and candidates (both with anchor=True); returns seconds per stage."""
-    opts = ProjectOptions(engine="hooks", batch_size=args.batch_size, precondition=args.precondition)
-    timing = {}
-    for label, samples in (("anchors", anchors), ("candidates", candidates)):
-        start = time.perf_counter()
-        project_samples(run_dir, samples, out / "proj" / label, anchor=True, opts=opts, progress=progress(label))
-        timing[f"project_{label}"] = time.perf_counter() - start
-    return timing
+# --- training arms ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(args: argparse.Namespace, split: Split, keep: np.ndarray | None, out_dir: Path) -> dict:
+    """A fresh LoRA (B=0) trained on the kept candidates (``keep`` None: the untrained base), then evaluated."""
+    start = time.perf_counter()
+    base = load_base_model(args.model)
+    model = attach_lora(base.model, LoraSettings(), init_seed=args.seed)
+    tokenizer = base.tokenizer
+    info: dict = {"train_samples": 0}
+    if keep is not None:
+        chosen = [s for s, k in zip(split.candidates, keep, strict=True) if k]
+        info = {
+            "train_samples": len(chosen),
+            "train_clean": sum(s.meta["noise"] == "clean" for s in chosen),
+        }
+        data = tokenize_samples(chosen, tokenizer, args.max_len)
+        cfg = TrainingConfig(
+            epochs=args.train_epochs, batch_size=4, lr=args.lr, schedule="constant", warmup_ratio=0.0,
+            num_checkpoints=1, seed=args.seed,
+        )  # fmt: skip
+        train_lora(model, data, cfg, out_dir, pad_id=tokenizer.pad_token_id, progress=progress(f"train {out_dir.name}"))
+    metrics = evaluate(
+        model, tokenizer, split.held_out, max_len=args.max_len, batch_size=8, max_new_tokens=args.max_new_tokens
+    )
+    del model, base
+    release_memory()
+    return info | {"metrics": metrics, "seconds": time.perf_counter() - start}
+
+
+# --- main --------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data", help="holds pubmedqa/")
-    p.add_argument("--n", type=int, default=200, help="candidates (default 200)")
+    p.add_argument("--domain", required=True, choices=tuple(NOISE))
+    p.add_argument("--model", default="smollm2", help="model reference (default smollm2; tiny:0 for a smoke test)")
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data", help="holds pubmedqa/ and gsm8k/")
+    p.add_argument("--n", type=int, default=120, help="candidates (default 120)")
     p.add_argument("--anchors", type=int, default=40, help="clean anchors (default 40)")
-    p.add_argument("--checkpoints", type=int, default=2, help="warmup checkpoints T (default 2)")
-    p.add_argument("--warmup-steps", type=int, default=12, help="optimizer steps of batch 4 (default 12)")
-    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of candidates trained on (0.1)")
-    p.add_argument("--lr", type=float, default=3e-4, help="constant warmup learning rate (default 3e-4)")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per sample (default 512)")
-    p.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k (default 8192)")
+    p.add_argument("--held-out", type=int, default=30, help="clean held-out items (default 30)")
+    p.add_argument("--checkpoints", type=int, default=4, help="warmup checkpoints T (default 4)")
+    p.add_argument("--warmup-steps", type=int, default=12, help="warmup AdamW steps of batch 4 (default 12)")
+    p.add_argument("--warmup-fraction", type=float, default=0.2, help="share of candidates warmed up on (0.2)")
+    p.add_argument("--lr", type=float, default=3e-4, help="constant learning rate (default 3e-4)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per sample (default 256)")
+    p.add_argument("--dims", default="1024,8192", help="SJLT dimensions k (default 1024,8192)")
     p.add_argument("--batch-size", type=int, default=8, help="gradient batch size (default 8)")
-    p.add_argument("--no-warmup", action="store_true", help="one checkpoint at init, random lora_B, plain grads")
-    p.add_argument("--zero-b", action="store_true", help="warm up from peft's lora_B=0 (default: random lora_B)")
-    p.add_argument("--precondition", action=argparse.BooleanOptionalAction, default=True, help="Adam (default on)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default, one per core)")
+    p.add_argument("--train-epochs", type=float, default=1.0, help="epochs of each training arm (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="GSM8K generation length (default 192)")
+    p.add_argument("--no-train", action="store_true", help="detection metrics only")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "bench" / ".work" / "quality", help="work directory")
+    p.add_argument("--out", type=Path, default=None, help="work directory (default bench/.work/quality-DOMAIN)")
     args = p.parse_args(argv)
-    if args.no_warmup:
-        args.precondition = False
+    try:
+        args.dims = sorted({int(k) for k in args.dims.split(",") if k.strip()})
+    except ValueError:
+        p.error(f"--dims: expected comma-separated integers, got {args.dims!r}")
+    args.out = args.out or REPO / "bench" / ".work" / f"quality-{args.domain}"
     return args
 
 
@@ -245,47 +420,50 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_path = args.data_dir / "pubmedqa" / "ori_pqal.json"
-    if not data_path.is_file():
-        raise SystemExit(f"--data-dir: {data_path} not found")
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"--out: {args.out} is not empty; remove it or choose another")
     started = time.perf_counter()
-    anchors, candidates = split_data(data_path, args.n, args.anchors, args.seed)
-    noise = np.array([s.meta["noise"] for s in candidates])
     timing: dict[str, float] = {}
-    start = time.perf_counter()
-    warm = warmup(args, candidates, args.out / "run")
-    timing["warmup"] = time.perf_counter() - start
-    timing |= project_all(args, args.out / "run", anchors, candidates, args.out)
-    start = time.perf_counter()
-    scores = score_all(
-        args.out / "proj" / "candidates", args.out / "proj" / "anchors", noise, [s.id for s in candidates]
-    )
-    timing["score"] = time.perf_counter() - start
+    split = split_data(args.domain, args.data_dir, args.n, args.anchors, args.held_out, args.seed)
+    noise = np.array([s.meta["noise"] for s in split.candidates])
+    t0 = time.perf_counter()
+    warm = warmup(args, split.candidates, args.out / "run")
+    timing["warmup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size)
+    timing["gradients"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scored = score_methods(feat, split, args.dims, args.domain, args.seed)
+    timing["scoring"] = time.perf_counter() - t0
+    keeps = scored.pop("_keeps")
+    del feat
+    release_memory()
+    training: dict = {}
+    if not args.no_train:
+        training["base"] = train_and_evaluate(args, split, None, args.out / "train-base")
+        for arm, keep in keeps.items():
+            log(f"training arm {arm}: {int(keep.sum())} samples")
+            training[arm] = train_and_evaluate(args, split, keep, args.out / f"train-{arm}")
+            timing[f"train_{arm}"] = training[arm]["seconds"]
     timing["total"] = time.perf_counter() - started
-    n_ckpt = len(warm["checkpoints"])
-    projected = (len(anchors) + len(candidates)) * n_ckpt
     result = {
         "benchmark": "quality",
+        "domain": args.domain,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "data": {
-            "candidates": len(candidates),
-            "anchors": len(anchors),
-            "noise": {k: int((noise == k).sum()) for k in ("clean", *KINDS)},
-            **warm,
+            "candidates": len(split.candidates),
+            "anchors": len(split.anchors),
+            "held_out": len(split.held_out),
+            "noise": {k: int((noise == k).sum()) for k in sorted(set(noise))},
+            "warmup": warm,
         },
+        **scored,
+        "training": training,
         "timing_s": timing,
-        "projection_s_per_sample_per_checkpoint": (timing["project_anchors"] + timing["project_candidates"])
-        / projected,
-        **scores,
-        "targets": check_targets(scores),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_avg_at_end": os.getloadavg(),
-        },
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
     }
+    if args.domain == "pubmedqa":
+        result["targets"] = check_targets(scored["methods"], scored["detail"])
     emit(result, args.out / "result.json")
     return 0
 
