@@ -513,6 +513,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from agent.client import CoordinatorError
     from scoring.errors import ScoringError
 
+    # Ctrl-C (SIGINT) stops the demo even when it was started with SIGINT ignored, as a background job of a
+    # non-interactive shell is: Python then leaves it ignored unless told otherwise
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     size = QUICK if args.quick else DEFAULT
     split = split_data(find_pubmedqa(args.data_dir), size)
     demo = Demo(args, size)
