@@ -180,11 +180,11 @@ class Features:
     lrs: list[float]
 
 
-def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int) -> Features:
+def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int, nnz: int = 4) -> Features:
     """One exact per-sample gradient pass per checkpoint over anchors and candidates, kept in every variant."""
     model, tokenizer, manifest, checkpoints = load_run_model(run_dir, ModelOptions())
     layout = [(name, tuple(shape)) for name, shape in manifest["layout"]]
-    specs: dict[object, ProjectionSpec] = {k: make_spec("sjlt", k, 0, layout, nnz=4) for k in dims}
+    specs: dict[object, ProjectionSpec] = {k: make_spec("sjlt", k, 0, layout, nnz=nnz) for k in dims}
     n_params = sum(int(np.prod(shape)) for _, shape in layout)
     # The unprojected variant is tagged with a spec of dimension P so that the product's scoring path (which checks
     # that every party used one spec) takes it unchanged; no projection is applied to it.
@@ -400,6 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4, help="constant learning rate (default 3e-4)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per sample (default 256)")
     p.add_argument("--dims", default="1024,8192", help="SJLT dimensions k (default 1024,8192)")
+    p.add_argument("--nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4, the product's)")
     p.add_argument("--batch-size", type=int, default=8, help="gradient batch size (default 8)")
     p.add_argument("--train-epochs", type=float, default=1.0, help="epochs of each training arm (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="GSM8K generation length (default 192)")
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = warmup(args, split.candidates, args.out / "run")
     timing["warmup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size)
+    feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size, args.nnz)
     timing["gradients"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scored = score_methods(feat, split, args.dims, args.domain, args.seed)
