@@ -1,6 +1,6 @@
 """``clues demo``: the whole product on one machine — an embedded coordinator, three silo agents, SmolLM2, PubMedQA.
 
-Every party is a real process talking REST, as in a deployment:
+Every party talks REST to the coordinator, as in a deployment:
 
 - the coordinator is ``clues coordinator up`` (API + one Celery worker; SQLite and kombu's SQLite transport, so no
   Redis and no PostgreSQL), holding the clean anchor set and a clean held-out set;
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clues.cli import _cache_dir
 from clues.service import CliError
 from scoring.data import Sample, load_pubmedqa, write_samples
 from scoring.errors import DataError
@@ -502,11 +503,6 @@ def prepare_model(ref: str) -> None:
     load_base_model(ref, cache_dir=_cache_dir())
     # the three agents share this process: one intra-op team each, instead of three oversubscribing the cores
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // len(NOISE)))
-
-
-def _cache_dir() -> Path | None:
-    value = os.environ.get("CLUES_CACHE_DIR")
-    return Path(value) / "models" if value else None
 
 
 def run_demo(args: argparse.Namespace) -> int:
