@@ -75,7 +75,10 @@ from scoring.selection import (
     apply_threshold,
     auroc,
     average_ranks,
+    keep_all,
+    perplexity_scores,
     precision_at_keep,
+    random_scores,
     top_fraction_mask,
 )
 from scoring.steps import ModelOptions, load_run_model, release_memory, run_warmup, use_checkpoint
@@ -258,9 +261,13 @@ def _projections(feat: Features, role: str, pre: str, key: object, ids: list[str
     ]
 
 
-def trace_scores(feat: Features, split: Split, v: Variant) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate scores, keep mask at the mean-anchor threshold) of one variant, by the product's scoring path."""
-    ts = list(range(len(feat.lrs))) if v.ckpts == "all" else [len(feat.lrs) - 1]
+def trace_scores(
+    feat: Features, split: Split, v: Variant, ts: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate scores, keep mask at the mean-anchor threshold) of one variant, by the product's scoring path,
+    over the checkpoints ``ts`` (default: those the variant names, all or the last)."""
+    if ts is None:
+        ts = list(range(len(feat.lrs))) if v.ckpts == "all" else [len(feat.lrs) - 1]
     cand_ids, anchor_ids = [s.id for s in split.candidates], [s.id for s in split.anchors]
     anchors = _projections(feat, "anchors", "plain", v.dim, anchor_ids, ts, "anchor")
     cands = _projections(feat, "candidates", v.precond, v.dim, cand_ids, ts, "candidate")
@@ -297,14 +304,16 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
     def at_rate(scores: np.ndarray) -> np.ndarray:
         return top_fraction_mask(scores, ids, silos, rate)[0]
 
-    methods: dict[str, dict] = {"all": detection(None, noise, np.ones(len(ids), bool))}
-    random_scores = np.random.default_rng(seed).random(len(ids))
-    methods["random"] = detection(random_scores, noise, at_rate(random_scores))
-    ppl = {t: -loss for t, loss in enumerate(feat.losses)}
+    chance = random_scores(ids, silos, seed).scores
+    ppl = {t: perplexity_scores(ids, silos, loss).scores for t, loss in enumerate(feat.losses)}
     last = len(feat.losses) - 1
-    methods["perplexity"] = detection(ppl[last], noise, at_rate(ppl[last]))
+    keeps = {"all": keep_all(ids, silos).scores > 0, "random": at_rate(chance), "perplexity": at_rate(ppl[last])}
+    methods: dict[str, dict] = {
+        "all": detection(None, noise, keeps["all"]),
+        "random": detection(chance, noise, keeps["random"]),
+        "perplexity": detection(ppl[last], noise, keeps["perplexity"]),
+    }
     detail = {f"perplexity@ckpt{t}": detection(s, noise, at_rate(s)) for t, s in ppl.items()}
-    keeps = {"all": np.ones(len(ids), bool), "random": at_rate(random_scores), "perplexity": at_rate(ppl[last])}
     variants = [
         Variant(sim, pre, ckpts, dim)
         for sim in ("cosine", "dot")
@@ -322,18 +331,11 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         (methods if v == primary else detail)[v.name] = row
         if v == primary:
             keeps["ours"] = keep
-    detail["per_checkpoint(primary)"] = [
-        detection(s, noise, at_rate(s)) for s in (_single_ckpt(feat, split, primary, t) for t in range(len(feat.lrs)))
-    ]
+    alone = (trace_scores(feat, split, primary, ts=[t])[0] for t in range(len(feat.lrs)))
+    detail["per_checkpoint(primary)"] = [detection(s, noise, at_rate(s)) for s in alone]
     hybrid = (average_ranks(primary_scores) + average_ranks(ppl[last])) / 2.0
     detail["hybrid_rank(ours, perplexity)"] = detection(hybrid, noise, at_rate(hybrid))
     return {"primary": primary.name, "keep_rate": rate, "methods": methods, "detail": detail, "_keeps": keeps}
-
-
-def _single_ckpt(feat: Features, split: Split, v: Variant, t: int) -> np.ndarray:
-    """Scores of variant ``v`` at checkpoint t alone."""
-    sub = Features({key: [arrs[t]] for key, arrs in feat.arrays.items()}, feat.specs, [feat.losses[t]], [feat.lrs[t]])
-    return trace_scores(sub, split, Variant(v.similarity, v.precond, "all", v.dim, v.groups))[0]
 
 
 def check_targets(methods: dict, detail: dict) -> dict:
