@@ -304,8 +304,8 @@ def add_parser(sub) -> None:
         "--out-dir",
         metavar="DIR",
         default=None,
-        help="where <data stem>.scores.jsonl and .selected.jsonl go (default: next to --data, e.g. when the data "
-        "folder is read-only)",
+        help="where <data stem>.scores.jsonl and .selected.jsonl go (default: next to --data); for a data folder "
+        "that is read-only",
     )
     p.set_defaults(func=cmd_run)
 

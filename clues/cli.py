@@ -344,7 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder with pubmedqa/ori_pqal.json (default: ../shared/data if present, else a bundled 200-item subset)",
     )
-    p.add_argument("--out", default="runs/demo", help="working directory, emptied first (default runs/demo)")
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        help="working directory (default runs/demo); an earlier demo's is emptied first, any other non-empty one is "
+        "refused",
+    )
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
     p.add_argument("--no-serve", action="store_true", help="exit after the summary instead of serving the dashboards")
     p.set_defaults(func=cmd_demo)
