@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from scoring.config import MERGE_KINDS
+from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM, MERGE_KINDS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -37,7 +37,7 @@ class SiloCreated(SiloPublic):
 class LoraSpec(_Strict):
     rank: int = Field(8, gt=0, le=4096)
     alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] = Field(list(DEFAULT_LORA_TARGETS), min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
@@ -386,7 +386,7 @@ class ScoringFromWarmup(_Strict):
     name: str = Field(min_length=1, max_length=200)
     silos: list[str] | None = Field(None, description="default: the warmup job's silos")
     projection: dict[str, Any] = Field(
-        default_factory=lambda: {"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
+        default_factory=lambda: {"kind": "sjlt", "dim": DEFAULT_PROJECTION_DIM, "seed": 0, "nnz": 4},
         description="kind, dim, seed, nnz (param_hash/param_count come from the warmup adapter)",
     )
     precondition: bool = Field(

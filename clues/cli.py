@@ -28,7 +28,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scoring.config import PROJECTION_KINDS, SIMILARITIES, LoraSettings, TraceConfig, TrainingConfig
+from scoring.config import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PROJECTION_DIM,
+    PROJECTION_KINDS,
+    SIMILARITIES,
+    LoraSettings,
+    TraceConfig,
+    TrainingConfig,
+)
 from scoring.errors import ScoringError
 
 FORMATS = ("records", "pubmedqa", "gsm8k")
@@ -266,7 +274,11 @@ def _warmup_parser(sub) -> None:
     )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument(
+        "--lora-targets",
+        default=",".join(DEFAULT_LORA_TARGETS),
+        help="comma-separated module names (default: every linear layer of a Llama-style block)",
+    )
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -278,7 +290,12 @@ def _warmup_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=768, help="tokens per sample after truncation (default 768)")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "alpaca"))
     p.add_argument("--proj-kind", default="sjlt", choices=PROJECTION_KINDS)
-    p.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k (default 8192)")
+    p.add_argument(
+        "--proj-dim",
+        type=int,
+        default=DEFAULT_PROJECTION_DIM,
+        help=f"projection dimension k (default {DEFAULT_PROJECTION_DIM})",
+    )
     p.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
     p.add_argument("--proj-nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4)")
     _add_model_args(p)

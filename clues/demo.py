@@ -10,11 +10,12 @@ Every party talks REST to the coordinator, as in a deployment:
   REST to the coordinator, and only adapters and projections leave it. Each silo's dashboard is a
   ``clues agent dashboard`` process.
 
-Phases: federated warmup (its rounds become the scoring checkpoints) → each silo projects its per-sample gradients and
-uploads them → the coordinator's worker projects the anchors, scores every sample and sets the mean-anchor threshold
-→ each silo receives its mask → three federated training jobs, on all data, on a random subset of the selected size,
-and on the selected samples → the coordinator evaluates each final adapter on the held-out set (loss, PubMedQA
-accuracy). The summary compares them; the dashboards (the coordinator's and each silo's) stay up until Ctrl-C.
+Phases: federated warmup (its rounds become the scoring checkpoints) → each silo projects its per-sample gradients
+(Adam-preconditioned with the moments of its own warmup training, which never leave it) and uploads them → the
+coordinator's worker projects the anchors, scores every sample and sets the mean-anchor threshold → each silo receives
+its mask → three federated training jobs, on all data, on a random subset of the selected size, and on the selected
+samples → the coordinator evaluates each final adapter on the held-out set (loss, PubMedQA accuracy). The summary
+compares them; the dashboards (the coordinator's and each silo's) stay up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 
 from clues.cli import _cache_dir
 from clues.service import CliError
+from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM
 from scoring.data import Sample, load_pubmedqa, write_samples
 from scoring.errors import DataError
 from scoring.noise import inject_noise
@@ -80,7 +82,7 @@ QUICK = DemoSize(
     warmup_rounds=1, warmup_steps=2, warmup_fraction=0.25, train_rounds=1, train_steps=1,
 )  # fmt: skip
 DEFAULT = DemoSize(
-    anchors=40, per_silo=30, held_out=20, max_len=192, proj_dim=8192,
+    anchors=40, per_silo=30, held_out=20, max_len=192, proj_dim=DEFAULT_PROJECTION_DIM,
     warmup_rounds=2, warmup_steps=3, warmup_fraction=0.25, train_rounds=2, train_steps=3,
 )  # fmt: skip
 
@@ -354,7 +356,7 @@ class Demo:
             "mode": "warmup",
             "silos": list(NOISE),
             "model": self.args.model,
-            "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+            "lora": {"rank": 8, "alpha": 16.0, "target_modules": list(DEFAULT_LORA_TARGETS)},
             "max_len": s.max_len,
             "rounds": s.warmup_rounds,
             "local": self.local(),
@@ -368,6 +370,7 @@ class Demo:
         body = {
             "name": "demo-scoring",
             "projection": {"kind": "sjlt", "dim": self.size.proj_dim, "seed": 0, "nnz": 4},
+            "precondition": True,  # each silo's own warmup Adam moments (same work directory as its training)
             "threshold": {"kind": "mean-anchor"},
         }
         job = self.api.scoring_job_from_warmup(warmup_id, body)

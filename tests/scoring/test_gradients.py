@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from scoring.config import AdamState
+from scoring.config import DEFAULT_LORA_TARGETS, AdamState
 from scoring.errors import ConfigError, IncompatibleArtifactError, ShapeMismatchError
 from scoring.gradients import (
     ENGINES,
@@ -63,7 +63,9 @@ def test_response_loss_equals_hf_loss_on_one_sample(tiny_model):
     [
         (e, t, c)
         for e, t, c in itertools.product(
-            ("hooks", "vmap"), (("q_proj", "v_proj"), ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj")), (None, 2)
+            ("hooks", "vmap"),
+            (("q_proj", "v_proj"), ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"), DEFAULT_LORA_TARGETS),
+            (None, 2),
         )
         if not (e == "hooks" and c == 2)
     ],

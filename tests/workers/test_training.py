@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load as load_arrays
 
 from scoring.aggregation import FedAdam, SiloUpdate, state_from_arrays, state_to_arrays, weighted_average
-from scoring.config import LocalTrainConfig, LoraSettings, round_lr
+from scoring.config import DEFAULT_LORA_TARGETS, LocalTrainConfig, LoraSettings, round_lr
 from scoring.data import load_pubmedqa, write_samples
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
 from storage import repository as repo
@@ -413,7 +413,7 @@ def test_cat_merge_gives_the_count_weighted_sum_of_deltas(res):
     per_silo = {s: _deltas(b) for s, b in sent.items()}
     want = {m: sum(weights[s] * per_silo[s][m] for s in sent) for m in per_silo["a"]}
     got = _deltas(merged)
-    assert set(got) == set(want) and len(got) == 4  # q_proj, v_proj in 2 layers
+    assert set(got) == set(want) and len(got) == 2 * len(DEFAULT_LORA_TARGETS)  # every target in 2 layers
     for m in want:
         np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-7, err_msg=m)
     with res.sessions() as session:

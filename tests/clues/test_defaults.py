@@ -1,0 +1,25 @@
+"""One recipe everywhere: the CLI, the REST schemas and the demo default to `scoring.config`'s LoRA targets and
+projection dimension (the settings `bench/quality.py` measures)."""
+
+from __future__ import annotations
+
+from app.schemas import LoraSpec, ScoringFromWarmup
+from clues.cli import build_parser
+from clues.demo import DEFAULT
+from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM, LoraSettings
+
+
+def test_lora_targets_default_to_every_linear_layer():
+    assert LoraSettings().target_modules == DEFAULT_LORA_TARGETS
+    assert tuple(LoraSpec().target_modules) == DEFAULT_LORA_TARGETS
+    args = build_parser().parse_args(["warmup", "--data", "d.jsonl", "--out", "o"])
+    assert tuple(args.lora_targets.split(",")) == DEFAULT_LORA_TARGETS
+
+
+def test_projection_dimension_defaults_agree():
+    parser = build_parser()
+    assert parser.parse_args(["warmup", "--data", "d.jsonl", "--out", "o"]).proj_dim == DEFAULT_PROJECTION_DIM
+    assert parser.parse_args(["admin", "job-from-warmup", "0" * 32, "--name", "n"]).proj_dim == DEFAULT_PROJECTION_DIM
+    assert ScoringFromWarmup(name="n").projection["dim"] == DEFAULT_PROJECTION_DIM
+    assert DEFAULT.proj_dim == DEFAULT_PROJECTION_DIM
+    assert DEFAULT_PROJECTION_DIM % 4 == 0  # the SJLT default of 4 non-zeros per coordinate divides it
