@@ -8,11 +8,13 @@ the candidates, into which noise is injected (`scoring.noise.inject_noise`; ``NO
 
 Warmup (`scoring.steps.run_warmup`): ``--warmup-steps`` AdamW steps of batch 4 at a constant ``--lr`` on a random
 ``--warmup-fraction`` of the candidates (noise included, as CLUES warms up on the pool), from a random lora_B,
-LoRA r=8 on q_proj and v_proj; ``--checkpoints`` evenly spaced checkpoints, each with its Adam moments.
+LoRA r=8 on ``--lora-targets`` (default: the product's, every linear layer of a decoder block); ``--checkpoints``
+evenly spaced checkpoints, each with its Adam moments.
 
 One gradient pass per checkpoint (hooks engine, exact per-sample LoRA gradients) feeds every variant: plain and
-Adam-preconditioned (m'/(√v'+ε), LESS/CLUES) gradients, each unprojected (all P LoRA coordinates) and projected with
-SJLT to every k of ``--dims``. Each variant is scored by the product's own path (`scoring.traces.score_projections`,
+Adam-preconditioned (m'/(√v'+ε), LESS/CLUES) gradients, each unprojected (all P LoRA coordinates, kept in
+memory-mapped files under ``<out>/run/full`` while scoring and removed after) and projected with SJLT to every k of
+``--dims``. Each variant is scored by the product's own path (`scoring.traces.score_projections`,
 anchors leave-one-out by `score_anchor_samples`, CLUES threshold = mean anchor score), with cosine and dot
 similarity, over all checkpoints and over the last one alone. PubMedQA also reports anchor groups by the anchors'
 yes/no/maybe decision (LESS's max over groups).
@@ -23,7 +25,8 @@ Methods in the table:
 - ``random``: a seeded random score;
 - ``perplexity``: minus the mean response loss at the last checkpoint (every checkpoint in ``detail``);
 - ``ours``: the trace variants named ``ours[sim, precond|plain, T ckpts, k]``; the *primary* one (the product's
-  recipe) is cosine, Adam-preconditioned, all checkpoints, k = the largest of ``--dims``.
+  recipe) is cosine, Adam-preconditioned, all checkpoints, k = the product's default projection dimension
+  (`scoring.config.DEFAULT_PROJECTION_DIM`) when ``--dims`` holds it, else the largest of ``--dims``.
 
 Metrics: detection AUROC of clean against noisy, overall and per noise kind (against the clean samples only), and
 precision (clean share) of the kept samples at the primary method's keep rate (mean-anchor threshold): every ranked
@@ -36,7 +39,7 @@ PubMedQA accuracy by option log-likelihood or GSM8K exact match of the final num
 Issue 2's target is checked on PubMedQA (``targets``): primary trace AUROC >= 0.95 overall, and on every noise kind
 not below the perplexity AUROC at any checkpoint.
 
-Usage (the docs/results.md figures; ~23 and ~25 min on 2 CPU cores)::
+Usage (the docs/results.md figures; about 44 min for PubMedQA on 2 CPU cores)::
 
     python bench/quality.py --domain pubmedqa > bench/results/quality-pubmedqa.json
     python bench/quality.py --domain gsm8k > bench/results/quality-gsm8k.json
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -63,7 +67,14 @@ import torch
 from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
 from scoring.batching import make_batches, tokenize_samples
-from scoring.config import LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig
+from scoring.config import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PROJECTION_DIM,
+    LoraSettings,
+    ProjectionSpec,
+    TraceConfig,
+    TrainingConfig,
+)
 from scoring.data import Sample, load_gsm8k, load_pubmedqa
 from scoring.evaluation import evaluate
 from scoring.gradients import adam_precondition, build_gradient_computer
@@ -142,6 +153,10 @@ def split_data(domain: str, data_dir: Path, n: int, n_anchors: int, n_held_out: 
 # --- warmup and the gradient pass ----------------------------------------------------------------------------
 
 
+def lora_settings(args: argparse.Namespace) -> LoraSettings:
+    return LoraSettings(target_modules=tuple(args.lora_targets))
+
+
 def warmup(args: argparse.Namespace, candidates: list[Sample], run_dir: Path) -> dict:
     train = random.Random(args.seed + 1).sample(candidates, max(1, round(args.warmup_fraction * len(candidates))))
     training = TrainingConfig(
@@ -158,9 +173,9 @@ def warmup(args: argparse.Namespace, candidates: list[Sample], run_dir: Path) ->
         args.model,
         train,
         run_dir,
-        lora=LoraSettings(),
+        lora=lora_settings(args),
         training=training,
-        projection={"kind": "sjlt", "dim": max(args.dims), "seed": 0, "nnz": 4},
+        projection={"kind": "sjlt", "dim": primary_dim(args.dims), "seed": 0, "nnz": 4},
         max_len=args.max_len,
         progress=progress("warmup"),
     )
@@ -184,7 +199,11 @@ class Features:
 
 
 def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int, nnz: int = 4) -> Features:
-    """One exact per-sample gradient pass per checkpoint over anchors and candidates, kept in every variant."""
+    """One exact per-sample gradient pass per checkpoint over anchors and candidates, kept in every variant.
+
+    The unprojected (N, P) float32 matrices go to memory-mapped ``.npy`` files under ``run_dir/full`` (with every
+    linear layer adapted, P = 2.4M for SmolLM2: 3.3 GB per matrix, 27 GB for 4 checkpoints at the defaults);
+    the projected ones stay in memory."""
     model, tokenizer, manifest, checkpoints = load_run_model(run_dir, ModelOptions())
     layout = [(name, tuple(shape)) for name, shape in manifest["layout"]]
     specs: dict[object, ProjectionSpec] = {k: make_spec("sjlt", k, 0, layout, nnz=nnz) for k in dims}
@@ -205,8 +224,9 @@ def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int,
         moments = ckpt.moments()
         for role, samples in roles.items():
             order = {s.id: i for i, s in enumerate(samples)}
-            rows = {(pre, key): np.zeros((len(samples), specs[key].dim), np.float32) for pre in ("plain", "adam")
-                    for key in specs}  # fmt: skip
+            rows = {(pre, key): _matrix(run_dir / "full", f"{role}-{pre}-ckpt{ckpt.index}", len(samples),
+                                        specs[key].dim, on_disk=key == FULL)
+                    for pre in ("plain", "adam") for key in specs}  # fmt: skip
             loss = np.zeros(len(samples))
             tokenized = tokenize_samples(samples, tokenizer, manifest["max_len"], template=manifest["template"])
             for batch in make_batches(tokenized, batch_size, tokenizer.pad_token_id):
@@ -220,12 +240,23 @@ def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int,
                 done += len(idx)
             log(f"gradients: {done}/{total} ({time.perf_counter() - start:.0f} s)")
             for (pre, key), matrix in rows.items():
+                if isinstance(matrix, np.memmap):
+                    matrix.flush()
+                    matrix = np.load(matrix.filename, mmap_mode="r")
                 arrays[(role, pre, key)].append(matrix)
             if role == "candidates":
                 losses.append(loss)
     del model, engine
     release_memory()
     return Features(arrays, specs, losses, [c.lr for c in checkpoints])
+
+
+def _matrix(folder: Path, name: str, n: int, dim: int, on_disk: bool) -> np.ndarray:
+    """A zeroed (n, dim) float32 matrix: in memory, or a memory-mapped ``folder/name.npy`` (``on_disk``)."""
+    if not on_disk:
+        return np.zeros((n, dim), np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, dim))
 
 
 # --- scoring -------------------------------------------------------------------------------------------------------
@@ -273,7 +304,8 @@ def trace_scores(
     cands = _projections(feat, "candidates", v.precond, v.dim, cand_ids, ts, "candidate")
     anchors_as_cands = _projections(feat, "anchors", v.precond, v.dim, anchor_ids, ts, "candidate")
     groups = [s.meta["label"] for s in split.anchors] if v.groups else None
-    config = TraceConfig(similarity=v.similarity, chunk_rows=1024)
+    dim = feat.specs[v.dim].dim
+    config = TraceConfig(similarity=v.similarity, chunk_rows=max(8, min(1024, (64 << 20) // (4 * dim))))  # <=64 MB
     table = score_projections({"pool": cands}, anchors, config, groups)
     anchor_table = score_anchor_samples(anchors_as_cands, anchors, config, groups)
     selected = apply_threshold(table, MeanAnchorScore(), anchor_table)
@@ -293,11 +325,16 @@ def detection(scores: np.ndarray | None, noise: np.ndarray, keep: np.ndarray) ->
     return out
 
 
+def primary_dim(dims: list[int]) -> int:
+    """The primary variant's k: the product's default projection dimension when measured, else the largest."""
+    return DEFAULT_PROJECTION_DIM if DEFAULT_PROJECTION_DIM in dims else max(dims)
+
+
 def score_methods(feat: Features, split: Split, dims: list[int], domain: str, seed: int) -> dict:
     noise = np.array([s.meta["noise"] for s in split.candidates])
     ids = [s.id for s in split.candidates]
     silos = ["pool"] * len(ids)
-    primary = Variant("cosine", "adam", "all", max(dims))
+    primary = Variant("cosine", "adam", "all", primary_dim(dims))
     primary_scores, primary_keep = trace_scores(feat, split, primary)
     rate = float(primary_keep.mean())
 
@@ -323,7 +360,7 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
     ]
     labels = [s.meta.get("label") for s in split.anchors]
     if domain == "pubmedqa" and min(labels.count(label) for label in set(labels)) >= 2:  # leave-one-out needs 2
-        variants += [Variant("cosine", "adam", "all", max(dims), groups=True)]
+        variants += [Variant("cosine", "adam", "all", primary_dim(dims), groups=True)]
     for v in variants:
         scores, keep = (primary_scores, primary_keep) if v == primary else trace_scores(feat, split, v)
         row = detection(scores, noise, at_rate(scores)) | {"threshold_kept": int(keep.sum())}
@@ -362,7 +399,7 @@ def train_and_evaluate(args: argparse.Namespace, split: Split, keep: np.ndarray 
     """A fresh LoRA (B=0) trained on the kept candidates (``keep`` None: the untrained base), then evaluated."""
     start = time.perf_counter()
     base = load_base_model(args.model)
-    model = attach_lora(base.model, LoraSettings(), init_seed=args.seed)
+    model = attach_lora(base.model, lora_settings(args), init_seed=args.seed)
     tokenizer = base.tokenizer
     info: dict = {"train_samples": 0}
     if keep is not None:
@@ -393,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--domain", required=True, choices=tuple(NOISE))
     p.add_argument("--model", default="smollm2", help="model reference (default smollm2; tiny:0 for a smoke test)")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data", help="holds pubmedqa/ and gsm8k/")
-    p.add_argument("--n", type=int, default=120, help="candidates (default 120)")
+    p.add_argument("--n", type=int, default=300, help="candidates (default 300)")
     p.add_argument("--anchors", type=int, default=40, help="clean anchors (default 40)")
     p.add_argument("--held-out", type=int, default=30, help="clean held-out items (default 30)")
     p.add_argument("--checkpoints", type=int, default=4, help="warmup checkpoints T (default 4)")
@@ -401,7 +438,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-fraction", type=float, default=0.2, help="share of candidates warmed up on (0.2)")
     p.add_argument("--lr", type=float, default=3e-4, help="constant learning rate (default 3e-4)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per sample (default 256)")
-    p.add_argument("--dims", default="1024,8192", help="SJLT dimensions k (default 1024,8192)")
+    p.add_argument(
+        "--dims",
+        default=f"1024,8192,{DEFAULT_PROJECTION_DIM}",
+        help=f"SJLT dimensions k (default 1024,8192,{DEFAULT_PROJECTION_DIM})",
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=",".join(DEFAULT_LORA_TARGETS),
+        help="comma-separated LoRA target modules (default: the product's, every linear layer of a block)",
+    )
     p.add_argument("--nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4, the product's)")
     p.add_argument("--batch-size", type=int, default=8, help="gradient batch size (default 8)")
     p.add_argument("--train-epochs", type=float, default=1.0, help="epochs of each training arm (default 1)")
@@ -415,6 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dims = sorted({int(k) for k in args.dims.split(",") if k.strip()})
     except ValueError:
         p.error(f"--dims: expected comma-separated integers, got {args.dims!r}")
+    args.lora_targets = [m.strip() for m in args.lora_targets.split(",") if m.strip()]
+    if not args.lora_targets:
+        p.error("--lora-targets: name at least one module")
     args.out = args.out or REPO / "bench" / ".work" / f"quality-{args.domain}"
     return args
 
@@ -440,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     timing["scoring"] = time.perf_counter() - t0
     keeps = scored.pop("_keeps")
     del feat
+    shutil.rmtree(args.out / "run" / "full")  # the unprojected matrices (tens of GB with the default LoRA)
     release_memory()
     training: dict = {}
     if not args.no_train:
