@@ -186,8 +186,9 @@ def render(results: list[dict], images: list[Path], md_path: Path, notes: str = 
             f"## {TITLES[r['domain']]}",
             "",
             f"{d['candidates']} candidates ({noise}), {d['anchors']} clean anchors, {d['held_out']} clean held-out "
-            f"items; SmolLM2-135M-Instruct, LoRA r=8 on q/v, max_len {s['max_len']}. Warmup: {s['warmup_steps']} "
-            f"AdamW steps on {warm['train_samples']} candidates ({warm['train_noisy']} noisy), checkpoints at steps "
+            f"items; SmolLM2-135M-Instruct, LoRA r=8 on {_targets(s)}, max_len {s['max_len']}. Warmup: "
+            f"{s['warmup_steps']} AdamW steps on {warm['train_samples']} candidates ({warm['train_noisy']} noisy), "
+            "checkpoints at steps "
             f"{', '.join(str(c['step']) for c in warm['checkpoints'])}. Keep rate {r['keep_rate']:.3f} (the "
             f"primary score's mean-anchor threshold); every ranked method keeps its top samples at that rate. "
             f"Training arms: {s['train_epochs']:g} epoch(s) of fresh LoRA on the kept samples. Run time "
@@ -223,6 +224,11 @@ def render(results: list[dict], images: list[Path], md_path: Path, notes: str = 
     tmp.write_text(text)
     tmp.replace(md_path)
     return text
+
+
+def _targets(settings: dict) -> str:
+    """The LoRA target modules of a run (runs from before ``--lora-targets`` adapted q_proj and v_proj)."""
+    return ", ".join(settings.get("lora_targets", ["q_proj", "v_proj"]))
 
 
 def _argv(result: dict) -> str:

@@ -31,13 +31,14 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def run_bench(domain: str, n: int, data_dir: Path, out: Path) -> dict:
+def run_bench(domain: str, n: int, data_dir: Path, out: Path, *extra: str) -> dict:
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "quality.py"), "--domain", domain, "--n", str(n),
-         "--data-dir", str(data_dir), "--out", str(out), *SMALL],
+         "--data-dir", str(data_dir), "--out", str(out), *SMALL, *extra],
         capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "run").is_dir() and not (out / "run" / "full").exists()  # unprojected matrices removed after use
     return json.loads(done.stdout)
 
 
@@ -46,7 +47,7 @@ def results(data_dir, tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("runs")
     return {
         "pubmedqa": run_bench("pubmedqa", 20, data_dir, root / "pubmedqa"),
-        "gsm8k": run_bench("gsm8k", 20, data_dir, root / "gsm8k"),
+        "gsm8k": run_bench("gsm8k", 20, data_dir, root / "gsm8k", "--lora-targets", "q_proj,v_proj"),
     }
 
 
@@ -100,6 +101,8 @@ def test_plot_writes_the_results_page_and_pngs(results, tmp_path):
     assert "## PubMedQA (medical)" in text and "## GSM8K (math)" in text
     assert "python bench/quality.py --domain pubmedqa --model tiny:0 --n 20 --anchors 6" in text  # what made it
     assert "| ours[cosine, adam, all ckpts, k=64] |" in text and "Issue 2's target" in text
+    assert "LoRA r=8 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj," in text  # the default
+    assert "LoRA r=8 on q_proj, v_proj," in text and "--lora-targets q_proj,v_proj" in text  # the GSM8K run's
     for name in ("quality-auroc.png", "quality-projection.png", "quality-training.png"):
         png = tmp_path / "docs" / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(img/{name})" in text
