@@ -214,7 +214,8 @@ def render(results: list[dict], images: list[Path], md_path: Path, notes: str = 
                 if k != "all_pass"
             )
             out += [
-                f"Issue 2's target (trace AUROC ≥ 0.95 and ≥ perplexity on every kind): **{verdict}** — {cells}.",
+                f"Issue 2's target on this run (trace AUROC ≥ 0.95 and ≥ perplexity on every kind): **{verdict}** — "
+                f"{cells}.",
                 "",
             ]
     out += ["## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in rel] + [""]

@@ -39,7 +39,8 @@ PubMedQA accuracy by option log-likelihood or GSM8K exact match of the final num
 Issue 2's target is checked on PubMedQA (``targets``): primary trace AUROC >= 0.95 overall, and on every noise kind
 not below the perplexity AUROC at any checkpoint.
 
-Usage (the docs/results.md figures; about 44 min for PubMedQA on 2 CPU cores)::
+Usage (the docs/results.md figures; about 44 and 63 min on 2 CPU cores, and ~27 GB free disk for the unprojected
+matrices)::
 
     python bench/quality.py --domain pubmedqa > bench/results/quality-pubmedqa.json
     python bench/quality.py --domain gsm8k > bench/results/quality-gsm8k.json
