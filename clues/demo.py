@@ -10,12 +10,11 @@ Every party talks REST to the coordinator, as in a deployment:
   REST to the coordinator, and only adapters and projections leave it. Each silo's dashboard is a
   ``clues agent dashboard`` process.
 
-Phases: federated warmup (its rounds become the scoring checkpoints) → each silo projects its per-sample gradients
-(Adam-preconditioned with the moments of its own warmup training, which never leave it) and uploads them → the
-coordinator's worker projects the anchors, scores every sample and sets the mean-anchor threshold → each silo receives
-its mask → three federated training jobs, on all data, on a random subset of the selected size, and on the selected
-samples → the coordinator evaluates each final adapter on the held-out set (loss, PubMedQA accuracy). The summary
-compares them; the dashboards (the coordinator's and each silo's) stay up until Ctrl-C.
+Phases: federated warmup (its rounds become the scoring checkpoints) → each silo projects its per-sample gradients and
+uploads them → the coordinator's worker projects the anchors, scores every sample and sets the mean-anchor threshold
+→ each silo receives its mask → three federated training jobs, on all data, on a random subset of the selected size,
+and on the selected samples → the coordinator evaluates each final adapter on the held-out set (loss, PubMedQA
+accuracy). The summary compares them; the dashboards (the coordinator's and each silo's) stay up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -370,7 +369,6 @@ class Demo:
         body = {
             "name": "demo-scoring",
             "projection": {"kind": "sjlt", "dim": self.size.proj_dim, "seed": 0, "nnz": 4},
-            "precondition": True,  # each silo's own warmup Adam moments (same work directory as its training)
             "threshold": {"kind": "mean-anchor"},
         }
         job = self.api.scoring_job_from_warmup(warmup_id, body)
