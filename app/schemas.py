@@ -390,7 +390,9 @@ class ScoringFromWarmup(_Strict):
         description="kind, dim, seed, nnz (param_hash/param_count come from the warmup adapter)",
     )
     precondition: bool = Field(
-        False, description="silos precondition with the Adam moments of their own warmup training (kept locally)"
+        False,
+        description="silos precondition with the Adam moments of their own warmup training (kept locally); needs a "
+        "'top' or 'fixed' threshold, as the coordinator scores its anchor samples with plain gradients",
     )
     similarity: Literal["cosine", "dot"] = "cosine"
     threshold: dict[str, Any] = Field(default_factory=lambda: {"kind": "mean-anchor"})

@@ -276,13 +276,19 @@ def cmd_job_from_warmup(args: argparse.Namespace) -> int:
         raise CliError("--open: needs --anchors FILE (a job opens once its anchor set is uploaded)")
     if args.anchors is not None and not Path(args.anchors).is_file():
         raise CliError(f"--anchors: no such file {args.anchors}")
-    from scoring.selection import parse_threshold, threshold_to_dict
+    from scoring.errors import ConfigError
+    from scoring.selection import check_threshold_preconditioning, parse_threshold, threshold_to_dict
 
+    policy = parse_threshold(args.threshold)
+    try:  # the coordinator holds no silo's warmup moments, so its anchor samples are scored plain
+        check_threshold_preconditioning(policy, args.precondition, False)
+    except ConfigError as exc:
+        raise CliError(f"--{exc} (--precondition)") from None
     body = {
         "name": args.name,
         "projection": {"kind": "sjlt", "dim": args.proj_dim, "seed": args.proj_seed, "nnz": 4},
         "precondition": args.precondition,
-        "threshold": threshold_to_dict(parse_threshold(args.threshold)),
+        "threshold": threshold_to_dict(policy),
     }
     with client(args) as api:
         job = api.scoring_job_from_warmup(args.train_job, body)
@@ -387,9 +393,14 @@ def add_parser(sub) -> None:
         "--precondition",
         action="store_true",
         help="each silo preconditions with the Adam moments of its own warmup training (it must run the agent "
-        "with the --work-dir it trained with)",
+        "with the --work-dir it trained with); needs a top:Q or fixed:V --threshold",
     )
-    q.add_argument("--threshold", default="mean-anchor", help="mean-anchor | top:0.3 | fixed:0.01")
+    q.add_argument(
+        "--threshold",
+        default="mean-anchor",
+        help="mean-anchor | top:0.3 | fixed:0.01 (mean-anchor only without --precondition: the coordinator scores "
+        "its anchor samples with plain gradients)",
+    )
     q.add_argument("--anchors", default=None, help="the anchor set to upload: JSON/JSONL samples")
     q.add_argument("--open", action="store_true", help="open the job (needs --anchors)")
     _common(q)

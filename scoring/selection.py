@@ -160,6 +160,30 @@ def mean_anchor_threshold(anchor_scores: np.ndarray) -> float:
     return float(np.mean(anchor_scores, dtype=np.float64))
 
 
+def check_threshold_preconditioning(policy: ThresholdPolicy, candidates: bool, anchors: bool) -> None:
+    """Refuse a mean-anchor threshold when candidates and the anchor samples were not scored alike.
+
+    The threshold compares candidate scores with the anchor samples' own scores, so both must be Adam-preconditioned
+    or both plain: preconditioned gradients have systematically lower cosines with the plain anchor direction, and
+    such a threshold keeps almost nothing. This happens when silos precondition with moments the coordinator does
+    not hold (a scoring job made from a federated warmup).
+
+    Args:
+        policy: the threshold policy.
+        candidates: whether the candidates' gradients are preconditioned.
+        anchors: whether the anchor samples' own (role ``candidate``) gradients are preconditioned.
+
+    Raises:
+        ConfigError: naming ``threshold``, for `MeanAnchorScore` with ``candidates != anchors``.
+    """
+    if isinstance(policy, MeanAnchorScore) and candidates != anchors:
+        how = ("Adam-preconditioned", "plain") if candidates else ("plain", "Adam-preconditioned")
+        raise ConfigError(
+            f"threshold: 'mean-anchor' compares {how[0]} candidate gradients with {how[1]} anchor-sample gradients "
+            "(the coordinator holds no silo's Adam moments); use a 'top' or 'fixed' threshold, or no preconditioning"
+        )
+
+
 def apply_threshold(table: ScoreTable, policy: ThresholdPolicy, anchor_table: ScoreTable | None = None) -> ScoreTable:
     """Select samples from ``table`` under ``policy``.
 

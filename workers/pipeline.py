@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, map_projection, projection_from_bytes
-from scoring.selection import apply_threshold, threshold_from_dict
+from scoring.selection import apply_threshold, check_threshold_preconditioning, threshold_from_dict
 from scoring.traces import (
     best_group,
     build_anchor_directions,
@@ -271,6 +271,8 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
     if len(preconditioned) > 1:
         raise DataError("some silos sent Adam-preconditioned gradients and others did not")
+    if preconditioned:
+        check_threshold_preconditioning(policy, preconditioned.pop(), all(a.preconditioned for a in anchor_cands))
     table = ScoreTable(ids=tuple(ids), silos=tuple(silos), scores=np.concatenate(scores), parts=np.concatenate(trace))
     table = apply_threshold(table, policy, anchor_table)
     assert table.selected is not None and table.threshold is not None

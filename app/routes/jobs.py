@@ -103,10 +103,12 @@ def _transition(state: AppState, session, job, task: str, update=repo.update_job
     TASKS.labels(task).inc()
 
 
-def _engine_check(field: str, build) -> None:
-    """Validate with the scoring engine's own config classes; their errors become 422s naming ``field``."""
+def _engine_check(field: str, build):
+    """Validate with the scoring engine's own config classes; their errors become 422s naming ``field``.
+
+    Returns what ``build`` returns."""
     try:
-        build()
+        return build()
     except ConfigError as exc:
         raise ApiError(422, f"{field}: {exc}") from exc
 

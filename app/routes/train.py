@@ -35,9 +35,9 @@ from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive
 from scoring.aggregation import build_aggregator
 from scoring.config import DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings, ProjectionSpec, parameter_layout_hash
 from scoring.data import read_samples
-from scoring.errors import DataError
+from scoring.errors import ConfigError, DataError
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
-from scoring.selection import threshold_from_dict
+from scoring.selection import check_threshold_preconditioning, threshold_from_dict
 from storage import repository as repo
 from storage.models import TrainJob, TrainRound, utcnow
 from workers import names
@@ -421,7 +421,12 @@ def create_scoring_job(
         "param_count": sum(math.prod(shape) for _, shape in layout),
     }
     _engine_check("projection", lambda: ProjectionSpec.from_dict(projection))
-    _engine_check("threshold", lambda: threshold_from_dict(body.threshold))
+    policy = _engine_check("threshold", lambda: threshold_from_dict(body.threshold))
+    # each silo preconditions with its own warmup moments; the coordinator has none for its anchor samples
+    try:
+        check_threshold_preconditioning(policy, body.precondition, False)
+    except ConfigError as exc:
+        raise ApiError(422, str(exc)) from exc
     local = LocalTrainConfig.from_dict(settings["local"])
     rounds = {r.round: r for r in repo.list_rounds(session, job_id=job_id)}
     entries, blobs = [], []

@@ -172,7 +172,12 @@ def test_warmup_moments_precondition_the_scoring_job(world, tmp_path):
     )
     results = train_silos(world, warm_id, tmp_path)
     assert all(r.num_samples == round(0.5 * 9) for r in results.values())
-    body = {"name": "from-warm", "projection": {"kind": "sjlt", "dim": 64, "seed": 0, "nnz": 4}, "precondition": True}
+    body = {
+        "name": "from-warm",
+        "projection": {"kind": "sjlt", "dim": 64, "seed": 0, "nnz": 4},
+        "precondition": True,
+        "threshold": {"kind": "top", "fraction": 0.5},
+    }
     job = world.admin.scoring_job_from_warmup(warm_id, body)
     world.admin.upload_anchors(job["id"], world.data.anchors_file.read_bytes())
     world.admin.open_job(job["id"])
@@ -234,6 +239,7 @@ def _check_export(out: Path, final: Path) -> None:
         (["train", "--mode", "warmup", "--silos", "a", "--fraction", "2"], "clues train: error: --fraction:"),
         (["train", "--mode", "warmup", "--silos", "a", "--checkpoint-rounds", "x"], "--checkpoint-rounds: expected"),
         (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--open"], "--open: needs --anchors"),
+        (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--precondition"], "--threshold: 'mean-anchor' comp"),
         (["agent", "train", "--job", "0" * 32, "--data", "d", "--poll-interval", "0"], "--poll-interval: must be"),
     ],
 )

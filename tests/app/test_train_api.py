@@ -405,9 +405,12 @@ def test_only_a_finished_warmup_makes_a_scoring_job(env):
     warm = env.running(mode="warmup", rounds=1, selection=None)
     send_round(env, warm, 0)
     env.work()
-    body = {"name": "s", "precondition": True, "silos": ["a", "c"]}
+    body = {"name": "s", "precondition": True, "silos": ["a", "c"], "threshold": {"kind": "top", "fraction": 0.5}}
     r = env.client.post(f"/v1/train/{warm}/scoring-job", json=body, headers=ADMIN)
     assert r.status_code == 422 and "'c'" in r.json()["detail"]
+    # preconditioned silos against the coordinator's plain anchor samples: no mean-anchor threshold
+    r = env.client.post(f"/v1/train/{warm}/scoring-job", json={"name": "s", "precondition": True}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["detail"].startswith("threshold: 'mean-anchor' compares Adam-precond")
     r = env.client.post(f"/v1/train/{warm}/scoring-job", json={"name": "s", "projection": {"kind": "x"}}, headers=ADMIN)
     assert r.status_code == 422 and "projection" in r.json()["detail"]
     assert env.client.get("/v1/jobs", headers=ADMIN).json() == []

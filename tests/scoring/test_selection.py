@@ -16,6 +16,7 @@ from scoring.selection import (
     apply_threshold,
     auroc,
     average_ranks,
+    check_threshold_preconditioning,
     format_threshold,
     keep_all,
     keep_count,
@@ -63,6 +64,19 @@ def test_top_fraction_breaks_ties_by_silo_then_id_not_row_order():
     permuted = apply_threshold(_table(scores[::-1], silos[::-1], ids[::-1]), TopFraction(0.4), None)
     assert permuted.selected.tolist() == out.selected.tolist()[::-1]
     assert keep_count(10, 0.35) == 4 and keep_count(10, 0.25) == 3 and keep_count(3, 1 / 3) == 1
+
+
+@pytest.mark.parametrize("policy", [MeanAnchorScore(), TopFraction(0.5), FixedThreshold(0.1)])
+def test_only_mean_anchor_needs_candidates_and_anchors_scored_alike(policy):
+    for same in (True, False):
+        check_threshold_preconditioning(policy, same, same)
+    for candidates, anchors in ((True, False), (False, True)):
+        if isinstance(policy, MeanAnchorScore):
+            with pytest.raises(ConfigError, match=r"^threshold: 'mean-anchor' compares") as err:
+                check_threshold_preconditioning(policy, candidates, anchors)
+            assert ("Adam-preconditioned candidate" in str(err.value)) == candidates
+        else:
+            check_threshold_preconditioning(policy, candidates, anchors)
 
 
 def test_mean_anchor_threshold_equals_manual_mean():

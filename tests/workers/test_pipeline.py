@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from scoring.data import Sample
+from scoring.errors import ConfigError
 from scoring.io import load_projection, projection_to_bytes
 from scoring.steps import ProjectOptions, checkpoint_bundles, project_samples
 from scoring.types import ProjectedGrads
@@ -154,6 +155,22 @@ def test_a_corrupt_shard_blob_is_an_integrity_error_and_the_job_can_be_failed(re
         job = repo.get_job(session, job_id=job_id)
         assert (job.status, job.error) == ("failed", "shard a/0 is corrupt")
         assert query_scores(session, job_id=job_id, query=ScoreQuery(), limit=0)[0] == 0  # nothing half-written
+
+
+def test_a_mean_anchor_threshold_needs_the_anchor_samples_scored_like_the_candidates(
+    res, tiny_data, tmp_path, monkeypatch
+):
+    """Silos that precondition with moments the coordinator lacks (a federated warmup's): the anchor samples are
+    scored plain, so a mean-anchor threshold is refused with nothing stored; a top-fraction threshold works."""
+    monkeypatch.setattr(pipeline, "_run_has_moments", lambda run_dir: False)
+    job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path)
+    with pytest.raises(ConfigError, match="'mean-anchor' compares Adam-preconditioned candidate gradients with plain"):
+        pipeline.score_job(res, job_id)
+    assert _rows(res, job_id) == []
+    with res.sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, threshold={"kind": "top", "fraction": 0.5})
+    table = pipeline.score_job(res, job_id)
+    assert int(table.selected.sum()) == round(0.5 * len(table.ids))
 
 
 def test_scoring_needs_the_scoring_state_and_every_silo_complete(res, tiny_data, tmp_path):
