@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clues.service import CliError
-from scoring.config import DEFAULT_PROJECTION_DIM, MERGE_KINDS
+from clues.service import CliError, add_projection_args
+from scoring.config import MERGE_KINDS
 
 JOB_CHECKPOINT_KEYS = ("index", "step", "lr", "lr_last", "adam")
 SELECTIONS = ("fraction", "selected", "random", "all")
@@ -382,13 +382,7 @@ def add_parser(sub) -> None:
     )
     q.add_argument("train_job", metavar="TRAIN_ID", help="the warmup training job")
     q.add_argument("--name", required=True, help="job name")
-    q.add_argument(
-        "--proj-dim",
-        type=int,
-        default=DEFAULT_PROJECTION_DIM,
-        help=f"projection dimension k (default {DEFAULT_PROJECTION_DIM})",
-    )
-    q.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
+    add_projection_args(q)
     q.add_argument(
         "--precondition",
         action="store_true",

@@ -28,9 +28,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clues.service import add_projection_args
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
-    DEFAULT_PROJECTION_DIM,
     PROJECTION_KINDS,
     SIMILARITIES,
     LoraSettings,
@@ -290,13 +290,7 @@ def _warmup_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=768, help="tokens per sample after truncation (default 768)")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "alpaca"))
     p.add_argument("--proj-kind", default="sjlt", choices=PROJECTION_KINDS)
-    p.add_argument(
-        "--proj-dim",
-        type=int,
-        default=DEFAULT_PROJECTION_DIM,
-        help=f"projection dimension k (default {DEFAULT_PROJECTION_DIM})",
-    )
-    p.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
+    add_projection_args(p)
     p.add_argument("--proj-nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4)")
     _add_model_args(p)
     p.set_defaults(func=cmd_warmup)

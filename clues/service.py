@@ -25,6 +25,19 @@ class CliError(Exception):
     """A user-facing command-line error (printed as one line, exit 2)."""
 
 
+def add_projection_args(p: argparse.ArgumentParser) -> None:
+    """``--proj-dim`` and ``--proj-seed``: the shared projection every party derives (warmup, job-from-warmup)."""
+    from scoring.config import DEFAULT_PROJECTION_DIM
+
+    p.add_argument(
+        "--proj-dim",
+        type=int,
+        default=DEFAULT_PROJECTION_DIM,
+        help=f"projection dimension k (default {DEFAULT_PROJECTION_DIM})",
+    )
+    p.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
+
+
 def configure_logging(json_lines: bool, level: str = "INFO") -> None:
     from app.metrics import JsonFormatter
 
