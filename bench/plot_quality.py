@@ -186,7 +186,8 @@ def render(results: list[dict], images: list[Path], md_path: Path, notes: str = 
             f"## {TITLES[r['domain']]}",
             "",
             f"{d['candidates']} candidates ({noise}), {d['anchors']} clean anchors, {d['held_out']} clean held-out "
-            f"items; SmolLM2-135M-Instruct, LoRA r=8 on {_targets(s)}, max_len {s['max_len']}. Warmup: "
+            f"items; SmolLM2-135M-Instruct, LoRA r={s.get('lora_rank', 8)} on {_targets(s)}, "
+            f"max_len {s['max_len']}. Warmup: "
             f"{s['warmup_steps']} AdamW steps on {warm['train_samples']} candidates ({warm['train_noisy']} noisy), "
             "checkpoints at steps "
             f"{', '.join(str(c['step']) for c in warm['checkpoints'])}. Keep rate {r['keep_rate']:.3f} (the "

@@ -7,17 +7,17 @@ the candidates, into which noise is injected (`scoring.noise.inject_noise`; ``NO
 ``--held-out`` items comes from the rest (PubMedQA) or from ``test.jsonl`` (GSM8K).
 
 Warmup (`scoring.steps.run_warmup`): ``--warmup-steps`` AdamW steps of batch 4 at a constant ``--lr`` on a random
-``--warmup-fraction`` of the candidates (noise included, as CLUES warms up on the pool), from a random lora_B,
-LoRA r=8 on ``--lora-targets`` (default: the product's, every linear layer of a decoder block); ``--checkpoints``
-evenly spaced checkpoints, each with its Adam moments.
+``--warmup-fraction`` of the candidates (noise included, as CLUES warms up on the pool), from a random lora_B, LoRA
+of rank ``--lora-rank`` (default the product's, 8; alpha = 2r) on ``--lora-targets`` (default: the product's, every
+linear layer of a decoder block); ``--checkpoints`` evenly spaced checkpoints, each with its Adam moments.
 
 One gradient pass per checkpoint (hooks engine, exact per-sample LoRA gradients) feeds every variant: plain and
-Adam-preconditioned (m'/(√v'+ε), LESS/CLUES) gradients, each unprojected (all P LoRA coordinates, kept in
-memory-mapped files under ``<out>/run/full`` while scoring and removed after) and projected with SJLT to every k of
-``--dims``. Each variant is scored by the product's own path (`scoring.traces.score_projections`,
-anchors leave-one-out by `score_anchor_samples`, CLUES threshold = mean anchor score), with cosine and dot
-similarity, over all checkpoints and over the last one alone. PubMedQA also reports anchor groups by the anchors'
-yes/no/maybe decision (LESS's max over groups).
+Adam-preconditioned (m'/(√v'+ε), LESS/CLUES) gradients, each unprojected (unless ``--no-unprojected``; all P LoRA
+coordinates, kept in memory-mapped files under ``<out>/run/full`` while scoring and removed after) and projected
+with SJLT to every k of ``--dims``. Each variant is scored by the product's own path
+(`scoring.traces.score_projections`, anchors leave-one-out by `score_anchor_samples`, CLUES threshold = mean anchor
+score), with cosine and dot similarity, over all checkpoints and over the last one alone. PubMedQA also reports
+anchor groups by the anchors' yes/no/maybe decision (LESS's max over groups).
 
 Methods in the table:
 
@@ -155,7 +155,8 @@ def split_data(domain: str, data_dir: Path, n: int, n_anchors: int, n_held_out: 
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:
-    return LoraSettings(target_modules=tuple(args.lora_targets))
+    """The run's LoRA: ``--lora-rank`` r with alpha = 2r (the product's ratio), on ``--lora-targets``."""
+    return LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=tuple(args.lora_targets))
 
 
 def warmup(args: argparse.Namespace, candidates: list[Sample], run_dir: Path) -> dict:
@@ -199,19 +200,22 @@ class Features:
     lrs: list[float]
 
 
-def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int, nnz: int = 4) -> Features:
+def gradient_pass(
+    run_dir: Path, split: Split, dims: list[int], batch_size: int, nnz: int = 4, unprojected: bool = True
+) -> Features:
     """One exact per-sample gradient pass per checkpoint over anchors and candidates, kept in every variant.
 
-    The unprojected (N, P) float32 matrices go to memory-mapped ``.npy`` files under ``run_dir/full`` (with every
-    linear layer adapted, P = 2.4M for SmolLM2: 3.3 GB per matrix, 27 GB for 4 checkpoints at the defaults);
-    the projected ones stay in memory."""
+    The unprojected (N, P) float32 matrices (unless not ``unprojected``) go to memory-mapped ``.npy`` files under
+    ``run_dir/full`` (with every linear layer adapted at r=8, P = 2.4M for SmolLM2: 3.3 GB per matrix, 27 GB for 4
+    checkpoints; four times that at r=32); the projected ones stay in memory."""
     model, tokenizer, manifest, checkpoints = load_run_model(run_dir, ModelOptions())
     layout = [(name, tuple(shape)) for name, shape in manifest["layout"]]
     specs: dict[object, ProjectionSpec] = {k: make_spec("sjlt", k, 0, layout, nnz=nnz) for k in dims}
     n_params = sum(int(np.prod(shape)) for _, shape in layout)
     # The unprojected variant is tagged with a spec of dimension P so that the product's scoring path (which checks
     # that every party used one spec) takes it unchanged; no projection is applied to it.
-    specs[FULL] = make_spec("gaussian", n_params, 0, layout)
+    if unprojected:
+        specs[FULL] = make_spec("gaussian", n_params, 0, layout)
     projectors = {k: build_projector(specs[k]) for k in dims}
     engine = build_gradient_computer(model, "hooks")
     roles = {"anchors": split.anchors, "candidates": split.candidates}
@@ -235,7 +239,8 @@ def gradient_pass(run_dir: Path, split: Split, dims: list[int], batch_size: int,
                 grads, batch_losses = engine.compute(batch.input_ids, batch.labels)
                 loss[idx] = batch_losses.detach().cpu().numpy()
                 for pre, g in (("plain", grads), ("adam", adam_precondition(grads, *moments, ckpt.adam))):
-                    rows[(pre, FULL)][idx] = flatten_grads(g).detach().cpu().numpy()
+                    if unprojected:
+                        rows[(pre, FULL)][idx] = flatten_grads(g).detach().cpu().numpy()
                     for k, projector in projectors.items():
                         rows[(pre, k)][idx] = projector.project(g).detach().cpu().numpy()
                 done += len(idx)
@@ -357,7 +362,7 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         for sim in ("cosine", "dot")
         for pre in ("adam", "plain")
         for ckpts in ("all", "last")
-        for dim in [*dims, FULL]
+        for dim in [*dims, *([FULL] if FULL in feat.specs else [])]
     ]
     labels = [s.meta.get("label") for s in split.anchors]
     if domain == "pubmedqa" and min(labels.count(label) for label in set(labels)) >= 2:  # leave-one-out needs 2
@@ -449,11 +454,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_LORA_TARGETS),
         help="comma-separated LoRA target modules (default: the product's, every linear layer of a block)",
     )
+    p.add_argument(
+        "--lora-rank", type=int, default=LoraSettings.rank, help=f"LoRA rank r (default {LoraSettings.rank})"
+    )
     p.add_argument("--nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4, the product's)")
     p.add_argument("--batch-size", type=int, default=8, help="gradient batch size (default 8)")
     p.add_argument("--train-epochs", type=float, default=1.0, help="epochs of each training arm (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="GSM8K generation length (default 192)")
     p.add_argument("--no-train", action="store_true", help="detection metrics only")
+    p.add_argument(
+        "--no-unprojected",
+        action="store_true",
+        help="skip the unprojected variants (their matrices take ~27 GB of disk at r=8, four times that at r=32)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="work directory (default bench/.work/quality-DOMAIN)")
@@ -483,14 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     warm = warmup(args, split.candidates, args.out / "run")
     timing["warmup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size, args.nnz)
+    feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size, args.nnz, not args.no_unprojected)
     timing["gradients"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scored = score_methods(feat, split, args.dims, args.domain, args.seed)
     timing["scoring"] = time.perf_counter() - t0
     keeps = scored.pop("_keeps")
     del feat
-    shutil.rmtree(args.out / "run" / "full")  # the unprojected matrices (tens of GB with the default LoRA)
+    shutil.rmtree(args.out / "run" / "full", ignore_errors=True)  # the unprojected matrices (tens of GB)
     release_memory()
     training: dict = {}
     if not args.no_train:

@@ -39,15 +39,20 @@ def run_bench(domain: str, n: int, data_dir: Path, out: Path, *extra: str) -> di
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "run").is_dir() and not (out / "run" / "full").exists()  # unprojected matrices removed after use
-    return json.loads(done.stdout)
+    result = json.loads(done.stdout)
+    lora = json.loads((out / "run" / "run.json").read_text())["lora"]  # the warmup's adapter is the one asked for
+    assert (lora["rank"], lora["alpha"]) == (result["settings"]["lora_rank"], 2.0 * result["settings"]["lora_rank"])
+    assert lora["target_modules"] == result["settings"]["lora_targets"]
+    return result
 
 
 @pytest.fixture(scope="module")
 def results(data_dir, tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("runs")
+    gsm8k = ["--lora-targets", "q_proj,v_proj", "--lora-rank", "4", "--no-unprojected"]
     return {
         "pubmedqa": run_bench("pubmedqa", 20, data_dir, root / "pubmedqa"),
-        "gsm8k": run_bench("gsm8k", 20, data_dir, root / "gsm8k", "--lora-targets", "q_proj,v_proj"),
+        "gsm8k": run_bench("gsm8k", 20, data_dir, root / "gsm8k", *gsm8k),
     }
 
 
@@ -58,9 +63,12 @@ def test_every_method_and_variant_is_scored(results):
         assert list(r["methods"]) == ["all", "random", "perplexity", r["primary"]]
         assert r["primary"] == "ours[cosine, adam, all ckpts, k=64]"
         variants = [k for k in r["detail"] if k.startswith("ours[")]
-        # 2 similarities x 2 preconditionings x 2 checkpoint sets x 3 dims, less the primary (in methods)
-        assert len(variants) + 1 >= 2 * 2 * 2 * 3
-        assert "ours[dot, plain, last ckpt, unprojected]" in r["detail"]
+        # 2 similarities x 2 preconditionings x 2 checkpoint sets x 3 dims (2 with --no-unprojected), less the
+        # primary (in methods)
+        unprojected = domain == "pubmedqa"
+        assert len(variants) + 1 >= 2 * 2 * 2 * (3 if unprojected else 2)
+        assert ("ours[dot, plain, last ckpt, unprojected]" in r["detail"]) == unprojected
+        assert ("ours[dot, plain, last ckpt, k=16]" in r["detail"]) is True
         assert len(r["detail"]["per_checkpoint(primary)"]) == 2
         for name, m in {**r["methods"], **r["detail"]}.items():
             if isinstance(m, dict) and m.get("auroc") is not None:
@@ -102,7 +110,8 @@ def test_plot_writes_the_results_page_and_pngs(results, tmp_path):
     assert "python bench/quality.py --domain pubmedqa --model tiny:0 --n 20 --anchors 6" in text  # what made it
     assert "| ours[cosine, adam, all ckpts, k=64] |" in text and "Issue 2's target" in text
     assert "LoRA r=8 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj," in text  # the default
-    assert "LoRA r=8 on q_proj, v_proj," in text and "--lora-targets q_proj,v_proj" in text  # the GSM8K run's
+    assert "LoRA r=4 on q_proj, v_proj," in text and "--lora-targets q_proj,v_proj" in text  # the GSM8K run's
+    assert "--lora-rank 4" in text
     for name in ("quality-auroc.png", "quality-projection.png", "quality-training.png"):
         png = tmp_path / "docs" / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(img/{name})" in text
