@@ -178,9 +178,10 @@ def check_threshold_preconditioning(policy: ThresholdPolicy, candidates: bool, a
     """
     if isinstance(policy, MeanAnchorScore) and candidates != anchors:
         how = ("Adam-preconditioned", "plain") if candidates else ("plain", "Adam-preconditioned")
+        why = " (the coordinator holds no silo's Adam moments)" if candidates else ""
         raise ConfigError(
-            f"threshold: 'mean-anchor' compares {how[0]} candidate gradients with {how[1]} anchor-sample gradients "
-            "(the coordinator holds no silo's Adam moments); use a 'top' or 'fixed' threshold, or no preconditioning"
+            f"threshold: 'mean-anchor' compares {how[0]} candidate gradients with {how[1]} anchor-sample gradients"
+            f"{why}; use a 'top' or 'fixed' threshold, or no preconditioning"
         )
 
 

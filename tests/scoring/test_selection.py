@@ -75,6 +75,7 @@ def test_only_mean_anchor_needs_candidates_and_anchors_scored_alike(policy):
             with pytest.raises(ConfigError, match=r"^threshold: 'mean-anchor' compares") as err:
                 check_threshold_preconditioning(policy, candidates, anchors)
             assert ("Adam-preconditioned candidate" in str(err.value)) == candidates
+            assert ("holds no silo's Adam moments" in str(err.value)) == candidates
         else:
             check_threshold_preconditioning(policy, candidates, anchors)
 
