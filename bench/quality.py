@@ -362,7 +362,7 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         for sim in ("cosine", "dot")
         for pre in ("adam", "plain")
         for ckpts in ("all", "last")
-        for dim in [*dims, *([FULL] if FULL in feat.specs else [])]
+        for dim in feat.specs  # every k of dims, then FULL when measured
     ]
     labels = [s.meta.get("label") for s in split.anchors]
     if domain == "pubmedqa" and min(labels.count(label) for label in set(labels)) >= 2:  # leave-one-out needs 2

@@ -68,7 +68,7 @@ def test_every_method_and_variant_is_scored(results):
         unprojected = domain == "pubmedqa"
         assert len(variants) + 1 >= 2 * 2 * 2 * (3 if unprojected else 2)
         assert ("ours[dot, plain, last ckpt, unprojected]" in r["detail"]) == unprojected
-        assert ("ours[dot, plain, last ckpt, k=16]" in r["detail"]) is True
+        assert "ours[dot, plain, last ckpt, k=16]" in r["detail"]
         assert len(r["detail"]["per_checkpoint(primary)"]) == 2
         for name, m in {**r["methods"], **r["detail"]}.items():
             if isinstance(m, dict) and m.get("auroc") is not None:
