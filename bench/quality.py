@@ -52,6 +52,7 @@ One JSON object goes to stdout (and ``<out>/result.json``); progress goes to std
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -68,6 +69,7 @@ import torch
 from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
 from scoring.batching import make_batches, tokenize_samples
+from scoring.calibration import INPUTS, CalibratedScores, badness, calibrate, length_buckets
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_PROJECTION_DIM,
@@ -88,11 +90,12 @@ from scoring.selection import (
     auroc,
     average_ranks,
     keep_all,
-    perplexity_scores,
+    mean_anchor_threshold,
     precision_at_keep,
     random_scores,
     top_fraction_mask,
 )
+from scoring.signals import sample_signals
 from scoring.steps import ModelOptions, load_run_model, release_memory, run_warmup, use_checkpoint
 from scoring.traces import score_anchor_samples, score_projections
 from scoring.training import train_lora
@@ -104,6 +107,16 @@ NOISE = {
     "gsm8k": {"wrong_answer": 0.15, "exchange": 0.15},
 }
 FULL = "full"
+CALIBRATED_VARIANTS = {
+    "calibrated": (("trace", "perplexity", "ifd", "pmi"), "fisher"),
+    "calibrated[max]": (("trace", "perplexity", "ifd", "pmi"), "max"),
+    "calibrated[trace, ifd]": (("trace", "ifd"), "fisher"),
+    "calibrated[trace, pmi]": (("trace", "pmi"), "fisher"),
+    "calibrated[trace, perplexity, pmi]": (("trace", "perplexity", "pmi"), "fisher"),
+    "calibrated[perplexity, ifd, pmi]": (("perplexity", "ifd", "pmi"), "fisher"),
+}
+"""The anchor-calibrated fusions measured (`scoring.calibration.calibrate`): name -> (signals, fusion)."""
+DEFAULT_METHOD = "calibrated"
 log = make_log("quality")
 
 
@@ -198,6 +211,49 @@ class Features:
     specs: dict[object, ProjectionSpec]
     losses: list[np.ndarray]  # candidates' mean response loss per checkpoint
     lrs: list[float]
+    anchor_losses: list[np.ndarray]  # the anchors' mean response loss per checkpoint
+    signals: dict[str, dict[str, np.ndarray]]  # role -> `scoring.signals.sample_signals` at the last checkpoint
+
+    def save(self, folder: Path) -> None:
+        """Write the projected arrays (float16, as silos send them), losses, signals and η_t under ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for (role, pre, key), mats in self.arrays.items():
+            if key != FULL:
+                for t, m in enumerate(mats):
+                    np.save(folder / f"{role}-{pre}-k{key}-ckpt{t}.npy", np.asarray(m, dtype=np.float16))
+        flat = {f"signal-{role}-{name}": v for role, sig in self.signals.items() for name, v in sig.items()}
+        np.savez(
+            folder / "scalars.npz",
+            losses=np.stack(self.losses),
+            anchor_losses=np.stack(self.anchor_losses),
+            lrs=np.asarray(self.lrs),
+            **flat,
+        )
+        specs = {str(k): v.to_dict() for k, v in self.specs.items() if k != FULL}
+        (folder / "specs.json").write_text(json.dumps(specs))
+
+    @classmethod
+    def load(cls, folder: Path) -> Features:
+        """Inverse of `save` (the projected arrays come back as float32)."""
+        saved = json.loads((folder / "specs.json").read_text())
+        specs = {int(k): ProjectionSpec.from_dict(v) for k, v in saved.items()}
+        scalars = np.load(folder / "scalars.npz")
+        n_ckpt = range(len(scalars["lrs"]))
+        arrays = {
+            (role, pre, k): [np.load(folder / f"{role}-{pre}-k{k}-ckpt{t}.npy").astype(np.float32) for t in n_ckpt]
+            for role in ("anchors", "candidates")
+            for pre in ("plain", "adam")
+            for k in specs
+        }
+        signals: dict[str, dict[str, np.ndarray]] = {}
+        for key in scalars.files:
+            if key.startswith("signal-"):
+                _, role, name = key.split("-", 2)
+                signals.setdefault(role, {})[name] = scalars[key]
+        return cls(
+            arrays, specs, list(scalars["losses"]), [float(x) for x in scalars["lrs"]], list(scalars["anchor_losses"]),
+            signals,
+        )  # fmt: skip
 
 
 def gradient_pass(
@@ -222,7 +278,8 @@ def gradient_pass(
     arrays: dict[tuple[str, str, object], list[np.ndarray]] = {
         (role, pre, key): [] for role in roles for pre in ("plain", "adam") for key in specs
     }
-    losses: list[np.ndarray] = []
+    losses: dict[str, list[np.ndarray]] = {role: [] for role in roles}
+    signals: dict[str, dict[str, np.ndarray]] = {}
     total, done, start = len(checkpoints) * sum(map(len, roles.values())), 0, time.perf_counter()
     for ckpt in checkpoints:
         use_checkpoint(model, ckpt)
@@ -250,11 +307,16 @@ def gradient_pass(
                     matrix.flush()
                     matrix = np.load(matrix.filename, mmap_mode="r")
                 arrays[(role, pre, key)].append(matrix)
-            if role == "candidates":
-                losses.append(loss)
+            losses[role].append(loss)
+            if ckpt is checkpoints[-1]:  # the product's signal checkpoint: the last
+                t0 = time.perf_counter()
+                signals[role] = sample_signals(
+                    model, tokenizer, samples, tokenized, template=manifest["template"], batch_size=batch_size
+                )
+                log(f"signals of the {role}: {time.perf_counter() - t0:.0f} s")
     del model, engine
     release_memory()
-    return Features(arrays, specs, losses, [c.lr for c in checkpoints])
+    return Features(arrays, specs, losses["candidates"], [c.lr for c in checkpoints], losses["anchors"], signals)
 
 
 def _matrix(folder: Path, name: str, n: int, dim: int, on_disk: bool) -> np.ndarray:
@@ -298,11 +360,16 @@ def _projections(feat: Features, role: str, pre: str, key: object, ids: list[str
     ]
 
 
-def trace_scores(
-    feat: Features, split: Split, v: Variant, ts: list[int] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate scores, keep mask at the mean-anchor threshold) of one variant, by the product's scoring path,
-    over the checkpoints ``ts`` (default: those the variant names, all or the last)."""
+@dataclass
+class TraceResult:
+    scores: np.ndarray  # (N,) candidates' trace scores
+    keep: np.ndarray  # (N,) bool, at the mean-anchor threshold
+    anchor_scores: np.ndarray  # (M,) the anchor samples' leave-one-out scores
+
+
+def trace_scores(feat: Features, split: Split, v: Variant, ts: list[int] | None = None) -> TraceResult:
+    """Candidate scores, keep mask at the mean-anchor threshold and anchor scores of one variant, by the product's
+    scoring path, over the checkpoints ``ts`` (default: those the variant names, all or the last)."""
     if ts is None:
         ts = list(range(len(feat.lrs))) if v.ckpts == "all" else [len(feat.lrs) - 1]
     cand_ids, anchor_ids = [s.id for s in split.candidates], [s.id for s in split.anchors]
@@ -315,7 +382,7 @@ def trace_scores(
     table = score_projections({"pool": cands}, anchors, config, groups)
     anchor_table = score_anchor_samples(anchors_as_cands, anchors, config, groups)
     selected = apply_threshold(table, MeanAnchorScore(), anchor_table)
-    return table.scores, np.asarray(selected.selected)
+    return TraceResult(table.scores, np.asarray(selected.selected), anchor_table.scores)
 
 
 def detection(scores: np.ndarray | None, noise: np.ndarray, keep: np.ndarray) -> dict:
@@ -337,26 +404,52 @@ def primary_dim(dims: list[int]) -> int:
 
 
 def score_methods(feat: Features, split: Split, dims: list[int], domain: str, seed: int) -> dict:
+    """Every method's detection metrics; the default (`DEFAULT_METHOD`) sets the keep rate all are compared at."""
     noise = np.array([s.meta["noise"] for s in split.candidates])
+    clean = noise == "clean"
     ids = [s.id for s in split.candidates]
     silos = ["pool"] * len(ids)
     primary = Variant("cosine", "adam", "all", primary_dim(dims))
-    primary_scores, primary_keep = trace_scores(feat, split, primary)
-    rate = float(primary_keep.mean())
+    trace = trace_scores(feat, split, primary)
+    last = len(feat.losses) - 1
+    cand = {"trace": trace.scores, "loss": feat.losses[last], "loss_uncond": feat.signals["candidates"]["loss_uncond"]}
+    anch = {"trace": trace.anchor_scores, "loss": feat.anchor_losses[last]}
+    anch["loss_uncond"] = feat.signals["anchors"]["loss_uncond"]
+    calibrated = {
+        name: calibrate(cand, anch, signals, fusion) for name, (signals, fusion) in CALIBRATED_VARIANTS.items()
+    }
+    default_cands, default_anchors = calibrated[DEFAULT_METHOD]
+    default_keep = default_cands.scores >= mean_anchor_threshold(default_anchors.scores)
+    rate = float(default_keep.mean())
 
     def at_rate(scores: np.ndarray) -> np.ndarray:
         return top_fraction_mask(scores, ids, silos, rate)[0]
 
+    single = {name: -badness(name, **{k: cand[k] for k in INPUTS[name]}) for name in ("perplexity", "ifd", "pmi")}
+    single["trace"] = trace.scores
     chance = random_scores(ids, silos, seed).scores
-    ppl = {t: perplexity_scores(ids, silos, loss).scores for t, loss in enumerate(feat.losses)}
-    last = len(feat.losses) - 1
-    keeps = {"all": keep_all(ids, silos).scores > 0, "random": at_rate(chance), "perplexity": at_rate(ppl[last])}
-    methods: dict[str, dict] = {
-        "all": detection(None, noise, keeps["all"]),
-        "random": detection(chance, noise, keeps["random"]),
-        "perplexity": detection(ppl[last], noise, keeps["perplexity"]),
+    hybrid = (average_ranks(trace.scores) + average_ranks(single["perplexity"])) / 2.0
+    ranked = {"random": chance, **single, "hybrid_rank(trace, perplexity)": hybrid}
+    ranked |= {name: cands.scores for name, (cands, _) in calibrated.items()}
+    keeps = {"all": keep_all(ids, silos).scores > 0} | {name: at_rate(v) for name, v in ranked.items()}
+    methods: dict[str, dict] = {"all": detection(None, noise, keeps["all"])}
+    methods |= {name: detection(v, noise, keeps[name]) for name, v in ranked.items()}
+    methods["trace"]["threshold_kept"] = int(trace.keep.sum())
+    methods["trace"]["precision_at_threshold"] = precision_at_keep(trace.keep, clean)
+    keeps[DEFAULT_METHOD] = default_keep  # the default trains on what its own threshold keeps
+    methods[DEFAULT_METHOD]["threshold_kept"] = int(default_keep.sum())
+    methods[DEFAULT_METHOD]["precision_at_threshold"] = precision_at_keep(default_keep, clean)
+    n_tokens = feat.signals["candidates"]["n_tokens"]
+    lengths = {name: length_buckets(ranked[name], clean, n_tokens) for name in (*single, DEFAULT_METHOD)}
+    detail: dict = {
+        "length_buckets": lengths,
+        "flagged_by": _flag_counts(default_cands, noise, default_keep),
+        "anchor_quantile_keep": {
+            f"q{q}": precision_and_count(default_cands.scores >= np.quantile(default_anchors.scores, q), clean)
+            for q in (0.05, 0.1, 0.25, 0.5)
+        },
     }
-    detail = {f"perplexity@ckpt{t}": detection(s, noise, at_rate(s)) for t, s in ppl.items()}
+    detail |= {f"perplexity@ckpt{t}": detection(-loss, noise, at_rate(-loss)) for t, loss in enumerate(feat.losses)}
     variants = [
         Variant(sim, pre, ckpts, dim)
         for sim in ("cosine", "dot")
@@ -368,31 +461,60 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
     if domain == "pubmedqa" and min(labels.count(label) for label in set(labels)) >= 2:  # leave-one-out needs 2
         variants += [Variant("cosine", "adam", "all", primary_dim(dims), groups=True)]
     for v in variants:
-        scores, keep = (primary_scores, primary_keep) if v == primary else trace_scores(feat, split, v)
-        row = detection(scores, noise, at_rate(scores)) | {"threshold_kept": int(keep.sum())}
-        row["precision_at_threshold"] = precision_at_keep(keep, noise == "clean")
-        (methods if v == primary else detail)[v.name] = row
-        if v == primary:
-            keeps["ours"] = keep
-    alone = (trace_scores(feat, split, primary, ts=[t])[0] for t in range(len(feat.lrs)))
-    detail["per_checkpoint(primary)"] = [detection(s, noise, at_rate(s)) for s in alone]
-    hybrid = (average_ranks(primary_scores) + average_ranks(ppl[last])) / 2.0
-    detail["hybrid_rank(ours, perplexity)"] = detection(hybrid, noise, at_rate(hybrid))
-    return {"primary": primary.name, "keep_rate": rate, "methods": methods, "detail": detail, "_keeps": keeps}
+        result = trace if v == primary else trace_scores(feat, split, v)
+        row = detection(result.scores, noise, at_rate(result.scores)) | {"threshold_kept": int(result.keep.sum())}
+        row["precision_at_threshold"] = precision_at_keep(result.keep, clean)
+        detail[v.name] = row
+    alone = [trace_scores(feat, split, primary, ts=[t]) for t in range(len(feat.lrs))]
+    detail["per_checkpoint(trace)"] = [detection(r.scores, noise, at_rate(r.scores)) for r in alone]
+    for first in range(1, len(feat.lrs)):
+        r = trace_scores(feat, split, primary, ts=list(range(first, len(feat.lrs))))
+        detail[f"trace(checkpoints {first}..{len(feat.lrs) - 1})"] = detection(r.scores, noise, at_rate(r.scores))
+    return {
+        "primary": primary.name,
+        "default": DEFAULT_METHOD,
+        "keep_rate": rate,
+        "methods": methods,
+        "detail": detail,
+        "_keeps": {k: keeps[k] for k in ("all", "random", "perplexity", "trace", DEFAULT_METHOD)},
+    }
 
 
-def check_targets(methods: dict, detail: dict) -> dict:
-    """Issue 2 (PubMedQA): primary trace AUROC >= 0.95 overall; per kind not below perplexity at any checkpoint."""
-    ours = methods[next(k for k in methods if k.startswith("ours["))]
-    out: dict = {"trace_overall_ge_0.95": {"value": ours["auroc"], "pass": ours["auroc"] >= 0.95}}
-    ppl = {k: v for k, v in detail.items() if k.startswith("perplexity@")}
+def precision_and_count(keep: np.ndarray, clean: np.ndarray) -> dict:
+    return {"kept": int(keep.sum()), "precision": precision_at_keep(keep, clean)}
+
+
+def _flag_counts(cands: CalibratedScores, noise: np.ndarray, keep: np.ndarray) -> dict:
+    """For the dropped samples of each noise kind: how many each signal flagged (its largest z)."""
+    flagged = np.asarray(cands.flagged_by)
+    out: dict = {}
+    for kind in sorted(set(noise)):
+        rows = (noise == kind) & ~keep
+        out[kind] = {name: int((flagged[rows] == name).sum()) for name in cands.signals}
+    return out
+
+
+SINGLE_SIGNALS = ("perplexity", "ifd", "pmi", "trace")
+
+
+def check_targets(methods: dict, default: str = DEFAULT_METHOD) -> dict:
+    """Issue 16's per-seed targets (PubMedQA): the default's AUROC >= 0.97 and precision at its keep rate >= 0.97;
+    per noise kind, the default against the best single signal (the cross-seed check is `quality_seeds.py`'s)."""
+    ours = methods[default]
+    out: dict = {
+        "default_auroc_ge_0.97": {"value": ours["auroc"], "pass": ours["auroc"] >= 0.97},
+        "default_precision_at_keep_ge_0.97": {
+            "value": ours["precision_at_keep"],
+            "pass": ours["precision_at_keep"] >= 0.97,
+        },
+    }
     for key in (k for k in ours if k.startswith("auroc_")):
-        best = max(ppl, key=lambda k: ppl[k][key])
-        out[f"trace_{key[6:]}_ge_perplexity"] = {
-            "trace": ours[key],
-            "best_perplexity": ppl[best][key],
+        best = max(SINGLE_SIGNALS, key=lambda m: methods[m][key])
+        out[f"default_{key[6:]}_ge_best_single"] = {
+            "default": ours[key],
+            "best_single": methods[best][key],
             "at": best,
-            "pass": ours[key] >= ppl[best][key],
+            "pass": ours[key] >= methods[best][key],
         }
     out["all_pass"] = all(v["pass"] for v in out.values())
     return out
@@ -468,6 +590,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the unprojected variants (their matrices take ~27 GB of disk at r=8, four times that at r=32)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    p.add_argument(
+        "--reuse-features",
+        type=Path,
+        default=None,
+        help="score a previous run's saved <out>/features (same seed and settings) instead of warming up and "
+        "computing gradients again",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="work directory (default bench/.work/quality-DOMAIN)")
     args = p.parse_args(argv)
@@ -482,6 +611,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+FEATURE_SETTINGS = (
+    "domain", "model", "n", "anchors", "held_out", "checkpoints", "warmup_steps", "warmup_fraction", "lr", "max_len",
+    "lora_targets", "lora_rank", "nnz", "seed",
+)  # fmt: skip
+
+
+def feature_settings(args: argparse.Namespace) -> dict:
+    """The settings that determine a run's features (split, warmup, gradients), to check a reuse against."""
+    return {k: getattr(args, k) for k in FEATURE_SETTINGS}
+
+
+def load_features(args: argparse.Namespace) -> tuple[Features, dict]:
+    """A previous run's saved features (``--reuse-features``), after checking it was made with these settings."""
+    folder = args.reuse_features
+    if not (folder / "run.json").is_file():
+        raise SystemExit(f"--reuse-features: {folder} holds no run.json (a quality run's <out>/features)")
+    run = json.loads((folder / "run.json").read_text())
+    diff = {k: (v, run["settings"].get(k)) for k, v in feature_settings(args).items() if run["settings"].get(k) != v}
+    if diff:
+        raise SystemExit(f"--reuse-features: made with other settings (now, then): {diff}")
+    feat = Features.load(folder)
+    missing = sorted(set(args.dims) - set(feat.specs))
+    if missing:
+        raise SystemExit(f"--reuse-features: no projections at k = {missing} (saved: {sorted(feat.specs)})")
+    return feat, run["warmup"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -492,12 +648,18 @@ def main(argv: list[str] | None = None) -> int:
     timing: dict[str, float] = {}
     split = split_data(args.domain, args.data_dir, args.n, args.anchors, args.held_out, args.seed)
     noise = np.array([s.meta["noise"] for s in split.candidates])
-    t0 = time.perf_counter()
-    warm = warmup(args, split.candidates, args.out / "run")
-    timing["warmup"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size, args.nnz, not args.no_unprojected)
-    timing["gradients"] = time.perf_counter() - t0
+    if args.reuse_features:
+        feat, warm = load_features(args)
+    else:
+        t0 = time.perf_counter()
+        warm = warmup(args, split.candidates, args.out / "run")
+        timing["warmup"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        feat = gradient_pass(args.out / "run", split, args.dims, args.batch_size, args.nnz, not args.no_unprojected)
+        timing["gradients"] = time.perf_counter() - t0
+        feat.save(args.out / "features")
+        run = {"settings": feature_settings(args), "warmup": warm}
+        (args.out / "features" / "run.json").write_text(json.dumps(run))
     t0 = time.perf_counter()
     scored = score_methods(feat, split, args.dims, args.domain, args.seed)
     timing["scoring"] = time.perf_counter() - t0
@@ -530,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
     }
     if args.domain == "pubmedqa":
-        result["targets"] = check_targets(scored["methods"], scored["detail"])
+        result["targets"] = check_targets(scored["methods"])
     emit(result, args.out / "result.json")
     return 0
 

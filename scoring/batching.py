@@ -9,7 +9,7 @@ gradient engines rely on causal attention plus right padding for padding invaria
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,18 @@ def truncate(prompt_ids: list[int], response_ids: list[int], max_len: int) -> tu
     return prompt_ids[len(prompt_ids) - keep_prompt :], response_ids[:keep_response], True
 
 
+def _encoder(tokenizer: Any, template: str) -> Callable[[Sample, Any], tuple[list[int], list[int]]]:
+    """The (prompt ids, response ids) encoder of ``template`` for ``tokenizer`` (``auto``: chat if it has one)."""
+    if template not in TEMPLATES:
+        raise ConfigError(f"template: must be one of {list(TEMPLATES)}, got {template!r}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_chat:
+        raise ConfigError("template: 'chat' needs a tokenizer with a chat_template")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("tokenizer: has no eos token")
+    return _encode_chat if template == "chat" or (template == "auto" and has_chat) else _encode_alpaca
+
+
 def tokenize_samples(
     samples: Sequence[Sample], tokenizer: Any, max_len: int, template: str = "auto"
 ) -> list[TokenizedSample]:
@@ -121,14 +133,7 @@ def tokenize_samples(
     """
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
         raise ConfigError(f"max_len: must be an int >= 2, got {max_len!r}")
-    if template not in TEMPLATES:
-        raise ConfigError(f"template: must be one of {list(TEMPLATES)}, got {template!r}")
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
-    if template == "chat" and not has_chat:
-        raise ConfigError("template: 'chat' needs a tokenizer with a chat_template")
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("tokenizer: has no eos token")
-    encode = _encode_chat if template == "chat" or (template == "auto" and has_chat) else _encode_alpaca
+    encode = _encoder(tokenizer, template)
     out = []
     for sample in samples:
         prompt_ids, response_ids = encode(sample, tokenizer)
@@ -220,3 +225,38 @@ def make_batches(
     if current:
         groups.append(current)
     return [collate(group, pad_id) for group in groups]
+
+
+# --- the response without its prompt ---
+
+
+def unconditional_samples(
+    samples: Sequence[Sample], tokenized: Sequence[TokenizedSample], tokenizer: Any, template: str = "auto"
+) -> list[TokenizedSample]:
+    """Each sample's response after an empty prompt, for the unconditional loss ℓ(y|∅).
+
+    The prompt is the template rendered with the user turns emptied (one empty user turn; system turns stay, as
+    they are part of the template rather than of the question). The response tokens are exactly the labelled
+    tokens of ``tokenized`` (after its truncation), so ℓ(y|∅) and ℓ(y|x) average the log-likelihood of the same
+    tokens and differ only in what precedes them.
+
+    Args:
+        samples: the samples, in the order of ``tokenized``.
+        tokenized: their `tokenize_samples` output (same template).
+        tokenizer, template: as for `tokenize_samples`.
+
+    Raises:
+        ConfigError: a bad template, or ``samples`` and ``tokenized`` do not match by id.
+    """
+    if len(samples) != len(tokenized) or any(s.id != t.id for s, t in zip(samples, tokenized, strict=False)):
+        raise ConfigError("tokenized: must be tokenize_samples(samples) in the same order")
+    encode = _encoder(tokenizer, template)
+    out = []
+    for sample, item in zip(samples, tokenized, strict=True):
+        turns = [(role, text) for role, text in sample.prompt if role == "system"] + [("user", "")]
+        prompt_ids, _ = encode(Sample(sample.id, tuple(turns), sample.response), tokenizer)
+        response_ids = [label for label in item.labels if label != IGNORE_INDEX]
+        out.append(
+            TokenizedSample(item.id, [*prompt_ids, *response_ids], [IGNORE_INDEX] * len(prompt_ids) + response_ids)
+        )
+    return out

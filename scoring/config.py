@@ -49,6 +49,36 @@ candidates, seed 0): the trace score's detection AUROC is 0.967 unprojected with
 ``q_proj, v_proj`` alone (exchanged answers 0.931 against 0.854), and the gradient pass took about as long (the
 model's forward and backward dominate it, not the LoRA layers)."""
 
+SCORE_KINDS: tuple[str, ...] = ("calibrated", "trace")
+"""How a scoring job turns what the silos send into one score per sample: ``calibrated`` (the default; the trace and
+the loss signals, each standardised against the anchor samples and fused, `scoring.calibration`) or ``trace`` (the
+pure CLUES trace score)."""
+DEFAULT_SCORE_KIND = "calibrated"
+
+SIGNALS: tuple[str, ...] = ("loss_uncond", "n_tokens")
+"""Per-sample signals a job may ask each silo to send beside its projections and response losses
+(`scoring.signals`): ``loss_uncond``, the response loss after an empty prompt, ℓ(y|∅); ``n_tokens``, the number of
+response tokens. A job that asks for none is the pure CLUES protocol."""
+DEFAULT_SIGNALS: tuple[str, ...] = SIGNALS
+
+FUSIONS: tuple[str, ...] = ("fisher", "max")
+"""How the calibrated score combines its one-sided signals (`scoring.calibration.fuse`)."""
+DEFAULT_FUSION = "fisher"
+
+
+def check_score_settings(score: str, signals: Sequence[str], fusion: str) -> None:
+    """Refuse an unknown score kind, signal or fusion, or repeated signals (naming the field)."""
+    if score not in SCORE_KINDS:
+        raise ConfigError(f"score: must be one of {list(SCORE_KINDS)}, got {score!r}")
+    unknown = [s for s in signals if s not in SIGNALS]
+    if unknown:
+        raise ConfigError(f"signals: unknown signal(s) {unknown}; choose from {list(SIGNALS)}")
+    if len(set(signals)) != len(signals):
+        raise ConfigError(f"signals: repeated signal(s) in {list(signals)}")
+    if fusion not in FUSIONS:
+        raise ConfigError(f"fusion: must be one of {list(FUSIONS)}, got {fusion!r}")
+
+
 DEFAULT_PROJECTION_DIM = 32768
 """k of the default projection. Adam-preconditioned candidate gradients have a small spread of cosines with the
 (plain) anchor direction (std ~0.004), of the order of a sketch's error at k = 8192 (~0.002): on the PubMedQA
