@@ -143,7 +143,8 @@ def robust_z_loo(reference: np.ndarray) -> np.ndarray:
 
 def upper_p(z: np.ndarray) -> np.ndarray:
     """One-sided p-value Φ̄(z) = P(N(0,1) ≥ z), accurate far into the tail (erfc)."""
-    return 0.5 * np.vectorize(math.erfc)(np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
+    erfc = np.vectorize(math.erfc, otypes=[np.float64])
+    return 0.5 * erfc(np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
 
 
 def log_upper_p(z: np.ndarray) -> np.ndarray:
