@@ -346,13 +346,14 @@ def iter_shards(
     One checkpoint's projections are in memory at a time."""
     n_parts = math.ceil(len(ids) / rows_per_shard)
     for t in indices:
-        proj, losses = load_projection(proj_dir / f"ckpt-{t:03d}.candidate.safetensors")
+        proj, losses, signals = load_projection(proj_dir / f"ckpt-{t:03d}.candidate.safetensors")
         if list(proj.ids) != ids:
             raise AgentError(f"{proj_dir}: the projections' ids differ from the data file's (delete the directory)")
         for p in range(n_parts):
             rows = slice(p * rows_per_shard, (p + 1) * rows_per_shard)
             part = replace(proj, ids=proj.ids[rows], matrix=proj.matrix[rows])  # (R, k), the last part shorter
-            yield t, p, projection_to_bytes(part, losses=None if losses is None else losses[rows])
+            part_losses = None if losses is None else losses[rows]
+            yield t, p, projection_to_bytes(part, part_losses, {name: v[rows] for name, v in signals.items()})
 
 
 def upload_shards(

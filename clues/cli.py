@@ -32,6 +32,7 @@ from clues.service import add_projection_args
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
     PROJECTION_KINDS,
+    SIGNALS,
     SIMILARITIES,
     LoraSettings,
     TraceConfig,
@@ -153,6 +154,8 @@ def cmd_project(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         precondition=not args.no_precondition,
+        signals=parse_signals(args.signals),
+        signal_checkpoint=args.signal_checkpoint,
     )
     progress = ProgressBar("project", "grad")
     paths = project_samples(
@@ -167,6 +170,15 @@ def cmd_project(args: argparse.Namespace) -> int:
     progress.close()
     print(f"project: {len(samples)} samples -> {len(paths)} file(s) in {args.out}")
     return 0
+
+
+def parse_signals(value: str) -> tuple[str, ...]:
+    """``--signals``: comma-separated names of `scoring.config.SIGNALS` (an empty string: none)."""
+    names = tuple(s.strip() for s in value.split(",") if s.strip())
+    unknown = [s for s in names if s not in SIGNALS]
+    if unknown or len(set(names)) != len(names):
+        raise ScoringError(f"--signals: expected distinct names among {','.join(SIGNALS)}, got {value!r}")
+    return names
 
 
 def _parse_silos(items: Sequence[str]) -> dict[str, Path]:
@@ -315,6 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=None, help="vmap engine: samples per vmap slice")
     p.add_argument("--no-precondition", action="store_true", help="project plain gradients (no Adam)")
+    p.add_argument(
+        "--signals",
+        default="",
+        metavar="NAMES",
+        help=f"extra per-sample signals to write, comma-separated among {','.join(SIGNALS)} (default: none; "
+        "loss_uncond: the response loss after an empty prompt, n_tokens: the response length)",
+    )
+    p.add_argument(
+        "--signal-checkpoint",
+        type=int,
+        default=None,
+        metavar="T",
+        help="checkpoint index whose files carry the --signals (default: the last)",
+    )
     _add_model_args(p)
     p.set_defaults(func=cmd_project)
 

@@ -1,11 +1,14 @@
 """The wire formats, numpy only: the coordinator validates uploads with them without loading torch.
 
 **Projection file** (format ``clues.projection/1``; `save_projection`, `load_projection`, `projection_from_bytes`,
-`map_projection` for stored files validated before):
+`map_projection` for stored files validated before; each reader returns a `ProjectionFile`):
 
 - tensor ``matrix``: (N, k) float16 projections.
 - tensor ``ids``: uint8, the UTF-8 bytes of a JSON list of N sample ids (any characters allowed).
-- tensor ``losses`` (optional): (N,) float32 mean response loss of each sample (feeds the perplexity baseline).
+- tensor ``losses`` (optional): (N,) float32 mean response loss ℓ(y|x) of each sample (the perplexity signal).
+- tensors ``loss_uncond`` and ``n_tokens`` (optional; the `scoring.config.SIGNALS` a job asks for, in the file of
+  its signal checkpoint): (N,) float32 ℓ(y|∅) (positive) and the number of response tokens (positive integers), see
+  `scoring.signals`.
 - metadata: ``format``, ``spec`` (ProjectionSpec JSON), ``checkpoint``, ``lr``, ``role``, ``preconditioned``,
   ``extra`` (JSON).
 
@@ -37,13 +40,13 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load
 
-from scoring.config import AdamState, ProjectionSpec, parameter_layout_hash
+from scoring.config import SIGNALS, AdamState, ProjectionSpec, parameter_layout_hash
 from scoring.errors import ConfigError, DataError, ScoringError
 from scoring.types import ProjectedGrads
 
@@ -154,8 +157,53 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 # Projection files
 
 
-def projection_to_bytes(proj: ProjectedGrads, losses: np.ndarray | None = None) -> bytes:
-    """Serialise projections (matrix stored as float16) to safetensors bytes; equal inputs give equal bytes."""
+class ProjectionFile(NamedTuple):
+    """A parsed, validated projection file.
+
+    Attributes:
+        proj: the projections.
+        losses: (N,) float32 mean response loss ℓ(y|x) of each sample, or None when the file has none.
+        signals: signal name (`scoring.config.SIGNALS`) -> (N,) float32 values, for those the file carries.
+    """
+
+    proj: ProjectedGrads
+    losses: np.ndarray | None
+    signals: dict[str, np.ndarray]
+
+
+def check_signal(name: str, values: np.ndarray, n: int, where: str = "projection") -> np.ndarray:
+    """Refuse a per-sample signal that is not (n,) finite float32 values of its kind: ``loss_uncond`` positive,
+    ``n_tokens`` positive integers. Returns ``values``.
+
+    Raises:
+        DataError: naming ``where`` and the field.
+    """
+    if name not in SIGNALS:
+        raise DataError(f"{where}: unknown signal '{name}'; the signals are {list(SIGNALS)}")
+    if values.dtype != np.float32 or values.shape != (n,):
+        raise DataError(f"{where}: '{name}' must be {n} float32 values, got {values.dtype} with shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise DataError(f"{where}: '{name}' holds NaN or Inf")
+    if not (values > 0).all():
+        raise DataError(f"{where}: '{name}' must be positive")
+    if name == "n_tokens" and not (values == np.round(values)).all():
+        raise DataError(f"{where}: 'n_tokens' must be whole numbers of tokens")
+    return values
+
+
+def projection_to_bytes(
+    proj: ProjectedGrads, losses: np.ndarray | None = None, signals: Mapping[str, np.ndarray] | None = None
+) -> bytes:
+    """Serialise projections (matrix stored as float16) to safetensors bytes; equal inputs give equal bytes.
+
+    Args:
+        proj: the projections.
+        losses: (N,) mean response losses ℓ(y|x), or None.
+        signals: per-sample signals by name (`scoring.config.SIGNALS`), each (N,), stored as float32.
+
+    Raises:
+        DataError: NaN/Inf projections, or losses or signals of the wrong shape or kind (see `check_signal`).
+    """
     with np.errstate(over="ignore"):  # values beyond float16 become Inf and are refused just below
         matrix = np.ascontiguousarray(proj.matrix, dtype="<f2")
     if not _all_finite(matrix):
@@ -170,6 +218,10 @@ def projection_to_bytes(proj: ProjectedGrads, losses: np.ndarray | None = None) 
         if losses.shape != (len(proj.ids),):
             raise DataError(f"losses must have shape ({len(proj.ids)},), got {losses.shape}")
         tensors["losses"] = ("F32", losses.shape, losses.tobytes())
+    for name, values in sorted((signals or {}).items()):
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = check_signal(name, np.asarray(values, dtype="<f4"), len(proj.ids))
+        tensors[name] = ("F32", array.shape, array.tobytes())
     metadata = {
         "format": FORMAT,
         "spec": proj.spec.to_json(),
@@ -204,8 +256,8 @@ def _parse_metadata(metadata: Mapping[str, str], where: str) -> dict[str, Any]:
 
 def _validate(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], where: str, check_finite: bool = True
-) -> tuple[ProjectedGrads, np.ndarray | None]:
-    """Check a parsed projection file field by field; return the projections and the optional losses.
+) -> ProjectionFile:
+    """Check a parsed projection file field by field.
 
     ``check_finite=False`` skips the NaN/Inf scan of the matrix only (see `map_projection`)."""
     meta = _parse_metadata(metadata, where)
@@ -226,15 +278,16 @@ def _validate(
     losses = tensors.get("losses")
     if losses is not None and (losses.shape != (len(ids),) or not np.isfinite(losses).all()):
         raise DataError(f"{where}: 'losses' must be {len(ids)} finite values")
+    signals = {name: check_signal(name, tensors[name], len(ids), where) for name in SIGNALS if name in tensors}
     try:
         proj = ProjectedGrads(ids=tuple(ids), matrix=matrix, **meta)
     except ScoringError as exc:
         raise DataError(f"{where}: {exc}") from exc
-    return proj, losses
+    return ProjectionFile(proj, losses, signals)
 
 
-def projection_from_bytes(data: bytes, where: str = "projection") -> tuple[ProjectedGrads, np.ndarray | None]:
-    """Parse and validate safetensors bytes; return the projections and the optional losses.
+def projection_from_bytes(data: bytes, where: str = "projection") -> ProjectionFile:
+    """Parse and validate safetensors bytes.
 
     Raises:
         DataError: on any malformed content (names ``where`` and the field), NaN/Inf, or inconsistent shapes.
@@ -247,12 +300,17 @@ def projection_from_bytes(data: bytes, where: str = "projection") -> tuple[Proje
     return _validate(tensors, metadata, where)
 
 
-def save_projection(path: Path | str, proj: ProjectedGrads, losses: np.ndarray | None = None) -> None:
-    """Write a projection file atomically."""
-    atomic_write_bytes(path, projection_to_bytes(proj, losses))
+def save_projection(
+    path: Path | str,
+    proj: ProjectedGrads,
+    losses: np.ndarray | None = None,
+    signals: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Write a projection file atomically (arguments as `projection_to_bytes`)."""
+    atomic_write_bytes(path, projection_to_bytes(proj, losses, signals))
 
 
-def load_projection(path: Path | str) -> tuple[ProjectedGrads, np.ndarray | None]:
+def load_projection(path: Path | str) -> ProjectionFile:
     """Read and validate a projection file. The float16 matrix is read straight into its array (one copy, and no
     mapping of the file's data pages, so memory grows by the matrix alone).
 
@@ -263,9 +321,7 @@ def load_projection(path: Path | str) -> tuple[ProjectedGrads, np.ndarray | None
     return _read_projection_file(path, str(path), mapped=False, check_finite=True)
 
 
-def map_projection(
-    path: Path | str, where: str | None = None, check_finite: bool = False
-) -> tuple[ProjectedGrads, np.ndarray | None]:
+def map_projection(path: Path | str, where: str | None = None, check_finite: bool = False) -> ProjectionFile:
     """Open a projection file whose content was validated before (a stored shard): every field is checked as in
     `load_projection`, but the float16 matrix is a read-only `np.memmap` of the file (no copy, nothing read until
     it is used) and, unless ``check_finite``, its values are not scanned for NaN/Inf. Scoring that feeds it to
@@ -280,9 +336,7 @@ def map_projection(
     return _read_projection_file(path, where or str(path), mapped=True, check_finite=check_finite)
 
 
-def _read_projection_file(
-    path: Path, where: str, *, mapped: bool, check_finite: bool
-) -> tuple[ProjectedGrads, np.ndarray | None]:
+def _read_projection_file(path: Path, where: str, *, mapped: bool, check_finite: bool) -> ProjectionFile:
     if not path.is_file():
         raise DataError(f"{where}: no such projection file")
     try:

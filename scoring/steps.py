@@ -10,7 +10,8 @@ projection spec, the LoRA ``layout`` it hashes, checkpoints with η_t) and ``ckp
 
 A *projection directory* (made by `project_samples`) holds ``ckpt-NNN.<role>.safetensors`` files (see `scoring.io`):
 role ``candidate`` for samples to be scored (Adam-preconditioned when asked), and, for the anchor set, also role
-``anchor`` (plain gradients, from which the anchor direction is built).
+``anchor`` (plain gradients, from which the anchor direction is built). Every file carries each sample's response
+loss ℓ(y|x); the files of the signal checkpoint also carry the extra signals asked for (`scoring.signals`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import torch
 from torch import nn
 
 from scoring.batching import make_batches, tokenize_samples
-from scoring.config import AdamState, LoraSettings, ProjectionSpec, TraceConfig, TrainingConfig, parameter_layout_hash
+from scoring.config import (
+    SIGNALS,
+    AdamState,
+    LoraSettings,
+    ProjectionSpec,
+    TraceConfig,
+    TrainingConfig,
+    parameter_layout_hash,
+)
 from scoring.data import Sample
 from scoring.errors import ConfigError, DataError
 from scoring.gradients import adam_precondition, build_gradient_computer
@@ -42,6 +51,7 @@ from scoring.io import (
 )
 from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
 from scoring.projection import build_projector, make_spec
+from scoring.signals import sample_signals
 from scoring.traces import score_anchor_samples, score_projections
 from scoring.training import Checkpoint, checkpoint_entry, read_run, train_lora, write_run_manifest
 from scoring.types import ProjectedGrads, ScoreTable
@@ -67,12 +77,25 @@ class ProjectOptions:
         batch_size: samples per gradient batch.
         chunk_size: vmap slice size (vmap engine only).
         precondition: Adam-precondition candidate gradients with the checkpoint's moments (LESS/CLUES).
+        signals: extra per-sample signals to compute (`scoring.config.SIGNALS`; `scoring.signals.sample_signals`),
+            written into the files of ``signal_checkpoint``; empty: none (the pure CLUES protocol).
+        signal_checkpoint: the checkpoint index at which the signals are computed; None: the last one.
     """
 
     engine: str = "hooks"
     batch_size: int = 8
     chunk_size: int | None = None
     precondition: bool = True
+    signals: tuple[str, ...] = ()
+    signal_checkpoint: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown or len(set(self.signals)) != len(self.signals):
+            raise ConfigError(f"signals: expected distinct names among {list(SIGNALS)}, got {list(self.signals)}")
+        t = self.signal_checkpoint
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise ConfigError(f"signal_checkpoint: must be a checkpoint index >= 0 or None, got {t!r}")
 
 
 def load_run_model(run_dir: Path, opts: ModelOptions) -> tuple[nn.Module, object, dict, list[Checkpoint]]:
@@ -230,7 +253,11 @@ def project_samples(
     Candidates (``anchor=False``) are written as role ``candidate`` (Adam-preconditioned when
     ``opts.precondition``). The anchor set (``anchor=True``) is written as role ``anchor`` with plain gradients, and
     also as role ``candidate`` (treated like any silo's samples) so that anchor samples can be scored for the
-    mean-anchor-score threshold. Each file also carries every sample's mean response loss.
+    mean-anchor-score threshold. Each file also carries every sample's mean response loss, and the files of
+    ``opts.signal_checkpoint`` the signals ``opts.signals`` (computed at that checkpoint's weights).
+
+    Raises:
+        ConfigError: preconditioning without Adam moments, or a signal checkpoint the run does not have.
 
     Returns:
         The written file paths.
@@ -267,6 +294,7 @@ def _project_samples(
     has_moments = [e.get("has_moments", True) for e in manifest["checkpoints"]]
     if opts.precondition and not all(has_moments):
         raise ConfigError("precondition: the run has no Adam moments (it was not trained); use --no-precondition")
+    signal_at = _signal_checkpoint(opts, [c.index for c in checkpoints])
     tokenized = tokenize_samples(samples, tokenizer, manifest["max_len"], template=manifest["template"])
     batches = make_batches(tokenized, opts.batch_size, tokenizer.pad_token_id)
     order = {s.id: i for i, s in enumerate(samples)}
@@ -290,6 +318,12 @@ def _project_samples(
             if progress:
                 progress(done, total)
         ids, loss = _collect(rows["loss"], order)
+        signals = None
+        if opts.signals and ckpt.index == signal_at:  # (N,) each, in the order of ``samples``, as ``ids`` is
+            computed = sample_signals(
+                model, tokenizer, samples, tokenized, template=manifest["template"], batch_size=opts.batch_size
+            )
+            signals = {name: computed[name] for name in opts.signals}
         extra = {"model": manifest["model"], "lora": manifest["lora"], "num_samples": len(ids)}
         for role in ("candidate", "anchor") if anchor else ("candidate",):
             _, matrix = _collect(rows[role], order)
@@ -304,9 +338,18 @@ def _project_samples(
                 extra=extra,
             )
             path = Path(out_dir) / f"ckpt-{ckpt.index:03d}.{role}.safetensors"
-            save_projection(path, proj, losses=loss[:, 0])
+            save_projection(path, proj, losses=loss[:, 0], signals=signals)
             written.append(path)
     return written
+
+
+def _signal_checkpoint(opts: ProjectOptions, indices: Sequence[int]) -> int:
+    """The checkpoint index the signals are computed at (the last one unless ``opts`` names one the run has)."""
+    if opts.signal_checkpoint is None:
+        return max(indices)
+    if opts.signal_checkpoint not in indices:
+        raise ConfigError(f"signal_checkpoint: the run has checkpoints {list(indices)}, not {opts.signal_checkpoint}")
+    return opts.signal_checkpoint
 
 
 def load_projection_dir(path: Path, role: str) -> tuple[list[ProjectedGrads], np.ndarray | None]:
@@ -316,7 +359,7 @@ def load_projection_dir(path: Path, role: str) -> tuple[list[ProjectedGrads], np
     if not files:
         raise DataError(f"{path}: no ckpt-*.{role}.safetensors files (run 'clues project' first)")
     loaded = [load_projection(f) for f in files]
-    return [p for p, _ in loaded], loaded[0][1]
+    return [f.proj for f in loaded], loaded[0].losses
 
 
 def score_dirs(

@@ -189,7 +189,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
         with res.sessions.begin() as session:
             for path in files:
                 data = path.read_bytes()
-                proj, _ = projection_from_bytes(data, where=str(path))
+                proj = projection_from_bytes(data, where=str(path)).proj
                 ref = res.blobs.put_bytes(data)
                 repo.add_shard(
                     session,

@@ -319,7 +319,7 @@ async def upload_shard(
 
     def validate(path: Path) -> list[str]:
         where = f"shard ckpt {checkpoint} part {part}"
-        proj, _ = map_projection(path, where=where, check_finite=True)  # no copy: the file's pages are cached
+        proj, losses, signals = map_projection(path, where=where, check_finite=True)  # no copy: pages are cached
         if proj.spec != spec:
             raise DataError(f"{where}: projection spec {proj.spec.to_json()} differs from the job's {spec.to_json()}")
         if proj.role != "candidate":

@@ -56,11 +56,11 @@ def test_projection_files_per_checkpoint_and_role(pipeline):
         "ckpt-001.anchor.safetensors",
         "ckpt-001.candidate.safetensors",
     ]
-    proj, losses = load_projection(root / "p-a" / "ckpt-001.candidate.safetensors")
+    proj, losses, _ = load_projection(root / "p-a" / "ckpt-001.candidate.safetensors")
     assert proj.ids == tuple(s.id for s in files["a"])  # input order, though batches were bucketed by length
     assert proj.matrix.shape == (9, 64) and proj.preconditioned and proj.checkpoint == 1
     assert proj.spec.seed == 3 and losses.shape == (9,)
-    plain, _ = load_projection(root / "p-anchors" / "ckpt-000.anchor.safetensors")
+    plain = load_projection(root / "p-anchors" / "ckpt-000.anchor.safetensors").proj
     assert not plain.preconditioned and plain.role == "anchor"
 
 
@@ -108,6 +108,24 @@ def test_top_fraction_threshold(pipeline, tmp_path):
         (["warmup", "--model", "tiny", "--data", "{root}/a.jsonl", "--out", "{tmp}/r", "--lora-rank", "0"], "rank"),
         (["project", "--run", "{root}/run", "--data", "{root}/a.jsonl", "--limit", "0", "--out", "{tmp}/p"], "--limit"),
         (["select", "--scores", "{root}/a.jsonl", "--out", "{tmp}"], "not a score record"),
+        (
+            ["project", "--run", "{root}/run", "--data", "{root}/b.jsonl", "--out", "{tmp}/p", "--signals", "ppl"],
+            "--signals",
+        ),
+        (
+            [
+                "project",
+                "--run",
+                "{root}/run",
+                "--data",
+                "{root}/b.jsonl",
+                "--out",
+                "{tmp}/p",
+                "--signal-checkpoint",
+                "7",
+            ],
+            "signal_checkpoint: the run has checkpoints [0, 1], not 7",
+        ),
     ],
 )
 def test_errors_name_the_field(pipeline, tmp_path, capsys, argv, message):
@@ -116,6 +134,34 @@ def test_errors_name_the_field(pipeline, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"clues {argv[0]}: error:") and message in err
+
+
+def test_project_writes_the_signals_asked_for_into_the_signal_checkpoint_files(pipeline, tmp_path):
+    """``--signals`` at ``--signal-checkpoint 0``: those files carry ℓ(y|∅) and the response lengths, computed at that
+    checkpoint's weights (as `scoring.signals.sample_signals` gives them); the other checkpoint's files carry none,
+    and the projections and losses are those of a run without signals."""
+    import torch
+
+    from scoring.batching import tokenize_samples
+    from scoring.signals import sample_signals
+    from scoring.steps import ModelOptions, load_run_model, use_checkpoint
+
+    root, files = pipeline
+    argv = "project --run {r}/run --data {r}/b.jsonl --out {t}/p --batch-size 4 --signals loss_uncond,n_tokens "
+    assert run(argv + "--signal-checkpoint 0", r=root, t=tmp_path) == 0
+    first = load_projection(tmp_path / "p" / "ckpt-000.candidate.safetensors")
+    last = load_projection(tmp_path / "p" / "ckpt-001.candidate.safetensors")
+    plain = load_projection(root / "p-b" / "ckpt-000.candidate.safetensors")
+    assert sorted(first.signals) == ["loss_uncond", "n_tokens"] and last.signals == {}
+    assert np.array_equal(first.proj.matrix, plain.proj.matrix) and np.array_equal(first.losses, plain.losses)
+    model, tokenizer, manifest, checkpoints = load_run_model(root / "run", ModelOptions())
+    use_checkpoint(model, checkpoints[0])
+    tokenized = tokenize_samples(files["b"], tokenizer, manifest["max_len"], template=manifest["template"])
+    with torch.no_grad():
+        expected = sample_signals(model, tokenizer, files["b"], tokenized, template=manifest["template"])
+    for name in ("loss_uncond", "n_tokens"):
+        assert np.allclose(first.signals[name], expected[name], rtol=1e-5)
+    assert (first.signals["n_tokens"] >= 1).all() and (first.signals["loss_uncond"] > 0).all()
 
 
 def test_every_command_has_help():
@@ -140,5 +186,5 @@ def test_no_train_run_has_one_checkpoint_and_refuses_preconditioning(pipeline, t
     assert run("project --run {t}/run --data {r}/b.jsonl --out {t}/p", r=root, t=tmp_path) == 2
     assert "--no-precondition" in capsys.readouterr().err
     assert run("project --run {t}/run --data {r}/b.jsonl --out {t}/p --no-precondition", r=root, t=tmp_path) == 0
-    proj, _ = load_projection(tmp_path / "p" / "ckpt-000.candidate.safetensors")
+    proj = load_projection(tmp_path / "p" / "ckpt-000.candidate.safetensors").proj
     assert not proj.preconditioned and proj.lr == 1.0 and np.abs(proj.matrix).sum() > 0

@@ -34,17 +34,17 @@ def test_round_trip_keeps_everything(tmp_path):
     proj = make(ids=["a", "é\nb", 'c"quoted'])
     losses = np.array([1.0, 2.0, 3.5], dtype=np.float32)
     save_projection(tmp_path / "p.safetensors", proj, losses)
-    back, back_losses = load_projection(tmp_path / "p.safetensors")
+    back, back_losses, signals = load_projection(tmp_path / "p.safetensors")
     assert back.ids == proj.ids and back.spec == SPEC and back.checkpoint == 2 and back.lr == 1.5e-4
     assert back.role == "candidate" and back.preconditioned and back.extra == {"model": "tiny"}
     assert np.array_equal(back.matrix, proj.matrix) and back.matrix.dtype == np.float16
-    assert np.array_equal(back_losses, losses)
+    assert np.array_equal(back_losses, losses) and signals == {}
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
 
 
 def test_float32_input_is_stored_as_float16():
     proj = ProjectedGrads(ids=("a",), matrix=np.ones((1, 8), np.float32), spec=SPEC, checkpoint=0, lr=1.0)
-    back, losses = projection_from_bytes(projection_to_bytes(proj))
+    back, losses, _ = projection_from_bytes(projection_to_bytes(proj))
     assert back.matrix.dtype == np.float16 and losses is None
 
 
@@ -54,7 +54,61 @@ def test_overflowing_values_are_refused_on_write():
         projection_to_bytes(proj)
 
 
-def _bytes(matrix=None, ids=None, **meta_overrides):
+def test_signals_round_trip_and_files_without_them_still_load(tmp_path):
+    proj = make(n=3)
+    losses = np.array([1.0, 2.0, 3.5], dtype=np.float32)
+    signals = {"loss_uncond": np.array([2.5, 2.0, 4.0]), "n_tokens": np.array([7, 1, 30])}
+    save_projection(tmp_path / "p.safetensors", proj, losses, signals)
+    for back in (
+        load_projection(tmp_path / "p.safetensors"),
+        projection_from_bytes(projection_to_bytes(proj, losses, signals)),
+    ):
+        assert back.proj.ids == proj.ids and np.array_equal(back.losses, losses)
+        assert sorted(back.signals) == ["loss_uncond", "n_tokens"]
+        for name, values in signals.items():
+            assert back.signals[name].dtype == np.float32 and np.array_equal(back.signals[name], values)
+    only_uncond = projection_from_bytes(projection_to_bytes(proj, losses, {"loss_uncond": signals["loss_uncond"]}))
+    assert list(only_uncond.signals) == ["loss_uncond"]
+    plain = projection_from_bytes(projection_to_bytes(proj))  # a file from before the signals: nothing extra
+    assert plain.losses is None and plain.signals == {}
+    assert projection_to_bytes(proj, losses, signals) == projection_to_bytes(
+        proj, losses, dict(reversed(signals.items()))
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "message"),
+    [
+        ("loss_uncond", [1.0, np.nan, 2.0], "'loss_uncond' holds NaN or Inf"),
+        ("loss_uncond", [1.0, np.inf, 2.0], "'loss_uncond' holds NaN or Inf"),
+        ("loss_uncond", [1.0, 0.0, 2.0], "'loss_uncond' must be positive"),
+        ("loss_uncond", [1.0, 2.0], "'loss_uncond' must be 3 float32 values"),
+        ("loss_uncond", [[1.0, 2.0, 3.0]], "'loss_uncond' must be 3 float32 values"),
+        ("n_tokens", [3, 0, 4], "'n_tokens' must be positive"),
+        ("n_tokens", [3, 2.5, 4], "'n_tokens' must be whole numbers"),
+        ("n_tokens", [3, 2, 4, 5], "'n_tokens' must be 3 float32 values"),
+        ("perplexity", [1.0, 2.0, 3.0], "unknown signal 'perplexity'"),
+    ],
+)
+def test_bad_signals_are_refused_on_write_and_on_read(name, values, message):
+    proj = make(n=3)
+    with pytest.raises(DataError, match=message):
+        projection_to_bytes(proj, None, {name: np.asarray(values)})
+    if name in ("loss_uncond", "n_tokens"):  # a file written by hand, as a hostile client would
+        data = _bytes(
+            matrix=np.zeros((3, 8), np.float16), ids=["a", "b", "c"], **{name: np.asarray(values, np.float32)}
+        )
+        with pytest.raises(DataError, match=f"upload: {message}"):
+            projection_from_bytes(data, where="upload")
+
+
+def test_a_signal_of_another_dtype_is_refused():
+    data = _bytes(matrix=np.zeros((2, 8), np.float16), n_tokens=np.array([3, 4], np.int32))
+    with pytest.raises(DataError, match="'n_tokens' must be 2 float32 values, got int32"):
+        projection_from_bytes(data)
+
+
+def _bytes(matrix=None, ids=None, **overrides):
     matrix = np.zeros((2, 8), np.float16) if matrix is None else matrix
     ids = json.dumps(["a", "b"] if ids is None else ids).encode()
     meta = {
@@ -66,9 +120,10 @@ def _bytes(matrix=None, ids=None, **meta_overrides):
         "preconditioned": "false",
         "extra": "{}",
     }
-    meta.update(meta_overrides)
+    extra = {k: v for k, v in overrides.items() if isinstance(v, np.ndarray)}  # tensors beside matrix and ids
+    meta.update({k: v for k, v in overrides.items() if k not in extra})
     meta = {k: v for k, v in meta.items() if v is not None}
-    return save({"matrix": matrix, "ids": np.frombuffer(ids, np.uint8).copy()}, metadata=meta)
+    return save({"matrix": matrix, "ids": np.frombuffer(ids, np.uint8).copy(), **extra}, metadata=meta)
 
 
 @pytest.mark.parametrize(
@@ -102,8 +157,8 @@ def test_load_projection_agrees_with_projection_from_bytes(tmp_path):
     proj = make(n=5)
     losses = np.arange(5, dtype=np.float32)
     save_projection(tmp_path / "p.safetensors", proj, losses)
-    from_file, file_losses = load_projection(tmp_path / "p.safetensors")
-    from_bytes, bytes_losses = projection_from_bytes((tmp_path / "p.safetensors").read_bytes())
+    from_file, file_losses, _ = load_projection(tmp_path / "p.safetensors")
+    from_bytes, bytes_losses, _ = projection_from_bytes((tmp_path / "p.safetensors").read_bytes())
     assert np.array_equal(from_file.matrix, from_bytes.matrix) and np.array_equal(file_losses, bytes_losses)
     assert {k: v for k, v in vars(from_file).items() if k != "matrix"} == {
         k: v for k, v in vars(from_bytes).items() if k != "matrix"
@@ -122,7 +177,7 @@ def test_equal_projections_give_equal_bytes_that_any_reader_loads():
 
 def test_empty_projection_round_trips():
     proj = ProjectedGrads(ids=(), matrix=np.zeros((0, 8), np.float16), spec=SPEC, checkpoint=0, lr=1.0)
-    back, _ = projection_from_bytes(projection_to_bytes(proj))
+    back = projection_from_bytes(projection_to_bytes(proj)).proj
     assert back.ids == () and back.matrix.shape == (0, 8)
 
 

@@ -59,7 +59,7 @@ def _job(res: pipeline.Resources, data: TinyData, silo_samples: dict[str, list[S
         with res.sessions.begin() as session:
             silo_id = repo.get_silo_by_name(session, name=silo).id
             for path in sorted(out.glob("ckpt-*.candidate.safetensors")):
-                proj, losses = load_projection(path)
+                proj, losses, _ = load_projection(path)
                 for part, start in enumerate(range(0, len(proj), 4)):
                     rows = slice(start, start + 4)
                     piece = ProjectedGrads(
@@ -135,7 +135,7 @@ def test_near_duplicates_across_silos_and_nearest_anchors(res, tiny_data, tmp_pa
     assert ("a", a[0].id, "b", "copy-of-a0") in pairs
     assert all(p[0] != p[2] for p in pairs)  # across silos only
     index = VectorIndex.load(pipeline.anchor_index_path(res, job_id))
-    anchors, _ = load_projection(next((tmp_path).glob(f"proj-a-{job_id}")) / "ckpt-001.candidate.safetensors")
+    anchors = load_projection(next((tmp_path).glob(f"proj-a-{job_id}")) / "ckpt-001.candidate.safetensors").proj
     ids, sims = index.search(anchors.matrix.astype(np.float32)[:3], k=2)
     assert len(ids) == 3 and all(len(row) == 2 for row in ids) and (sims <= 1.0 + 1e-5).all()
     assert set(index.ids) == {s.id for s in tiny_data.samples["anchors"]}
