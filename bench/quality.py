@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -598,6 +599,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "computing gradients again",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2: one run per seed under <out>/seed-N, then the summary (mean and "
+        "spread, issue 16's targets) on stdout; with --reuse-features DIR each seed reads DIR/seed-N/features",
+    )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        default=None,
+        metavar="RESULT_JSON",
+        help="only write the summary of these per-seed result files (one domain)",
+    )
+    p.add_argument("--summary-out", type=Path, default=None, help="also write the summary to this file")
     p.add_argument("--out", type=Path, default=None, help="work directory (default bench/.work/quality-DOMAIN)")
     args = p.parse_args(argv)
     try:
@@ -608,6 +623,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.lora_targets:
         p.error("--lora-targets: name at least one module")
     args.out = args.out or REPO / "bench" / ".work" / f"quality-{args.domain}"
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+            p.error("--seeds: name at least one seed, each once")
     return args
 
 
@@ -638,11 +660,9 @@ def load_features(args: argparse.Namespace) -> tuple[Features, dict]:
     return feat, run["warmup"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.out.exists() and any(args.out.iterdir()):
+def run_seed(args: argparse.Namespace) -> dict:
+    """One seed's run (``args.seed``, ``args.out``): warmup, gradients (or ``--reuse-features``), scoring, arms."""
+    if args.out.exists() and any(p.name != "features" or not args.reuse_features for p in args.out.iterdir()):
         raise SystemExit(f"--out: {args.out} is not empty; remove it or choose another")
     started = time.perf_counter()
     timing: dict[str, float] = {}
@@ -693,8 +713,128 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.domain == "pubmedqa":
         result["targets"] = check_targets(scored["methods"])
-    emit(result, args.out / "result.json")
+    return result
+
+
+# --- several seeds -------------------------------------------------------------------------------------------
+
+
+def _mean_spread(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals))}
+
+
+def summarize_seeds(results: list[dict]) -> dict:
+    """The three-seed summary (``quality-<domain>-seeds.json``): per seed each method's AUROC, AUROC per kind and
+    precision at the default's keep rate; their mean and spread; training arms; and issue 16's targets.
+
+    Targets: PubMedQA — the default's AUROC >= 0.97 on every seed, its precision at its keep rate >= 0.97 on every
+    seed, and per noise kind its mean over seeds >= the best single signal's mean; GSM8K — the default's mean AUROC
+    >= every single signal's. Both — training on the default's selection gives the lowest held-out loss of the arms
+    all / random / perplexity / default on at least 2 seeds (where the seeds were trained)."""
+    domains = {r["domain"] for r in results}
+    if len(domains) != 1:
+        raise SystemExit(f"summarize: results of one domain only, got {sorted(domains)}")
+    domain = domains.pop()
+    default = results[0]["default"]
+    kinds = sorted(k for k in results[0]["data"]["noise"] if k != "clean")
+    per_seed: dict = {}
+    for r in results:
+        methods = {
+            name: {
+                "auroc": m["auroc"],
+                "by_kind": {k: m.get(f"auroc_{k}") for k in kinds},
+                "precision_at_keep": m["precision_at_keep"],
+                "kept": m["kept"],
+            }
+            | ({"precision_at_threshold": m["precision_at_threshold"]} if "precision_at_threshold" in m else {})
+            for name, m in r["methods"].items()
+        }
+        arms = {arm: t["metrics"]["loss"] for arm, t in (r.get("training") or {}).items()}
+        per_seed[str(r["settings"]["seed"])] = {"methods": methods, "keep_rate": r["keep_rate"], "held_out_loss": arms}
+    seeds = list(per_seed)
+    names = list(per_seed[seeds[0]]["methods"])
+    summary = {
+        name: {
+            "auroc": _mean_spread([per_seed[s]["methods"][name]["auroc"] for s in seeds]),
+            "by_kind": {k: _mean_spread([per_seed[s]["methods"][name]["by_kind"][k] for s in seeds]) for k in kinds},
+            "precision_at_keep": _mean_spread([per_seed[s]["methods"][name]["precision_at_keep"] for s in seeds]),
+        }
+        for name in names
+    }
+    ours = summary[default]
+    targets: dict = {}
+    if domain == "pubmedqa":
+        aurocs = [per_seed[s]["methods"][default]["auroc"] for s in seeds]
+        precisions = [per_seed[s]["methods"][default]["precision_at_keep"] for s in seeds]
+        targets["default_auroc_ge_0.97_every_seed"] = {"values": aurocs, "pass": min(aurocs) >= 0.97}
+        targets["default_precision_at_keep_ge_0.97_every_seed"] = {
+            "values": precisions,
+            "pass": min(precisions) >= 0.97,
+        }
+        for k in kinds:
+            best = max(SINGLE_SIGNALS, key=lambda m: summary[m]["by_kind"][k]["mean"])
+            targets[f"default_{k}_mean_ge_best_single"] = {
+                "default": ours["by_kind"][k]["mean"],
+                "best_single": summary[best]["by_kind"][k]["mean"],
+                "at": best,
+                "pass": ours["by_kind"][k]["mean"] >= summary[best]["by_kind"][k]["mean"],
+            }
+    else:
+        best = max(SINGLE_SIGNALS, key=lambda m: summary[m]["auroc"]["mean"])
+        targets["default_mean_auroc_ge_every_single"] = {
+            "default": ours["auroc"]["mean"],
+            "best_single": summary[best]["auroc"]["mean"],
+            "at": best,
+            "pass": ours["auroc"]["mean"] >= summary[best]["auroc"]["mean"],
+        }
+    trained = {s: per_seed[s]["held_out_loss"] for s in seeds if per_seed[s]["held_out_loss"]}
+    if trained:
+        arms = ("all", "random", "perplexity", default)
+        lowest = {s: min(arms, key=lambda a: losses[a]) for s, losses in trained.items()}
+        wins = [s for s, arm in lowest.items() if arm == default]
+        targets["default_arm_lowest_held_out_loss_on_2_seeds"] = {"lowest": lowest, "pass": len(wins) >= 2}
+    targets["all_pass"] = all(v["pass"] for v in targets.values())
+    return {
+        "benchmark": "quality-seeds",
+        "domain": domain,
+        "seeds": [int(s) for s in seeds],
+        "default": default,
+        "kinds": kinds,
+        "per_seed": per_seed,
+        "summary": summary,
+        "targets": targets,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.summarize:
+        emit(summarize_seeds([json.loads(Path(p).read_text()) for p in args.summarize]), args.summary_out)
+        return 0
+    if args.seeds is None:
+        emit(run_seed(args), args.out / "result.json")
+        return 0
+    results = []
+    for seed in args.seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "out": args.out / f"seed-{seed}"})
+        if args.reuse_features:
+            one.reuse_features = args.reuse_features / f"seed-{seed}" / "features"
+        result = run_seed(one)
+        emit_quiet(result, one.out / "result.json")
+        results.append(result)
+    emit(summarize_seeds(results), args.summary_out or args.out / "seeds.json")
     return 0
+
+
+def emit_quiet(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {path}")
 
 
 if __name__ == "__main__":
