@@ -11,7 +11,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM, MERGE_KINDS
+from scoring.config import (
+    DEFAULT_FUSION,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PROJECTION_DIM,
+    DEFAULT_SCORE_KIND,
+    DEFAULT_SIGNALS,
+    FUSIONS,
+    MERGE_KINDS,
+    SCORE_KINDS,
+    SIGNALS,
+    check_score_settings,
+)
+from scoring.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -58,7 +70,43 @@ class CheckpointSpec(_Strict):
     adam: dict[str, Any]
 
 
-class JobCreate(_Strict):
+class ScoreFields(_Strict):
+    """How a scoring job turns what the silos send into one score per sample (`JobCreate`, `ScoringFromWarmup`)."""
+
+    score: str = Field(
+        DEFAULT_SCORE_KIND,
+        description=f"one of {list(SCORE_KINDS)}: 'calibrated' fuses the trace score with the loss signals, each "
+        "standardised against the anchor samples; 'trace' is the pure CLUES trace score",
+    )
+    signals: list[str] | None = Field(
+        None,
+        description=f"extra per-sample signals each silo sends, among {list(SIGNALS)} (default: "
+        f"{list(DEFAULT_SIGNALS)} for a calibrated job, none for a trace job; [] with score 'trace' is the pure "
+        "CLUES protocol)",
+    )
+    fusion: str = Field(DEFAULT_FUSION, description=f"how the calibrated signals are fused, one of {list(FUSIONS)}")
+    signal_checkpoint: int | None = Field(
+        None, ge=0, description="the checkpoint index at which silos compute the signals (default: the last)"
+    )
+
+    def score_options(self, checkpoints: int) -> dict[str, Any]:
+        """The job options ``score``, ``signals`` (defaults filled in), ``fusion`` and ``signal_checkpoint``
+        (resolved against the job's ``checkpoints``).
+
+        Raises:
+            scoring.errors.ConfigError: naming the field (`scoring.config.check_score_settings`, or a signal
+                checkpoint the job does not have).
+        """
+        default = list(DEFAULT_SIGNALS) if self.score == "calibrated" else []
+        signals = default if self.signals is None else list(self.signals)
+        check_score_settings(self.score, signals, self.fusion)
+        t = checkpoints - 1 if self.signal_checkpoint is None else self.signal_checkpoint
+        if not 0 <= t < checkpoints:
+            raise ConfigError(f"signal_checkpoint: the job has checkpoints 0..{checkpoints - 1}, not {t}")
+        return {"score": self.score, "signals": signals, "fusion": self.fusion, "signal_checkpoint": t}
+
+
+class JobCreate(ScoreFields):
     """A scoring job: what every party needs to compute comparable projections, and how to select."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -380,7 +428,7 @@ class TrainPublic(BaseModel):
     final_sha256: str | None
 
 
-class ScoringFromWarmup(_Strict):
+class ScoringFromWarmup(ScoreFields):
     """A scoring job whose checkpoints are the warmup job's checkpoint rounds (global adapter + learning rate)."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -391,8 +439,9 @@ class ScoringFromWarmup(_Strict):
     )
     precondition: bool = Field(
         False,
-        description="silos precondition with the Adam moments of their own warmup training (kept locally); needs a "
-        "'top' or 'fixed' threshold, as the coordinator scores its anchor samples with plain gradients",
+        description="silos precondition with the Adam moments of their own warmup training (kept locally); needs "
+        "score 'trace' and a 'top' or 'fixed' threshold, as the coordinator scores its anchor samples with plain "
+        "gradients",
     )
     similarity: Literal["cosine", "dot"] = "cosine"
     threshold: dict[str, Any] = Field(default_factory=lambda: {"kind": "mean-anchor"})

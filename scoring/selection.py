@@ -185,6 +185,30 @@ def check_threshold_preconditioning(policy: ThresholdPolicy, candidates: bool, a
         )
 
 
+def check_score_preconditioning(score: str, candidates: bool, anchors: bool) -> None:
+    """Refuse the ``calibrated`` score when candidates and the anchor samples were not scored alike.
+
+    The calibrated score standardises each candidate's trace score against the anchor samples' own trace scores
+    (`scoring.calibration`), so, as for `check_threshold_preconditioning`, both must be Adam-preconditioned or both
+    plain; whatever the threshold, a calibration across the two would call most candidates bad.
+
+    Args:
+        score: the job's score kind (`scoring.config.SCORE_KINDS`).
+        candidates: whether the candidates' gradients are preconditioned.
+        anchors: whether the anchor samples' own (role ``candidate``) gradients are preconditioned.
+
+    Raises:
+        ConfigError: naming ``score``, for ``calibrated`` with ``candidates != anchors``.
+    """
+    if score == "calibrated" and candidates != anchors:
+        how = ("Adam-preconditioned", "plain") if candidates else ("plain", "Adam-preconditioned")
+        why = " (the coordinator holds no silo's Adam moments)" if candidates else ""
+        raise ConfigError(
+            f"score: 'calibrated' compares the trace scores of {how[0]} candidate gradients with those of {how[1]} "
+            f"anchor-sample gradients{why}; use plain gradients (no preconditioning), or score 'trace'"
+        )
+
+
 def apply_threshold(table: ScoreTable, policy: ThresholdPolicy, anchor_table: ScoreTable | None = None) -> ScoreTable:
     """Select samples from ``table`` under ``policy``.
 

@@ -121,6 +121,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> Job
     _engine_check("threshold", lambda: threshold_from_dict(body.threshold))
     for c in body.checkpoints:
         _engine_check(f"checkpoints[{c.index}].adam", lambda c=c: AdamState.from_dict(c.adam))
+    score = body.score_options(len(body.checkpoints))  # ConfigError naming the field: 422
     job = repo.create_job(
         session,
         name=body.name,
@@ -135,6 +136,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> Job
             "max_len": body.max_len,
             "template": body.template,
             "auto_score": body.auto_score,
+            **score,
         },
         checkpoints=[c.model_dump() for c in body.checkpoints],
         silo_names=body.silos,
@@ -202,13 +204,16 @@ def _upload_answer(sha: str, size: int | None, created: bool) -> JSONResponse:
 async def upload_anchors(
     job_id: JobId, request: Request, state: StateDep, session: SessionDep, _: AdminDep
 ) -> UploadResult:
-    """The anchor set: a JSON or JSONL samples file (Alpaca or chat records), at least two samples."""
+    """The anchor set: a JSON or JSONL samples file (Alpaca or chat records), at least two samples (three for a
+    calibrated job)."""
     job = repo.get_job(session, job_id=job_id)
     _require_status(job, "draft")
     sha = expected_sha256(request)
     held = repo.get_anchor_set(session, job_id=job_id)
     if already_held(held.blob_key if held else None, sha, f"the anchor set of job {job_id}"):
         return _upload_answer(sha, held.size_bytes, False)
+
+    calibrated = job.spec()["score"] == "calibrated"
 
     def validate(path: Path) -> list[str]:
         try:
@@ -217,6 +222,8 @@ async def upload_anchors(
             raise DataError(str(exc).replace(str(path), "anchors")) from exc
         if len(samples) < 2:
             raise DataError("anchors: need at least two anchor samples (each is scored against the others)")
+        if calibrated and len(samples) < 3:  # each anchor is calibrated against the median and MAD of the others
+            raise DataError("anchors: a calibrated job needs at least three anchor samples")
         return [s.id for s in samples]
 
     ref, ids = await receive(request, state, "anchors", sha, validate)
@@ -315,11 +322,18 @@ async def upload_shard(
     if member.status == "complete":
         raise ApiError(409, f"silo {silo.name} already completed its upload for job {job_id}")
     spec = ProjectionSpec.from_dict(job.projection)
+    needs = signals_needed(job.spec(), checkpoint)
     part_ids = repo.part_sample_ids(session, **key)  # the ids this part holds at another checkpoint, if any
 
     def validate(path: Path) -> list[str]:
         where = f"shard ckpt {checkpoint} part {part}"
         proj, losses, signals = map_projection(path, where=where, check_finite=True)  # no copy: pages are cached
+        missing = [name for name in needs if (losses if name == "losses" else signals.get(name)) is None]
+        if missing:
+            raise DataError(
+                f"{where}: {', '.join(repr(m) for m in missing)} missing; job {job_id} asks each silo for "
+                f"{' and '.join(needs)} at checkpoint {checkpoint} (an agent that predates the signals?)"
+            )
         if proj.spec != spec:
             raise DataError(f"{where}: projection spec {proj.spec.to_json()} differs from the job's {spec.to_json()}")
         if proj.role != "candidate":
@@ -345,6 +359,15 @@ async def upload_shard(
     ref, _ = await receive(request, state, "shard", sha, validate, record)
     session.commit()
     return _upload_answer(ref.key, ref.size, True)
+
+
+def signals_needed(spec: dict, checkpoint: int) -> list[str]:
+    """The per-sample tensors a shard of ``checkpoint`` must carry under the job ``spec``: at the signal checkpoint,
+    ``losses`` (ℓ(y|x)) when the job is calibrated or asks for signals, and each signal it asks for; elsewhere
+    none (the losses stay optional, as for a pure trace job)."""
+    if checkpoint != spec["signal_checkpoint"] or (spec["score"] == "trace" and not spec["signals"]):
+        return []
+    return ["losses", *spec["signals"]]
 
 
 def _check_same_ids(ids: list[str], other_checkpoint: int, known: list[str], part: int, where: str) -> None:

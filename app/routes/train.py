@@ -37,7 +37,7 @@ from scoring.config import DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings, 
 from scoring.data import read_samples
 from scoring.errors import ConfigError, DataError
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
-from scoring.selection import check_threshold_preconditioning, threshold_from_dict
+from scoring.selection import check_score_preconditioning, check_threshold_preconditioning, threshold_from_dict
 from storage import repository as repo
 from storage.models import TrainJob, TrainRound, utcnow
 from workers import names
@@ -422,8 +422,10 @@ def create_scoring_job(
     }
     _engine_check("projection", lambda: ProjectionSpec.from_dict(projection))
     policy = _engine_check("threshold", lambda: threshold_from_dict(body.threshold))
+    score = body.score_options(len(settings["checkpoint_rounds"]))  # ConfigError naming the field: 422
     # each silo preconditions with its own warmup moments; the coordinator has none for its anchor samples
     try:
+        check_score_preconditioning(score["score"], body.precondition, False)
         check_threshold_preconditioning(policy, body.precondition, False)
     except ConfigError as exc:
         raise ApiError(422, str(exc)) from exc
@@ -460,6 +462,7 @@ def create_scoring_job(
             "template": settings["template"],
             "auto_score": body.auto_score,
             "warmup": {"job": job_id, "rounds": settings["checkpoint_rounds"]},
+            **score,
         },
         checkpoints=entries,
         silo_names=silos,

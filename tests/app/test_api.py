@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.config import AppSettings
 from app.main import create_app
-from scoring.config import ProjectionSpec
+from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS, SIGNALS, ProjectionSpec
 from scoring.io import projection_to_bytes
 from scoring.types import ProjectedGrads
 from storage import repository as repo
@@ -42,9 +42,23 @@ def job_body(**over) -> dict:
     return body
 
 
-def shard(ids, checkpoint=0, *, spec=SPEC, lr=None, role="candidate", precond=True, matrix=None, seed=0) -> bytes:
+def shard(
+    ids,
+    checkpoint=0,
+    *,
+    spec=SPEC,
+    lr=None,
+    role="candidate",
+    precond=True,
+    matrix=None,
+    seed=0,
+    losses=True,
+    signals=SIGNALS,
+) -> bytes:
+    """A shard as an agent sends it: with each sample's loss and the signals (only the signal checkpoint's must)."""
     rng = np.random.default_rng(seed)
     m = matrix if matrix is not None else rng.standard_normal((len(ids), spec.dim)).astype(np.float16)
+    values = {"loss_uncond": rng.uniform(1.0, 3.0, len(ids)), "n_tokens": rng.integers(1, 50, len(ids))}
     proj = ProjectedGrads(
         ids=tuple(ids),
         matrix=m,
@@ -54,7 +68,8 @@ def shard(ids, checkpoint=0, *, spec=SPEC, lr=None, role="candidate", precond=Tr
         role=role,
         preconditioned=precond,
     )
-    return projection_to_bytes(proj)
+    loss = rng.uniform(0.5, 2.0, len(ids)) if losses else None
+    return projection_to_bytes(proj, loss, {name: values[name] for name in signals})
 
 
 def put(client, url, data: bytes, token: str, sha: str | None = None):
@@ -85,9 +100,9 @@ class Env:
             assert r.status_code == 201, r.text
             self.tokens[name] = r.json()["token"]
 
-    def open_job(self) -> str:
+    def open_job(self, **over) -> str:
         """A job in ``open`` with checkpoints and anchors set directly in storage (bundles are tested elsewhere)."""
-        job = self.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
+        job = self.client.post("/v1/jobs", json=job_body(**over), headers=ADMIN).json()
         store_checkpoints_and_anchors(self.app.state.clues, job["id"])
         r = self.client.post(f"/v1/jobs/{job['id']}/open", headers=ADMIN)
         assert r.status_code == 200, r.text
@@ -149,6 +164,113 @@ def test_bad_job_specs_are_4xx_and_store_nothing(env, over, needle):
     assert 400 <= r.status_code < 500, r.text
     assert needle in json.dumps(r.json()["detail"])
     assert env.client.get("/v1/jobs", headers=ADMIN).json() == []
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"score": "perplexity"}, "score: must be one of"),
+        ({"signals": ["loss_uncond", "ifd"]}, "signals: unknown signal(s) ['ifd']"),
+        ({"signals": ["n_tokens", "n_tokens"]}, "signals: repeated"),
+        ({"fusion": "mean"}, "fusion: must be one of"),
+        ({"signal_checkpoint": 2}, "signal_checkpoint: the job has checkpoints 0..1, not 2"),
+        ({"signal_checkpoint": -1}, "signal_checkpoint"),
+        ({"signals": "loss_uncond"}, "signals"),
+    ],
+)
+def test_bad_score_settings_are_422_naming_the_field(env, over, needle):
+    r = env.client.post("/v1/jobs", json=job_body(**over), headers=ADMIN)
+    assert r.status_code == 422, r.text
+    assert needle in json.dumps(r.json()["detail"])
+    assert env.client.get("/v1/jobs", headers=ADMIN).json() == []
+
+
+def test_score_settings_default_to_calibrated_and_a_trace_job_asks_for_no_signals(env):
+    spec = env.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()["spec"]
+    assert spec["score"] == "calibrated" and spec["signals"] == list(DEFAULT_SIGNALS)
+    assert spec["fusion"] == DEFAULT_FUSION and spec["signal_checkpoint"] == len(LRS) - 1
+    spec = env.client.post("/v1/jobs", json=job_body(score="trace"), headers=ADMIN).json()["spec"]
+    assert (spec["score"], spec["signals"], spec["signal_checkpoint"]) == ("trace", [], len(LRS) - 1)
+    over = {"signals": ["n_tokens"], "fusion": "max", "signal_checkpoint": 0}
+    spec = env.client.post("/v1/jobs", json=job_body(**over), headers=ADMIN).json()["spec"]
+    assert {k: spec[k] for k in over} == over and spec["score"] == "calibrated"
+
+
+def _hand_written_shard(ids: list[str], checkpoint: int, **tensors: np.ndarray) -> bytes:
+    """A shard with the given extra tensors, written by hand (projection_to_bytes refuses bad signals)."""
+    from safetensors.numpy import save
+
+    from scoring.io import _read_metadata
+
+    data = shard(ids, checkpoint, losses=False, signals=())
+    raw_ids = np.frombuffer(json.dumps(ids).encode(), dtype=np.uint8).copy()
+    matrix = np.zeros((len(ids), SPEC.dim), np.float16)
+    return save({"matrix": matrix, "ids": raw_ids, **tensors}, metadata=_read_metadata(data))
+
+
+def _bad_signal_shards():
+    ok = {
+        "losses": np.ones(2, np.float32),
+        "loss_uncond": np.full(2, 2.0, np.float32),
+        "n_tokens": np.ones(2, np.float32),
+    }
+    return [
+        ("no loss_uncond", shard(["s1", "s2"], 1, signals=("n_tokens",)), "'loss_uncond' missing"),
+        ("no signals", shard(["s1", "s2"], 1, signals=()), "'loss_uncond', 'n_tokens' missing"),
+        ("no losses", shard(["s1", "s2"], 1, losses=False), "'losses' missing"),
+        (
+            "nan",
+            _hand_written_shard(["s1", "s2"], 1, **{**ok, "loss_uncond": np.array([1, np.nan], np.float32)}),
+            "'loss_uncond' holds NaN or Inf",
+        ),
+        (
+            "inf",
+            _hand_written_shard(["s1", "s2"], 1, **{**ok, "n_tokens": np.array([np.inf, 3], np.float32)}),
+            "'n_tokens' holds NaN or Inf",
+        ),
+        (
+            "shape",
+            _hand_written_shard(["s1", "s2"], 1, **{**ok, "n_tokens": np.ones(3, np.float32)}),
+            "'n_tokens' must be 2 float32 values",
+        ),
+        (
+            "tokens",
+            _hand_written_shard(["s1", "s2"], 1, **{**ok, "n_tokens": np.array([0, 3], np.float32)}),
+            "'n_tokens' must be positive",
+        ),
+        (
+            "nan loss",
+            _hand_written_shard(["s1", "s2"], 1, **{**ok, "losses": np.array([1, np.nan], np.float32)}),
+            "'losses'",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("name", "data", "needle"), _bad_signal_shards(), ids=[b[0] for b in _bad_signal_shards()])
+def test_a_calibrated_job_refuses_shards_without_sound_signals_at_its_signal_checkpoint(env, name, data, needle):
+    job_id = env.open_job()
+    before = env.blob_count()
+    r = put(env.client, f"/v1/jobs/{job_id}/shards/1/0", data, env.tokens["a"])
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"] and "shard ckpt 1 part 0" in r.json()["detail"]
+    assert env.shard_count(job_id) == 0 and env.blob_count() == before
+    assert not any((env.settings.storage.blob_dir / "tmp").glob("*"))
+
+
+def test_signals_are_needed_at_the_signal_checkpoint_only_and_not_by_a_pure_trace_job(env):
+    job_id = env.open_job()
+    bare = shard(["s1", "s2"], 0, losses=False, signals=())
+    assert put(env.client, f"/v1/jobs/{job_id}/shards/0/0", bare, env.tokens["a"]).status_code == 201
+    assert put(env.client, f"/v1/jobs/{job_id}/shards/1/0", shard(["s1", "s2"], 1), env.tokens["a"]).status_code == 201
+    job_id = env.open_job(signal_checkpoint=0, signals=["n_tokens"])
+    r = put(env.client, f"/v1/jobs/{job_id}/shards/0/0", shard(["s1"], 0, signals=()), env.tokens["a"])
+    assert r.status_code == 422 and "'n_tokens' missing" in r.json()["detail"]
+    only = shard(["s1"], 0, signals=("n_tokens",))
+    assert put(env.client, f"/v1/jobs/{job_id}/shards/0/0", only, env.tokens["a"]).status_code == 201
+    old = env.open_job(score="trace", signals=[])  # the pure CLUES protocol: files of old agents are taken
+    for t in range(2):
+        data = shard(["s1", "s2"], t, losses=False, signals=())
+        assert put(env.client, f"/v1/jobs/{old}/shards/{t}/0", data, env.tokens["a"]).status_code == 201
 
 
 def test_silo_sees_only_its_jobs_and_own_member_entry(env):
@@ -330,10 +452,15 @@ def test_bad_anchor_set_is_422(env):
     assert r.status_code == 422 and "anchors:1" in r.json()["detail"] and "output" in r.json()["detail"]
     r = put(env.client, url, b'{"instruction": "q", "output": "a"}\n', "admin-secret")
     assert r.status_code == 422 and "two" in r.json()["detail"]
-    ok = b'{"instruction": "q", "output": "a"}\n{"instruction": "q2", "output": "b"}\n'
+    two = b'{"instruction": "q", "output": "a"}\n{"instruction": "q2", "output": "b"}\n'
+    r = put(env.client, url, two, "admin-secret")  # a calibrated job (the default) needs three
+    assert r.status_code == 422 and "a calibrated job needs at least three" in r.json()["detail"]
+    ok = two + b'{"instruction": "q3", "output": "c"}\n'
     assert put(env.client, url, ok, "admin-secret").status_code == 201
     assert put(env.client, url, ok, "admin-secret").status_code == 200
     assert put(env.client, url, ok + b"\n", "admin-secret").status_code == 409
+    trace = env.client.post("/v1/jobs", json=job_body(score="trace"), headers=ADMIN).json()
+    assert put(env.client, f"/v1/jobs/{trace['id']}/anchors", two, "admin-secret").status_code == 201
 
 
 def test_healthz_and_metrics(env):

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.config import AppSettings
 from app.main import create_app
-from scoring.config import LocalTrainConfig, ProjectionSpec, parameter_layout_hash, round_lr
+from scoring.config import DEFAULT_SIGNALS, LocalTrainConfig, ProjectionSpec, parameter_layout_hash, round_lr
 from scoring.io import CheckpointBundle, bundle_to_bytes, checkpoint_from_bytes, read_bundle
 from storage import repository as repo
 from tests.app.test_api import job_body, put
@@ -375,6 +375,8 @@ def test_a_finished_warmup_becomes_a_scoring_job(env):
     assert r.status_code == 201, r.text
     scoring = r.json()
     assert scoring["status"] == "draft" and scoring["checkpoints_uploaded"] == [0, 1]
+    assert (scoring["spec"]["score"], scoring["spec"]["signals"]) == ("calibrated", list(DEFAULT_SIGNALS))
+    assert scoring["spec"]["signal_checkpoint"] == 1  # the last of the two checkpoints
     assert [m["name"] for m in scoring["silos"]] == ["a", "b"]
     spec = ProjectionSpec.from_dict(scoring["spec"]["projection"])
     with env.res.sessions() as session:
@@ -408,9 +410,16 @@ def test_only_a_finished_warmup_makes_a_scoring_job(env):
     body = {"name": "s", "precondition": True, "silos": ["a", "c"], "threshold": {"kind": "top", "fraction": 0.5}}
     r = env.client.post(f"/v1/train/{warm}/scoring-job", json=body, headers=ADMIN)
     assert r.status_code == 422 and "'c'" in r.json()["detail"]
-    # preconditioned silos against the coordinator's plain anchor samples: no mean-anchor threshold
+    # preconditioned silos against the coordinator's plain anchor samples: no calibrated score (the default), and
+    # with the trace score no mean-anchor threshold
     r = env.client.post(f"/v1/train/{warm}/scoring-job", json={"name": "s", "precondition": True}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["detail"].startswith("score: 'calibrated' compares the trace scores")
+    assert "use plain gradients (no preconditioning), or score 'trace'" in r.json()["detail"]
+    body = {"name": "s", "precondition": True, "score": "trace"}
+    r = env.client.post(f"/v1/train/{warm}/scoring-job", json=body, headers=ADMIN)
     assert r.status_code == 422 and r.json()["detail"].startswith("threshold: 'mean-anchor' compares Adam-precond")
+    r = env.client.post(f"/v1/train/{warm}/scoring-job", json={"name": "s", "signals": ["x"]}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["detail"].startswith("signals: unknown signal(s) ['x']")
     r = env.client.post(f"/v1/train/{warm}/scoring-job", json={"name": "s", "projection": {"kind": "x"}}, headers=ADMIN)
     assert r.status_code == 422 and "projection" in r.json()["detail"]
     assert env.client.get("/v1/jobs", headers=ADMIN).json() == []

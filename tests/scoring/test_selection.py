@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from scoring.config import SCORE_KINDS
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ShapeMismatchError
 from scoring.selection import (
     FixedThreshold,
@@ -16,6 +17,7 @@ from scoring.selection import (
     apply_threshold,
     auroc,
     average_ranks,
+    check_score_preconditioning,
     check_threshold_preconditioning,
     format_threshold,
     keep_all,
@@ -78,6 +80,21 @@ def test_only_mean_anchor_needs_candidates_and_anchors_scored_alike(policy):
             assert ("holds no silo's Adam moments" in str(err.value)) == candidates
         else:
             check_threshold_preconditioning(policy, candidates, anchors)
+
+
+@pytest.mark.parametrize("score", SCORE_KINDS)
+def test_only_the_calibrated_score_needs_candidates_and_anchors_scored_alike(score):
+    for same in (True, False):
+        check_score_preconditioning(score, same, same)
+    for candidates, anchors in ((True, False), (False, True)):
+        if score == "calibrated":
+            with pytest.raises(ConfigError, match=r"^score: 'calibrated' compares") as err:
+                check_score_preconditioning(score, candidates, anchors)
+            assert ("of Adam-preconditioned candidate" in str(err.value)) == candidates
+            assert ("holds no silo's Adam moments" in str(err.value)) == candidates
+            assert "score 'trace'" in str(err.value)
+        else:
+            check_score_preconditioning(score, candidates, anchors)
 
 
 def test_mean_anchor_threshold_equals_manual_mean():
