@@ -130,7 +130,10 @@ class Job(Base):
 
     def spec(self) -> dict[str, Any]:
         """The scoring spec every party computes under, as the API shows it and run directories are rebuilt from;
-        each checkpoint carries the SHA-256 of its uploaded bundle (None until uploaded)."""
+        each checkpoint carries the SHA-256 of its uploaded bundle (None until uploaded).
+
+        ``score``, ``signals``, ``fusion`` and ``signal_checkpoint``: how the job scores (`scoring.config`); a job
+        stored before they existed is a pure trace job (score ``trace``, no signals)."""
         options = dict(self.options or {})
         return {
             "model": self.model,
@@ -155,6 +158,10 @@ class Job(Base):
             "threshold": self.threshold,
             "auto_score": options.get("auto_score", True),
             "warmup": options.get("warmup"),
+            "score": options.get("score", "trace"),
+            "signals": list(options.get("signals", [])),
+            "fusion": options.get("fusion"),
+            "signal_checkpoint": options.get("signal_checkpoint", len(self.checkpoints) - 1),
         }
 
 
@@ -245,6 +252,12 @@ class Score(Base):
     ``auto_selected`` unless the owner overrode it, in which case ``override_id`` names the `ScoreOverride` in force.
     ``nearest``: the anchor samples with the largest pairwise traces, ``[{"anchor_id", "trace": Σ_t η_t·sim}, ...]``
     (the API's own shape, so pages of rows are served without decoding it).
+
+    For a job that keeps them (calibrated, or asking for signals): ``signal_values``, the raw per-sample values
+    ``{"trace", "loss", "loss_uncond", "n_tokens"}`` (those the job has); for a calibrated job also ``signal_z``, the
+    calibrated z of each fused signal ``{"trace", "perplexity", ...}`` (positive: worse than a typical anchor), and
+    ``flagged_by``, the signal with the largest z. ``score`` is then the fused calibrated score and ``parts`` stay
+    the trace score's terms. None for a pure trace job.
     """
 
     __tablename__ = "scores"
@@ -265,6 +278,9 @@ class Score(Base):
     auto_selected: Mapped[bool]
     override_id: Mapped[int | None]
     nearest: Mapped[list[Any] | None] = mapped_column(JSON)
+    signal_values: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    signal_z: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    flagged_by: Mapped[str | None] = mapped_column(String(32))
 
 
 class ScorePart(Base):

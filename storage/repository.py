@@ -427,9 +427,11 @@ def _replace(
 
 def replace_scores(session: Session, *, job_id: str, rows: Iterable[dict[str, Any]]) -> int:
     """Replace all scores of a job; rows have ``owner, sample_id, row, score, parts, selected`` and optionally
-    ``nearest``. ``selected`` is the threshold's decision: the owners' overrides are put back in force over it, and
-    the job's summary is rebuilt. Returns the count."""
-    rows = [{"nearest": None, **r, "auto_selected": r["selected"], "override_id": None} for r in rows]
+    ``nearest``, ``signal_values``, ``signal_z``, ``flagged_by`` (see `Score`). ``selected`` is the threshold's
+    decision: the owners' overrides are put back in force over it, and the job's summary is rebuilt. Returns the
+    count."""
+    optional = {"nearest": None, "signal_values": None, "signal_z": None, "flagged_by": None}
+    rows = [{**optional, **r, "auto_selected": r["selected"], "override_id": None} for r in rows]
     count = _replace(session, Score, job_id, rows)
     _replace(
         session,

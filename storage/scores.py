@@ -98,13 +98,10 @@ def _ordered(stmt: Select, q: ScoreQuery) -> Select:
 
 
 def _columns(raw_json: bool) -> tuple:
-    parts, nearest = (
-        (cast(Score.parts, Text).label("parts"), cast(Score.nearest, Text).label("nearest"))
-        if raw_json
-        else (Score.parts, Score.nearest)
-    )
+    json_columns = (Score.parts, Score.nearest, Score.signal_values, Score.signal_z)
+    parts, nearest, values, z = (cast(c, Text).label(c.key) for c in json_columns) if raw_json else json_columns
     return (Score.owner, Score.sample_id, Score.row, Score.score, parts, Score.selected, Score.auto_selected,
-            Score.override_id, nearest)  # fmt: skip
+            Score.override_id, nearest, values, z, Score.flagged_by)  # fmt: skip
 
 
 def query_scores(
@@ -119,8 +116,9 @@ def query_scores(
     """``(total rows matching, the page)`` of a job's scores under ``query``.
 
     Rows are plain column tuples read like a `Score` (``.owner``, ``.sample_id``, ``.score``, ``.parts``...), not
-    tracked objects. ``raw_json``: ``parts`` and ``nearest`` come as the stored JSON text, undecoded (a server that
-    passes them on verbatim skips decoding and re-encoding them: most of the cost of a 50k-row page).
+    tracked objects. ``raw_json``: ``parts``, ``nearest``, ``signal_values`` and ``signal_z`` come as the stored JSON
+    text, undecoded (a server that passes them on verbatim skips decoding and re-encoding them: most of the cost of
+    a 50k-row page).
     """
     total = session.scalar(_filtered(select(func.count()).select_from(Score), job_id, query)) or 0
     stmt = _ordered(_filtered(select(*_columns(raw_json)), job_id, query), query).offset(offset).limit(limit)

@@ -5,6 +5,7 @@ near-duplicate clusters, and the 0004 migration of existing score rows."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -550,7 +551,7 @@ def test_migration_0004_copies_selected_into_auto_selected(tmp_path: Path):
         ).all()
         assert [tuple(r) for r in got] == [("s0", 1, 1, None, None), ("s1", 0, 0, None, None), ("s2", 1, 1, None, None)]
         assert conn.execute(text("SELECT summary FROM jobs")).scalar() is None
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004_dashboard"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005_calibrated"
     indexes = {i["name"] for i in inspect(engine).get_indexes("scores")}
     assert {"ix_scores_job_id_score", "ix_scores_job_id_owner_score"} <= indexes
 
@@ -581,3 +582,57 @@ def test_override_records_are_deleted_with_their_job(session, seeded):
     repo.delete_job(session, job_id=seeded.job_id)
     session.commit()
     assert session.scalars(select(ScoreOverride)).all() == []
+
+
+# --- migration 0005 and the calibrated columns ------------------------------------------------------------------------
+
+
+def test_migration_0005_adds_empty_signal_columns_to_existing_scores(tmp_path: Path):
+    engine = make_engine(f"sqlite:///{tmp_path}/clues.db")
+    upgrade(engine, "0004_dashboard")
+    with make_session_factory(engine)() as session:  # written through the 0004 schema, before the new columns
+        session.execute(
+            text(
+                "INSERT INTO jobs (id, name, model, lora, projection, similarity, threshold, precondition, options,"
+                " status, anchor_status, progress, message, threshold_value, created_at, updated_at) VALUES (:id,"
+                " 'old', 'tiny:0', '{}', '{}', 'cosine', '{}', 1, '{}', 'done', 'done', 1.0, '', 0.5, :now, :now)"
+            ),
+            {"id": "b" * 32, "now": "2026-01-01 00:00:00.000000"},
+        )
+        session.execute(
+            text(
+                "INSERT INTO scores (job_id, owner, sample_id, row, score, parts, selected, auto_selected)"
+                " VALUES (:job, 'alpha', 's0', 0, 0.9, '[0.9]', 1, 1)"
+            ),
+            {"job": "b" * 32},
+        )
+        session.commit()
+    upgrade(engine)
+    with make_session_factory(engine)() as session:
+        _, (row,) = store.query_scores(session, job_id="b" * 32, query=ScoreQuery())
+        assert (row.signal_values, row.signal_z, row.flagged_by) == (None, None, None)
+        _, (raw,) = store.query_scores(session, job_id="b" * 32, query=ScoreQuery(), raw_json=True)
+        assert (raw.parts, raw.signal_values, raw.signal_z) == ("[0.9]", None, None)
+        job = session.get(Job, "b" * 32)
+        assert (job.spec()["score"], job.spec()["signals"]) == ("trace", [])  # a job from before: pure trace
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0004_dashboard")
+    assert "flagged_by" not in {c["name"] for c in inspect(engine).get_columns("scores")}
+    engine.dispose()
+
+
+def test_signal_columns_are_stored_and_read_back(session):
+    job = new_job(session)
+    values = {"trace": 0.25, "loss": 1.5, "loss_uncond": 2.0, "n_tokens": 17}
+    z = {"trace": -0.5, "perplexity": 1.25, "ifd": 3.5, "pmi": 2.0}
+    rows = [
+        {"owner": "alpha", "sample_id": "s0", "row": 0, "score": -9.0, "parts": [0.1, 0.15], "selected": False,
+         "signal_values": values, "signal_z": z, "flagged_by": "ifd"},
+        {"owner": "alpha", "sample_id": "s1", "row": 1, "score": 0.5, "parts": [0.2, 0.3], "selected": True},
+    ]  # fmt: skip
+    repo.replace_scores(session, job_id=job.id, rows=rows)
+    _, page = store.query_scores(session, job_id=job.id, query=ScoreQuery())
+    assert [(r.signal_values, r.signal_z, r.flagged_by) for r in page] == [(values, z, "ifd"), (None, None, None)]
+    _, raw = store.query_scores(session, job_id=job.id, query=ScoreQuery(), raw_json=True)
+    assert json.loads(raw[0].signal_values) == values and json.loads(raw[0].signal_z) == z
+    assert [r.flagged_by for r in store.iter_scores(session, job_id=job.id, query=ScoreQuery())] == ["ifd", None]
