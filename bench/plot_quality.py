@@ -1,13 +1,14 @@
-"""Write docs/results.md and its PNG plots from the JSON results of `bench/quality.py` (one file per domain).
+"""Write docs/results.md and its PNG plots from the per-seed JSON results of `bench/quality.py`.
 
 Usage::
 
-    python bench/plot_quality.py                       # bench/results/quality-{pubmedqa,gsm8k}.json -> docs/
-                                                       # (with the reading in bench/results/quality-notes.md)
-    python bench/plot_quality.py --results R1.json R2.json --out-md docs/results.md --img-dir docs/img
+    python bench/plot_quality.py       # bench/results/quality-{pubmedqa,gsm8k}-seed*.json -> docs/results.md, docs/img/
+                                       # (with the reading in bench/results/quality-notes.md)
+    python bench/plot_quality.py --results R0.json R1.json ... --out-md docs/results.md --img-dir docs/img
 
-Only the files given (or found) are reported; a domain whose run was made with ``--no-train`` has no training
-columns. Needs matplotlib (``pip install -e '.[dev]'``).
+Results are grouped by domain; each domain's seeds are summarised by `quality.summarize_seeds` (mean and spread over
+seeds, issue 16's targets). Seeds run with ``--no-train`` have no training columns. Needs matplotlib
+(``pip install -e '.[dev]'``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import SINGLE_SIGNALS, parse_args, summarize_seeds
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = [REPO / "bench" / "results" / f"quality-{d}.json" for d in ("pubmedqa", "gsm8k")]
-DEFAULT_NOTES = REPO / "bench" / "results" / "quality-notes.md"  # the reading of the figures, kept by hand
+RESULTS = REPO / "bench" / "results"
+DEFAULT_NOTES = RESULTS / "quality-notes.md"  # the reading of the figures, kept by hand
+DOMAINS = ("pubmedqa", "gsm8k")
 TITLES = {"pubmedqa": "PubMedQA (medical)", "gsm8k": "GSM8K (math)"}
-ARM_OF = {"all": "all", "random": "random", "perplexity": "perplexity"}  # method -> training arm; ours -> "ours"
 TASK_METRIC = {"pubmedqa": ("pubmedqa_accuracy", "PubMedQA acc"), "gsm8k": ("gsm8k_exact_match", "GSM8K EM")}
+ARMS = ("all", "random", "perplexity", "trace")  # then the default
 
 
 def _f(value, spec: str = ".3f") -> str:
@@ -32,60 +37,103 @@ def _f(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def _kinds(result: dict) -> list[str]:
-    return sorted(k for k in result["data"]["noise"] if k != "clean")
+def _spread(stat: dict) -> str:
+    """``mean (min–max)``, or the value alone for one seed."""
+    if stat["mean"] is None:
+        return "–"
+    if stat["min"] == stat["max"]:
+        return _f(stat["mean"])
+    return f"{_f(stat['mean'])} ({_f(stat['min'])}–{_f(stat['max'])})"
 
 
-def _arm(method: str) -> str:
-    return "ours" if method.startswith("ours[") else ARM_OF[method]
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
-def main_table(result: dict) -> list[str]:
-    """Method | AUROC (overall, per kind) | precision at the keep rate | held-out loss | task metric."""
-    kinds, domain = _kinds(result), result["domain"]
+def seeds_table(summary: dict) -> list[str]:
+    """Method | AUROC | AUROC per kind | precision at the default's keep rate: mean over seeds (min–max)."""
+    kinds, default = summary["kinds"], summary["default"]
+    head = ["method", "AUROC", *[f"AUROC {k}" for k in kinds], "precision@keep"]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for name, s in summary["summary"].items():
+        label = f"**{name}** (default)" if name == default else name
+        by_kind = [_spread(s["by_kind"][k]) for k in kinds]
+        lines.append(_row([label, _spread(s["auroc"]), *by_kind, _spread(s["precision_at_keep"])]))
+    return lines
+
+
+def training_table(results: list[dict]) -> list[str]:
+    """Per trained seed: train samples (clean) and held-out loss / task metric of every arm."""
+    trained = [r for r in results if r.get("training")]
+    if not trained:
+        return ["No training arms were run for these seeds (`--no-train`)."]
+    domain = trained[0]["domain"]
     metric, metric_name = TASK_METRIC[domain]
-    training = result.get("training") or {}
-    head = ["method", "AUROC", *[f"AUROC {k}" for k in kinds], "precision@keep", "kept"]
-    if training:
-        head += ["train samples (clean)", "held-out loss", metric_name]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if training:
-        base = training["base"]["metrics"]
-        row = ["base model (no training)", "–", *["–"] * len(kinds), "–", "–", "0", _f(base["loss"])]
-        lines.append("| " + " | ".join([*row, _f(base.get(metric))]) + " |")
-    for method, m in result["methods"].items():
-        row = [method, _f(m["auroc"]), *[_f(m.get(f"auroc_{k}")) for k in kinds], _f(m["precision_at_keep"])]
-        row.append(str(m["kept"]))
-        if training:
-            arm = training[_arm(method)]
-            row += [f"{arm['train_samples']} ({arm.get('train_clean', '–')})", _f(arm["metrics"]["loss"])]
-            row.append(_f(arm["metrics"].get(metric)))
-        lines.append("| " + " | ".join(row) + " |")
+    arms = ["base", *ARMS, trained[0]["default"]]
+    lines = [_row(["seed", "arm", "train samples (clean)", "held-out loss", metric_name]), "|---|---|---|---|---|"]
+    for r in trained:
+        best = min(
+            (a for a in arms[1:] if a in r["training"] and a != "trace"),
+            key=lambda a: r["training"][a]["metrics"]["loss"],
+        )
+        for arm in arms:
+            t = r["training"].get(arm)
+            if t is None:
+                continue
+            loss = _f(t["metrics"]["loss"])
+            loss = f"**{loss}**" if arm == best else loss
+            samples = f"{t['train_samples']} ({t.get('train_clean', '–')})"
+            lines.append(_row([str(r["settings"]["seed"]), arm, samples, loss, _f(t["metrics"].get(metric))]))
     return lines
 
 
-def ablation_table(result: dict) -> list[str]:
-    """Every trace variant (and the perplexity per checkpoint, the hybrid): AUROC, per kind, precision@keep."""
-    kinds = _kinds(result)
-    rows = {**{k: v for k, v in result["methods"].items() if k.startswith("ours[")}, **result["detail"]}
-    head = ["variant", "AUROC", *[f"AUROC {k}" for k in kinds], "precision@keep", "kept by its own threshold"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in rows.items():
-        if name.startswith("per_checkpoint"):
+def detail_table(results: list[dict]) -> list[str]:
+    """Every trace variant and checkpoint subset: AUROC per seed."""
+    names = [k for k, v in results[0]["detail"].items() if isinstance(v, dict) and "auroc" in v]
+    lines = [_row(["variant", *[f"seed {r['settings']['seed']}" for r in results]]), "|---|" + "---|" * len(results)]
+    for name in names:
+        lines.append(_row([name, *[_f(r["detail"].get(name, {}).get("auroc")) for r in results]]))
+    per = [r["detail"].get("per_checkpoint(trace)", []) for r in results]
+    for t in range(max(map(len, per))):
+        lines.append(_row([f"trace, checkpoint {t} alone", *[_f(p[t]["auroc"]) if t < len(p) else "–" for p in per]]))
+    return lines
+
+
+def guard_tables(results: list[dict]) -> list[str]:
+    """Length guard (AUROC by response-length tercile) and, per noise kind, which signal flagged the dropped."""
+    lines = ["AUROC within response-length terciles (a score that merely sorted by length would fail here):", ""]
+    lines += [_row(["seed", "method", "short", "middle", "long"]), "|---|---|---|---|---|"]
+    for r in results:
+        for name, buckets in r["detail"]["length_buckets"].items():
+            cells = [f"{_f(b['auroc'])} ({b['tokens'][0]:.0f}–{b['tokens'][1]:.0f} tok)" for b in buckets]
+            lines.append(_row([str(r["settings"]["seed"]), name, *cells]))
+    lines += ["", "Dropped samples by the signal that flagged them (largest calibrated z), per noise kind:", ""]
+    signals = list(next(iter(results[0]["detail"]["flagged_by"].values())))
+    lines += [_row(["seed", "kind", *signals]), "|---|---|" + "---|" * len(signals)]
+    for r in results:
+        for kind, counts in r["detail"]["flagged_by"].items():
+            lines.append(_row([str(r["settings"]["seed"]), kind, *[str(counts[s]) for s in signals]]))
+    return lines
+
+
+def targets_text(summary: dict) -> str:
+    t = summary["targets"]
+    cells = []
+    for key, v in t.items():
+        if key == "all_pass":
             continue
-        own = f"{m['threshold_kept']} ({_f(m['precision_at_threshold'])} clean)" if "threshold_kept" in m else "–"
-        cells = [name, _f(m["auroc"]), *[_f(m.get(f"auroc_{k}")) for k in kinds], _f(m["precision_at_keep"]), own]
-        lines.append("| " + " | ".join(cells) + " |")
-    per = result["detail"].get("per_checkpoint(primary)", [])
-    if per:
-        steps = [c["step"] for c in result["data"]["warmup"]["checkpoints"]]
-        lines += ["", "Primary score at each checkpoint alone: " + ", ".join(
-            f"step {s}: {_f(m['auroc'])}" for s, m in zip(steps, per, strict=True)
-        ) + "."]  # fmt: skip
-    return lines
+        if "values" in v:
+            value = ", ".join(_f(x) for x in v["values"])
+        elif "default" in v:
+            value = f"{_f(v['default'])} vs {v['at']} {_f(v['best_single'])}"
+        else:
+            value = ", ".join(f"seed {s}: {a}" for s, a in v["lowest"].items())
+        cells.append(f"{key}: {value} {'✓' if v['pass'] else '✗'}")
+    verdict = "met" if t["all_pass"] else "not met"
+    return f"Issue 16's targets over these seeds: **{verdict}** — " + "; ".join(cells) + "."
 
 
-def plot(results: list[dict], img_dir: Path) -> list[Path]:
+def plot(groups: dict[str, tuple[list[dict], dict]], img_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,155 +141,63 @@ def plot(results: list[dict], img_dir: Path) -> list[Path]:
 
     img_dir.mkdir(parents=True, exist_ok=True)
     written = []
-
-    # 1. detection AUROC by method and noise kind
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
-        rows = {m: v for m, v in r["methods"].items() if v["auroc"] is not None}
-        rows["hybrid rank (ours + perplexity)"] = r["detail"]["hybrid_rank(ours, perplexity)"]
-        groups = ["overall", *_kinds(r)]
-        width = 0.8 / len(rows)
-        for i, (m, row) in enumerate(rows.items()):
-            vals = [row["auroc" if g == "overall" else f"auroc_{g}"] for g in groups]
-            label = "ours" if m.startswith("ours[") else m
-            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.2), squeeze=False)
+    for ax, (domain, (_, summary)) in zip(axes[0], groups.items(), strict=True):
+        default = summary["default"]
+        methods = ["random", *SINGLE_SIGNALS, "hybrid_rank(trace, perplexity)", default]
+        cols = ["overall", *summary["kinds"]]
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            s = summary["summary"][m]
+            stats = [s["auroc"] if c == "overall" else s["by_kind"][c] for c in cols]
+            means = [x["mean"] for x in stats]
+            err = [[x["mean"] - x["min"] for x in stats], [x["max"] - x["mean"] for x in stats]]
+            xs = [j + i * width for j in range(len(cols))]
+            ax.bar(xs, means, width, yerr=err, capsize=2, label=m.replace("(trace, perplexity)", ""))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{TITLES[r['domain']]}: detection AUROC")
-        ax.legend(fontsize=8, loc="lower right")
-    written.append(_save(fig, img_dir / "quality-auroc.png"))
-
-    # 2. AUROC against the projection dimension, per similarity and preconditioning (all checkpoints)
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
-        dims = r["settings"]["dims"]
-        rows = {**r["methods"], **r["detail"]}
-        labels = [f"k={k}" for k in dims] + ["unprojected"]
-        for sim in ("cosine", "dot"):
-            for pre in ("adam", "plain"):
-                for ckpts, style in (("all ckpts", "-"), ("last ckpt", "--")):
-                    vals = [rows.get(f"ours[{sim}, {pre}, {ckpts}, {lab}]", {}).get("auroc") for lab in labels]
-                    ax.plot(labels, vals, style, marker="o", label=f"{sim}, {pre}, {ckpts}")
-        ppl = r["methods"]["perplexity"]["auroc"]
-        ax.axhline(ppl, color="black", lw=1, ls=":", label=f"perplexity ({ppl:.3f})")
-        ax.set_ylim(0.4, 1.0)
-        ax.set_title(f"{TITLES[r['domain']]}: AUROC by projection")
+        ax.set_title(f"{TITLES[domain]}: AUROC, mean over seeds {summary['seeds']} (bars: min–max)")
         ax.legend(fontsize=7, loc="lower right")
-    written.append(_save(fig, img_dir / "quality-projection.png"))
-
-    # 3. held-out loss after training on each arm
-    trained = [r for r in results if r.get("training")]
+    written.append(_save(fig, img_dir / "quality-auroc.png"))
+    trained = {d: [r for r in rs if r.get("training")] for d, (rs, _) in groups.items()}
+    trained = {d: rs for d, rs in trained.items() if rs}
     if trained:
-        fig, axes = plt.subplots(1, len(trained), figsize=(5 * len(trained), 3.6), squeeze=False)
-        for ax, r in zip(axes[0], trained, strict=True):
-            arms = [a for a in ("all", "random", "perplexity", "ours") if a in r["training"]]
-            losses = [r["training"][a]["metrics"]["loss"] for a in arms]
-            ax.bar(arms, losses, color=["#999", "#bbb", "#7a9", "#c63"][: len(arms)])
-            base = r["training"]["base"]["metrics"]["loss"]
-            ax.axhline(base, color="black", ls="--", lw=1, label=f"base model ({base:.3f})")
-            low, high = min([*losses, base]), max([*losses, base])
-            ax.set_ylim(low - 0.2 * (high - low + 1e-3), high + 0.2 * (high - low + 1e-3))
-            ax.set_title(f"{TITLES[r['domain']]}: held-out loss (lower is better)")
+        fig, axes = plt.subplots(1, len(trained), figsize=(6 * len(trained), 3.8), squeeze=False)
+        for ax, (domain, rs) in zip(axes[0], trained.items(), strict=True):
+            arms = [a for a in (*ARMS, rs[0]["default"]) if a in rs[0]["training"]]
+            width = 0.8 / len(rs)
+            for i, r in enumerate(rs):
+                losses = [r["training"][a]["metrics"]["loss"] for a in arms]
+                ax.bar([j + i * width for j in range(len(arms))], losses, width, label=f"seed {r['settings']['seed']}")
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(arms))], arms)
+            every = [r["training"][a]["metrics"]["loss"] for r in rs for a in arms]
+            low, high = min(every), max(every)
+            ax.set_ylim(low - 0.3 * (high - low + 1e-3), high + 0.3 * (high - low + 1e-3))
+            ax.set_title(f"{TITLES[domain]}: held-out loss (lower is better)")
             ax.legend(fontsize=8)
         written.append(_save(fig, img_dir / "quality-training.png"))
     return written
 
 
 def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=110, format="png")
     tmp.replace(path)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path
 
 
-def render(results: list[dict], images: list[Path], md_path: Path, notes: str = "") -> str:
-    rel = [Path("img") / p.name if p.parent.name == "img" else p for p in images]
-    out = [
-        "# Quality results",
-        "",
-        "Generated by `bench/plot_quality.py` from `bench/results/quality-*.json` (made by `bench/quality.py`).",
-        "",
-        "Regenerate (about "
-        + " + ".join(f"{r['timing_s']['total'] / 60:.0f}" for r in results)
-        + f" minutes on {results[0]['machine']['cpus']} CPU cores):",
-        "",
-        "```bash",
-        *[f"python bench/quality.py {_argv(r)} > bench/results/quality-{r['domain']}.json" for r in results],
-        "python bench/plot_quality.py",
-        "```",
-        "",
-    ]
-    if notes:
-        out += [notes.strip(), ""]
-    for r in results:
-        d, s = r["data"], r["settings"]
-        noise = ", ".join(f"{k} {v}" for k, v in d["noise"].items())
-        warm = d["warmup"]
-        out += [
-            f"## {TITLES[r['domain']]}",
-            "",
-            f"{d['candidates']} candidates ({noise}), {d['anchors']} clean anchors, {d['held_out']} clean held-out "
-            f"items; SmolLM2-135M-Instruct, LoRA r={s.get('lora_rank', 8)} on {_targets(s)}, "
-            f"max_len {s['max_len']}. Warmup: "
-            f"{s['warmup_steps']} AdamW steps on {warm['train_samples']} candidates ({warm['train_noisy']} noisy), "
-            "checkpoints at steps "
-            f"{', '.join(str(c['step']) for c in warm['checkpoints'])}. Keep rate {r['keep_rate']:.3f} (the "
-            f"primary score's mean-anchor threshold); every ranked method keeps its top samples at that rate. "
-            f"Training arms: {s['train_epochs']:g} epoch(s) of fresh LoRA on the kept samples. Run time "
-            f"{r['timing_s']['total'] / 60:.0f} min ({r['machine']['cpus']} CPUs).",
-            "",
-            f"Primary score: `{r['primary']}`.",
-            "",
-            *main_table(r),
-            "",
-            "Every variant (ours: similarity, Adam preconditioning or plain gradients, checkpoints, projection):",
-            "",
-            *ablation_table(r),
-            "",
-        ]
-        if "targets" in r:
-            t = r["targets"]
-            verdict = "met" if t["all_pass"] else "not met"
-            cells = "; ".join(
-                f"{k}: {_f(v.get('value', v.get('trace')))}"
-                + (f" vs {_f(v['best_perplexity'])}" if "best_perplexity" in v else "")
-                + (" ✓" if v["pass"] else " ✗")
-                for k, v in t.items()
-                if k != "all_pass"
-            )
-            out += [
-                f"Issue 2's target on this run (trace AUROC ≥ 0.95 and ≥ perplexity on every kind): **{verdict}** — "
-                f"{cells}.",
-                "",
-            ]
-    out += ["## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in rel] + [""]
-    text = "\n".join(out)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md_path.with_name(f".{md_path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(md_path)
-    return text
-
-
-def _targets(settings: dict) -> str:
-    """The LoRA target modules of a run (runs from before ``--lora-targets`` adapted q_proj and v_proj)."""
-    return ", ".join(settings.get("lora_targets", ["q_proj", "v_proj"]))
-
-
 def _argv(result: dict) -> str:
-    """The command-line options of the run, as far as they differ from `bench/quality.py`'s defaults."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quality import parse_args
-
+    """The command-line options of a run, as far as they differ from `bench/quality.py`'s defaults (seed apart)."""
     defaults = vars(parse_args(["--domain", result["domain"]]))
     parts = [f"--domain {result['domain']}"]
+    skip = ("domain", "out", "data_dir", "seed", "seeds", "reuse_features", "summarize", "summary_out")
     for key, value in result["settings"].items():
-        if key in ("domain", "out", "data_dir") or defaults.get(key) == value:
+        if key in skip or defaults.get(key) == value:
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -253,9 +209,73 @@ def _argv(result: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
+def render(groups: dict[str, tuple[list[dict], dict]], images: list[Path], md_path: Path, notes: str = "") -> str:
+    rel = [Path("img") / p.name if p.parent.name == "img" else p for p in images]
+    out = [
+        "# Quality results",
+        "",
+        "Generated by `bench/plot_quality.py` from the per-seed results `bench/results/quality-<domain>-seed<N>.json`",
+        "(made by `bench/quality.py`; the three-seed summaries are `bench/results/quality-<domain>-seeds.json`).",
+        "",
+        "Regenerate:",
+        "",
+        "```bash",
+    ]
+    for domain, (results, summary) in groups.items():
+        seeds = ",".join(str(s) for s in summary["seeds"])
+        out.append(f"python bench/quality.py {_argv(results[0])} --seeds {seeds} --out bench/.work/q-{domain} \\")
+        out.append(f"    --summary-out bench/results/quality-{domain}-seeds.json")
+    out += ["python bench/plot_quality.py", "```", ""]
+    if notes:
+        out += [notes.strip(), ""]
+    for domain, (results, summary) in groups.items():
+        r0, s = results[0], results[0]["settings"]
+        d = r0["data"]
+        noise = ", ".join(f"{k} {v}" for k, v in d["noise"].items())
+        minutes = ", ".join(f"seed {r['settings']['seed']}: {r['timing_s']['total'] / 60:.0f}" for r in results)
+        out += [
+            f"## {TITLES[domain]}",
+            "",
+            f"Seeds {summary['seeds']}; each seed draws its own anchors, candidates, noise and warmup sample. "
+            f"{d['candidates']} candidates ({noise}), {d['anchors']} clean anchors, {d['held_out']} clean held-out "
+            f"items; model {s['model']}, LoRA r={s.get('lora_rank', 8)} on {', '.join(s['lora_targets'])}, "
+            f"max_len {s['max_len']}, SJLT k = {max(s['dims'])}. Warmup: {s['warmup_steps']} AdamW steps, "
+            f"checkpoints at steps {', '.join(str(c['step']) for c in d['warmup']['checkpoints'])}. Every ranked "
+            "method keeps its top samples at the default's keep rate (its mean-anchor threshold: "
+            + ", ".join(f"{r['keep_rate']:.3f}" for r in results)
+            + f"). Minutes per seed ({r0['machine']['cpus']} CPUs, training arms included where run): {minutes}.",
+            "",
+            f"Default score: `{summary['default']}`; `trace` is the pure CLUES trace (`{r0['primary']}`).",
+            "",
+            *seeds_table(summary),
+            "",
+            targets_text(summary),
+            "",
+            "### Training on the kept samples",
+            "",
+            *training_table(results),
+            "",
+            "### Guards",
+            "",
+            *guard_tables(results),
+            "",
+            "### Trace variants and checkpoint subsets (AUROC)",
+            "",
+            *detail_table(results),
+            "",
+        ]
+    out += ["## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in rel] + [""]
+    text = "\n".join(out)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = md_path.with_name(f".{md_path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(md_path)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, nargs="*", default=None, help="quality.py JSON files")
+    p.add_argument("--results", type=Path, nargs="*", default=None, help="per-seed quality.py JSON files")
     p.add_argument("--out-md", type=Path, default=REPO / "docs" / "results.md")
     p.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
     p.add_argument(
@@ -265,12 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         help="a Markdown file whose text goes under the commands (default: bench/results/quality-notes.md if present)",
     )
     args = p.parse_args(argv)
-    paths = args.results or [path for path in DEFAULT_RESULTS if path.is_file()]
+    paths = args.results or sorted(q for d in DOMAINS for q in RESULTS.glob(f"quality-{d}-seed[0-9]*.json"))
     if not paths:
         p.error("no results: run bench/quality.py first (or pass --results)")
     results = [json.loads(path.read_text()) for path in paths]
-    images = plot(results, args.img_dir)
-    render(results, images, args.out_md, args.notes.read_text() if args.notes else "")
+    by_domain: dict[str, list[dict]] = {}
+    for r in sorted(results, key=lambda r: (DOMAINS.index(r["domain"]), r["settings"]["seed"])):
+        by_domain.setdefault(r["domain"], []).append(r)
+    groups = {d: (rs, summarize_seeds(rs)) for d, rs in by_domain.items()}
+    images = plot(groups, args.img_dir)
+    render(groups, images, args.out_md, args.notes.read_text() if args.notes else "")
     print(f"wrote {args.out_md} and {', '.join(str(i) for i in images)}", file=sys.stderr)
     return 0
 

@@ -307,6 +307,8 @@ def gradient_pass(
                 if isinstance(matrix, np.memmap):
                     matrix.flush()
                     matrix = np.load(matrix.filename, mmap_mode="r")
+                else:  # float16, as silos send it (and as `Features.save` keeps it)
+                    matrix = matrix.astype(np.float16).astype(np.float32)
                 arrays[(role, pre, key)].append(matrix)
             losses[role].append(loss)
             if ckpt is checkpoints[-1]:  # the product's signal checkpoint: the last
