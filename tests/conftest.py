@@ -267,21 +267,62 @@ def tiny_data(tmp_path_factory) -> TinyData:
     return build_tiny_data(tmp_path_factory.mktemp("tiny-data"))
 
 
-def expected_scores(data: TinyData, threshold: dict | None = None):
+def expected_scores(data: TinyData, threshold: dict | None = None, score: dict | None = None):
     """What the scoring engine computes in-process for silos a and b (mean-anchor threshold by default): the
-    reference every service test compares the silos' masks with."""
+    reference every service test compares the silos' masks with. ``score``: the job spec's ``score``, ``signals``,
+    ``fusion`` and ``signal_checkpoint`` (default: the pure trace score)."""
+    return expected_calibration(data, threshold, score)[0]
+
+
+def expected_calibration(data: TinyData, threshold: dict | None = None, score: dict | None = None):
+    """``(table, candidates, anchors)``: `expected_scores`' table, and for a calibrated job the silos' and the anchor
+    samples' `scoring.calibration.CalibratedScores` (None for a trace job), computed from projection directories
+    with the engine's own functions (`scoring.steps`, `scoring.calibration`), not the worker's."""
+    import dataclasses
     import tempfile
 
+    import numpy as np
+
+    from scoring.calibration import calibrate, fused_signals
     from scoring.config import TraceConfig
+    from scoring.io import load_projection
     from scoring.selection import apply_threshold, threshold_from_dict
     from scoring.steps import ProjectOptions, project_samples, score_dirs
 
+    how = {"score": "trace", "signals": [], "fusion": None, "signal_checkpoint": None, **(score or {})}
+    calibrated = anchors = None
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for name in ("anchors", *SILOS):
             dirs[name] = Path(tmp) / name
             dirs[name].mkdir()
-            opts = ProjectOptions(batch_size=8, precondition=True)
+            opts = ProjectOptions(
+                batch_size=8,
+                precondition=True,
+                signals=tuple(how["signals"]),
+                signal_checkpoint=how["signal_checkpoint"],
+            )
             project_samples(data.run_dir, data.samples[name], dirs[name], anchor=name == "anchors", opts=opts)
         table, anchor_table = score_dirs({s: dirs[s] for s in SILOS}, dirs["anchors"], TraceConfig())
-    return apply_threshold(table, threshold_from_dict(threshold or {"kind": "mean-anchor"}), anchor_table)
+        if how["score"] == "calibrated":
+            t = how["signal_checkpoint"] if how["signal_checkpoint"] is not None else 1  # the tiny run's last
+
+            def values(name: str, ids) -> dict:
+                file = load_projection(dirs[name] / f"ckpt-{t:03d}.candidate.safetensors")
+                at = {sid: i for i, sid in enumerate(file.proj.ids)}
+                rows = [at[i] for i in ids]
+                return {"loss": file.losses[rows], **{k: v[rows] for k, v in file.signals.items()}}
+
+            per_silo = [values(s, [i for i, o in zip(table.ids, table.silos, strict=True) if o == s]) for s in SILOS]
+            cand = {k: np.concatenate([v[k] for v in per_silo]) for k in per_silo[0]}  # silos in table order
+            anch = values("anchors", anchor_table.ids)
+            calibrated, anchors = calibrate(
+                {**cand, "trace": table.scores},
+                {**anch, "trace": anchor_table.scores},
+                fused_signals(how["signals"]),
+                how["fusion"],
+            )
+            table = dataclasses.replace(table, scores=calibrated.scores)
+            anchor_table = dataclasses.replace(anchor_table, scores=anchors.scores)
+    policy = threshold_from_dict(threshold or {"kind": "mean-anchor"})
+    return apply_threshold(table, policy, anchor_table), calibrated, anchors

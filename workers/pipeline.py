@@ -5,8 +5,10 @@ tested directly. Every function is idempotent: running it twice, or again after 
 stored result (blobs are content-addressed, shard rows are keyed, scores are replaced in one transaction).
 
 - `project_anchors`: the anchor set's gradients at every checkpoint → anchor shards (owner ``__anchor__``).
-- `score_job`: every silo's shards streamed part by part against the anchor directions → scores, threshold, masks,
-  and each sample's nearest anchor samples by pairwise trace (what the dashboards show).
+- `score_job`: every silo's shards streamed part by part against the anchor directions → trace scores; for a
+  ``calibrated`` job the trace and the loss signals are calibrated against the anchor samples and fused
+  (`scoring.calibration`) → scores, threshold, masks, each sample's signal values, calibrated z and the signal that
+  flagged it, and its nearest anchor samples by pairwise trace (what the dashboards show).
 - `find_near_duplicates`: faiss over the last checkpoint's projections → near-duplicate pairs across silos, and the
   anchor nearest-neighbour index.
 """
@@ -18,17 +20,23 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from scoring.calibration import CalibratedScores, calibrate, fused_signals
 from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import DataError
-from scoring.io import checkpoint_from_bytes, map_projection, projection_from_bytes
-from scoring.selection import apply_threshold, check_threshold_preconditioning, threshold_from_dict
+from scoring.io import ProjectionFile, checkpoint_from_bytes, map_projection, projection_from_bytes
+from scoring.selection import (
+    apply_threshold,
+    check_score_preconditioning,
+    check_threshold_preconditioning,
+    threshold_from_dict,
+)
 from scoring.traces import (
     best_group,
     build_anchor_directions,
@@ -125,7 +133,7 @@ def materialise_run(res: Resources, job_id: str) -> Path:
     return dest
 
 
-def load_shard(res: Resources, shard: Shard) -> tuple[ProjectedGrads, np.ndarray | None]:
+def load_shard(res: Resources, shard: Shard) -> ProjectionFile:
     """A stored shard, checksum-verified, parsed and validated, its matrix memory-mapped.
 
     The file's SHA-256 is checked against its key first, then it is opened with `map_projection`: every field is
@@ -157,6 +165,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
         done = all(len(_anchor_shards(session, job_id, role)) == n_ckpt for role in ("anchor", "candidate"))
         anchor_set = repo.get_anchor_set(session, job_id=job_id)
         precondition = job.precondition
+        how = ScoreSpec.of(job.spec())
         if anchor_set is None:
             raise JobStateError(f"job {job_id}: no anchor set was uploaded")
         anchor_key = anchor_set.blob_key
@@ -182,7 +191,13 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
             samples,
             Path(out),
             anchor=True,
-            opts=ProjectOptions(engine=settings.engine, batch_size=settings.batch_size, precondition=precondition),
+            opts=ProjectOptions(
+                engine=settings.engine,
+                batch_size=settings.batch_size,
+                precondition=precondition,
+                signals=how.signals,
+                signal_checkpoint=how.checkpoint,
+            ),
             model_opts=ModelOptions(device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir),
             progress=(lambda d, t: progress(d / t, f"anchor gradients {d}/{t}")) if progress else None,
         )
@@ -219,11 +234,59 @@ def shards_by_part(shards: list[Shard]) -> dict[int, list[Shard]]:
     return {p: sorted(s, key=lambda s: s.checkpoint) for p, s in sorted(parts.items())}
 
 
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How a job scores (its spec's ``score``, ``signals``, ``fusion`` and ``signal_checkpoint``)."""
+
+    kind: str
+    signals: tuple[str, ...]
+    fusion: str | None
+    checkpoint: int
+
+    @classmethod
+    def of(cls, spec: dict) -> ScoreSpec:
+        return cls(spec["score"], tuple(spec["signals"]), spec["fusion"], spec["signal_checkpoint"])
+
+    @property
+    def keeps_values(self) -> bool:
+        """Whether each sample's raw values are gathered and stored (a calibrated job, or one that asks for
+        signals; the upload route made the silos send them at the signal checkpoint)."""
+        return self.kind == "calibrated" or bool(self.signals)
+
+
+def sample_values(file: ProjectionFile, how: ScoreSpec, where: str) -> dict[str, np.ndarray]:
+    """The raw per-sample values a shard of the signal checkpoint carries: ``loss`` (ℓ(y|x)) and each signal.
+
+    Raises:
+        DataError: naming the missing one (anchor projections made before the job asked for it).
+    """
+    values = {"loss": file.losses, **{name: file.signals.get(name) for name in how.signals}}
+    missing = [name for name, v in values.items() if v is None]
+    if missing:
+        raise DataError(f"{where}: the projections of checkpoint {how.checkpoint} carry no {missing}")
+    return {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}
+
+
+@dataclass
+class _Gathered:
+    """What scoring every silo's shard parts gives, in row order."""
+
+    ids: list[str]
+    silos: list[str]
+    scores: list[np.ndarray]
+    parts: list[np.ndarray]
+    nearest: list[list[dict]]
+    values: list[dict[str, np.ndarray]]
+    preconditioned: set[bool]
+
+
 def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> ScoreTable:
     """Score every member silo's shards against the anchors, apply the threshold and persist scores and masks.
 
     Shards are streamed one part at a time (T checkpoints of one part in memory), so memory is bounded by the
-    largest part, not by the number of samples.
+    largest part, not by the number of samples. A ``trace`` job's score is the trace score; a ``calibrated`` job's
+    is the fused calibrated score (`scoring.calibration.calibrate`: the candidates against the anchor samples, whose
+    own fused scores are leave-one-out), and every threshold policy applies to it unchanged.
 
     Returns:
         The silos' `ScoreTable` with the selection applied (anchor samples not included).
@@ -236,6 +299,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         members = [(m.silo.name, m.status) for m in job.members]
         config = TraceConfig(similarity=job.similarity)
         policy = threshold_from_dict(job.threshold)
+        how = ScoreSpec.of(job.spec())
     incomplete = [name for name, status in members if status != "complete"]
     if incomplete:
         raise JobStateError(f"job {job_id}: silos {incomplete} have not completed their uploads")
@@ -245,41 +309,30 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         anchor_rows = _anchor_shards(session, job_id, "anchor")
         anchor_cand_rows = _anchor_shards(session, job_id, "candidate")
         silo_parts = {name: shards_by_part(repo.list_shards(session, job_id=job_id, owner=name)) for name, _ in members}
-    anchors = [load_shard(res, s)[0] for s in anchor_rows]
-    anchor_cands = [load_shard(res, s)[0] for s in anchor_cand_rows]
-    directions = build_anchor_directions(anchors, config)
-    per_anchor = per_anchor_directions(anchors, config)
+    anchors = [load_shard(res, s).proj for s in anchor_rows]
+    anchor_files = [load_shard(res, s) for s in anchor_cand_rows]
+    anchor_cands = [f.proj for f in anchor_files]
     anchor_table = score_anchor_samples(anchor_cands, anchors, config)
-    total = sum(len(parts) for parts in silo_parts.values()) or 1
-    ids: list[str] = []
-    silos: list[str] = []
-    scores: list[np.ndarray] = [np.zeros(0)]
-    trace: list[np.ndarray] = [np.zeros((0, len(anchors)))]
-    nearest: list[list[dict]] = []
-    preconditioned: set[bool] = set()
-    blocks = [(name, part, shards) for name, parts in silo_parts.items() for part, shards in parts.items()]
-    for done, (name, part, seq) in enumerate(prefetched(res, blocks), start=1):
-        preconditioned.add(seq[0].preconditioned)
-        block_scores, block_parts, _ = best_group(trace_block(directions, seq, config, f"{name} part {part}"))
-        ids.extend(seq[0].ids)
-        silos.extend([name] * len(seq[0]))
-        scores.append(block_scores)
-        trace.append(block_parts)
-        near_ids, near_values = nearest_anchors(per_anchor, seq, config, k=NEAREST_ANCHORS)
-        for anchor_ids, values in zip(near_ids, near_values.tolist(), strict=True):
-            nearest.append([{"anchor_id": a, "trace": v} for a, v in zip(anchor_ids, values, strict=True)])
-        progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
-    if len(preconditioned) > 1:
+    got = _score_parts(res, silo_parts, anchors, config, how, progress)
+    if len(got.preconditioned) > 1:
         raise DataError("some silos sent Adam-preconditioned gradients and others did not")
-    if preconditioned:
-        check_threshold_preconditioning(policy, preconditioned.pop(), all(a.preconditioned for a in anchor_cands))
-    table = ScoreTable(ids=tuple(ids), silos=tuple(silos), scores=np.concatenate(scores), parts=np.concatenate(trace))
+    if got.preconditioned:
+        candidates_preconditioned = got.preconditioned.pop()
+        anchors_preconditioned = all(a.preconditioned for a in anchor_cands)
+        check_score_preconditioning(how.kind, candidates_preconditioned, anchors_preconditioned)
+        check_threshold_preconditioning(policy, candidates_preconditioned, anchors_preconditioned)
+    table = ScoreTable(
+        ids=tuple(got.ids), silos=tuple(got.silos), scores=np.concatenate(got.scores), parts=np.concatenate(got.parts)
+    )
+    columns: tuple[list[dict], list[dict]] = ([{}] * len(table.ids), [{}] * len(anchor_table.ids))
+    if how.keeps_values:
+        table, anchor_table, columns = _with_signals(table, got.values, anchor_table, anchor_files, how)
     table = apply_threshold(table, policy, anchor_table)
     assert table.selected is not None and table.threshold is not None
-    rows = _score_rows(table, table.selected)
-    for row, near in zip(rows, nearest, strict=True):
+    rows = _score_rows(table, table.selected, columns[0])
+    for row, near in zip(rows, got.nearest, strict=True):
         row["nearest"] = near
-    rows += _score_rows(anchor_table, anchor_table.scores >= table.threshold)
+    rows += _score_rows(anchor_table, anchor_table.scores >= table.threshold, columns[1])
     progress(0.95, "saving scores")
     with res.sessions.begin() as session:  # threshold first: replace_scores summarises against it
         repo.update_job(
@@ -296,14 +349,98 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     return table
 
 
+def _score_parts(
+    res: Resources,
+    silo_parts: dict[str, dict[int, list[Shard]]],
+    anchors: list[ProjectedGrads],
+    config: TraceConfig,
+    how: ScoreSpec,
+    progress: Progress,
+) -> _Gathered:
+    """Trace scores, per-checkpoint parts and nearest anchors of every silo's shard parts (and, when the job keeps
+    them, the raw values of its signal checkpoint's shards), in row order."""
+    directions = build_anchor_directions(anchors, config)
+    per_anchor = per_anchor_directions(anchors, config)
+    got = _Gathered([], [], [np.zeros(0)], [np.zeros((0, len(anchors)))], [], [], set())
+    blocks = [(name, part, shards) for name, parts in silo_parts.items() for part, shards in parts.items()]
+    total = len(blocks) or 1
+    for done, (name, part, files) in enumerate(prefetched(res, blocks), start=1):
+        seq = [f.proj for f in files]
+        got.preconditioned.add(seq[0].preconditioned)
+        block_scores, block_parts, _ = best_group(trace_block(directions, seq, config, f"{name} part {part}"))
+        got.ids.extend(seq[0].ids)
+        got.silos.extend([name] * len(seq[0]))
+        got.scores.append(block_scores)
+        got.parts.append(block_parts)
+        if how.keeps_values:
+            got.values.append(sample_values(files[how.checkpoint], how, f"silo {name} part {part}"))
+        near_ids, near_values = nearest_anchors(per_anchor, seq, config, k=NEAREST_ANCHORS)
+        for anchor_ids, values in zip(near_ids, near_values.tolist(), strict=True):
+            got.nearest.append([{"anchor_id": a, "trace": v} for a, v in zip(anchor_ids, values, strict=True)])
+        progress(0.05 + 0.85 * done / total, f"scored {done}/{total} shard parts")
+    return got
+
+
+def _aligned(values: dict[str, np.ndarray], ids: tuple[str, ...], order: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``values`` (rows in ``ids`` order) reordered to ``order``."""
+    position = {sid: i for i, sid in enumerate(ids)}
+    rows = [position[sid] for sid in order]
+    return {name: v[rows] for name, v in values.items()}
+
+
+def _with_signals(
+    table: ScoreTable,
+    values: list[dict[str, np.ndarray]],
+    anchor_table: ScoreTable,
+    anchor_files: list[ProjectionFile],
+    how: ScoreSpec,
+) -> tuple[ScoreTable, ScoreTable, tuple[list[dict], list[dict]]]:
+    """Each row's stored signal columns (`_signal_columns`) from the silos' ``values`` (`sample_values` of each part,
+    in row order) and the anchor samples' own; for a calibrated job also both tables with the fused calibrated
+    scores (the anchors' leave-one-out) in place of the trace scores (the parts stay the trace's terms)."""
+    names = ("loss", *how.signals)
+    cand = {k: np.concatenate([v[k] for v in values]) if values else np.zeros(0) for k in names}
+    cand["trace"] = table.scores
+    file = next(f for f in anchor_files if f.proj.checkpoint == how.checkpoint)
+    anch = _aligned(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
+    anch["trace"] = anchor_table.scores
+    if how.kind != "calibrated":
+        return table, anchor_table, (_signal_columns(cand, None), _signal_columns(anch, None))
+    assert how.fusion is not None
+    calibrated, anchors = calibrate(cand, anch, fused_signals(how.signals), how.fusion)
+    return (
+        replace(table, scores=calibrated.scores),
+        replace(anchor_table, scores=anchors.scores),
+        (_signal_columns(cand, calibrated), _signal_columns(anch, anchors)),
+    )
+
+
+def _signal_columns(values: dict[str, np.ndarray], calibrated: CalibratedScores | None) -> list[dict]:
+    """Per row: ``signal_values`` (trace, loss and the signals sent), ``signal_z`` (each fused signal's calibrated
+    z) and ``flagged_by`` (the signal with the largest z); the last two None for a trace job."""
+    names = sorted(values)
+    raw = np.stack([values[n] for n in names], axis=1) if names else np.zeros((0, 0))  # (N, V)
+    rows = []
+    flagged = calibrated.flagged_by if calibrated is not None else None
+    for i in range(raw.shape[0]):
+        row: dict = {
+            "signal_values": {n: int(raw[i, j]) if n == "n_tokens" else float(raw[i, j]) for j, n in enumerate(names)}
+        }
+        if calibrated is not None and flagged is not None:
+            row["signal_z"] = {s: float(z) for s, z in zip(calibrated.signals, calibrated.z[i], strict=True)}
+            row["flagged_by"] = flagged[i]
+        rows.append(row)
+    return rows
+
+
 def prefetched(res: Resources, blocks: list[tuple[str, int, list[Shard]]]):
-    """Yield ``(silo, part, projections)`` for each block, loading (checksum + map) the next block in a thread while
-    the caller scores this one: the SHA-256 of part p+1 runs beside the trace of part p (hashlib and numpy release
-    the GIL). At most two blocks are held."""
+    """Yield ``(silo, part, projection files)`` for each block, loading (checksum + map) the next block in a thread
+    while the caller scores this one: the SHA-256 of part p+1 runs beside the trace of part p (hashlib and numpy
+    release the GIL). At most two blocks are held."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def load(shards: list[Shard]) -> list[ProjectedGrads]:
-        return [load_shard(res, s)[0] for s in shards]
+    def load(shards: list[Shard]) -> list[ProjectionFile]:
+        return [load_shard(res, s) for s in shards]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         pending = pool.submit(load, blocks[0][2]) if blocks else None
@@ -313,8 +450,9 @@ def prefetched(res: Resources, blocks: list[tuple[str, int, list[Shard]]]):
             yield name, part, seq
 
 
-def _score_rows(table: ScoreTable, selected: np.ndarray) -> list[dict]:
-    """One storage row per sample; ``row`` keeps each silo's upload order."""
+def _score_rows(table: ScoreTable, selected: np.ndarray, columns: list[dict]) -> list[dict]:
+    """One storage row per sample (with its ``columns``: `_signal_columns`); ``row`` keeps each silo's upload
+    order."""
     rows, position = [], {}
     for i, (sid, silo) in enumerate(zip(table.ids, table.silos, strict=True)):
         row = position[silo] = position.get(silo, -1) + 1
@@ -326,6 +464,7 @@ def _score_rows(table: ScoreTable, selected: np.ndarray) -> list[dict]:
                 "score": float(table.scores[i]),
                 "parts": [float(x) for x in table.parts[i]],
                 "selected": bool(selected[i]),
+                **columns[i],
             }
         )
     return rows
@@ -364,11 +503,11 @@ def find_near_duplicates(res: Resources, job_id: str, threshold: float = NEAR_DU
         }
     groups: dict[str, tuple[list[str], np.ndarray]] = {}
     for name in names:
-        loaded = [load_shard(res, s)[0] for s in shards[name] if s.role == "candidate"]
+        loaded = [load_shard(res, s).proj for s in shards[name] if s.role == "candidate"]
         if loaded:
             groups[name] = ([i for p in loaded for i in p.ids], np.concatenate([p.matrix for p in loaded]))
     pairs = near_duplicates(groups, threshold=threshold) if len(groups) > 1 else []
-    anchor = [load_shard(res, s)[0] for s in shards[ANCHOR_OWNER] if s.role == "candidate"]
+    anchor = [load_shard(res, s).proj for s in shards[ANCHOR_OWNER] if s.role == "candidate"]
     if anchor:
         index = VectorIndex.build(
             list(anchor[0].ids), anchor[0].matrix.astype(np.float32), fingerprint=spec.fingerprint()

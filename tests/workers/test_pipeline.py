@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scoring.calibration import fused_signals
+from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS
 from scoring.data import Sample
 from scoring.errors import ConfigError
 from scoring.io import load_projection, projection_to_bytes
@@ -16,15 +18,23 @@ from scoring.steps import ProjectOptions, checkpoint_bundles, project_samples
 from scoring.types import ProjectedGrads
 from storage import repository as repo
 from storage.errors import IntegrityError
+from storage.models import ANCHOR_OWNER
 from storage.scores import ScoreQuery, query_scores
 from storage.vector_index import VectorIndex
-from tests.conftest import SILOS, TinyData, expected_scores
+from tests.conftest import SILOS, TinyData, expected_calibration, expected_scores
 from workers import pipeline
 from workers.config import WorkerSettings
 
 
-def _job(res: pipeline.Resources, data: TinyData, silo_samples: dict[str, list[Sample]], root: Path) -> str:
-    """A job in ``scoring`` whose silos uploaded their shards (parts of 4 rows), as agents would."""
+def _job(
+    res: pipeline.Resources,
+    data: TinyData,
+    silo_samples: dict[str, list[Sample]],
+    root: Path,
+    score: dict | None = None,
+) -> str:
+    """A job in ``scoring`` whose silos uploaded their shards (parts of 4 rows), as agents would. ``score``: the job's
+    score options (`app.schemas.ScoreFields.score_options`); none: a job stored before they existed (pure trace)."""
     manifest = json.loads((data.run_dir / "run.json").read_text())
     with res.sessions.begin() as session:
         for silo in silo_samples:
@@ -39,7 +49,7 @@ def _job(res: pipeline.Resources, data: TinyData, silo_samples: dict[str, list[S
             similarity="cosine",
             threshold={"kind": "mean-anchor"},
             precondition=True,
-            options={k: manifest[k] for k in ("lora_init_seed", "max_len", "template")},
+            options={**{k: manifest[k] for k in ("lora_init_seed", "max_len", "template")}, **(score or {})},
             checkpoints=[
                 {k: e[k] for k in ("index", "step", "lr", "lr_last", "adam")} for e in manifest["checkpoints"]
             ],
@@ -55,11 +65,14 @@ def _job(res: pipeline.Resources, data: TinyData, silo_samples: dict[str, list[S
     for silo, samples in silo_samples.items():
         out = root / f"proj-{silo}-{job_id}"
         out.mkdir()
-        project_samples(data.run_dir, samples, out, opts=ProjectOptions(batch_size=8, precondition=True))
+        signals = tuple((score or {}).get("signals", ()))
+        at = (score or {}).get("signal_checkpoint")
+        opts = ProjectOptions(batch_size=8, precondition=True, signals=signals, signal_checkpoint=at)
+        project_samples(data.run_dir, samples, out, opts=opts)
         with res.sessions.begin() as session:
             silo_id = repo.get_silo_by_name(session, name=silo).id
             for path in sorted(out.glob("ckpt-*.candidate.safetensors")):
-                proj, losses, _ = load_projection(path)
+                proj, losses, signals = load_projection(path)
                 for part, start in enumerate(range(0, len(proj), 4)):
                     rows = slice(start, start + 4)
                     piece = ProjectedGrads(
@@ -70,7 +83,8 @@ def _job(res: pipeline.Resources, data: TinyData, silo_samples: dict[str, list[S
                         lr=proj.lr,
                         preconditioned=proj.preconditioned,
                     )
-                    ref = res.blobs.put_bytes(projection_to_bytes(piece, losses[rows]))
+                    part_signals = {name: v[rows] for name, v in signals.items()}
+                    ref = res.blobs.put_bytes(projection_to_bytes(piece, losses[rows], part_signals))
                     repo.add_shard(
                         session,
                         job_id=job_id,
@@ -122,6 +136,89 @@ def test_scores_match_the_engine_and_a_second_run_changes_nothing(res, tiny_data
         assert job.threshold_value == pytest.approx(expected.threshold)
     pipeline.score_job(res, job_id)  # a redelivered task
     assert _rows(res, job_id) == first
+
+
+CALIBRATED = {"score": "calibrated", "signals": list(DEFAULT_SIGNALS), "fusion": DEFAULT_FUSION, "signal_checkpoint": 1}
+
+
+def _stored(res, job_id) -> dict[tuple[str, str], object]:
+    with res.sessions() as session:
+        return {(r.owner, r.sample_id): r for r in query_scores(session, job_id=job_id, query=ScoreQuery())[1]}
+
+
+def test_a_calibrated_job_scores_with_the_fused_signals_and_keeps_each_sample_s_values(res, tiny_data, tmp_path):
+    """End to end on the tiny model: the stored scores are the engine's calibrated fusion of the trace score with
+    ℓ(y|x) and ℓ(y|∅) against the anchor samples (theirs leave-one-out), the mean-anchor threshold is the mean of the
+    anchors' fused scores, and every row keeps its raw values, calibrated z and the signal that flagged it."""
+    job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path, CALIBRATED)
+    table = pipeline.score_job(res, job_id)
+    expected, cand, anch = expected_calibration(tiny_data, score=CALIBRATED)
+    trace = expected_scores(tiny_data)  # the same samples' trace scores, and their order
+    assert table.ids == expected.ids == trace.ids
+    assert np.allclose(table.scores, expected.scores, rtol=1e-6, atol=1e-9)
+    assert (table.selected == expected.selected).all() and table.threshold == pytest.approx(expected.threshold)
+    assert table.threshold == pytest.approx(float(np.mean(anch.scores)))
+    assert np.allclose(table.parts, trace.parts, rtol=1e-6, atol=1e-12)  # the parts stay the trace's terms
+    stored = _stored(res, job_id)
+    fused = list(fused_signals(CALIBRATED["signals"]))
+    assert cand.signals == tuple(fused) == ("trace", "perplexity", "ifd", "pmi")
+    for i, (silo, sid) in enumerate(zip(table.silos, table.ids, strict=True)):
+        row = stored[(silo, sid)]
+        assert row.score == pytest.approx(expected.scores[i], rel=1e-6, abs=1e-9)
+        assert sorted(row.signal_values) == ["loss", "loss_uncond", "n_tokens", "trace"]
+        assert row.signal_values["trace"] == pytest.approx(trace.scores[i], rel=1e-6, abs=1e-12)
+        assert isinstance(row.signal_values["n_tokens"], int) and row.signal_values["n_tokens"] >= 1
+        assert list(row.signal_z) == fused
+        assert [row.signal_z[s] for s in fused] == pytest.approx(list(cand.z[i]), rel=1e-6, abs=1e-6)
+        assert row.flagged_by == cand.flagged_by[i]
+        assert row.signal_values["loss"] == pytest.approx(cand.raw[i, fused.index("perplexity")], rel=1e-6)
+    anchor_rows = [r for (owner, _), r in stored.items() if owner == ANCHOR_OWNER]
+    assert len(anchor_rows) == len(tiny_data.samples["anchors"])
+    assert sorted(r.score for r in anchor_rows) == pytest.approx(sorted(anch.scores), rel=1e-6, abs=1e-9)
+    assert all(r.signal_z is not None and r.flagged_by in fused for r in anchor_rows)
+    with res.sessions() as session:  # the coordinator's anchor shards carry the signals at the signal checkpoint
+        shards = repo.list_shards(session, job_id=job_id, owner=ANCHOR_OWNER)
+    with_signals = {(s.role, s.checkpoint) for s in shards if pipeline.load_shard(res, s).signals}
+    assert with_signals == {("candidate", 1), ("anchor", 1)}
+    assert 0 < table.selected.sum() < len(table.ids)
+
+
+def test_a_trace_job_gives_the_scores_of_before(res, tiny_data, tmp_path):
+    """The trace score kind is the computation from before the calibrated score, whether its silos send signals or
+    not: the same scores, parts, threshold and masks, bit for bit; only a job that asks for signals keeps the raw
+    values (no z, nothing flagged)."""
+    samples = {s: tiny_data.samples[s] for s in SILOS}
+    old = _job(res, tiny_data, samples, tmp_path)  # stored as before: no score options
+    pure = _job(res, tiny_data, samples, tmp_path, {"score": "trace", "signals": [], "signal_checkpoint": 1})
+    asks = {"score": "trace", "signals": ["loss_uncond"], "fusion": DEFAULT_FUSION, "signal_checkpoint": 0}
+    with_signals = _job(res, tiny_data, samples, tmp_path, asks)
+    tables = [pipeline.score_job(res, job_id) for job_id in (old, pure, with_signals)]
+    expected = expected_scores(tiny_data)
+    assert np.allclose(tables[0].scores, expected.scores, rtol=1e-6, atol=1e-12)
+    assert (tables[0].selected == expected.selected).all()
+    for table in tables[1:]:
+        assert table.ids == tables[0].ids and np.array_equal(table.scores, tables[0].scores)
+        assert np.array_equal(table.parts, tables[0].parts) and np.array_equal(table.selected, tables[0].selected)
+        assert table.threshold == tables[0].threshold
+    rows = [_stored(res, job_id) for job_id in (old, pure, with_signals)]
+    assert [(r.score, r.parts, r.selected) for r in rows[0].values()] == [
+        (r.score, r.parts, r.selected) for r in rows[2].values()
+    ]
+    assert all((r.signal_values, r.signal_z, r.flagged_by) == (None, None, None) for r in rows[1].values())
+    for r in rows[2].values():
+        assert sorted(r.signal_values) == ["loss", "loss_uncond", "trace"] and r.signal_values["trace"] == r.score
+        assert (r.signal_z, r.flagged_by) == (None, None)
+
+
+def test_a_calibrated_score_needs_the_anchor_samples_scored_like_the_candidates(res, tiny_data, tmp_path, monkeypatch):
+    """The worker checks again what job creation refuses: preconditioned silos against plain anchor samples."""
+    monkeypatch.setattr(pipeline, "_run_has_moments", lambda run_dir: False)
+    job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path, CALIBRATED)
+    with res.sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, threshold={"kind": "top", "fraction": 0.5})
+    with pytest.raises(ConfigError, match="score: 'calibrated' compares the trace scores of Adam-preconditioned"):
+        pipeline.score_job(res, job_id)
+    assert _rows(res, job_id) == []
 
 
 def test_near_duplicates_across_silos_and_nearest_anchors(res, tiny_data, tmp_path):
