@@ -1,7 +1,8 @@
 """The silo's side of a scoring job as plain functions (no argparse): fetch the spec and checkpoints, project the
 local samples, upload the projection shards, mark the upload complete, wait for the scores, write this silo's mask.
 
-Only projections leave the silo (sample ids, (N, k) float16 rows and per-sample losses); the text never does.
+Only projections leave the silo (sample ids, (N, k) float16 rows and per-sample losses ℓ(y|x); for a job that asks
+for them, also ℓ(y|∅) and the response token count at one checkpoint); the text and token ids never do.
 
 `run_agent` is the whole workflow; it can be killed at any point and run again. What it keeps under
 ``work_dir/<job>/``:
@@ -316,10 +317,17 @@ def project_local(
     options: AgentOptions,
     progress: Progress | None = None,
 ) -> Path:
-    """Project ``samples`` at every checkpoint into ``proj_dir`` (built aside, then renamed into place)."""
+    """Project ``samples`` at every checkpoint into ``proj_dir`` (built aside, then renamed into place), with the
+    signals the job asks for (``spec.signals``) in the files of its signal checkpoint."""
     from scoring.steps import ModelOptions, ProjectOptions, project_samples
 
-    opts = ProjectOptions(engine=options.engine, batch_size=options.batch_size, precondition=spec["precondition"])
+    opts = ProjectOptions(
+        engine=options.engine,
+        batch_size=options.batch_size,
+        precondition=spec["precondition"],
+        signals=tuple(spec.get("signals", ())),  # a coordinator that predates the signals asks for none
+        signal_checkpoint=spec.get("signal_checkpoint"),
+    )
     tmp = Path(tempfile.mkdtemp(prefix=".proj.", dir=proj_dir.parent))
     try:
         project_samples(

@@ -33,6 +33,51 @@ def client(args: argparse.Namespace):
     return Client(url, token)
 
 
+def add_score_args(p: argparse.ArgumentParser) -> None:
+    """``--score``, ``--signals``, ``--fusion``, ``--signal-checkpoint``: how a scoring job scores (`ScoreFields`);
+    left out, the coordinator's defaults apply."""
+    from scoring.config import DEFAULT_FUSION, DEFAULT_SCORE_KIND, DEFAULT_SIGNALS, FUSIONS, SCORE_KINDS, SIGNALS
+
+    p.add_argument(
+        "--score",
+        default=None,
+        choices=SCORE_KINDS,
+        help=f"calibrated: the trace score and the loss signals, each standardised against the anchor samples and "
+        f"fused; trace: the pure CLUES trace score (default {DEFAULT_SCORE_KIND})",
+    )
+    p.add_argument(
+        "--signals",
+        default=None,
+        metavar="NAMES",
+        help=f"per-sample signals each silo sends besides ids, projections and losses, comma-separated among "
+        f"{','.join(SIGNALS)}; '' for none (default: {','.join(DEFAULT_SIGNALS)} for calibrated, none for trace)",
+    )
+    p.add_argument(
+        "--fusion", default=None, choices=FUSIONS, help=f"how calibrated signals combine (default {DEFAULT_FUSION})"
+    )
+    p.add_argument(
+        "--signal-checkpoint",
+        type=int,
+        default=None,
+        metavar="T",
+        help="the checkpoint at which silos compute the signals (default: the last)",
+    )
+
+
+def score_fields(args: argparse.Namespace) -> dict:
+    """The `ScoreFields` of a job body from `add_score_args`' options (those given only)."""
+    from clues.cli import parse_signals
+    from scoring.errors import ScoringError
+
+    try:
+        signals = None if args.signals is None else list(parse_signals(args.signals))
+    except ScoringError as exc:
+        raise CliError(str(exc)) from None
+    if args.signal_checkpoint is not None and args.signal_checkpoint < 0:
+        raise CliError(f"--signal-checkpoint: must be a checkpoint index >= 0, got {args.signal_checkpoint}")
+    return _given(score=args.score, signals=signals, fusion=args.fusion, signal_checkpoint=args.signal_checkpoint)
+
+
 def job_spec_from_run(
     run_dir: Path,
     *,
@@ -42,8 +87,9 @@ def job_spec_from_run(
     similarity: str,
     threshold: dict,
     auto_score: bool,
+    score: dict | None = None,
 ) -> dict:
-    """A `JobCreate` body from a warmup run directory's ``run.json``."""
+    """A `JobCreate` body from a warmup run directory's ``run.json`` (``score``: `score_fields`, if any)."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise CliError(f"--run: {run_dir} has no run.json (make one with 'clues warmup')")
@@ -64,6 +110,7 @@ def job_spec_from_run(
         "similarity": similarity,
         "threshold": threshold,
         "auto_score": auto_score,
+        **(score or {}),
     }
 
 
@@ -111,6 +158,7 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         similarity=args.similarity,
         threshold=threshold_to_dict(parse_threshold(args.threshold)),
         auto_score=not args.no_auto_score,
+        score=score_fields(args),
     )
     with client(args) as api:
         job = create_job_from_run(api, Path(args.run), Path(args.anchors), spec, open_job=not args.no_open)
@@ -276,11 +324,19 @@ def cmd_job_from_warmup(args: argparse.Namespace) -> int:
         raise CliError("--open: needs --anchors FILE (a job opens once its anchor set is uploaded)")
     if args.anchors is not None and not Path(args.anchors).is_file():
         raise CliError(f"--anchors: no such file {args.anchors}")
+    from scoring.config import DEFAULT_SCORE_KIND
     from scoring.errors import ConfigError
-    from scoring.selection import check_threshold_preconditioning, parse_threshold, threshold_to_dict
+    from scoring.selection import (
+        check_score_preconditioning,
+        check_threshold_preconditioning,
+        parse_threshold,
+        threshold_to_dict,
+    )
 
     policy = parse_threshold(args.threshold)
+    score = score_fields(args)
     try:  # the coordinator holds no silo's warmup moments, so its anchor samples are scored plain
+        check_score_preconditioning(score.get("score", DEFAULT_SCORE_KIND), args.precondition, False)
         check_threshold_preconditioning(policy, args.precondition, False)
     except ConfigError as exc:
         raise CliError(f"--{exc} (--precondition)") from None
@@ -289,6 +345,7 @@ def cmd_job_from_warmup(args: argparse.Namespace) -> int:
         "projection": {"kind": "sjlt", "dim": args.proj_dim, "seed": args.proj_seed, "nnz": 4},
         "precondition": args.precondition,
         "threshold": threshold_to_dict(policy),
+        **score,
     }
     with client(args) as api:
         job = api.scoring_job_from_warmup(args.train_job, body)
@@ -328,6 +385,7 @@ def add_parser(sub) -> None:
     q.add_argument("--similarity", default="cosine", choices=("cosine", "dot"))
     q.add_argument("--threshold", default="mean-anchor", help="mean-anchor | top:0.3 | fixed:0.01")
     q.add_argument("--no-precondition", action="store_true", help="silos project plain gradients (no Adam)")
+    add_score_args(q)
     q.add_argument("--no-auto-score", action="store_true", help="wait for 'job-score' instead of starting by itself")
     q.add_argument("--no-open", action="store_true", help="leave the job in draft")
     _common(q)
@@ -387,7 +445,7 @@ def add_parser(sub) -> None:
         "--precondition",
         action="store_true",
         help="each silo preconditions with the Adam moments of its own warmup training (it must run the agent "
-        "with the --work-dir it trained with); needs a top:Q or fixed:V --threshold",
+        "with the --work-dir it trained with); needs --score trace and a top:Q or fixed:V --threshold",
     )
     q.add_argument(
         "--threshold",
@@ -395,6 +453,7 @@ def add_parser(sub) -> None:
         help="mean-anchor | top:0.3 | fixed:0.01 (mean-anchor only without --precondition: the coordinator scores "
         "its anchor samples with plain gradients)",
     )
+    add_score_args(q)
     q.add_argument("--anchors", default=None, help="the anchor set to upload: JSON/JSONL samples")
     q.add_argument("--open", action="store_true", help="open the job (needs --anchors)")
     _common(q)
