@@ -80,7 +80,9 @@ def test_progress_reports_every_stage(scored):
 
 
 def test_masks_equal_the_in_process_computation(world, scored):
-    expected = expected_scores(world.data, world.admin.job(scored.job_id)["spec"]["threshold"])
+    spec = world.admin.job(scored.job_id)["spec"]
+    assert spec["score"] == "calibrated"  # the default: the calibrated fusion, not the trace score alone
+    expected = expected_scores(world.data, spec["threshold"], spec)
     want = dict(zip(expected.ids, zip(expected.scores, expected.parts, expected.selected, strict=True), strict=True))
     for silo in ("a", "b"):
         result = scored.results[silo][-1]

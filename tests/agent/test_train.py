@@ -176,6 +176,7 @@ def test_warmup_moments_precondition_the_scoring_job(world, tmp_path):
         "name": "from-warm",
         "projection": {"kind": "sjlt", "dim": 64, "seed": 0, "nnz": 4},
         "precondition": True,
+        "score": "trace",  # the calibrated score compares with the coordinator's plain anchor samples
         "threshold": {"kind": "top", "fraction": 0.5},
     }
     job = world.admin.scoring_job_from_warmup(warm_id, body)
@@ -239,7 +240,13 @@ def _check_export(out: Path, final: Path) -> None:
         (["train", "--mode", "warmup", "--silos", "a", "--fraction", "2"], "clues train: error: --fraction:"),
         (["train", "--mode", "warmup", "--silos", "a", "--checkpoint-rounds", "x"], "--checkpoint-rounds: expected"),
         (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--open"], "--open: needs --anchors"),
-        (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--precondition"], "--threshold: 'mean-anchor' comp"),
+        (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--precondition"], "--score: 'calibrated' compares"),
+        (
+            ["admin", "job-from-warmup", "0" * 32, "--name", "n", "--precondition", "--score", "trace"],
+            "--threshold: 'mean-anchor' comp",
+        ),
+        (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--signals", "ppl"], "--signals: expected distinct"),
+        (["admin", "job-from-warmup", "0" * 32, "--name", "n", "--signal-checkpoint", "-2"], "--signal-checkpoint:"),
         (["agent", "train", "--job", "0" * 32, "--data", "d", "--poll-interval", "0"], "--poll-interval: must be"),
     ],
 )
