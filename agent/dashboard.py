@@ -4,7 +4,9 @@ with the silo's local text, so the owner sees what was dropped and why, and can 
     /ui/login, /ui/logout        the silo's token typed once becomes a signed HttpOnly, SameSite=Strict cookie
     /ui/jobs                     the scoring jobs this silo is in, with live progress and errors
     /ui/jobs/{id}                the silo's histogram with the threshold, kept and overridden counts, and the sample
-                                 table (scores, per-checkpoint terms, text previews, nearest anchors, Override)
+                                 table (scores, per-checkpoint terms, a calibrated job's signal values and calibrated
+                                 z and, for a dropped sample, the signal that flagged it in words, text previews,
+                                 nearest anchors, Override)
     /api/jobs[/{id}[/summary]]   the coordinator's answers, fetched with the silo's token
     /api/jobs/{id}/samples       score rows joined with the local text, filtered, sorted and paged here
     /api/jobs/{id}/overrides     the audit log (GET); keep/drop/auto with a reason (POST, sent to the coordinator)
@@ -36,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.client import Client, CoordinatorError
 from agent.samples import SORT_PATTERN, LocalText, RowCache, SampleQuery, query_rows
+from scoring.calibration import fused_signals
 from storage.repository import hash_token
 from webui import (
     PREFIX,
@@ -48,6 +51,7 @@ from webui import (
     plotly_js,
     safe_next,
     same_origin,
+    signal_columns,
     template_environment,
 )
 
@@ -222,7 +226,18 @@ def jobs_page(request: Request, dash: DashDep, _: PageAuth) -> Response:
 def job_page(job_id: JobId, request: Request, dash: DashDep, _: PageAuth) -> Response:
     silo = dash.learn_name()
     job = dash.client.job(job_id)
-    return dash.render(request, "job.html", job=job, charts=job["status"] == "done", silo=silo)
+    spec = {"score": "trace", "signals": [], **job["spec"]}  # a coordinator that predates the score settings
+    values, fused = signal_columns(spec, fused_signals(spec["signals"]))
+    job["spec"] = spec
+    return dash.render(
+        request,
+        "job.html",
+        job=job,
+        charts=job["status"] == "done",
+        silo=silo,
+        signal_values=values,
+        signal_fused=fused,
+    )
 
 
 @ui.get("/static/plotly.min.js")

@@ -194,12 +194,24 @@ class NearestAnchor(BaseModel):
 class ScoreRow(BaseModel):
     silo: str
     sample_id: str
-    score: float
-    parts: list[float] = Field(description="η_t·sim at each checkpoint t; they sum to score")
+    score: float = Field(
+        description="the job's score: the trace score, or the fused calibrated score (higher = better)"
+    )
+    parts: list[float] = Field(description="η_t·sim at each checkpoint t; they sum to the trace score")
     selected: bool = Field(description="the decision in force: the threshold's, unless the owner overrode it")
     auto_selected: bool = Field(description="the threshold's own decision")
     override: OverrideInfo | None = Field(description="the owner's override in force, if any")
     nearest_anchors: list[NearestAnchor] | None = Field(description="the anchor samples with the largest traces")
+    values: dict[str, float] | None = Field(
+        description="the sample's raw values: trace (the trace score), loss (ℓ(y|x)), loss_uncond (ℓ(y|∅)), n_tokens "
+        "(response tokens), those the job has; null for a pure trace job"
+    )
+    z: dict[str, float] | None = Field(
+        description="calibrated z of each fused signal (trace, perplexity, ifd, pmi): robust standard deviations "
+        "worse than a typical anchor sample (positive = worse); null unless the job is calibrated"
+    )
+    flagged_by: str | None = Field(description="the fused signal with the largest z: what argues most against it")
+    flag_reason: str | None = Field(description="what flagged_by means, in words")
 
 
 class ScoresPublic(BaseModel):

@@ -4,7 +4,8 @@
     /ui/jobs                  scoring and training jobs with live progress and their errors
     /ui/jobs/{id}             one scoring job: histograms with the threshold, anchor scores, kept fractions,
                               per-checkpoint terms, near-duplicate clusters, the sample table (server-side paging,
-                              CSV export) and the override audit log
+                              CSV export; a calibrated job's signal values, calibrated z and, for a dropped sample,
+                              the signal that flagged it, in words) and the override audit log
     /ui/train/{id}            one training job: rounds, training curve, evaluation results
 
 The admin sees every silo (ids and scores: the coordinator never holds text); a silo that logs in here sees only
@@ -26,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from app.deps import Principal, SessionDep, StateDep, principal_for_token, principal_from_cookie
 from app.routes.jobs import JobId, _job_for, _public
 from app.routes.train import TrainId, _train_for, _train_public
+from scoring.calibration import fused_signals
 from storage import repository as repo
 from webui import (
     COOKIE_NAME,
@@ -35,6 +37,7 @@ from webui import (
     page_context,
     plotly_js,
     safe_next,
+    signal_columns,
     template_environment,
 )
 
@@ -132,7 +135,17 @@ def job_page(job_id: JobId, request: Request, state: StateDep, session: SessionD
         for t in repo.list_train_jobs(session, silo_id=None if principal.is_admin else principal.silo.id)
         if t.scoring_job_id == job_id or (t.settings.get("selection") or {}).get("scoring_job") == job_id
     ]
-    return _render(request, "job.html", principal, job=job, charts=True, trainings=trainings)
+    values, fused = signal_columns(job.spec, fused_signals(job.spec["signals"]))
+    return _render(
+        request,
+        "job.html",
+        principal,
+        job=job,
+        charts=True,
+        trainings=trainings,
+        signal_values=values,
+        signal_fused=fused,
+    )
 
 
 @router.get("/train/{job_id}", response_class=HTMLResponse)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import Session
 
+from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS
 from storage import repository as repo
 from storage.models import ANCHOR_OWNER
 
@@ -33,10 +34,13 @@ def seed_scored_job(
     seed: int = 0,
     name: str = "seeded",
     sample_ids: dict[str, list[str]] | None = None,
+    calibrated: bool = False,
 ) -> SeededJob:
     """Create the silos (if missing), a ``done`` job over them and its scores: a noisy fraction of each silo scores
     low, the threshold is the mean anchor score, each sample names its 3 nearest anchors, and ``duplicates`` pairs
-    of samples across the first two silos are near-duplicates. Commits."""
+    of samples across the first two silos are near-duplicates. ``calibrated``: a calibrated job (the default signals
+    and fusion), whose scores are `scoring.calibration.calibrate`'s fusion of the trace score with losses that are
+    higher for the noisy samples, each row keeping its raw values, z and flagging signal. Commits."""
     rng = np.random.default_rng(seed)
     sizes = per_silo if isinstance(per_silo, tuple) else (per_silo,) * len(silos)
     tokens = {}
@@ -53,7 +57,7 @@ def seed_scored_job(
         similarity="cosine",
         threshold={"kind": "mean-anchor"},
         precondition=True,
-        options={"max_len": 512},
+        options={"max_len": 512, **(CALIBRATED if calibrated else {})},
         checkpoints=[
             {"index": t, "step": 10 * (t + 1), "lr": lr[t], "lr_last": lr[t], "adam": {}} for t in range(checkpoints)
         ],
@@ -73,17 +77,21 @@ def seed_scored_job(
         return {"owner": owner, "sample_id": sample_id, "row": i, "score": score, "parts": terms.tolist(),
                 "selected": score >= threshold, **extra}  # fmt: skip
 
-    rows, ids_by_silo = [], {}
+    rows, ids_by_silo, clean_by_silo = [], {}, []
     for s, n, rate in zip(silos, sizes, noise * len(silos), strict=False):
         ids = (sample_ids or {}).get(s) or [f"{s}-{i:06d}" for i in range(n)]
         ids_by_silo[s] = ids
-        p = parts(rng.random(len(ids)) >= rate)
+        clean = rng.random(len(ids)) >= rate
+        clean_by_silo.append(clean)
+        p = parts(clean)
         nearest = rng.integers(0, anchors, size=(len(ids), 3))
         for i, sid in enumerate(ids):
             score = float(p[i].sum())
             near = [{"anchor_id": anchor_ids[a], "trace": score / (k + 1)} for k, a in enumerate(nearest[i])]
             rows.append(row(s, sid, i, p[i], nearest=near))
     rows += [row(ANCHOR_OWNER, aid, i, anchor_parts[i]) for i, aid in enumerate(anchor_ids)]
+    if calibrated:
+        threshold = _calibrate(rows, np.concatenate([*clean_by_silo, np.ones(anchors, dtype=bool)]), rng)
     for s in silos:
         m = repo.get_member(session, job_id=job.id, silo_id=repo.get_silo_by_name(session, name=s).id)
         m.status, m.num_samples = "complete", len(ids_by_silo[s])
@@ -117,6 +125,40 @@ def seed_scored_job(
     )
     session.commit()
     return SeededJob(job.id, tokens, threshold, ids_by_silo, anchor_ids)
+
+
+CALIBRATED = {"score": "calibrated", "signals": list(DEFAULT_SIGNALS), "fusion": DEFAULT_FUSION}
+
+
+def _calibrate(rows: list[dict], clean: np.ndarray, rng: np.random.Generator) -> float:
+    """Give ``rows`` (the silos' then the anchors') a calibrated job's columns, in place: losses that are higher
+    for the noisy samples, their fused calibrated score against the anchor rows (`scoring.calibration.calibrate`),
+    the threshold's decision; returns the mean-anchor threshold."""
+    from scoring.calibration import calibrate, fused_signals
+
+    n = len(rows)
+    values = {
+        "trace": np.array([r["score"] for r in rows]),
+        "loss": np.where(clean, 1.2, 2.0) + 0.2 * rng.standard_normal(n),
+        "loss_uncond": np.where(clean, 2.4, 2.1) + 0.2 * rng.standard_normal(n),
+        "n_tokens": rng.integers(5, 200, n).astype(np.float64),
+    }
+    anchor = np.array([r["owner"] == ANCHOR_OWNER for r in rows])
+    cand, anch = calibrate(
+        {k: v[~anchor] for k, v in values.items()},
+        {k: v[anchor] for k, v in values.items()},
+        fused_signals(DEFAULT_SIGNALS),
+        DEFAULT_FUSION,
+    )
+    threshold = float(anch.scores.mean())
+    for side, cal in ((np.flatnonzero(~anchor), cand), (np.flatnonzero(anchor), anch)):
+        for j, i in enumerate(side):
+            rows[i]["score"] = float(cal.scores[j])
+            rows[i]["selected"] = rows[i]["score"] >= threshold
+            rows[i]["signal_values"] = {k: int(v[i]) if k == "n_tokens" else float(v[i]) for k, v in values.items()}
+            rows[i]["signal_z"] = {s: float(z) for s, z in zip(cal.signals, cal.z[j], strict=True)}
+            rows[i]["flagged_by"] = cal.flagged_by[j]
+    return threshold
 
 
 def seed_training_job(

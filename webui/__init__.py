@@ -17,6 +17,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def page_context(brand: str, who: str | None, status: int, **extra: object) -> d
         "status_code": status,
         **extra,
     }
+
+
+def signal_columns(spec: dict, fused: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(raw values, fused signals)``: the extra columns of a scoring job's sample table and CSV export. Raw values
+    (the trace score, ℓ(y|x) and each signal the job asks for) when the job keeps them (calibrated, or asking for
+    signals); the fused signals whose calibrated z it stores (``fused``:
+    `scoring.calibration.fused_signals` of its signals) when it is calibrated. A pure trace job has neither."""
+    calibrated = spec.get("score") == "calibrated"
+    signals = list(spec.get("signals") or [])
+    return (["trace", "loss", *signals] if calibrated or signals else []), (list(fused) if calibrated else [])
 
 
 def safe_next(target: str | None) -> str:

@@ -34,9 +34,11 @@ from app.schemas import (
     ScoresPublic,
     ScoreSummary,
 )
+from scoring.calibration import EXPLANATIONS, fused_signals
 from storage import repository as repo
 from storage import scores as score_store
 from storage.models import ANCHOR_OWNER, Job, ScoreOverride
+from webui import signal_columns
 
 router = APIRouter(prefix="/v1/jobs", tags=["scores"])
 
@@ -146,7 +148,9 @@ def _row_json(r: Row, overrides: dict[int, ScoreOverride]) -> str:
     return (
         f'{{"silo":{json.dumps(r.owner)},"sample_id":{json.dumps(r.sample_id)},"score":{float(r.score)!r},'
         f'"parts":{r.parts},"selected":{_JSON_BOOL[r.selected]},"auto_selected":{_JSON_BOOL[r.auto_selected]},'
-        f'"override":{override},"nearest_anchors":{r.nearest or "null"}}}'
+        f'"override":{override},"nearest_anchors":{r.nearest or "null"},"values":{r.signal_values or "null"},'
+        f'"z":{r.signal_z or "null"},"flagged_by":{json.dumps(r.flagged_by)},'
+        f'"flag_reason":{json.dumps(EXPLANATIONS.get(r.flagged_by))}}}'
     )
 
 
@@ -189,17 +193,21 @@ def export_scores_csv(
     filters: Filters,
 ) -> StreamingResponse:
     """The rows `get_scores` would return (same filters and order, no paging) as CSV: silo, sample_id, score,
-    part_0..part_{T-1}, selected, auto_selected, override (decision) and override_reason, nearest (anchor ids)."""
+    part_0..part_{T-1}, selected, auto_selected, override (decision) and override_reason, nearest (anchor ids); then,
+    for a job that keeps them, each raw value (trace, loss, and the signals the job asks for), and for a calibrated
+    job each fused signal's z (``z_<signal>``), flagged_by and flag_reason (in words)."""
     job = _scored(session, job_id, principal)
     query = filters.query(job, principal)
     T = len(job.checkpoints)
+    values, fused = signal_columns(job.spec(), fused_signals(job.spec()["signals"]))
 
     def lines() -> Iterator[str]:
         buf = io.StringIO()
         out = csv.writer(buf)
         parts = [f"part_{t}" for t in range(T)]
         tail = ["selected", "auto_selected", "override", "override_reason", "nearest"]
-        out.writerow(["silo", "sample_id", "score", *parts, *tail])
+        flags = ["flagged_by", "flag_reason"] if fused else []
+        out.writerow(["silo", "sample_id", "score", *parts, *tail, *values, *(f"z_{s}" for s in fused), *flags])
         with state.sessions() as db:  # the request's session is closed before a streamed body is sent
             rows = score_store.iter_scores(db, job_id=job_id, query=query)
             while batch := [r for _, r in zip(range(2000), rows, strict=False)]:
@@ -208,14 +216,19 @@ def export_scores_csv(
                     o = overrides.get(r.override_id) if r.override_id is not None else None
                     decision, reason = (o.decision, o.reason) if o else ("", "")
                     nearest = ";".join(a["anchor_id"] for a in r.nearest or [])
-                    values = [repr(p) for p in r.parts]
+                    terms = [repr(p) for p in r.parts]
                     decided = [int(r.selected), int(r.auto_selected), decision, _cell(reason), _cell(nearest)]
-                    out.writerow([r.owner, _cell(r.sample_id), repr(r.score), *values, *decided])
+                    out.writerow([r.owner, _cell(r.sample_id), repr(r.score), *terms, *decided, *_signal_cells(r)])
                 yield buf.getvalue()
                 buf.seek(0)
                 buf.truncate()
         if buf.tell():
             yield buf.getvalue()
+
+    def _signal_cells(r: Row) -> list[str]:
+        got, z = r.signal_values or {}, r.signal_z or {}
+        cells = [repr(got[n]) if n in got else "" for n in values] + [repr(z[s]) if s in z else "" for s in fused]
+        return cells + ([r.flagged_by or "", EXPLANATIONS.get(r.flagged_by, "")] if fused else [])
 
     name = f"clues-{job_id}-scores.csv"
     return StreamingResponse(

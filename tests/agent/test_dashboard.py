@@ -17,6 +17,8 @@ from fastapi.testclient import TestClient
 from agent.cli import main
 from agent.dashboard import create_dashboard
 from agent.samples import JobRows, SampleQuery, query_rows
+from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.config import DEFAULT_SIGNALS
 from tests.app.test_api import job_body
 from tests.conftest import serve_coordinator
 from tests.seed import seed_scored_job
@@ -48,6 +50,11 @@ def world(tmp_path_factory):
             )
         with sessions() as session:
             other = seed_scored_job(session, silos=("beta",), per_silo=5, name="beta-only", duplicates=0)
+        with sessions() as session:
+            calibrated = seed_scored_job(
+                session, silos=("alpha",), per_silo=N, sample_ids={"alpha": IDS}, name="calibrated", seed=2,
+                duplicates=0, calibrated=True,
+            )  # fmt: skip
         data = root / "alpha.jsonl"
         lines = [record(i) for i in range(N) if IDS[i] not in NOT_LOCAL]
         lines.append({"id": "alpha-unscored", "instruction": "Never scored.", "output": "Nothing."})
@@ -56,6 +63,7 @@ def world(tmp_path_factory):
             "coord": coord,
             "job": main_job,
             "other": other.job_id,
+            "calibrated": calibrated.job_id,
             "token": main_job.tokens["alpha"],
             "data": data,
             "root": root,
@@ -227,6 +235,23 @@ def test_samples_join_the_local_text(world, dash):
     row = rows[IDS[0]]
     assert {"silo", "score", "parts", "selected", "auto_selected", "override", "nearest_anchors"} <= set(row)
     assert row["silo"] == "alpha" and len(row["parts"]) == 2 and len(row["nearest_anchors"]) == 3
+
+
+def test_a_calibrated_job_shows_each_signal_and_why_a_sample_was_dropped(world, dash):
+    """The page declares the signal columns (raw values, then each fused signal's z, and the flagging signal in
+    words for a dropped sample); the joined rows carry what the coordinator sent for them beside the local text."""
+    job_id = world["calibrated"]
+    page = dash.get(f"/ui/jobs/{job_id}").text
+    values, fused = ["trace", "loss", *DEFAULT_SIGNALS], list(fused_signals(DEFAULT_SIGNALS))
+    assert f"clues.signalColumns({json.dumps(values)}, {json.dumps(fused)})" in page
+    assert 'id="score-kind">calibrated (' in page
+    rows = samples(dash, job_id, limit=1000)["rows"]
+    assert len(rows) == N and all(sorted(r["z"]) == sorted(fused) for r in rows)
+    dropped = [r for r in rows if not r["auto_selected"]]
+    assert dropped and all(r["flag_reason"] == EXPLANATIONS[r["flagged_by"]] for r in dropped)
+    assert rows[3]["instruction"] == "Describe the Zebra crossing number 3."
+    plain = dash.get(f"/ui/jobs/{world['job'].job_id}").text  # a trace job: no signal columns
+    assert "clues.signalColumns([], [])" in plain and 'id="score-kind">trace<' in plain
 
 
 def test_samples_search_filter_sort_and_page(world, dash):

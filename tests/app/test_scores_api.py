@@ -14,8 +14,11 @@ from fastapi.testclient import TestClient
 
 from app.config import AppSettings
 from app.main import create_app
+from app.schemas import ScoresPublic
+from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.config import DEFAULT_SIGNALS
 from storage import repository as repo
-from storage.models import ANCHOR_OWNER, Job
+from storage.models import ANCHOR_OWNER, Job, Score
 from tests.seed import SeededJob, seed_scored_job
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -470,3 +473,52 @@ def test_a_silo_learns_its_own_name(env):
     assert me.status_code == 200 and me.json()["name"] == "silo2"
     assert env.client.get("/v1/silos/me", headers=ADMIN).status_code == 403
     assert env.client.get("/v1/silos/me").status_code == 401
+
+
+# --- a calibrated job's signal columns -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def calibrated(tmp_path):
+    app = create_app(AppSettings(data_dir=tmp_path, admin_token="admin-secret"), enqueue=lambda *a, **k: None)
+    with TestClient(app) as client:
+        with app.state.clues.sessions() as session:
+            job = seed_scored_job(session, per_silo=tuple(SIZES.values()), anchors=ANCHORS, seed=5, calibrated=True)
+        yield Env(app, client, job)
+
+
+def test_a_calibrated_job_s_rows_carry_values_z_and_the_flagging_signal_in_words(calibrated, env):
+    rows = all_rows(calibrated)
+    fused = list(fused_signals(DEFAULT_SIGNALS))
+    with calibrated.sessions() as session:
+        stored = {(s.owner, s.sample_id): s for s in session.query(Score).filter_by(job_id=calibrated.job.job_id)}
+    for row in rows:
+        s = stored[(row["silo"], row["sample_id"])]
+        assert row["values"] == s.signal_values and row["z"] == s.signal_z and row["flagged_by"] == s.flagged_by
+        assert sorted(row["values"]) == sorted(["trace", "loss", *DEFAULT_SIGNALS]) and list(row["z"]) == fused
+        assert row["flagged_by"] == max(fused, key=lambda name: row["z"][name])
+        assert row["flag_reason"] == EXPLANATIONS[row["flagged_by"]]
+        assert math.isclose(row["values"]["trace"], sum(row["parts"]), rel_tol=1e-12)  # the parts stay the trace's
+    dropped = [r for r in rows if not r["auto_selected"] and r["silo"] != ANCHOR_OWNER]
+    assert dropped and {r["flagged_by"] for r in dropped} <= set(fused)
+    ScoresPublic.model_validate(calibrated.client.get(calibrated.url("/scores"), headers=ADMIN).json())
+    trace = all_rows(env)  # a pure trace job: none of it
+    assert all((r["values"], r["z"], r["flagged_by"], r["flag_reason"]) == (None, None, None, None) for r in trace)
+    mine = calibrated.client.get(calibrated.url("/scores"), headers=calibrated.silo("silo2")).json()["rows"]
+    assert {r["silo"] for r in mine} == {"silo2"} and all(r["z"] is not None for r in mine)
+
+
+def test_a_calibrated_job_s_csv_has_the_same_signal_columns(calibrated):
+    fused = list(fused_signals(DEFAULT_SIGNALS))
+    values = ["trace", "loss", *DEFAULT_SIGNALS]
+    params = {"kept": "false", "sort": "score"}
+    header, rows = read_csv(calibrated.client.get(calibrated.url("/scores.csv"), params=params, headers=ADMIN).text)
+    extra = [*values, *(f"z_{s}" for s in fused), "flagged_by", "flag_reason"]
+    assert header[-len(extra) :] == extra and len(header) == 10 + len(extra)
+    json_rows = calibrated.client.get(calibrated.url("/scores"), params=params, headers=ADMIN).json()["rows"]
+    assert_csv_matches([row[:10] for row in rows], json_rows)
+    for got, want in zip(rows, json_rows, strict=True):
+        cells = dict(zip(header, got, strict=True))
+        assert [float(cells[v]) for v in values] == [want["values"][v] for v in values]  # exact round trip
+        assert [float(cells[f"z_{s}"]) for s in fused] == [want["z"][s] for s in fused]
+        assert (cells["flagged_by"], cells["flag_reason"]) == (want["flagged_by"], want["flag_reason"])

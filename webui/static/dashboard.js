@@ -37,7 +37,7 @@ const clues = (() => {
   const COLORS = ["#2f5bd3", "#e07b39", "#1b9e77", "#9467bd", "#d62728", "#8c564b", "#17becf", "#bcbd22"];
 
   // Overlaid histograms on shared bin edges, the threshold drawn as a dashed vertical line.
-  function histogram(el, edges, series, threshold, title) {
+  function histogram(el, edges, series, threshold, title, xtitle = "trace score") {
     const centers = edges.slice(0, -1).map((e, i) => (e + edges[i + 1]) / 2);
     const width = edges.length > 1 ? edges[1] - edges[0] : 1;
     const traces = series.map((s, i) => ({
@@ -52,17 +52,17 @@ const clues = (() => {
     }
     Plotly.newPlot(el, traces, {
       barmode: "overlay", title: { text: title, font: { size: 14 } }, shapes, annotations, margin: MARGIN,
-      xaxis: { title: { text: "trace score" }, range: [edges[0], edges[edges.length - 1]] }, yaxis: { title: { text: "samples" } }, legend: { orientation: "h", y: -0.25 },
+      xaxis: { title: { text: xtitle }, range: [edges[0], edges[edges.length - 1]] }, yaxis: { title: { text: "samples" } }, legend: { orientation: "h", y: -0.25 },
     }, CHART);
     el.dataset.threshold = threshold ?? "";
     el.dataset.rendered = "histogram";
   }
 
-  function boxes(el, groups, threshold, title) {
+  function boxes(el, groups, threshold, title, ytitle = "trace score") {
     const traces = groups.map((g, i) => ({ type: "box", name: g.name, y: g.values, boxpoints: "outliers", marker: { color: COLORS[i % COLORS.length] } }));
     const shapes = threshold === null || threshold === undefined ? [] :
       [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: threshold, y1: threshold, line: { color: "#c2332b", width: 2, dash: "dash" } }];
-    Plotly.newPlot(el, traces, { title: { text: title, font: { size: 14 } }, shapes, margin: MARGIN, showlegend: false, yaxis: { title: { text: "trace score" } } }, CHART);
+    Plotly.newPlot(el, traces, { title: { text: title, font: { size: 14 } }, shapes, margin: MARGIN, showlegend: false, yaxis: { title: { text: ytitle } } }, CHART);
     el.dataset.rendered = "box";
   }
 
@@ -186,6 +186,25 @@ const clues = (() => {
   const partColumns = (T) =>
     Array.from({ length: T }, (_, t) => ({ label: `t${t}`, sort: `part:${t}`, cls: "num", render: (r) => num(r.parts[t]) }));
 
+  // The signal columns of a job that keeps them (`webui.signal_columns`): `data` (each raw value, then each fused
+  // signal's calibrated z, positive = worse than a typical anchor sample) and `why` (for a sample the threshold
+  // dropped, the signal that flagged it, in words). Empty for a pure trace job.
+  const VALUE_LABELS = { trace: "trace", loss: "ℓ(y|x)", loss_uncond: "ℓ(y|∅)", n_tokens: "tokens" };
+  function signalColumns(values, fused) {
+    const value = (r, name) => (r.values && r.values[name] !== undefined ? r.values[name] : null);
+    const data = [
+      ...values.map((name) => ({ label: VALUE_LABELS[name] || name, cls: `num value value-${name}`,
+        render: (r) => (name === "n_tokens" ? esc(value(r, name) ?? "–") : num(value(r, name))) })),
+      ...fused.map((name) => ({ label: `z ${name}`, cls: `num z z-${name}`,
+        render: (r) => { const z = r.z ? r.z[name] : null; return z === null || z === undefined ? "–" :
+          `<span class="${z >= 2 ? "z-high" : ""}">${num(z, 3)}</span>`; } })),
+    ];
+    const why = fused.length ? [{ label: "Why dropped", cls: "why small", render: (r) => (!r.auto_selected && r.flagged_by
+      ? `<span class="flag" title="${esc(r.flagged_by)}: z = ${num(r.z && r.z[r.flagged_by], 3)}">${esc(r.flag_reason)}</span> <span class="muted">(${esc(r.flagged_by)})</span>`
+      : "") }] : [];
+    return { data, why };
+  }
+
   // Live progress of the job rows on a list page: rows carry data-job / data-kind, cells .status/.progress/.message/.error.
   function liveJobs(kind, url, ms = 2000) {
     poll(url, ms, (jobs) => {
@@ -205,5 +224,5 @@ const clues = (() => {
     });
   }
 
-  return { esc, num, pct, getJSON, postJSON, histogram, boxes, bars, lines, table, poll, followJob, partColumns, liveJobs, COLORS };
+  return { esc, num, pct, getJSON, postJSON, histogram, boxes, bars, lines, table, poll, followJob, partColumns, signalColumns, liveJobs, COLORS };
 })();
