@@ -11,7 +11,9 @@ Every party talks REST to the coordinator, as in a deployment:
   ``clues agent dashboard`` process.
 
 Phases: federated warmup (its rounds become the scoring checkpoints) → each silo projects its per-sample gradients and
-uploads them → the coordinator's worker projects the anchors, scores every sample and sets the mean-anchor threshold
+uploads them (with ℓ(y|∅) and the response lengths at the last checkpoint) → the coordinator's worker projects the
+anchors, scores every sample (the calibrated score: the trace and loss signals against the anchors, fused) and sets
+the mean-anchor threshold
 → each silo receives its mask → three federated training jobs, on all data, on a random subset of the selected size,
 and on the selected samples → the coordinator evaluates each final adapter on the held-out set (loss, PubMedQA
 accuracy). The summary compares them; the dashboards (the coordinator's and each silo's) stay up until Ctrl-C.
@@ -413,8 +415,9 @@ class Demo:
 
 
 def silo_rows(split: Split, scores: list[dict], work: dict[str, Path], job_id: str) -> list[dict]:
-    """Per silo: samples, noisy, kept, noisy kept, detection AUROC of the trace score (and of the silo's own
-    perplexity at the first checkpoint, read from its local projection files, when they are there)."""
+    """Per silo: samples, noisy, kept, noisy kept, detection AUROC of the job's score (calibrated by default) and of
+    the trace score alone (and of the silo's own perplexity at the first checkpoint, read from its local projection
+    files, when they are there)."""
     by_id = {(r["silo"], r["sample_id"]): r for r in scores}
     rows = []
     for name, samples in split.silos.items():
@@ -428,7 +431,8 @@ def silo_rows(split: Split, scores: list[dict], work: dict[str, Path], job_id: s
                 "noisy": int((~clean).sum()),
                 "kept": int(kept.sum()),
                 "noisy_kept": int((kept & ~clean).sum()),
-                "auroc_trace": auroc(np.array([r["score"] for r in got]), clean),
+                "auroc_score": auroc(np.array([r["score"] for r in got]), clean),
+                "auroc_trace": auroc(np.array([(r.get("values") or {}).get("trace", r["score"]) for r in got]), clean),
                 "auroc_perplexity": _perplexity_auroc(work[name] / job_id, samples, clean),
             }
         )
@@ -471,12 +475,16 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def print_summary(summary: dict) -> None:
     print("\nSilos (detection of the injected noise; AUROC 1.0 = every clean sample outscores every noisy one)")
-    print(f"{'silo':<8}{'samples':>8}{'noisy':>7}{'kept':>6}{'noisy kept':>12}{'AUROC trace':>13}{'AUROC ppl':>11}")
+    print(
+        f"{'silo':<8}{'samples':>8}{'noisy':>7}{'kept':>6}{'noisy kept':>12}{'AUROC score':>13}{'AUROC trace':>13}"
+        f"{'AUROC ppl':>11}"
+    )
     for r in summary["silos"]:
         print(
             f"{r['silo']:<8}{r['samples']:>8}{r['noisy']:>7}{r['kept']:>6}{r['noisy_kept']:>12}"
-            f"{_fmt(r['auroc_trace']):>13}{_fmt(r['auroc_perplexity']):>11}"
+            f"{_fmt(r['auroc_score']):>13}{_fmt(r['auroc_trace']):>13}{_fmt(r['auroc_perplexity']):>11}"
         )
+    print(f"score: {summary.get('score', 'trace')} (AUROC score: the job's score, which selects)")
     print(f"threshold (mean anchor score): {summary['threshold']:.4g}")
     n = summary["models"][0]["pubmedqa_n"] if summary["models"] else 0
     print(f"\nModel (federated LoRA training, evaluated on {n} clean held-out PubMedQA items)")
@@ -557,6 +565,7 @@ def run_phases(demo: Demo, split: Split) -> dict:
         "size": asdict(demo.size),
         "model": demo.args.model,
         "threshold": answer["threshold"],
+        "score": scoring["spec"]["score"],
         "silos": silo_rows(split, answer["rows"], work, scoring["id"]),
         "models": model_rows(trained),
         "jobs": {"warmup": warm["id"], "scoring": scoring["id"], **{a: j["id"] for a, j in trained.items()}},

@@ -88,6 +88,7 @@ def test_quick_demo_end_to_end_serves_dashboards_until_sigint(tmp_path: Path):
             (20, 2), (20, 6), (20, 9)
         ]  # fmt: skip
         assert all(0.0 <= row["auroc_trace"] <= 1.0 and 0 <= row["kept"] <= 20 for row in silos.values())
+        assert summary["score"] == "calibrated" and all(0.0 <= row["auroc_score"] <= 1.0 for row in silos.values())
         arms = {row["arm"]: row for row in summary["models"]}
         assert list(arms) == ["all", "random", "selected"]
         kept = sum(row["kept"] for row in silos.values())

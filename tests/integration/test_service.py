@@ -2,7 +2,8 @@
 real PostgreSQL), two silo agents with the tiny model over HTTP; the whole round trip from the CLI, embedded and on
 Redis + PostgreSQL; and a worker killed with SIGKILL while it scores.
 
-Every test compares the masks the silos receive with what the scoring engine computes in-process on the same data.
+Every test compares the masks the silos receive with what the scoring engine computes in-process on the same data,
+for the default score kind (calibrated: the trace and the loss signals against the anchor samples).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pytest
 from agent.client import Client
 from agent.loop import AgentOptions, run_agent
 from clues.admin import create_job_from_run, job_spec_from_run
-from tests.conftest import SILOS, TinyData, expected_scores
+from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.config import DEFAULT_SIGNALS
+from tests.conftest import SILOS, TinyData, expected_calibration, expected_scores
 from tests.integration.conftest import Service, each_silo
 
 pytestmark = pytest.mark.integration
@@ -51,8 +54,10 @@ def _read_scores(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
 
 
-def _assert_matches_engine(world: TinyData, written: dict[str, dict[str, dict]]) -> None:
-    table = expected_scores(world)
+def _assert_matches_engine(world: TinyData, written: dict[str, dict[str, dict]], spec: dict) -> None:
+    """The silos' written scores and masks are the engine's for the job's score kind (the calibrated default)."""
+    assert spec["score"] == "calibrated" and spec["signals"] == list(DEFAULT_SIGNALS)
+    table = expected_scores(world, spec["threshold"], spec)
     for silo in SILOS:
         for sid, score, keep in zip(table.ids, table.scores, table.selected, strict=True):
             if sid in written[silo]:
@@ -87,14 +92,33 @@ def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, data
     tokens: dict[str, str] = {}
     job_id = _create_job(tiny_data, service, tokens)
     written = _run_agents(tiny_data, tokens, service, job_id, tmp_path)
-    _assert_matches_engine(tiny_data, written)
     with Client(service.url, service.admin_token) as admin:
         job = admin.job(job_id)
+        _assert_matches_engine(tiny_data, written, job["spec"])
         assert job["status"] == "done" and job["anchor_status"] == "done"
         scores = admin.scores(job_id)
         owners = {r["silo"] for r in scores["rows"]}
         assert owners == {*SILOS, "__anchor__"}
+        _assert_signal_columns(tiny_data, job["spec"], scores["rows"])
+        csv = admin.http.get(f"/v1/jobs/{job_id}/scores.csv")
+        assert csv.status_code == 200 and csv.text.splitlines()[0].endswith(",flagged_by,flag_reason")
     assert service.api_log_has('"event": "request"')
+
+
+def _assert_signal_columns(world: TinyData, spec: dict, rows: list[dict]) -> None:
+    """Every row (the anchor samples' too) carries its raw values, each fused signal's z as the engine computes
+    them, and the signal that flagged it, in words."""
+    table, cand, anch = expected_calibration(world, spec["threshold"], spec)
+    fused = list(fused_signals(spec["signals"]))
+    by_id = {(r["silo"], r["sample_id"]): r for r in rows}
+    for i, key in enumerate(zip(table.silos, table.ids, strict=True)):
+        row = by_id[key]
+        assert sorted(row["values"]) == sorted(["trace", "loss", *spec["signals"]]) and list(row["z"]) == fused
+        assert [row["z"][s] for s in fused] == pytest.approx(list(cand.z[i]), rel=1e-5, abs=1e-5)
+        assert row["flagged_by"] == cand.flagged_by[i] and row["flag_reason"] == EXPLANATIONS[row["flagged_by"]]
+    anchors = [r for r in rows if r["silo"] == "__anchor__"]
+    assert sorted(r["score"] for r in anchors) == pytest.approx(sorted(anch.scores), rel=1e-5, abs=1e-9)
+    assert all(r["z"] is not None and r["flagged_by"] in fused for r in anchors)
 
 
 @pytest.mark.parametrize("servers", ["embedded", "redis+postgresql"])
@@ -149,7 +173,8 @@ def test_round_trip_from_the_cli(tiny_data, tmp_path, request, servers):
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err
         written = {silo: _read_scores(tmp_path / silo / f"{silo}.scores.jsonl") for silo in SILOS}
-        _assert_matches_engine(tiny_data, written)
+        spec = json.loads(clues("admin", "job-show", job_id))["spec"]
+        _assert_matches_engine(tiny_data, written, spec)
         embedded_files = (data_dir / "broker.sqlite").is_file() and (data_dir / "clues.db").is_file()
         assert embedded_files == (servers == "embedded")
     finally:
@@ -190,5 +215,5 @@ def test_a_worker_killed_while_scoring_is_replaced(tiny_data, service_factory, t
         job = admin.job(job_id)
         assert job["status"] == "done", job
         assert len(admin.scores(job_id)["rows"]) == sum(len(tiny_data.samples[s]) for s in (*SILOS, "anchors"))
-    _assert_matches_engine(tiny_data, written)
+        _assert_matches_engine(tiny_data, written, job["spec"])
     assert np.isfinite([r["score"] for rows in written.values() for r in rows.values()]).all()

@@ -68,6 +68,7 @@ def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyDat
                 "name": "score",
                 "projection": {"kind": "sjlt", "dim": 256, "seed": 3},
                 "precondition": True,
+                "score": "trace",  # the calibrated score would compare with the coordinator's plain anchor samples
                 # the tiny model's close scores order differently from run to run (the top half split 3/6 to 9/0
                 # between the silos): the top 75 % of 2 × 9 samples (13 or more) leaves each silo at least 4 whatever
                 # the order, for the training step below
