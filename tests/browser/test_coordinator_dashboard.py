@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS
 from storage import repository as repo
 from tests.browser.conftest import screenshot
 from tests.conftest import Coordinator, serve_coordinator
@@ -18,11 +20,12 @@ from tests.seed import SeededJob, seed_scored_job, seed_training_job
 pytestmark = pytest.mark.integration
 
 ADMIN = "admin-secret"
+FUSED = list(fused_signals(DEFAULT_SIGNALS))
 
 
 class Env:
-    def __init__(self, coordinator: Coordinator, job: SeededJob, train_id: str) -> None:
-        self.coordinator, self.job, self.train_id = coordinator, job, train_id
+    def __init__(self, coordinator: Coordinator, job: SeededJob, train_id: str, calibrated: SeededJob) -> None:
+        self.coordinator, self.job, self.train_id, self.calibrated = coordinator, job, train_id, calibrated
         self.url = coordinator.url
         self.api = httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
 
@@ -41,7 +44,8 @@ def env(tmp_path_factory) -> Iterator[Env]:
         with coordinator.app.state.clues.sessions() as session:
             job = seed_scored_job(session, per_silo=(120, 90, 150), checkpoints=3, name="pubmedqa noisy silos")
             train_id = seed_training_job(session, scoring_job_id=job.job_id)
-        yield Env(coordinator, job, train_id)
+            calibrated = seed_scored_job(session, per_silo=(40, 30, 50), name="calibrated", seed=3, calibrated=True)
+        yield Env(coordinator, job, train_id, calibrated)
 
 
 def login(page, url: str, token: str, path: str = "/ui/jobs") -> None:
@@ -185,6 +189,35 @@ def test_sample_table_sorts_filters_and_pages_on_the_server(env: Env, page) -> N
     second = env.scores(sort="part:1", order="desc", limit=50, offset=50)["rows"]
     assert ids(page) == [r["sample_id"] for r in second]
     screenshot(page, "coordinator-table")
+
+
+def test_a_calibrated_job_shows_each_signal_and_why_samples_were_dropped(env: Env, page) -> None:
+    """The sample table of a calibrated job: each raw value, each fused signal's calibrated z (sortable pages
+    unchanged), and for a sample the threshold dropped the signal that flagged it, in words; the CSV link carries
+    the filters and the charts name the calibrated score."""
+    job_id = env.calibrated.job_id
+    login(page, env.url, ADMIN, f"/ui/jobs/{job_id}")
+    settled(page)
+    assert page.locator("#score-kind").inner_text() == f"calibrated ({DEFAULT_FUSION}: {', '.join(FUSED)})"
+    headers = page.locator("#sample-table thead th").all_inner_texts()
+    for label in ("trace", "ℓ(y|x)", "ℓ(y|∅)", "tokens", *(f"z {s}" for s in FUSED), "Why dropped"):
+        assert any(h.strip() == label for h in headers), (label, headers)
+    page.wait_for_selector(".chart.hist[data-rendered]")
+    assert "calibrated score" in page.locator(".chart.hist").first.inner_text()
+    page.select_option("select[name=silo]", "silo3")
+    settled(page)
+    page.select_option("select[name=kept]", "false")
+    settled(page)
+    api = env.api.get(f"/v1/jobs/{job_id}/scores", params={"silo": "silo3", "kept": "false", "sort": "score",
+                                                           "order": "desc", "limit": 50}).json()  # fmt: skip
+    assert api["total"] > 0 and page.locator("#samples").get_attribute("data-total") == str(api["total"])
+    for tr, row in zip(page.locator("#sample-table tbody tr").all(), api["rows"], strict=True):
+        assert tr.get_attribute("data-id") == row["sample_id"]
+        assert float(tr.locator("td.value-loss").inner_text()) == pytest.approx(row["values"]["loss"], rel=1e-3)
+        assert float(tr.locator("td.z-pmi").inner_text()) == pytest.approx(row["z"]["pmi"], rel=5e-3, abs=5e-3)
+        assert tr.locator("td.why").inner_text() == f"{EXPLANATIONS[row['flagged_by']]} ({row['flagged_by']})"
+    assert "kept=false" in page.locator("#csv-link").get_attribute("href")
+    screenshot(page, "coordinator-job-calibrated")
 
 
 def test_training_page_shows_curves_and_results(env: Env, page) -> None:

@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from agent.dashboard import create_dashboard
+from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.config import DEFAULT_SIGNALS
 from scoring.data import load_pubmedqa, write_samples
 from tests.browser.conftest import screenshot
 from tests.browser.test_coordinator_dashboard import login as coordinator_login
@@ -49,6 +51,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
                 noise=(0.4, 0.4),
                 duplicates=1,
                 name="pubmedqa",
+                calibrated=True,  # the default score kind
             )
             other = seed_scored_job(session, silos=("silo2", "silo3"), per_silo=5, name="not silo1's")
         data = root / "silo1.jsonl"
@@ -106,6 +109,30 @@ def test_scores_beside_the_silos_own_text_and_search(env: Env, page) -> None:
     assert target.id in found
     assert all(word.lower() in (by_id[i].prompt[-1][1] + by_id[i].response).lower() for i in found)
     screenshot(page, "silo-job-search")
+
+
+def test_each_signal_and_why_a_dropped_sample_was_dropped(env: Env, page) -> None:
+    """The calibrated job's table shows each raw value and each fused signal's z, as the coordinator sent them, and
+    for every sample the threshold dropped, the signal that flagged it in words."""
+    login(page, env, env.job.tokens["silo1"], f"/ui/jobs/{env.job.job_id}")
+    settled(page)
+    assert page.locator("#score-kind").inner_text().startswith("calibrated (")
+    headers = page.locator("#sample-table thead th").all_inner_texts()
+    fused = list(fused_signals(DEFAULT_SIGNALS))
+    for label in ("trace", "ℓ(y|x)", "ℓ(y|∅)", "tokens", *(f"z {s}" for s in fused), "Why dropped"):
+        assert any(h.strip() == label for h in headers), (label, headers)
+    with httpx.Client(
+        base_url=env.coordinator.url, headers={"Authorization": f"Bearer {env.job.tokens['silo1']}"}
+    ) as c:
+        rows = {r["sample_id"]: r for r in c.get(f"/v1/jobs/{env.job.job_id}/scores").json()["rows"]}
+    for tr in page.locator("#sample-table tbody tr").all():
+        row = rows[tr.get_attribute("data-id")]
+        assert tr.locator("td.value-n_tokens").inner_text() == str(row["values"]["n_tokens"])
+        assert float(tr.locator("td.z-ifd").inner_text()) == pytest.approx(row["z"]["ifd"], rel=5e-3, abs=5e-3)
+        why = tr.locator("td.why").inner_text()
+        assert why == ("" if row["auto_selected"] else f"{EXPLANATIONS[row['flagged_by']]} ({row['flagged_by']})")
+    assert any(not r["auto_selected"] for r in rows.values())
+    screenshot(page, "silo-job-signals")
 
 
 def test_an_override_round_trips_to_the_coordinator(env: Env, page, browser) -> None:
