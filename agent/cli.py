@@ -1,7 +1,8 @@
 """``clues agent ...``: the silo's commands; parsing and printing only (the work is in `agent.loop`).
 
-    clues agent run     take part in a scoring job: project the local samples, upload the projections (never the
-                        text), wait for the scores and write this silo's mask next to the data file
+    clues agent run     take part in a scoring job: project the local samples, upload the projections and the
+                        per-sample losses the job asks for (never the text), wait for the scores and write this
+                        silo's mask next to the data file
     clues agent train   take part in a training job: train every round locally from the global adapter, upload
                         the adapter (never the text or the Adam moments), download the final adapter
     clues agent dashboard
@@ -269,14 +270,16 @@ def add_parser(sub) -> None:
     agent = sub.add_parser(
         "agent",
         help="the silo agent: take part in a coordinator's scoring or training job, or see this silo's scores",
-        description="The silo side of federated scoring and training jobs. Only projections (scoring) or adapters "
-        "(training) leave the silo, never text.",
+        description="The silo side of federated scoring and training jobs. Only projections and per-sample losses "
+        "(scoring) or adapters (training) leave the silo, never text.",
     )
     commands = agent.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
     p = commands.add_parser(
         "run",
         help="project local samples, upload the projections, wait for and write this silo's mask",
-        description="Download the job's spec and checkpoints, compute the projected gradients of the local samples, "
+        description="Download the job's spec and checkpoints, compute the projected gradients of the local samples "
+        "and their response losses (for a calibrated job also, at its signal checkpoint, the loss after an empty "
+        "prompt and the response length), "
         "upload them as shards (resuming: shards the coordinator holds are not sent again), mark the upload "
         "complete, wait until the job is scored and write <data stem>.scores.jsonl (id, score, parts, selected) "
         "and <data stem>.selected.jsonl (the selected samples) next to --data (or in --out-dir). Safe to run again "
