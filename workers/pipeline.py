@@ -32,6 +32,7 @@ from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import DataError
 from scoring.io import ProjectionFile, checkpoint_from_bytes, map_projection, projection_from_bytes
 from scoring.selection import (
+    ThresholdPolicy,
     apply_threshold,
     check_score_preconditioning,
     check_threshold_preconditioning,
@@ -201,23 +202,28 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
             model_opts=ModelOptions(device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir),
             progress=(lambda d, t: progress(d / t, f"anchor gradients {d}/{t}")) if progress else None,
         )
-        with res.sessions.begin() as session:
-            for path in files:
-                data = path.read_bytes()
-                proj = projection_from_bytes(data, where=str(path)).proj
-                ref = res.blobs.put_bytes(data)
-                repo.add_shard(
-                    session,
-                    job_id=job_id,
-                    owner=ANCHOR_OWNER,
-                    checkpoint=proj.checkpoint,
-                    part=0,
-                    role=proj.role,
-                    sample_ids=list(proj.ids),
-                    blob_key=ref.key,
-                    size_bytes=ref.size,
-                )
-            repo.update_job(session, job_id=job_id, anchor_status="done")
+        _store_anchor_files(res, job_id, files)
+
+
+def _store_anchor_files(res: Resources, job_id: str, files: list[Path]) -> None:
+    """Store the anchor projection files as the job's anchor shards (owner ``__anchor__``) and mark them done."""
+    with res.sessions.begin() as session:
+        for path in files:
+            data = path.read_bytes()
+            proj = projection_from_bytes(data, where=str(path)).proj
+            ref = res.blobs.put_bytes(data)
+            repo.add_shard(
+                session,
+                job_id=job_id,
+                owner=ANCHOR_OWNER,
+                checkpoint=proj.checkpoint,
+                part=0,
+                role=proj.role,
+                sample_ids=list(proj.ids),
+                blob_key=ref.key,
+                size_bytes=ref.size,
+            )
+        repo.update_job(session, job_id=job_id, anchor_status="done")
 
 
 def _run_has_moments(run_dir: Path) -> bool:
@@ -314,13 +320,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     anchor_cands = [f.proj for f in anchor_files]
     anchor_table = score_anchor_samples(anchor_cands, anchors, config)
     got = _score_parts(res, silo_parts, anchors, config, how, progress)
-    if len(got.preconditioned) > 1:
-        raise DataError("some silos sent Adam-preconditioned gradients and others did not")
-    if got.preconditioned:
-        candidates_preconditioned = got.preconditioned.pop()
-        anchors_preconditioned = all(a.preconditioned for a in anchor_cands)
-        check_score_preconditioning(how.kind, candidates_preconditioned, anchors_preconditioned)
-        check_threshold_preconditioning(policy, candidates_preconditioned, anchors_preconditioned)
+    _check_scored_alike(got.preconditioned, all(a.preconditioned for a in anchor_cands), how, policy)
     table = ScoreTable(
         ids=tuple(got.ids), silos=tuple(got.silos), scores=np.concatenate(got.scores), parts=np.concatenate(got.parts)
     )
@@ -347,6 +347,16 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         )
         repo.replace_scores(session, job_id=job_id, rows=rows)
     return table
+
+
+def _check_scored_alike(candidates: set[bool], anchors: bool, how: ScoreSpec, policy: ThresholdPolicy) -> None:
+    """Refuse silos that differ in Adam preconditioning, and a calibrated score or a mean-anchor threshold when the
+    candidates (``candidates``: the set of the silos' flags) and the anchor samples were not scored alike."""
+    if len(candidates) > 1:
+        raise DataError("some silos sent Adam-preconditioned gradients and others did not")
+    for preconditioned in candidates:
+        check_score_preconditioning(how.kind, preconditioned, anchors)
+        check_threshold_preconditioning(policy, preconditioned, anchors)
 
 
 def _score_parts(
