@@ -320,6 +320,8 @@ class Bench:
             "projection": self.spec.to_dict(),
             "checkpoints": [{"index": 0, "step": 1, "lr": LR, "lr_last": LR, "adam": {}}],
             "precondition": True,
+            "score": "trace",  # the synthetic shards carry no losses or signals: the pure CLUES protocol
+            "signals": [],
         }
         r = self.client.post("/v1/jobs", json=job, headers=admin)
         r.raise_for_status()

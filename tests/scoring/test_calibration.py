@@ -162,8 +162,13 @@ def test_fused_signals_follow_what_the_silos_send():
 
 def test_check_score_settings_names_the_field():
     check_score_settings("calibrated", ["loss_uncond"], "fisher")
-    for args, field in ((("nope", [], "fisher"), "score"), (("trace", ["x"], "fisher"), "signals"),
-                        (("trace", ["n_tokens", "n_tokens"], "max"), "signals"), (("trace", [], "sum"), "fusion")):  # fmt: skip
+    bad = [
+        (("nope", [], "fisher"), "score"),
+        (("trace", ["x"], "fisher"), "signals"),
+        (("trace", ["n_tokens", "n_tokens"], "max"), "signals"),
+        (("trace", [], "sum"), "fusion"),
+    ]
+    for args, field in bad:
         with pytest.raises(ConfigError, match=field):
             check_score_settings(*args)
 

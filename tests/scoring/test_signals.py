@@ -27,7 +27,7 @@ def response_tokens(item):
 
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_unconditional_samples_keep_exactly_the_response_tokens(template):
-    model, tok = tiny_lora_model()
+    _, tok = tiny_lora_model()
     cond = tokenize_samples(SAMPLES, tok, 64, template=template)
     uncond = unconditional_samples(SAMPLES, cond, tok, template=template)
     assert [u.id for u in uncond] == [c.id for c in cond]
