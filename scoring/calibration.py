@@ -10,16 +10,16 @@ Each signal s gives every sample a *badness* b_s (higher = more likely a bad tra
 The trusted anchor set is the reference. Each badness is standardised against the anchors' own values with a
 robust centre and scale, z_s = (b_s − median_anchors) / (1.4826 · MAD_anchors), so a z of 3 means "as unusual
 as three standard deviations of clean data" whatever the signal's units. Every signal is one-sided: only the
-direction that means bad counts (p_s = Φ̄(z_s), the upper-tail normal p-value; an unusually good value has p near
-1 and adds nothing). The anchors themselves are scored leave-one-out: anchor j is standardised against the other
+direction that means bad counts (p_s = Φ̄(max(z_s, 0)), the upper-tail normal p-value of the bad direction alone:
+a typical or unusually good value has p_s = 1/2 and adds nothing). The anchors themselves are scored leave-one-out: anchor j is standardised against the other
 anchors only (and its trace score is already leave-one-out, `scoring.traces.score_anchor_samples`), so the anchor
 scores that set a threshold are not compared with themselves.
 
 Fusion (`FUSIONS`), both monotone in every one-sided p-value, so a sample bad on one signal is flagged whatever
 the others say:
 
-- ``fisher`` (default): Fisher's statistic −2 Σ_s log p_s; evidence adds up over signals and one very small p
-  dominates;
+- ``fisher`` (default): Fisher's statistic over the one-sided p-values, −2 Σ_s log(2 p_s) (0 for a sample that is
+  nowhere worse than the typical anchor); evidence adds up over signals and one very small p dominates;
 - ``max``: max_s z_s, the worst calibrated signal alone (the most conservative: the others cannot add or subtract).
 
 The fused score is minus the statistic (higher = better, like the trace score), so every threshold policy of
@@ -159,13 +159,15 @@ def log_upper_p(z: np.ndarray) -> np.ndarray:
 
 
 def fuse(z: np.ndarray, fusion: str) -> np.ndarray:
-    """The fused badness of (N, S) calibrated z-values: Fisher's −2 Σ log Φ̄(z) or max z (see the module doc)."""
+    """The fused badness of (N, S) calibrated z-values (see the module doc): ``fisher``, −2 Σ_s log(2 Φ̄(max(z_s, 0))),
+    0 where no signal is worse than the anchors' median and growing like Σ_s z_s²/2 in the tail; or ``max``,
+    max_s z_s."""
     if fusion not in FUSIONS:
         raise ConfigError(f"fusion: must be one of {list(FUSIONS)}, got {fusion!r}")
     z = np.asarray(z, dtype=np.float64)
     if fusion == "max":
         return z.max(axis=1)
-    return -2.0 * log_upper_p(z).sum(axis=1)
+    return -2.0 * log_upper_p(np.maximum(z, 0.0)).sum(axis=1) + 2.0 * z.shape[1] * math.log(0.5)
 
 
 @dataclass(frozen=True)
