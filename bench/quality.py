@@ -113,11 +113,15 @@ CALIBRATED_VARIANTS = {
     "calibrated[max]": (("trace", "perplexity", "ifd", "pmi"), "max"),
     "calibrated[trace, ifd]": (("trace", "ifd"), "fisher"),
     "calibrated[trace, pmi]": (("trace", "pmi"), "fisher"),
+    "calibrated[trace, perplexity, ifd]": (("trace", "perplexity", "ifd"), "fisher"),
     "calibrated[trace, perplexity, pmi]": (("trace", "perplexity", "pmi"), "fisher"),
     "calibrated[perplexity, ifd, pmi]": (("perplexity", "ifd", "pmi"), "fisher"),
 }
 """The anchor-calibrated fusions measured (`scoring.calibration.calibrate`): name -> (signals, fusion)."""
 DEFAULT_METHOD = "calibrated"
+TRACE_ARM: tuple[str, ...] = ()
+"""Training arms beyond issue 16's four (all, random, perplexity, the default): ``("trace",)`` would add the pure
+trace's selection, about 3 minutes a seed on 2 cores."""
 log = make_log("quality")
 
 
@@ -470,16 +474,20 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         detail[v.name] = row
     alone = [trace_scores(feat, split, primary, ts=[t]) for t in range(len(feat.lrs))]
     detail["per_checkpoint(trace)"] = [detection(r.scores, noise, at_rate(r.scores)) for r in alone]
+    signals, fusion = CALIBRATED_VARIANTS[DEFAULT_METHOD]
     for first in range(1, len(feat.lrs)):
         r = trace_scores(feat, split, primary, ts=list(range(first, len(feat.lrs))))
-        detail[f"trace(checkpoints {first}..{len(feat.lrs) - 1})"] = detection(r.scores, noise, at_rate(r.scores))
+        span = f"checkpoints {first}..{len(feat.lrs) - 1}"
+        detail[f"trace({span})"] = detection(r.scores, noise, at_rate(r.scores))
+        fewer, _ = calibrate(cand | {"trace": r.scores}, anch | {"trace": r.anchor_scores}, signals, fusion)
+        detail[f"{DEFAULT_METHOD}(trace over {span})"] = detection(fewer.scores, noise, at_rate(fewer.scores))
     return {
         "primary": primary.name,
         "default": DEFAULT_METHOD,
         "keep_rate": rate,
         "methods": methods,
         "detail": detail,
-        "_keeps": {k: keeps[k] for k in ("all", "random", "perplexity", "trace", DEFAULT_METHOD)},
+        "_keeps": {k: keeps[k] for k in ("all", "random", "perplexity", *TRACE_ARM, DEFAULT_METHOD)},
     }
 
 

@@ -134,11 +134,11 @@ def test_reused_features_score_exactly_as_the_run_that_saved_them(runs, data_dir
 def test_training_arms_train_on_what_each_method_keeps(results):
     for domain, r in results.items():
         training = r["training"]
-        assert list(training) == ["base", "all", "random", "perplexity", "trace", "calibrated"]
+        assert list(training) == ["base", "all", "random", "perplexity", "calibrated"]
         assert training["base"]["train_samples"] == 0
         assert training["all"]["train_samples"] == r["data"]["candidates"]
         assert training["calibrated"]["train_samples"] == r["methods"]["calibrated"]["threshold_kept"]
-        assert training["trace"]["train_samples"] == r["methods"]["trace"]["kept"]
+        assert training["random"]["train_samples"] == r["methods"]["random"]["kept"]
         assert training["all"]["train_clean"] == r["data"]["noise"]["clean"]
         metric = {"pubmedqa": "pubmedqa_accuracy", "gsm8k": "gsm8k_exact_match"}[domain]
         for arm in training.values():
