@@ -472,9 +472,14 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         row = detection(result.scores, noise, at_rate(result.scores)) | {"threshold_kept": int(result.keep.sum())}
         row["precision_at_threshold"] = precision_at_keep(result.keep, clean)
         detail[v.name] = row
+    signals, fusion = CALIBRATED_VARIANTS[DEFAULT_METHOD]
+    for label, how in WHITENINGS.items():
+        white, white_anchors = whitened_trace(feat, primary.dim, **how)
+        detail[f"trace[whitened: {label}]"] = detection(white, noise, at_rate(white))
+        fused, _ = calibrate(cand | {"trace": white}, anch | {"trace": white_anchors}, signals, fusion)
+        detail[f"{DEFAULT_METHOD}[whitened: {label}]"] = detection(fused.scores, noise, at_rate(fused.scores))
     alone = [trace_scores(feat, split, primary, ts=[t]) for t in range(len(feat.lrs))]
     detail["per_checkpoint(trace)"] = [detection(r.scores, noise, at_rate(r.scores)) for r in alone]
-    signals, fusion = CALIBRATED_VARIANTS[DEFAULT_METHOD]
     for first in range(1, len(feat.lrs)):
         r = trace_scores(feat, split, primary, ts=list(range(first, len(feat.lrs))))
         span = f"checkpoints {first}..{len(feat.lrs) - 1}"
@@ -489,6 +494,63 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         "detail": detail,
         "_keeps": {k: keeps[k] for k in ("all", "random", "perplexity", *TRACE_ARM, DEFAULT_METHOD)},
     }
+
+
+# --- whitening (measured, not kept: see docs/results.md) ------------------------------------------------------
+
+WHITENINGS = {
+    "anchors (λ=1)": {"lam": 1.0, "delta": 1.0},
+    "anchors (λ=1, δ=0.1)": {"lam": 1.0, "delta": 0.1},
+    "anchors + pool (λ=0.5)": {"lam": 0.5, "delta": 1.0},
+    "pool (λ=0)": {"lam": 0.0, "delta": 1.0},
+    "top 1 anchor PC out": {"pcs": 1},
+    "top 3 anchor PCs out": {"pcs": 3},
+}
+"""TRAK/TrackStar-style transforms of the projected gradients, applied to anchors and candidates alike before the
+cosine trace: R^(-1/2) with R = λ·C_anchors + (1−λ)·C_pool + δ·mean(eig)·I (C: the centred covariance of the
+anchors' plain projections or of the candidates', per checkpoint), or the top anchor principal components
+projected out; rows are unit-normalised before the covariances. R − δI has rank ≤ M + N, so R^(-1/2) is applied
+through a thin SVD, never as a k×k matrix."""
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+def whitened_trace(feat: Features, key: object, lam: float = 1.0, delta: float = 1.0, pcs: int = 0):
+    """(candidates', anchors' leave-one-out) cosine trace over every checkpoint after a `WHITENINGS` transform."""
+    n_cand, n_anchor = len(feat.losses[0]), len(feat.anchor_losses[0])
+    cand, anch = np.zeros(n_cand), np.zeros(n_anchor)
+    for t, lr in enumerate(feat.lrs):
+        # unit rows first: the cosine ignores norms, and plain and Adam-preconditioned rows differ in scale by orders
+        # of magnitude (unnormalised, the pool's covariance drowns the anchors' whatever λ)
+        a = _unit(feat.arrays[("anchors", "plain", key)][t].astype(np.float64))  # (M, k) anchor directions' rows
+        c = _unit(feat.arrays[("candidates", "adam", key)][t].astype(np.float64))  # (N, k)
+        own = _unit(feat.arrays[("anchors", "adam", key)][t].astype(np.float64))  # (M, k) anchors as candidates
+        if pcs:
+            _, _, vt = np.linalg.svd(a - a.mean(0), full_matrices=False)
+            basis = vt[:pcs].T  # (k, pcs)
+
+            def apply(x: np.ndarray, basis: np.ndarray = basis) -> np.ndarray:
+                return x - (x @ basis) @ basis.T
+
+        else:
+            cols = [np.sqrt(lam / len(a)) * (a - a.mean(0))]
+            if lam < 1.0:
+                cols.append(np.sqrt((1.0 - lam) / len(c)) * (c - c.mean(0)))
+            q, sv, _ = np.linalg.svd(np.concatenate(cols).T, full_matrices=False)  # R − δI = q diag(sv²) qᵀ
+            d = delta * float(np.mean(sv**2))
+            gain = (d + sv**2) ** -0.5 - d**-0.5
+
+            def apply(x: np.ndarray, q: np.ndarray = q, gain: np.ndarray = gain, d: float = d) -> np.ndarray:
+                return x * d**-0.5 + ((x @ q) * gain) @ q.T
+
+        a, c, own = _unit(apply(a)), _unit(apply(c)), _unit(apply(own))
+        direction = a.mean(0)
+        cand += lr * (c @ direction)
+        m = len(a)
+        anch += lr * ((own @ direction) * m - (own * a).sum(1)) / (m - 1)  # leave-one-out, as the product does
+    return cand, anch
 
 
 def precision_and_count(keep: np.ndarray, clean: np.ndarray) -> dict:
