@@ -11,9 +11,10 @@ The trusted anchor set is the reference. Each badness is standardised against th
 robust centre and scale, z_s = (b_s − median_anchors) / (1.4826 · MAD_anchors), so a z of 3 means "as unusual
 as three standard deviations of clean data" whatever the signal's units. Every signal is one-sided: only the
 direction that means bad counts (p_s = Φ̄(max(z_s, 0)), the upper-tail normal p-value of the bad direction alone:
-a typical or unusually good value has p_s = 1/2 and adds nothing). The anchors themselves are scored leave-one-out: anchor j is standardised against the other
-anchors only (and its trace score is already leave-one-out, `scoring.traces.score_anchor_samples`), so the anchor
-scores that set a threshold are not compared with themselves.
+a typical or unusually good value has p_s = 1/2 and adds nothing). The anchors themselves are scored
+leave-one-out: anchor j is standardised against the other anchors only (and its trace score is already
+leave-one-out, `scoring.traces.score_anchor_samples`), so the anchor scores that set a threshold are not compared
+with themselves.
 
 Fusion (`FUSIONS`), both monotone in every one-sided p-value, so a sample bad on one signal is flagged whatever
 the others say:
