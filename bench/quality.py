@@ -70,7 +70,7 @@ import torch
 from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
 from scoring.batching import make_batches, tokenize_samples
-from scoring.calibration import INPUTS, CalibratedScores, badness, calibrate, length_buckets
+from scoring.calibration import CalibratedScores, badness, calibrate, length_buckets, signal_inputs
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_PROJECTION_DIM,
@@ -432,7 +432,7 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
     def at_rate(scores: np.ndarray) -> np.ndarray:
         return top_fraction_mask(scores, ids, silos, rate)[0]
 
-    single = {name: -badness(name, **{k: cand[k] for k in INPUTS[name]}) for name in ("perplexity", "ifd", "pmi")}
+    single = {name: -badness(name, **signal_inputs(cand, name)) for name in ("perplexity", "ifd", "pmi")}
     single["trace"] = trace.scores
     chance = random_scores(ids, silos, seed).scores
     hybrid = (average_ranks(trace.scores) + average_ranks(single["perplexity"])) / 2.0

@@ -193,7 +193,8 @@ class CalibratedScores:
         return [self.signals[i] for i in np.argmax(self.z, axis=1)]
 
 
-def _signal_inputs(values: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray | None]:
+def signal_inputs(values: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray | None]:
+    """The raw values `badness` needs for signal ``name``, taken from ``values`` (None where absent)."""
     if name not in INPUTS:
         raise ConfigError(f"signals: unknown signal {name!r}; choose from {list(SIGNAL_NAMES)}")
     return {k: values.get(k) for k in INPUTS[name]}
@@ -232,7 +233,7 @@ def calibrate(
         lengths = {len(np.asarray(v)) for v in side.values() if v is not None}
         if len(lengths) > 1:
             raise ShapeMismatchError(f"signal values of one side must have one length, got {sorted(lengths)}")
-        sides.append(np.stack([badness(s, **_signal_inputs(side, s)) for s in signals], axis=1))  # (N, S)
+        sides.append(np.stack([badness(s, **signal_inputs(side, s)) for s in signals], axis=1))  # (N, S)
     cand_raw, anchor_raw = sides
     cand_z = np.stack([robust_z(anchor_raw[:, i], cand_raw[:, i]) for i in range(len(signals))], axis=1)
     anchor_z = np.stack([robust_z_loo(anchor_raw[:, i]) for i in range(len(signals))], axis=1)
