@@ -17,6 +17,7 @@ from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.models import Silo
 from webui import COOKIE_NAME, SessionSigner, same_origin
+from workers.steps import Dispatcher
 
 Enqueue = Callable[..., None]
 """``enqueue(task_name, job_id, *args, countdown=None)``: hand a task to the workers (``countdown``: not before
@@ -29,6 +30,7 @@ class AppState:
     sessions: sessionmaker[Session]
     blobs: LocalBlobStore
     enqueue: Enqueue
+    dispatcher: Dispatcher | None
     ping_broker: Callable[[], None]
     signer: SessionSigner
 

@@ -19,6 +19,7 @@ from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory, upgrade
 from webui import SessionSigner, load_secret
 from workers.celery_app import create_celery
+from workers.steps import Dispatcher
 
 log = logging.getLogger("clues.app")
 
@@ -35,8 +36,9 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
 
     Args:
         settings: default `get_settings()` (environment).
-        enqueue: how tasks reach the workers; default: Celery ``send_task`` by name on the settings' broker.
-            Tests pass a function that runs `workers.pipeline` in-process.
+        enqueue: how tasks reach the workers; default: Celery ``send_task`` by name on the settings' broker,
+            through the step outbox (`workers.steps.Dispatcher`), whose reaper runs in this process. Tests pass a
+            function that runs `workers.pipeline` in-process (no leases, no reaper).
         migrate: bring the database schema to the current Alembic head on start-up.
     """
     settings = settings or get_settings()
@@ -44,18 +46,21 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
     engine = make_engine(settings.storage.database_url)
     celery = create_celery(settings)
 
-    def send(task: str, *args: Any, countdown: float | None = None) -> None:
-        celery.send_task(task, args=list(args), countdown=countdown)
+    def send(task: str, args: list[Any], countdown: float | None) -> None:
+        celery.send_task(task, args=args, countdown=countdown)
 
     def ping_broker() -> None:
         with celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
 
+    sessions = make_session_factory(engine)
+    dispatcher = None if enqueue else Dispatcher(sessions, send, settings)
     state = AppState(
         settings=settings,
-        sessions=make_session_factory(engine),
+        sessions=sessions,
         blobs=LocalBlobStore(settings.storage.blob_dir),
-        enqueue=enqueue or send,
+        enqueue=enqueue or dispatcher.enqueue,
+        dispatcher=dispatcher,
         ping_broker=ping_broker,
         signer=SessionSigner(load_secret(settings.session_secret, settings.data_dir / "session.key")),
     )
@@ -67,9 +72,14 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
         state.blobs.sweep_tmp()
         try:
             train.resume_training(state)
-        except Exception:  # a broker down at start-up: rounds still resume on the next job read past a deadline
-            log.exception("could not re-queue the training jobs' pending steps")
+            if dispatcher is not None:
+                dispatcher.resume()
+        except Exception:  # a broker down at start-up: the reaper sends the queued steps once it is back
+            log.exception("could not re-queue the jobs' pending steps")
+        stop_reaper = dispatcher.start_reaper() if dispatcher is not None else None
         yield
+        if stop_reaper is not None:
+            stop_reaper()
         engine.dispose()
 
     app = FastAPI(title="clues coordinator", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)

@@ -147,6 +147,19 @@ class MemberPublic(BaseModel):
     num_samples: int | None
 
 
+class StepPublic(BaseModel):
+    """One step of a job's task graph and its lease (admin only): see `workers.steps`."""
+
+    task: str = Field(description="e.g. clues.score_job, clues.train_aggregate")
+    args: list[Any] = Field(description="the job id, and the round for training steps")
+    state: Literal["queued", "running", "done", "failed"]
+    attempt: int = Field(description="times sent")
+    lost: int = Field(description="times its worker died while running it")
+    holder: str | None = Field(description="host:pid:delivery running it")
+    heartbeat_age_s: float | None = Field(description="seconds since its worker last showed it was alive")
+    error: str | None
+
+
 class JobPublic(BaseModel):
     id: str
     name: str
@@ -163,6 +176,7 @@ class JobPublic(BaseModel):
     silos: list[MemberPublic] = Field(description="all members for the admin; only itself for a silo")
     checkpoints_uploaded: list[int]
     anchors: int | None = Field(description="number of anchor samples uploaded (admin only)")
+    steps: list[StepPublic] | None = Field(None, description="the job's task steps and their leases (admin only)")
 
 
 class UploadResult(BaseModel):
@@ -438,6 +452,7 @@ class TrainPublic(BaseModel):
     metrics: dict[str, Any] | None = Field(description="evaluation of the final adapter")
     eval_samples: int | None
     final_sha256: str | None
+    steps: list[StepPublic] | None = Field(None, description="the job's task steps and their leases (admin only)")
 
 
 class ScoringFromWarmup(ScoreFields):

@@ -1,6 +1,7 @@
 """The tables: `Silo`, `Job` with its `JobCheckpoint`s and `JobMember`s, `AnchorSet`, `Shard`, `Score`,
 `ScorePart`, `ScoreOverride`, `DuplicatePair`; for training, `TrainJob` with its `TrainMember`s, `TrainRound`s and
-`TrainUpdate`s. Portable between SQLite and PostgreSQL; datetimes are timezone-aware UTC on both.
+`TrainUpdate`s; `TaskStep`, the task graph's steps and their leases. Portable between SQLite and PostgreSQL;
+datetimes are timezone-aware UTC on both.
 
 Deleting a `Job` deletes every row that names it (``ON DELETE CASCADE``; SQLite needs ``foreign_keys=ON``, which
 `storage.db.make_engine` sets).
@@ -36,7 +37,13 @@ SHARD_ROLES = ("candidate", "anchor")
 TRAIN_MODES = ("warmup", "federated", "merge")
 TRAIN_STATUSES = ("draft", "starting", "running", "evaluating", "done", "failed")
 ROUND_STATUSES = ("open", "aggregating", "closed")
-DECISIONS = ("keep", "drop", "auto")  # an owner's override of a sample's keep/drop; "auto" returns to the threshold
+DECISIONS = ("keep", "drop", "auto")
+STEP_STATES = (
+    "queued",
+    "running",
+    "done",
+    "failed",
+)  # an owner's override of a sample's keep/drop; "auto" returns to the threshold
 
 
 def utcnow() -> datetime:
@@ -431,3 +438,30 @@ class TrainUpdate(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     silo: Mapped[Silo] = relationship(lazy="joined")
+
+
+class TaskStep(Base):
+    """One step of the task graph (a Celery task by name and its arguments) and its lease.
+
+    ``key`` is the task name and its JSON arguments. ``state``: ``queued`` (sent, not yet claimed; not before
+    ``not_before``), ``running`` (claimed by ``holder``, alive while ``heartbeat_at`` is fresh), ``done`` or
+    ``failed``. ``attempt`` counts the sends, ``lost`` the leases that went stale (a worker died holding
+    it). A worker runs a step only after claiming it with a compare-and-set
+    (`storage.steps.claim`), so no step runs twice at once, and a stale lease is taken over or re-sent by the reaper.
+    """
+
+    __tablename__ = "task_steps"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    args: Mapped[list[Any]] = mapped_column(JSON)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    lost: Mapped[int] = mapped_column(Integer, default=0)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)

@@ -21,6 +21,7 @@ from app.schemas import (
     JobPublic,
     MemberPublic,
     ShardPublic,
+    StepPublic,
     UploadResult,
 )
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive
@@ -31,7 +32,8 @@ from scoring.io import checkpoint_from_bytes, map_projection
 from scoring.selection import threshold_from_dict
 from scoring.traces import LR_REL_TOL
 from storage import repository as repo
-from storage.models import Job
+from storage import steps as leases
+from storage.models import Job, utcnow
 from workers import names
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -64,7 +66,26 @@ def _public(job: Job, principal: Principal, session) -> JobPublic:
         silos=members,
         checkpoints_uploaded=[c.index for c in job.checkpoints if c.blob_key is not None],
         anchors=anchors.num_samples if anchors else None,
+        steps=steps_public(session, job.id) if principal.is_admin else None,
     )
+
+
+def steps_public(session, job_id: str) -> list[StepPublic]:
+    """A job's task steps and their leases, for the admin."""
+    now = utcnow()
+    return [
+        StepPublic(
+            task=s.task,
+            args=s.args,
+            state=s.state,
+            attempt=s.attempt,
+            lost=s.lost,
+            holder=s.holder,
+            heartbeat_age_s=(now - s.heartbeat_at).total_seconds() if s.state == "running" and s.heartbeat_at else None,
+            error=s.error,
+        )
+        for s in leases.for_job(session, job_id)
+    ]
 
 
 def _job_for(session, job_id: str, principal: Principal) -> Job:
@@ -97,6 +118,8 @@ def _transition(state: AppState, session, job, task: str, update=repo.update_job
     try:
         state.enqueue(task, job.id)
     except Exception as exc:
+        if state.dispatcher is not None:  # its queued step must not run behind the restored state
+            state.dispatcher.cancel(task, job.id, error="not sent: the task queue was unreachable")
         update(session, job_id=job.id, **before)
         session.commit()
         raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
@@ -254,15 +277,46 @@ def _start_scoring(state: AppState, session, job: Job) -> None:
 
 @router.post("/{job_id}/score", status_code=202, operation_id="score_job")
 def score_job(job_id: JobId, state: StateDep, session: SessionDep, principal: AdminDep) -> JobPublic:
-    """Start scoring (``open`` or ``failed`` → ``scoring``); every silo must have completed its upload."""
+    """Start scoring (``open`` or ``failed`` → ``scoring``); every silo must have completed its upload. On a job
+    that is ``scoring`` already it is `retry_job`: the step is sent again unless a live worker runs it."""
     job = repo.get_job(session, job_id=job_id)
     if job.status == "scoring":
-        return _public(job, principal, session)
+        return retry_job(job_id, state, session, principal)
     _require_status(job, "open", "failed")
     pending = [m.silo.name for m in job.members if m.status != "complete"]
     if pending:
         raise ApiError(409, f"job {job_id}: silos {pending} have not completed their uploads")
     _start_scoring(state, session, job)
+    return _public(job, principal, session)
+
+
+@router.post("/{job_id}/retry", status_code=202, operation_id="retry_job")
+def retry_job(job_id: JobId, state: StateDep, session: SessionDep, principal: AdminDep) -> JobPublic:
+    """Send the step this job waits for again: scoring (a job in ``scoring``, or ``failed`` with every upload
+    complete), or the anchor projection (an ``open`` job whose projection is pending, running or failed).
+    Idempotent: a step that a live worker is running (a heartbeat within the lease timeout) is left alone, and the
+    answer's ``steps`` say so. Answers 409 when the job waits for nothing (draft, open with its anchors done, done)."""
+    job = repo.get_job(session, job_id=job_id)
+    if job.status == "failed":
+        return score_job(job_id, state, session, principal)
+    if job.status == "scoring":
+        task, fields = names.SCORE_JOB, {"error": None}
+    elif job.status == "open" and job.anchor_status != "done":
+        task, fields = names.PROJECT_ANCHORS, {"anchor_status": "pending", "error": None}
+    else:
+        raise ApiError(409, f"job {job_id} is {job.status!r} (anchors {job.anchor_status!r}): nothing to retry")
+    if state.dispatcher is None:
+        _transition(state, session, job, task, **fields)
+    else:
+        try:
+            sent = state.dispatcher.enqueue(task, job_id)
+        except Exception as exc:
+            raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
+        if sent:
+            repo.update_job(session, job_id=job_id, **fields)
+            session.commit()
+            TASKS.labels(task).inc()
+    session.refresh(job)
     return _public(job, principal, session)
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse
 from app.deps import AdminDep, AppState, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
 from app.errors import ApiError
 from app.metrics import TASKS
-from app.routes.jobs import BINARY, _engine_check, _public, _transition, _upload_answer
+from app.routes.jobs import BINARY, _engine_check, _public, _transition, _upload_answer, steps_public
 from app.schemas import (
     JobPublic,
     RoundPublic,
@@ -39,6 +39,7 @@ from scoring.errors import ConfigError, DataError
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
 from scoring.selection import check_score_preconditioning, check_threshold_preconditioning, threshold_from_dict
 from storage import repository as repo
+from storage import steps as leases
 from storage.models import TrainJob, TrainRound, utcnow
 from workers import names
 
@@ -106,6 +107,7 @@ def _train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
         metrics=job.metrics,
         eval_samples=job.eval_num_samples,
         final_sha256=job.final_blob,
+        steps=steps_public(session, job.id) if principal.is_admin else None,
     )
 
 
@@ -285,6 +287,44 @@ def start_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
         )
     elif job.status != "starting" and job.layout is None:
         raise ApiError(409, f"training job {job_id} is {job.status!r}")
+    return _train_public(job, principal, session)
+
+
+RESUMED_STATUS = {names.TRAIN_INIT: "starting", names.TRAIN_AGGREGATE: "running", names.TRAIN_EVALUATE: "evaluating"}
+
+
+@router.post("/{job_id}/retry", status_code=202, operation_id="retry_train_job")
+def retry_train_job(job_id: TrainId, state: StateDep, session: SessionDep, principal: AdminDep) -> TrainPublic:
+    """Send the step this training job waits for again: its start, its open round's aggregation (at the deadline
+    if not all updates are in) or its evaluation. A ``failed`` job whose last step failed (an error in a worker, or
+    a worker that kept dying) goes back to that step. Idempotent: a step that a live worker is running is left
+    alone. Answers 409 when there is nothing to retry (draft, done, or failed for want of a quorum)."""
+    job = repo.get_train_job(session, job_id=job_id)
+    failed = [s for s in leases.for_job(session, job_id) if s.state == "failed" and s.task in RESUMED_STATUS]
+    if job.status == "failed" and failed:
+        step = failed[-1]
+        task, args, force = step.task, step.args[1:], True
+        repo.update_train_job(session, job_id=job_id, status=RESUMED_STATUS[task], error=None, message="retrying")
+        session.commit()
+    elif job.status in ("starting", "running", "evaluating"):
+        task = {"starting": names.TRAIN_INIT, "running": names.TRAIN_AGGREGATE, "evaluating": names.TRAIN_EVALUATE}
+        task, args, force = task[job.status], ([] if job.status == "starting" else [job.round]), False
+    else:
+        raise ApiError(409, f"training job {job_id} is {job.status!r}: nothing to retry ({job.error or 'no error'})")
+    countdown = None
+    if task == names.TRAIN_AGGREGATE:
+        row = repo.get_round(session, job_id=job_id, round=args[0])
+        if row.status == "open":
+            countdown = max(0.0, (row.deadline - utcnow()).total_seconds())
+    try:
+        if state.dispatcher is not None:
+            state.dispatcher.enqueue(task, job_id, *args, countdown=countdown, force=force)
+        else:
+            state.enqueue(task, job_id, *args, countdown=countdown)
+    except Exception as exc:
+        raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
+    TASKS.labels(task).inc()
+    session.refresh(job)
     return _train_public(job, principal, session)
 
 

@@ -81,8 +81,9 @@ class Service:
         self.procs.append(proc)
         return proc
 
-    def start_api(self) -> None:
-        port = self.free_port()
+    def start_api(self, same_port: bool = False) -> None:
+        """Start ``clues coordinator serve``; ``same_port``: where the last one listened (a restart)."""
+        port = int(self.url.rsplit(":", 1)[1]) if same_port else self.free_port()
         self.url = f"http://127.0.0.1:{port}"
         proc = self._spawn("api", [sys.executable, "-m", "clues", "coordinator", "serve", "--port", str(port)])
         self.wait_healthy(self.url, proc, self.root / "api.log")
@@ -92,6 +93,12 @@ class Service:
         if slow_parts_s is None:
             return self._spawn(name, [sys.executable, "-m", "clues", "worker", *args])
         return self._spawn(name, [sys.executable, str(HERE / "slow_worker.py"), str(slow_parts_s), *args])
+
+    def kill_api(self) -> None:
+        """SIGKILL the API process (the last one started)."""
+        api = next(p for p in reversed(self.procs) if "serve" in p.args)
+        api.kill()
+        api.wait(30)
 
     def api_log_has(self, text: str) -> bool:
         return text in (self.root / "api.log").read_text()
@@ -110,17 +117,17 @@ class Service:
 
 @pytest.fixture
 def service_factory(tmp_path, request) -> Iterator:
-    """``make(database="sqlite"|"postgresql", redis=True, visibility_timeout=3600) -> Service``."""
+    """``make(database="sqlite"|"postgresql", redis=True) -> Service``: every other setting is the product's
+    default (the fault tests must recover with what a user gets)."""
     made: list[Service] = []
 
-    def make(database: str = "sqlite", redis: bool = True, visibility_timeout: int = 3600) -> Service:
+    def make(database: str = "sqlite", redis: bool = True) -> Service:
         root = tmp_path / "service"
         root.mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLUES_")}
         env |= {
             "CLUES_DATA_DIR": str(root / "data"),
             "CLUES_ADMIN_TOKEN": ADMIN_TOKEN,
-            "CLUES_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(HERE.parent.parent),
         }

@@ -1,4 +1,5 @@
-"""The Celery task wrappers (run eagerly, in-process): transient errors are retried, permanent ones fail the job."""
+"""The Celery task wrappers (run eagerly, in-process, with their step leases on a real SQLite database): transient
+errors are retried, permanent ones fail the job, a duplicate delivery does nothing."""
 
 from __future__ import annotations
 
@@ -6,23 +7,39 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from scoring.errors import DataError
-from workers import tasks
+from storage import steps as leases
+from storage.db import make_engine, make_session_factory
+from storage.models import Base
+from workers import names, tasks
+from workers.config import WorkerSettings
+from workers.steps import Dispatcher
 
 
 @pytest.fixture
-def eager(monkeypatch):
+def eager(monkeypatch, tmp_path):
     calls: dict[str, list] = {"score": [], "fail": [], "sent": []}
+    engine = make_engine(f"sqlite:///{tmp_path}/clues.db")
+    Base.metadata.create_all(engine)
+    sessions = make_session_factory(engine)
+    send = lambda name, args, countdown: calls["sent"].append((name, args))  # noqa: E731
+    monkeypatch.setattr(tasks, "dispatcher", lambda: Dispatcher(sessions, send, WorkerSettings(data_dir=tmp_path)))
+    calls["sessions"] = sessions
     conf = tasks.celery_app.conf
     monkeypatch.setitem(conf, "task_always_eager", True)
     monkeypatch.setitem(conf, "result_backend", "cache+memory://")  # eager results stay in this process
     monkeypatch.delattr(tasks.celery_app._local, "backend", raising=False)
     monkeypatch.setattr(tasks, "resources", lambda: object())
-    monkeypatch.setattr(tasks, "_progress", lambda task, job_id: lambda fraction, message: None)
+    monkeypatch.setattr(tasks, "_progress", lambda lease, job_id: lambda fraction, message: None)
     monkeypatch.setattr(tasks.pipeline, "fail_job", lambda res, job_id, error: calls["fail"].append(error))
-    monkeypatch.setattr(tasks.celery_app, "send_task", lambda name, args: calls["sent"].append((name, args)))
     monkeypatch.setattr(tasks.score_job, "retry_backoff", False)  # no sleeping between eager retries
     yield calls
     tasks.celery_app._local.__dict__.pop("backend", None)  # the next user gets the configured backend again
+    engine.dispose()
+
+
+def state_of(eager, task: str, *args) -> str:
+    with eager["sessions"]() as session:
+        return leases.get(session, leases.step_key(task, list(args))).state
 
 
 def test_transient_errors_are_retried_then_the_task_succeeds(eager, monkeypatch):
@@ -37,6 +54,10 @@ def test_transient_errors_are_retried_then_the_task_succeeds(eager, monkeypatch)
     assert result.get() == "done"
     assert eager["score"] == ["j1", "j1", "j1"] and eager["fail"] == []
     assert eager["sent"] == [("clues.near_duplicates", ["j1"])]
+    assert state_of(eager, names.SCORE_JOB, "j1") == "done"
+    assert state_of(eager, names.NEAR_DUPLICATES, "j1") == "queued"
+    assert tasks.score_job.apply(args=["j1"]).get() == "skipped"  # a late duplicate delivery
+    assert eager["score"] == ["j1", "j1", "j1"]
 
 
 def test_permanent_errors_fail_the_job_without_retrying(eager, monkeypatch):
@@ -48,6 +69,7 @@ def test_permanent_errors_fail_the_job_without_retrying(eager, monkeypatch):
     assert tasks.score_job.apply(args=["j2"]).get() == "failed"
     assert eager["score"] == ["j2"] and eager["fail"] == ["silo 'a' part 0: rows [3] hold NaN or Inf"]
     assert eager["sent"] == []
+    assert state_of(eager, names.SCORE_JOB, "j2") == "failed"
 
 
 def test_delivery_guarantees_are_configured():
