@@ -337,14 +337,28 @@ class LocalTrainSpec(_Strict):
 
 
 class AggregationSpec(_Strict):
-    """The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi; fedprox
-    is fedavg on the server with the silos' proximal term (``local.prox_mu`` > 0)."""
+    """The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi, and the
+    robust median and trimmed-mean (coordinate-wise, unweighted); fedprox is fedavg on the server with the silos'
+    proximal term (``local.prox_mu`` > 0).
 
-    rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox"] = "fedavg"
+    Before any rule, each update is bounded (`scoring.aggregation.guard_round`): its sample count is capped at the
+    silo's selection in the scoring job, its score mass clamped to what its scores allow, and its delta from the
+    global adapter clipped (``clip``). Each intervention is flagged in the round's history."""
+
+    rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean"] = "fedavg"
     eta: float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate (fedadam/fedyogi)")
     beta1: float | None = Field(None, ge=0, lt=1)
     beta2: float | None = Field(None, ge=0, lt=1)
     tau: float | None = Field(None, gt=0, allow_inf_nan=False, description="adaptivity (fedadam/fedyogi)")
+    trim: float | None = Field(None, ge=0, lt=0.5, description="share cut at each end (trimmed-mean; default 0.2)")
+    clip: Literal["median", "absolute", "none"] = Field(
+        "median", description="bound on each update's delta norm: clip_factor × the round's lower median, or clip_norm"
+    )
+    clip_factor: float = Field(3.0, ge=1, allow_inf_nan=False)
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="the bound for clip 'absolute'")
+    max_count_ratio: float = Field(
+        10.0, ge=1, allow_inf_nan=False, description="with no scoring job: a count's cap as a multiple of the median"
+    )
 
 
 class MergeSpec(_Strict):
@@ -418,6 +432,14 @@ class TrainMemberPublic(BaseModel):
     num_samples: int | None = Field(description="samples it last reported training on")
 
 
+class RoundFlag(BaseModel):
+    """What the aggregation's guard did to one silo's update in a round."""
+
+    silo: str
+    kind: Literal["count_capped", "mass_clamped", "clipped"]
+    detail: str
+
+
 class RoundPublic(BaseModel):
     round: int
     lr: float
@@ -426,7 +448,11 @@ class RoundPublic(BaseModel):
     started_at: datetime
     closed_at: datetime | None
     received: list[str] = Field(description="silos whose update is in (a silo sees only itself)")
-    participants: list[str] | None = Field(description="silos aggregated, once closed")
+    participants: list[str] | None = Field(description="silos aggregated, once closed (a silo sees only itself)")
+    flags: list[RoundFlag] = Field(
+        default_factory=list, description="updates the guard capped, clamped or clipped (a silo sees only its own)"
+    )
+    clip_bound: float | None = Field(None, description="the delta norm bound of the round (admin only)")
     train_loss: float | None = Field(description="sample-weighted mean of the silos' local training loss")
     metrics: dict[str, Any] | None = Field(description="evaluation of the round's resulting adapter")
     start_sha256: str

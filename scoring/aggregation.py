@@ -17,6 +17,17 @@ adapter's dtypes.
   with m_{−1} = 0 and v_{−1} = τ² (the paper's v_{−1} ≥ τ²), no bias correction. Their state (m, v, the round) is
   returned by every call and is plain arrays, so the coordinator persists it between rounds (`state_to_arrays`).
 
+- `FedMedian`, `FedTrimmedMean`: coordinate-wise median and trimmed mean of the silos' adapters (Yin et al.,
+  2018, "Byzantine-Robust Distributed Learning"; Flower ships them as FedMedian and FedTrimmedAvg). Unweighted: a
+  sample count cannot buy a silo more say.
+
+Before any rule, `guard_round` bounds what one silo can do to a round (`RoundGuard`): the claimed sample count is
+capped at what the coordinator knows the silo selected (or, with no scoring job, at a multiple of the round's lower
+median count), the claimed score mass is clamped to what its scores allow, and each update's delta from the global
+adapter is clipped in L2 norm to ``clip_factor`` × the lower median of the round's delta norms (or to an absolute
+``clip_norm``). Whatever one silo sends, the global adapter then moves by at most the clip bound. Each intervention is
+returned as a `Flag` for the round's history.
+
 FedProx is a silo-side change (a proximal term in the local loss) and is not aggregated differently: the server uses
 `FedAvg` for it.
 """
@@ -209,14 +220,192 @@ class FedYogi(FedOpt):
         return v - (1 - self.beta2) * d2 * np.sign(v - d2)
 
 
-AGGREGATORS: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, QualityFedAvg, FedAdam, FedYogi)}
+class FedMedian(FedAvg):
+    """The coordinate-wise median of the silos' adapters (unweighted)."""
+
+    name = "median"
+
+    def aggregate(
+        self, global_weights: Weights, updates: Sequence[SiloUpdate], state: ServerState | None = None
+    ) -> tuple[dict[str, np.ndarray], ServerState]:
+        _check_updates(global_weights, updates)
+        state = state or ServerState()
+        new = {n: np.median(_stacked(updates, n), axis=0) for n in global_weights}
+        return _cast_like(new, global_weights), ServerState(state.round + 1, state.m, state.v)
+
+
+@dataclass
+class FedTrimmedMean(FedAvg):
+    """The coordinate-wise mean after dropping the ``floor(trim·n)`` largest and smallest values (unweighted)."""
+
+    trim: float = 0.2
+    name = "trimmed-mean"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trim < 0.5:
+            raise ConfigError(f"trim: must be in [0, 0.5), got {self.trim!r}")
+
+    def aggregate(
+        self, global_weights: Weights, updates: Sequence[SiloUpdate], state: ServerState | None = None
+    ) -> tuple[dict[str, np.ndarray], ServerState]:
+        _check_updates(global_weights, updates)
+        state = state or ServerState()
+        k = math.floor(self.trim * len(updates))
+        new = {}
+        for n in global_weights:
+            values = np.sort(_stacked(updates, n), axis=0)
+            new[n] = values[k : len(updates) - k].mean(axis=0)
+        return _cast_like(new, global_weights), ServerState(state.round + 1, state.m, state.v)
+
+
+def _stacked(updates: Sequence[SiloUpdate], name: str) -> np.ndarray:
+    return np.stack([np.asarray(u.weights[name], dtype=np.float64) for u in updates])
+
+
+AGGREGATORS: dict[str, type[FedAvg]] = {
+    cls.name: cls for cls in (FedAvg, QualityFedAvg, FedAdam, FedYogi, FedMedian, FedTrimmedMean)
+}
+OPTIONS = {
+    FedAdam: ("eta", "beta1", "beta2", "tau"),
+    FedYogi: ("eta", "beta1", "beta2", "tau"),
+    FedTrimmedMean: ("trim",),
+}
 
 
 def build_aggregator(name: str, **options: float) -> FedAvg:
-    """An aggregator by name (`AGGREGATORS`); ``options`` go to the adaptive ones (eta, beta1, beta2, tau)."""
+    """An aggregator by name (`AGGREGATORS`); ``options`` go to the adaptive ones (eta, beta1, beta2, tau) and to
+    the trimmed mean (trim)."""
     if name not in AGGREGATORS:
         raise ConfigError(f"aggregation: must be one of {sorted(AGGREGATORS)}, got {name!r}")
     cls = AGGREGATORS[name]
-    if options and not issubclass(cls, FedOpt):
-        raise ConfigError(f"aggregation {name!r} takes no options, got {sorted(options)}")
+    extra = sorted(set(options) - set(OPTIONS.get(cls, ())))
+    if extra:
+        raise ConfigError(f"aggregation {name!r} takes no options {extra}")
     return cls(**options)
+
+
+# ---- bounding one silo's influence on a round ----
+
+CLIP_KINDS = ("median", "absolute", "none")
+GUARD_FIELDS = ("clip", "clip_factor", "clip_norm", "max_count_ratio")
+"""The aggregation settings that configure `RoundGuard` (the rest configure the rule)."""
+
+
+@dataclass(frozen=True)
+class RoundGuard:
+    """How a round bounds each silo's update (see the module docstring).
+
+    Attributes:
+        clip: ``median`` (relative to the round's lower median delta norm), ``absolute`` (``clip_norm``) or
+            ``none``.
+        clip_factor: the multiple of the lower median norm an update's delta may reach (``median``).
+        clip_norm: the absolute bound on an update's delta norm (``absolute``).
+        max_count_ratio: with no known selected count, a claimed count is capped at this multiple of the round's
+            lower median claimed count.
+    """
+
+    clip: str = "median"
+    clip_factor: float = 3.0
+    clip_norm: float | None = None
+    max_count_ratio: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.clip not in CLIP_KINDS:
+            raise ConfigError(f"clip: must be one of {CLIP_KINDS}, got {self.clip!r}")
+        if not (math.isfinite(self.clip_factor) and self.clip_factor >= 1.0):
+            raise ConfigError(f"clip_factor: must be finite and at least 1, got {self.clip_factor!r}")
+        if self.clip == "absolute" and not (self.clip_norm is not None and 0 < self.clip_norm < math.inf):
+            raise ConfigError(f"clip_norm: clip 'absolute' needs a positive, finite norm, got {self.clip_norm!r}")
+        if not (math.isfinite(self.max_count_ratio) and self.max_count_ratio >= 1.0):
+            raise ConfigError(f"max_count_ratio: must be finite and at least 1, got {self.max_count_ratio!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> RoundGuard:
+        return cls(**{k: d[k] for k in GUARD_FIELDS if d.get(k) is not None})
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the coordinator knows about one silo's selection from the scoring job: ``count``, the most samples it
+    may train on, and ``mass``, the (lowest, highest) score mass its selection can have. None: nothing known."""
+
+    count: int | None = None
+    mass: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One intervention on a silo's update: ``kind`` is ``count_capped``, ``mass_clamped`` or ``clipped``."""
+
+    silo: str
+    kind: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"silo": self.silo, "kind": self.kind, "detail": self.detail}
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ⌈n/2⌉-th smallest value: one outlier among two cannot move it (``np.median`` would average them)."""
+    return float(sorted(values)[(len(values) - 1) // 2])
+
+
+def delta_norm(update: Weights, global_weights: Weights) -> float:
+    """‖update − global‖₂ over every parameter, in float64 without overflow (scaled by the largest entry)."""
+    deltas = [np.asarray(update[n], dtype=np.float64) - np.asarray(global_weights[n], dtype=np.float64) for n in update]
+    top = max((float(np.abs(d).max(initial=0.0)) for d in deltas), default=0.0)
+    if top == 0.0:
+        return 0.0
+    if not math.isfinite(top):
+        return math.inf
+    return top * math.sqrt(sum(float(np.sum((d / top) ** 2)) for d in deltas))
+
+
+def guard_round(
+    global_weights: Weights, updates: Sequence[SiloUpdate], known: Mapping[str, Known], guard: RoundGuard
+) -> tuple[list[SiloUpdate], list[Flag], dict[str, float]]:
+    """The updates as the round's rule may use them, the flags, and the figures (``clip_bound``, and each silo's
+    delta norm as ``norm.<silo>``).
+
+    Counts are capped and score masses clamped (`Known`), then each delta is clipped (`RoundGuard`). Updates whose
+    parameters do not match the global adapter are refused as by every rule (`ShapeMismatchError`)."""
+    _check_updates(global_weights, updates)
+    flags: list[Flag] = []
+    median_count = lower_median([u.num_samples for u in updates])
+    counted = []
+    for u in updates:
+        k = known.get(u.silo, Known())
+        count, mass = u.num_samples, u.score_mass
+        cap = k.count if k.count is not None else max(1, int(guard.max_count_ratio * median_count))
+        if count > cap:
+            why = "its selection in the scoring job" if k.count is not None else "the round's median × max_count_ratio"
+            flags.append(Flag(u.silo, "count_capped", f"claimed {count} samples, capped at {cap} ({why})"))
+            count = cap
+        lo, hi = k.mass if k.mass is not None else (0.0, 0.0)
+        if not lo - 1e-6 * (1 + abs(lo)) <= mass <= hi + 1e-6 * (1 + abs(hi)):
+            clamped = min(max(mass, lo), hi)
+            why = "what its scores allow" if k.mass is not None else "no scoring job gives it scores"
+            flags.append(Flag(u.silo, "mass_clamped", f"claimed score mass {mass:.6g}, set to {clamped:.6g} ({why})"))
+            mass = clamped
+        counted.append(SiloUpdate(u.silo, u.weights, count, mass))
+    norms = {u.silo: delta_norm(u.weights, global_weights) for u in counted}
+    figures = {f"norm.{s}": n for s, n in norms.items()}
+    if guard.clip == "none":
+        return counted, flags, figures
+    bound = guard.clip_norm if guard.clip == "absolute" else guard.clip_factor * lower_median(list(norms.values()))
+    assert bound is not None
+    figures["clip_bound"] = bound
+    out = []
+    for u in counted:
+        norm = norms[u.silo]
+        if norm <= bound:
+            out.append(u)
+            continue
+        scale = bound / norm if math.isfinite(norm) else 0.0
+        weights = {}
+        for n, x in u.weights.items():
+            g = np.asarray(global_weights[n], dtype=np.float64)
+            weights[n] = g + scale * (np.asarray(x, dtype=np.float64) - g)
+        flags.append(Flag(u.silo, "clipped", f"update norm {norm:.4g} clipped to {bound:.4g}"))
+        out.append(SiloUpdate(u.silo, weights, u.num_samples, u.score_mass))
+    return out, flags, figures

@@ -63,6 +63,8 @@ _DTYPE_CODES = {dtype: code for code, dtype in _FLOAT_DTYPES.items()}
 _GROUPS = ("adapter", "exp_avg", "exp_avg_sq")
 _ENTRY_FIELDS = ("index", "step", "lr", "lr_last", "adam")
 _UPDATE_FIELDS = ("round", "num_samples", "score_mass", "train_loss")
+MAX_COUNT = 2**31 - 1
+"""The largest sample count an update may claim (a 32-bit database integer)."""
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 RawTensor = tuple[str, tuple[int, ...], bytes | memoryview]
@@ -516,7 +518,8 @@ def _check_entry(entry: object, where: str) -> dict[str, Any]:
 
 
 def _check_update(update: object, where: str) -> dict[str, Any]:
-    """A silo update's ``round`` and ``num_samples`` (integers ≥ 0), ``score_mass`` and ``train_loss`` (finite)."""
+    """A silo update's ``round`` and ``num_samples`` (integers ≥ 0, the count at most `MAX_COUNT`), ``score_mass``
+    (finite) and ``train_loss`` (finite, ≥ 0)."""
     if not isinstance(update, dict):
         raise DataError(f"{where}: the update must be a JSON object")
     missing = [key for key in _UPDATE_FIELDS if key not in update]
@@ -525,10 +528,16 @@ def _check_update(update: object, where: str) -> dict[str, Any]:
     for key in ("round", "num_samples"):
         if not _is_count(update[key]):
             raise DataError(f"{where}: update '{key}' must be an integer >= 0, got {update[key]!r}")
+    if update["num_samples"] > MAX_COUNT:
+        raise DataError(f"{where}: update 'num_samples' must be at most {MAX_COUNT}, got {update['num_samples']}")
     for key in ("score_mass", "train_loss"):
         value = update[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise DataError(f"{where}: update '{key}' must be a finite number, got {value!r}")
+    if update["train_loss"] < 0:
+        raise DataError(
+            f"{where}: update 'train_loss' is a cross-entropy and cannot be negative, got {update['train_loss']}"
+        )
     return {key: update[key] for key in _UPDATE_FIELDS}
 
 

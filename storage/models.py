@@ -420,6 +420,10 @@ class TrainRound(Base):
     participants: Mapped[list[str] | None] = mapped_column(JSON)
     train_loss: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    guard: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What aggregation's guard did (`scoring.aggregation.guard_round`): ``flags``, a list of ``{silo, kind,
+    detail}`` (a capped count, a clamped score mass, a clipped delta), and ``figures`` (the clip bound, each silo's
+    delta norm)."""
 
 
 class TrainUpdate(Base):

@@ -585,9 +585,17 @@ def lock_open_round(session: Session, *, job_id: str, round: int) -> bool:
 
 
 def close_round(
-    session: Session, *, job_id: str, round: int, result_blob: str, participants: Sequence[str], train_loss: float
+    session: Session,
+    *,
+    job_id: str,
+    round: int,
+    result_blob: str,
+    participants: Sequence[str],
+    train_loss: float,
+    guard: dict[str, Any] | None = None,
 ) -> bool:
-    """``aggregating`` → ``closed`` with its result; True for the one caller that closed it."""
+    """``aggregating`` → ``closed`` with its result (and what the aggregation's guard did); True for the one caller
+    that closed it."""
     stmt = (
         update(TrainRound)
         .where(TrainRound.job_id == job_id, TrainRound.round == round, TrainRound.status == "aggregating")
@@ -596,6 +604,7 @@ def close_round(
             result_blob=result_blob,
             participants=list(participants),
             train_loss=train_loss,
+            guard=guard,
             closed_at=utcnow(),
         )
     )

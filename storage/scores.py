@@ -132,6 +132,16 @@ def iter_scores(session: Session, *, job_id: str, query: ScoreQuery, batch: int 
     yield from session.execute(stmt)
 
 
+def owner_scores(session: Session, *, job_id: str, owners: Sequence[str]) -> dict[str, list[tuple[float, bool]]]:
+    """Per owner, ``(score, selected)`` of every one of its samples in the job (what it may train on, and the score
+    mass that can have: `workers.training.known_selection`)."""
+    out: dict[str, list[tuple[float, bool]]] = {o: [] for o in owners}
+    stmt = select(Score.owner, Score.score, Score.selected).where(Score.job_id == job_id, Score.owner.in_(owners))
+    for owner, score, selected in session.execute(stmt):
+        out[owner].append((float(score), bool(selected)))
+    return out
+
+
 def decision_counts(session: Session, *, job_id: str) -> dict[str, dict[str, int]]:
     """Per owner: ``n``, ``kept`` (decision in force), ``auto_kept`` (threshold's decision) and ``overridden``."""
     stmt = (

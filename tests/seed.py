@@ -208,6 +208,12 @@ def seed_training_job(
             result_blob=f"{r + 1:064x}",
             participants=list(silos),
             train_loss=2.8 - 0.25 * r,
+            guard={  # round 2: the last silo sent an update far larger than the others
+                "flags": [{"silo": silos[-1], "kind": "clipped", "detail": "update norm 1e+30 clipped to 0.3"}]
+                if r == 1
+                else [],
+                "figures": {"clip_bound": 0.3},
+            },
         )
         repo.set_round_metrics(
             session, job_id=job.id, round=r, metrics={"loss": 2.7 - 0.2 * r, "pubmedqa_accuracy": 0.3 + 0.1 * r}

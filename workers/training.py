@@ -13,6 +13,7 @@ or redoes it deterministically (blobs are content-addressed). Each returns what 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,11 +28,21 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from scoring.aggregation import SiloUpdate, build_aggregator, state_from_arrays, state_to_arrays
+from scoring.aggregation import (
+    GUARD_FIELDS,
+    Known,
+    RoundGuard,
+    SiloUpdate,
+    build_aggregator,
+    guard_round,
+    state_from_arrays,
+    state_to_arrays,
+)
 from scoring.config import LocalTrainConfig, LoraSettings, round_lr
 from scoring.errors import ConfigError
 from scoring.io import CheckpointBundle, bundle_to_bytes, checkpoint_to_bytes, read_bundle, write_checkpoint_dir
 from storage import repository as repo
+from storage import scores as storage_scores
 from storage.models import TrainJob, utcnow
 from workers.pipeline import JobStateError, Resources
 
@@ -170,6 +181,7 @@ def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
         silo_updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in updates]
         start_blob, lr, mode = row.start_blob, row.lr, job.mode
         settings, state_blob = dict(job.settings), job.server_state_blob
+        known = known_selection(session, settings["selection"], job.scoring_job_id, sent)
         repo.update_train_job(session, job_id=job_id, message=f"aggregating round {round + 1} ({len(sent)} silos)")
     start = read_bundle(res.blobs.read_bytes(start_blob), None, None, f"round {round} start")
     bundles = [
@@ -180,15 +192,21 @@ def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
         steps_done = (round + 1) * LocalTrainConfig.from_dict(settings["local"]).steps
         entry = _entry(job, round, lr, steps_done)
         model_ref = job.model
+    claimed = [
+        SiloUpdate(name, bundle.adapter, n, mass)
+        for (name, _, n, mass, _), bundle in zip(silo_updates, bundles, strict=True)
+    ]
+    guarded, flags, figures = guard_round(start.adapter, claimed, known, RoundGuard.from_dict(settings["aggregation"]))
+    for flag in flags:
+        log.warning("training job %s round %d: %s %s: %s", job_id, round, flag.silo, flag.kind, flag.detail)
     new_state = None
     if mode == "merge":
-        result = _merge(res, model_ref, settings["merge"], start, bundles, silo_updates, entry)
+        result = _merge(res, model_ref, settings["merge"], start, bundles, guarded, entry)
     else:
-        result, new_state = _aggregate(res, settings["aggregation"], start, bundles, silo_updates, state_blob, entry)
+        result, new_state = _aggregate(res, settings["aggregation"], start, guarded, state_blob, entry)
     ref = res.blobs.put_bytes(result)
     state_key = res.blobs.put_bytes(new_state).key if new_state is not None else state_blob
-    weights = [n for _, _, n, _, _ in silo_updates]
-    loss = float(np.average([u[4] for u in silo_updates], weights=weights))
+    loss = float(np.average([u[4] for u in silo_updates], weights=[u.num_samples for u in guarded]))
     with res.sessions.begin() as session:
         if not repo.close_round(
             session,
@@ -197,6 +215,7 @@ def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
             result_blob=ref.key,
             participants=[name for name, *_ in silo_updates],
             train_loss=loss,
+            guard={"flags": [f.to_dict() for f in flags], "figures": figures},
         ):
             return Outcome("already")  # another delivery of this task closed it first
         job = repo.get_train_job(session, job_id=job_id)
@@ -230,33 +249,48 @@ def _evaluation_due(job: TrainJob, round: int) -> bool:
     return round + 1 == job.rounds or (round + 1) % every == 0
 
 
+def known_selection(session, selection: dict[str, Any], scoring_job: str | None, silos: list[str]) -> dict[str, Known]:
+    """What the scoring job says each silo may claim (`scoring.aggregation.Known`): the most samples its selection
+    gives, and the lowest and highest score mass those can have. Nothing is known without a scoring job."""
+    if scoring_job is None:
+        return {}
+    source = selection["source"]
+    known = {}
+    for silo, rows in storage_scores.owner_scores(session, job_id=scoring_job, owners=silos).items():
+        if not rows:
+            continue
+        scores = np.sort([score for score, _ in rows])
+        kept = [score for score, selected in rows if selected]
+        if source == "selected":
+            known[silo] = Known(len(kept), (float(np.sum(kept)), float(np.sum(kept))))
+            continue
+        k = {"all": len(rows), "random": len(kept)}.get(source) or max(1, round(selection["fraction"] * len(rows)))
+        known[silo] = Known(k, (float(scores[:k].sum()), float(scores[len(scores) - k :].sum())))
+    return known
+
+
 def _aggregate(
     res: Resources,
     aggregation: dict[str, Any],
     start: CheckpointBundle,
-    bundles: list[CheckpointBundle],
-    silo_updates: list[tuple],
+    updates: list[SiloUpdate],
     state_blob: str | None,
     entry: dict[str, Any],
 ) -> tuple[bytes, bytes]:
-    options = {k: v for k, v in aggregation.items() if k != "rule"}
+    options = {k: v for k, v in aggregation.items() if k != "rule" and k not in GUARD_FIELDS}
     rule = "fedavg" if aggregation["rule"] == "fedprox" else aggregation["rule"]
     aggregator = build_aggregator(rule, **options)
     state = state_from_arrays(load_arrays(res.blobs.read_bytes(state_blob))) if state_blob else None
-    updates = [
-        SiloUpdate(name, bundle.adapter, num_samples, score_mass)
-        for (name, _, num_samples, score_mass, _), bundle in zip(silo_updates, bundles, strict=True)
-    ]
     new, state = aggregator.aggregate(start.adapter, updates, state)
     result = CheckpointBundle(start.layout, new, {}, {}, start.adapter_config, entry)
     return bundle_to_bytes(result), save_arrays(state_to_arrays(state))
 
 
-def merge_weights(kind: str, silo_updates: list[tuple]) -> list[float]:
+def merge_weights(kind: str, updates: list[SiloUpdate]) -> list[float]:
     """Merge weights, summing to 1: ∝ sample counts (``samples``), equal (``uniform``) or ∝ positive score mass."""
     if kind == "uniform":
-        return [1.0 / len(silo_updates)] * len(silo_updates)
-    values = [float(u[2]) if kind == "samples" else max(float(u[3]), 0.0) for u in silo_updates]
+        return [1.0 / len(updates)] * len(updates)
+    values = [float(u.num_samples) if kind == "samples" else max(float(u.score_mass), 0.0) for u in updates]
     if sum(values) <= 0 or not all(math.isfinite(v) for v in values):
         raise ConfigError(f"merge.weights: {kind!r} gives no positive weight: {values}")
     return [v / sum(values) for v in values]
@@ -268,7 +302,7 @@ def _merge(
     merge: dict[str, Any],
     start: CheckpointBundle,
     bundles: list[CheckpointBundle],
-    silo_updates: list[tuple],
+    updates: list[SiloUpdate],
     entry: dict[str, Any],
 ) -> bytes:
     """peft's ``add_weighted_adapter`` over the silos' adapters; the merged adapter as a bundle (its own layout:
@@ -280,14 +314,16 @@ def _merge(
 
     with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
         dirs = {}
-        for (name, *_), bundle in zip(silo_updates, bundles, strict=True):
-            write_checkpoint_dir(bundle, Path(tmp) / "in" / name)
-            dirs[name] = Path(tmp) / "in" / name / "adapter"
+        for u, bundle in zip(updates, bundles, strict=True):  # the guarded (clipped) adapters
+            adapter = {n: np.asarray(w).astype(bundle.adapter[n].dtype) for n, w in u.weights.items()}
+            guarded = dataclasses.replace(bundle, adapter=adapter)
+            write_checkpoint_dir(guarded, Path(tmp) / "in" / u.silo)
+            dirs[u.silo] = Path(tmp) / "in" / u.silo / "adapter"
         base = load_base_model(model_ref, **_model_options(res))
         model = merge_adapters(
             base.model,
             dirs,
-            merge_weights(merge.get("weights", "samples"), silo_updates),
+            merge_weights(merge.get("weights", "samples"), updates),
             kind=merge["kind"],
             density=merge.get("density"),
             svd_rank=merge.get("svd_rank"),

@@ -24,6 +24,7 @@ from app.metrics import TASKS
 from app.routes.jobs import BINARY, _engine_check, _public, _transition, _upload_answer, steps_public
 from app.schemas import (
     JobPublic,
+    RoundFlag,
     RoundPublic,
     ScoringFromWarmup,
     TrainCreate,
@@ -32,7 +33,7 @@ from app.schemas import (
     UploadResult,
 )
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive
-from scoring.aggregation import build_aggregator
+from scoring.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
 from scoring.config import DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings, ProjectionSpec, parameter_layout_hash
 from scoring.data import read_samples
 from scoring.errors import ConfigError, DataError
@@ -64,7 +65,14 @@ def _train_for(session, job_id: str, principal: Principal) -> TrainJob:
     return job
 
 
-def _round_public(row: TrainRound, received: list[str]) -> RoundPublic:
+def _round_public(row: TrainRound, received: list[str], mine: str | None) -> RoundPublic:
+    """A round as ``mine`` (a silo's name; None: the admin) may see it: a silo sees itself among the received and
+    the participants, and only its own guard flags; the admin sees everything, with the clip bound."""
+    guard = row.guard or {}
+    flags = [RoundFlag(**f) for f in guard.get("flags", []) if mine in (None, f["silo"])]
+    participants = (
+        row.participants if mine is None or row.participants is None else [p for p in row.participants if p == mine]
+    )
     return RoundPublic(
         round=row.round,
         lr=row.lr,
@@ -73,7 +81,9 @@ def _round_public(row: TrainRound, received: list[str]) -> RoundPublic:
         started_at=row.started_at,
         closed_at=row.closed_at,
         received=received,
-        participants=row.participants,
+        participants=participants,
+        flags=flags,
+        clip_bound=guard.get("figures", {}).get("clip_bound") if mine is None else None,
         train_loss=row.train_loss,
         metrics=row.metrics,
         start_sha256=row.start_blob,
@@ -86,7 +96,7 @@ def _train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
     history = []
     for row in repo.list_rounds(session, job_id=job.id):
         received = [u.silo.name for u in repo.list_updates(session, job_id=job.id, round=row.round)]
-        history.append(_round_public(row, [n for n in received if mine in (None, n)]))
+        history.append(_round_public(row, [n for n in received if mine in (None, n)], mine))
     members = [m for m in job.members if mine in (None, m.silo.name)]
     return TrainPublic(
         id=job.id,
@@ -155,7 +165,11 @@ def _settings_from(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
     rule = aggregation.pop("rule")
     if rule == "fedprox" and body.local.prox_mu <= 0:
         raise ApiError(422, "aggregation.rule: 'fedprox' needs local.prox_mu > 0 (the silos' proximal term)")
-    _engine_check("aggregation", lambda: build_aggregator("fedavg" if rule == "fedprox" else rule, **aggregation))
+    if rule == "quality-fedavg" and scoring_job is None:
+        raise ApiError(422, "aggregation.rule: 'quality-fedavg' weighs by score mass and needs selection.scoring_job")
+    options = {k: v for k, v in aggregation.items() if k not in GUARD_FIELDS}
+    _engine_check("aggregation", lambda: build_aggregator("fedavg" if rule == "fedprox" else rule, **options))
+    _engine_check("aggregation", lambda: RoundGuard.from_dict(aggregation))
     merge = body.merge.model_dump()
     if body.mode == "merge":
         if body.rounds != 1:

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.config import AppSettings
 from app.main import create_app
+from scoring.aggregation import delta_norm
 from scoring.config import DEFAULT_SIGNALS, LocalTrainConfig, ProjectionSpec, parameter_layout_hash, round_lr
 from scoring.io import CheckpointBundle, bundle_to_bytes, checkpoint_from_bytes, read_bundle
 from storage import repository as repo
@@ -260,6 +261,17 @@ def test_the_last_update_hands_the_round_to_a_worker_and_reupload_is_200(env):
     assert again.status_code == 200
 
 
+def with_update(data: bytes, **fields: Any) -> bytes:
+    """``data`` (a safetensors bundle) with fields of its ``update`` metadata replaced, as a hostile silo could
+    write it (`bundle_to_bytes` refuses to)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"]["update"] = json.dumps({**json.loads(header["__metadata__"]["update"]), **fields})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + size :]
+
+
 def _bad_updates(start: CheckpointBundle) -> list[tuple[str, bytes, str]]:
     def bundle(**over: Any) -> bytes:
         fields = {
@@ -283,6 +295,8 @@ def _bad_updates(start: CheckpointBundle) -> list[tuple[str, bytes, str]]:
         ("round", bundle(update={"round": 1, "num_samples": 2, "score_mass": 0.0, "train_loss": 1.0}), "round 1"),
         ("samples", bundle(update={"round": 0, "num_samples": 0, "score_mass": 0.0, "train_loss": 1.0}),
          "num_samples"),
+        ("huge count", with_update(bundle(), num_samples=10**15), "at most 2147483647"),
+        ("negative loss", with_update(bundle(), train_loss=-5), "cannot be negative"),
         ("not safetensors", b"hello world, not a bundle", "safetensors"),
     ]  # fmt: skip
 
@@ -531,3 +545,47 @@ def test_the_held_out_set_is_evaluated_after_the_last_round(env, tmp_path):
     job = env.get(job_id)
     assert job["status"] == "done" and job["metrics"] == job["history"][0]["metrics"]
     assert job["metrics"]["round"] == 0 and job["metrics"]["num_samples"] == 3 and job["metrics"]["loss"] > 0
+
+
+def test_a_byzantine_silo_cannot_take_over_the_model_and_is_flagged_to_the_admin_only(env):
+    """Silo c sends every weight ×1e30, the largest count it may claim and a huge score mass (the probe that moved
+    the global adapter's largest weight from ~1 to 9.55e29): the round closes with the model moved by at most the
+    clip bound, c is flagged, and neither a nor b learns about it."""
+    job_id = env.running(silos=["a", "b", "c"])
+    start = env.start_bundle(job_id, 0)
+    for i, silo in enumerate(("a", "b")):
+        assert (
+            env.upload(job_id, 0, silo, update_bytes(start, 0, seed=i, num_samples=20, scale=0.01)).status_code == 201
+        )
+    evil = CheckpointBundle(
+        start.layout,
+        {n: (a * 1e30).astype(np.float32) for n, a in start.adapter.items()},
+        {},
+        {},
+        start.adapter_config,
+        start.entry,
+        {},
+        {"round": 0, "num_samples": 2**31 - 1, "score_mass": 1e300, "train_loss": 0.0},
+    )
+    assert env.upload(job_id, 0, "c", bundle_to_bytes(evil)).status_code == 201
+    env.work()
+    job = env.get(job_id)
+    row = job["history"][0]
+    assert row["status"] == "closed"
+    result = env.start_bundle(job_id, 1)
+    moved = delta_norm(result.adapter, start.adapter)
+    assert moved <= row["clip_bound"] * (1 + 1e-5)
+    assert max(float(np.abs(a).max()) for a in result.adapter.values()) < 10
+    assert {(f["silo"], f["kind"]) for f in row["flags"]} == {
+        ("c", "count_capped"),
+        ("c", "mass_clamped"),
+        ("c", "clipped"),
+    }
+    for silo in ("a", "b"):
+        seen = env.get(job_id, silo)["history"][0]
+        assert seen["flags"] == [] and seen["clip_bound"] is None and seen["participants"] == [silo]
+    assert {f["kind"] for f in env.get(job_id, "c")["history"][0]["flags"]} == {
+        "count_capped",
+        "mass_clamped",
+        "clipped",
+    }

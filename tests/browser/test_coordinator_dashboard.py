@@ -232,6 +232,10 @@ def test_training_page_shows_curves_and_results(env: Env, page) -> None:
     assert tasks[0][1] == pytest.approx([0.3, 0.4, 0.5])
     assert "pubmedqa_accuracy" in page.locator("#final-metrics").inner_text()
     assert page.locator("#rounds tbody tr").count() == 3
+    flags = page.locator("#rounds tbody tr:nth-child(2) .flag")
+    assert flags.count() == 1 and flags.get_attribute("data-kind") == "clipped"
+    assert "clipped to 0.3" in flags.inner_text()
+    assert page.locator("#rounds tbody tr:nth-child(1) .flag").count() == 0
     screenshot(page, "coordinator-train")
 
 

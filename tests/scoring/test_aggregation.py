@@ -9,11 +9,18 @@ import pytest
 from scoring.aggregation import (
     FedAdam,
     FedAvg,
+    FedMedian,
+    FedTrimmedMean,
     FedYogi,
+    Known,
     QualityFedAvg,
+    RoundGuard,
     ServerState,
     SiloUpdate,
     build_aggregator,
+    delta_norm,
+    guard_round,
+    lower_median,
     state_from_arrays,
     state_to_arrays,
 )
@@ -113,3 +120,93 @@ def test_build_aggregator_by_name():
     with pytest.raises(ConfigError, match="beta1"):
         FedAdam(beta1=1.0)
     assert ServerState().round == 0
+
+
+# ---- robust rules and the round guard ----
+
+
+def test_median_and_trimmed_mean_are_coordinate_wise_and_ignore_counts():
+    updates = [SiloUpdate(f"s{i}", adapter(i), n) for i, n in enumerate((1, 1, 10**9, 1, 1))]
+    stack = {n: np.stack([u.weights[n] for u in updates]).astype(np.float64) for n in NAMES}
+    med, _ = FedMedian().aggregate(adapter(99), updates)
+    trimmed, _ = FedTrimmedMean(trim=0.2).aggregate(adapter(99), updates)
+    for name in NAMES:
+        np.testing.assert_allclose(med[name], np.median(stack[name], axis=0), rtol=1e-6)
+        np.testing.assert_allclose(trimmed[name], np.sort(stack[name], axis=0)[1:4].mean(axis=0), rtol=1e-6)
+    assert build_aggregator("trimmed-mean", trim=0.1).trim == 0.1
+    with pytest.raises(ConfigError, match="trim"):
+        FedTrimmedMean(trim=0.5)
+    with pytest.raises(ConfigError, match="takes no options"):
+        build_aggregator("median", trim=0.1)
+
+
+def test_the_lower_median_is_not_moved_by_one_outlier_of_two():
+    assert lower_median([1.0, 1e30]) == 1.0 and lower_median([3.0, 1.0, 2.0]) == 2.0
+
+
+def test_delta_norm_survives_values_that_would_overflow_a_square():
+    g = {"p": np.zeros(4)}
+    assert delta_norm({"p": np.full(4, 1e300)}, g) == pytest.approx(2e300)
+    assert delta_norm({"p": np.array([3.0, 4.0, 0, 0])}, g) == pytest.approx(5.0)
+    assert delta_norm(g, g) == 0.0
+
+
+def byzantine_round():
+    """Three silos around a global adapter: two honest (small deltas), one sending ×1e30 weights and 2^31−1 samples."""
+    g = adapter(0)
+    rng = np.random.default_rng(1)
+    honest = [
+        SiloUpdate(s, {n: (a + 0.01 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in g.items()}, 40, 2.0)
+        for s in ("a", "b")
+    ]
+    evil = SiloUpdate("c", {n: (a * 1e30).astype(np.float32) for n, a in g.items()}, 2**31 - 1, 1e300)
+    return g, [*honest, evil]
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "quality-fedavg", "fedadam", "median", "trimmed-mean"])
+def test_one_byzantine_silo_among_three_moves_the_model_at_most_the_clip_bound_and_is_flagged(rule):
+    g, updates = byzantine_round()
+    known = {s: Known(40, (0.0, 2.0)) for s in ("a", "b", "c")}
+    guarded, flags, figures = guard_round(g, updates, known, RoundGuard())
+    bound = figures["clip_bound"]
+    honest_norms = sorted(figures[f"norm.{s}"] for s in ("a", "b"))
+    assert bound == pytest.approx(3.0 * honest_norms[1])  # the median of the three norms and figures["norm.c"] > 1e25
+    kinds = {(f.silo, f.kind) for f in flags}
+    assert kinds == {("c", "count_capped"), ("c", "mass_clamped"), ("c", "clipped")}
+    assert guarded[2].num_samples == 40 and guarded[2].score_mass == 2.0
+    new, _ = build_aggregator(rule).aggregate(g, guarded)
+    moved = delta_norm(new, g)
+    assert moved <= bound * (1 + 1e-5), (moved, bound)
+    assert all(np.isfinite(a).all() for a in new.values())
+    unguarded, _ = FedAvg().aggregate(g, updates)  # what the same round did before the guard
+    assert delta_norm(unguarded, g) > 1e20
+
+
+def test_without_a_scoring_job_counts_are_capped_at_a_multiple_of_the_median_and_mass_is_zero():
+    g, updates = byzantine_round()
+    guarded, flags, _ = guard_round(g, updates, {}, RoundGuard(max_count_ratio=10))
+    assert [u.num_samples for u in guarded] == [40, 40, 400]
+    assert [u.score_mass for u in guarded] == [0.0, 0.0, 0.0]
+    assert {f.kind for f in flags if f.silo == "a"} == {"mass_clamped"}
+
+
+def test_honest_rounds_pass_the_guard_untouched():
+    g, updates = byzantine_round()
+    honest = updates[:2]
+    known = {s: Known(40, (2.0, 2.0)) for s in ("a", "b")}
+    guarded, flags, figures = guard_round(g, honest, known, RoundGuard())
+    assert flags == [] and guarded == honest
+
+
+def test_absolute_clip_and_no_clip():
+    g, updates = byzantine_round()
+    known = {s: Known(2**31, (0.0, 1e301)) for s in ("a", "b", "c")}
+    guarded, flags, figures = guard_round(g, updates, known, RoundGuard(clip="absolute", clip_norm=0.05))
+    assert figures["clip_bound"] == 0.05 and all(delta_norm(u.weights, g) <= 0.05 + 1e-6 for u in guarded)
+    assert [f.kind for f in flags] == ["clipped"] * 3
+    _, flags, figures = guard_round(g, updates, known, RoundGuard(clip="none"))
+    assert flags == [] and "clip_bound" not in figures
+    with pytest.raises(ConfigError, match="clip_norm"):
+        RoundGuard(clip="absolute")
+    with pytest.raises(ConfigError, match="clip_factor"):
+        RoundGuard(clip_factor=0.5)

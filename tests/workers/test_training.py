@@ -54,6 +54,28 @@ def train_settings(mode: str = "federated", **over: Any) -> dict[str, Any]:
     return {**settings, **over}
 
 
+def scored_job(res: pipeline.Resources, scores: dict[str, list[tuple[float, bool]]]) -> str:
+    """A finished scoring job whose silos' samples have these ``(score, selected)``; its silos created if missing."""
+    with res.sessions.begin() as session:
+        known = {s.name for s in repo.list_silos(session)}
+        for name in scores:
+            if name not in known:
+                repo.create_silo(session, name=name)
+        job = repo.create_job(
+            session, name="s", model="tiny:0", lora=LORA, projection={}, similarity="cosine",
+            threshold={"kind": "mean-anchor"}, precondition=False, options={},
+            checkpoints=[{"index": 0, "step": 1, "lr": 1e-3, "lr_last": 1e-3, "adam": {}}], silo_names=list(scores),
+        )  # fmt: skip
+        rows = [
+            {"owner": silo, "sample_id": f"{silo}{i}", "row": i, "score": score, "parts": [score], "selected": kept}
+            for silo, values in scores.items()
+            for i, (score, kept) in enumerate(values)
+        ]
+        repo.replace_scores(session, job_id=job.id, rows=rows)
+        repo.update_job(session, job_id=job.id, status="done")
+        return job.id
+
+
 def new_train_job(
     res: pipeline.Resources,
     *,
@@ -62,6 +84,7 @@ def new_train_job(
     rounds: int = 2,
     quorum: int | None = None,
     timeout_s: float = 3600.0,
+    scoring_job: str | None = None,
     **settings: Any,
 ) -> str:
     """A training job in ``starting`` (as after ``POST /start``), its silos created when missing."""
@@ -72,7 +95,8 @@ def new_train_job(
                 repo.create_silo(session, name=name)
         job = repo.create_train_job(
             session, name="t", mode=mode, model="tiny:0", settings=train_settings(mode, **settings), rounds=rounds,
-            quorum=quorum or len(silos), round_timeout_s=timeout_s, scoring_job_id=None, silo_names=list(silos),
+            quorum=quorum or len(silos), round_timeout_s=timeout_s, scoring_job_id=scoring_job,
+            silo_names=list(silos),
         )  # fmt: skip
         repo.update_train_job(session, job_id=job.id, status="starting")
         return job.id
@@ -224,7 +248,10 @@ def test_fedavg_round_is_the_sample_weighted_average_and_opens_the_next_round(re
 
 @pytest.mark.parametrize(("rule", "weights"), [("quality-fedavg", [0.5, 1.5]), ("fedprox", [1, 3])])
 def test_quality_fedavg_weighs_by_score_mass_and_fedprox_by_samples(res, rule, weights):
-    job_id = new_train_job(res, rounds=1, aggregation={"rule": rule})
+    # a's one selected sample scores 0.5, b's three 1.5 in all: what the silos claim below
+    scoring = scored_job(res, {"a": [(0.5, True), (0.1, False)], "b": [(0.5, True)] * 3 + [(-1.0, False)]})
+    selection = {"source": "selected", "fraction": 0.05, "seed": 0, "scoring_job": scoring}
+    job_id = new_train_job(res, rounds=1, aggregation={"rule": rule}, scoring_job=scoring, selection=selection)
     training.init_train(res, job_id)
     start = round_start(res, job_id, 0)
     sent = {
