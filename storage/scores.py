@@ -161,6 +161,27 @@ def decision_counts(session: Session, *, job_id: str) -> dict[str, dict[str, int
     }
 
 
+def histogram_edges(scores: np.ndarray, threshold: float | None, bins: int = HIST_BINS) -> np.ndarray:
+    """``bins + 1`` edges spanning ``scores`` and the threshold (a unit interval around a single value)."""
+    lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
+    if threshold is not None and math.isfinite(threshold):
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def owner_histogram(session: Session, *, job_id: str, owner: str, bins: int = HIST_BINS) -> tuple[list, list]:
+    """``(edges, counts)`` of one owner's scores on edges spanning only its scores and the threshold: what a silo
+    may see (the shared edges of the summary would give away the range of every other silo's scores)."""
+    threshold = session.scalar(select(Job.threshold_value).where(Job.id == job_id))
+    scores = np.array(
+        session.scalars(select(Score.score).where(Score.job_id == job_id, Score.owner == owner)).all(), dtype=np.float64
+    )
+    edges = histogram_edges(scores, threshold, bins)
+    return edges.tolist(), np.histogram(scores, bins=edges)[0].tolist()
+
+
 SummaryRow = tuple[str, float, Sequence[float], bool]
 """(owner, score, per-checkpoint terms, the threshold's decision) of one sample."""
 
@@ -190,12 +211,7 @@ def build_summary(
         terms.append(parts)
         flags.append(kept)
     everything = np.array([s for scores, _, _ in by_owner.values() for s in scores], dtype=np.float64)
-    lo, hi = (float(everything.min()), float(everything.max())) if everything.size else (0.0, 1.0)
-    if job.threshold_value is not None and math.isfinite(job.threshold_value):
-        lo, hi = min(lo, job.threshold_value), max(hi, job.threshold_value)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
+    edges = histogram_edges(everything, job.threshold_value, bins)
     T = len(job.checkpoints)
     owners: dict[str, Any] = {}
     for owner, (scores, terms, flags) in sorted(by_owner.items()):

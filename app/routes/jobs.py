@@ -32,6 +32,7 @@ from scoring.io import checkpoint_from_bytes, map_projection
 from scoring.selection import threshold_from_dict
 from scoring.traces import LR_REL_TOL
 from storage import repository as repo
+from storage import scores as score_store
 from storage import steps as leases
 from storage.models import Job, utcnow
 from workers import names
@@ -50,14 +51,15 @@ def _public(job: Job, principal: Principal, session) -> JobPublic:
         for m in job.members
         if principal.is_admin or m.silo_id == principal.silo.id
     ]
+    message, error = visible_status(job, principal, session)
     return JobPublic(
         id=job.id,
         name=job.name,
         status=job.status,
         anchor_status=job.anchor_status,
         progress=job.progress,
-        message=job.message,
-        error=job.error,
+        message=message,
+        error=error,
         threshold_value=job.threshold_value,
         created_at=job.created_at,
         updated_at=job.updated_at,
@@ -68,6 +70,26 @@ def _public(job: Job, principal: Principal, session) -> JobPublic:
         anchors=anchors.num_samples if anchors else None,
         steps=steps_public(session, job.id) if principal.is_admin else None,
     )
+
+
+SILO_MESSAGES = {
+    "draft": "being set up by the coordinator",
+    "open": "waiting for silo uploads",
+    "scoring": "scoring",
+    "failed": "failed: the coordinator's admin has the details",
+}
+
+
+def visible_status(job: Job, principal: Principal, session) -> tuple[str, str | None]:
+    """``(message, error)`` as the caller may see them. The admin sees the job's own; a silo sees nothing computed
+    from other silos' rows (no total count, no part count, no other silo's name in an error): a message per status,
+    and once scored, its own counts."""
+    if principal.is_admin:
+        return job.message, job.error
+    if job.status == "done":
+        mine = score_store.decision_counts(session, job_id=job.id).get(principal.silo.name, {"n": 0, "kept": 0})
+        return f"{mine['kept']} of your {mine['n']} samples selected", None
+    return SILO_MESSAGES.get(job.status, job.status), None
 
 
 def steps_public(session, job_id: str) -> list[StepPublic]:
@@ -92,7 +114,7 @@ def _job_for(session, job_id: str, principal: Principal) -> Job:
     """The job, if the caller may see it (404 otherwise, also for jobs of other silos)."""
     job = repo.get_job(session, job_id=job_id)
     if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
-        raise ApiError(404, f"job {job_id} not found")
+        raise ApiError(404, f"job '{job_id}' does not exist")  # the same words as for a job that does not
     return job
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import Row
 
 from app.deps import AdminDep, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
 from app.errors import ApiError
-from app.routes.jobs import JobId, _job_for
+from app.routes.jobs import JobId, _job_for, visible_status
 from app.schemas import (
     ClusterMember,
     DuplicateCluster,
@@ -64,7 +64,8 @@ Offset = Annotated[int, Query(ge=0)]
 def _scored(session, job_id: str, principal: Principal) -> Job:
     job = _job_for(session, job_id, principal)
     if job.status != "done":
-        raise ApiError(409, f"job {job_id} is {job.status!r} ({job.message}); scores exist once it is 'done'")
+        message, _ = visible_status(job, principal, session)
+        raise ApiError(409, f"job {job_id} is {job.status!r} ({message}); scores exist once it is 'done'")
     return job
 
 
@@ -253,11 +254,14 @@ def get_summary(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> 
         for owner, stats in summary["owners"].items()
         if own is None or owner == own
     }
+    edges = summary["edges"]
+    if own is not None and own in silos:  # its own histogram on edges from its own scores (and the threshold)
+        edges, silos[own].counts = score_store.owner_histogram(session, job_id=job_id, owner=own)
     return ScoreSummary(
         job=job_id,
         threshold=job.threshold_value,
         checkpoints=summary["checkpoints"],
-        edges=summary["edges"],
+        edges=edges,
         silos=silos,
         anchor_scores=summary["anchor_scores"] if principal.is_admin else [],
     )

@@ -61,7 +61,7 @@ def default_checkpoint_rounds(rounds: int, count: int = MAX_CHECKPOINTS) -> list
 def _train_for(session, job_id: str, principal: Principal) -> TrainJob:
     job = repo.get_train_job(session, job_id=job_id)
     if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
-        raise ApiError(404, f"training job {job_id} not found")
+        raise ApiError(404, f"training job '{job_id}' does not exist")  # as for a job that does not
     return job
 
 

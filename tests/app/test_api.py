@@ -285,6 +285,35 @@ def test_silo_sees_only_its_jobs_and_own_member_entry(env):
     assert r.status_code == 404
 
 
+def test_not_a_member_and_does_not_exist_read_the_same(env):
+    job_id = env.open_job()
+    c_headers = {"Authorization": f"Bearer {env.tokens['c']}"}
+    theirs = env.client.get(f"/v1/jobs/{job_id}", headers=c_headers)
+    missing = env.client.get(f"/v1/jobs/{'0' * 32}", headers=c_headers)
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["detail"].replace(job_id, "ID") == missing.json()["detail"].replace("0" * 32, "ID")
+    for path in ("/scores", "/summary"):
+        theirs = env.client.get(f"/v1/jobs/{job_id}{path}", headers=c_headers)
+        missing = env.client.get(f"/v1/jobs/{'0' * 32}{path}", headers=c_headers)
+        assert theirs.json()["detail"].replace(job_id, "ID") == missing.json()["detail"].replace("0" * 32, "ID")
+
+
+def test_a_silo_sees_no_message_or_error_computed_from_other_silos(env):
+    job_id = env.open_job()
+    a = {"Authorization": f"Bearer {env.tokens['a']}"}
+    with env.app.state.clues.sessions.begin() as session:  # what a worker writes while scoring, then on failure
+        repo.update_job(session, job_id=job_id, status="scoring", message="scored 3/17 shard parts")
+    assert env.client.get(f"/v1/jobs/{job_id}", headers=a).json()["message"] == "scoring"
+    assert env.client.get(f"/v1/jobs/{job_id}", headers=ADMIN).json()["message"] == "scored 3/17 shard parts"
+    detail = env.client.get(f"/v1/jobs/{job_id}/scores", headers=a).json()["detail"]
+    assert "17" not in detail and "scoring" in detail
+    with env.app.state.clues.sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, status="failed", error="silo 'b' part 0: rows [3] hold NaN")
+    job = env.client.get(f"/v1/jobs/{job_id}", headers=a).json()
+    assert job["error"] is None and "'b'" not in job["message"]
+    assert env.client.get(f"/v1/jobs/{job_id}", headers=ADMIN).json()["error"].startswith("silo 'b'")
+
+
 def test_open_needs_checkpoints_and_anchors(env):
     job = env.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
     r = env.client.post(f"/v1/jobs/{job['id']}/open", headers=ADMIN)

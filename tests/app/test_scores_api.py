@@ -9,6 +9,7 @@ import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -303,7 +304,18 @@ def test_silo_summary_is_its_own(env):
     body = env.client.get(env.url("/summary"), headers=env.silo("silo3")).json()
     assert set(body["silos"]) == {"silo3"} and body["anchor_scores"] == []
     admin = env.client.get(env.url("/summary"), headers=ADMIN).json()
-    assert body["silos"]["silo3"] == admin["silos"]["silo3"] and body["edges"] == admin["edges"]
+    mine = {k: v for k, v in body["silos"]["silo3"].items() if k != "counts"}
+    assert mine == {k: v for k, v in admin["silos"]["silo3"].items() if k != "counts"}
+    # Its histogram spans its own scores and the threshold, never the other silos' or the anchors' range.
+    own = [r["score"] for r in all_rows(env) if r["silo"] == "silo3"]
+    lo, hi = min([*own, admin["threshold"]]), max([*own, admin["threshold"]])
+    assert body["edges"][0] == pytest.approx(lo) and body["edges"][-1] == pytest.approx(hi)
+    assert body["edges"] != admin["edges"] and sum(body["silos"]["silo3"]["counts"]) == len(own)
+    counts, _ = np.histogram(own, bins=np.asarray(body["edges"]))
+    assert body["silos"]["silo3"]["counts"] == counts.tolist()
+    job = env.client.get(env.url(""), headers=env.silo("silo3")).json()  # its own counts, not everyone's
+    kept = sum(r["selected"] for r in all_rows(env) if r["silo"] == "silo3")
+    assert job["message"] == f"{kept} of your {len(own)} samples selected"
 
 
 def test_override_changes_kept_counts_not_histograms(env):

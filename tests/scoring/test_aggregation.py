@@ -194,7 +194,7 @@ def test_honest_rounds_pass_the_guard_untouched():
     g, updates = byzantine_round()
     honest = updates[:2]
     known = {s: Known(40, (2.0, 2.0)) for s in ("a", "b")}
-    guarded, flags, figures = guard_round(g, honest, known, RoundGuard())
+    guarded, flags, _ = guard_round(g, honest, known, RoundGuard())
     assert flags == [] and guarded == honest
 
 

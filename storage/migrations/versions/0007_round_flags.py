@@ -1,5 +1,6 @@
 """Round flags: what the aggregation's guard did to each silo's update (count capped, score mass clamped, delta
-clipped), recorded on the round (`storage.models.TrainRound.guard`, with the clip bound and the delta norms); NULL for rounds closed before.
+clipped), recorded on the round (`storage.models.TrainRound.guard`, with the clip bound and the delta norms); NULL
+for rounds closed before.
 
 Revision ID: 0007_round_flags
 Revises: 0006_task_steps
