@@ -42,6 +42,7 @@ from scoring.calibration import fused_signals
 from storage.repository import hash_token
 from webui import (
     PREFIX,
+    SECURITY_HEADERS,
     STATIC_DIR,
     Session,
     SessionSigner,
@@ -98,6 +99,7 @@ class Dashboard:
         secure: bool,
     ) -> None:
         self.client, self.url, self.text, self.signer = client, url, text, signer
+        self.revoked: set[str] = set()
         self.silo: str | None = silo
         self.secure = secure
         self.rows = RowCache(client, text, ttl_s=ttl_s)
@@ -129,9 +131,16 @@ class Dashboard:
 
     def session_of(self, request: Request) -> Session | None:
         session = self.signer.read(request.cookies.get(self.cookie))
-        if session is None or not session.subject.startswith("silo:"):
+        if session is None or not session.subject.startswith("silo:") or session.sid in self.revoked:
             return None
         return session if self.signer.matches(session, self._token_hash) else None
+
+    def revoke(self, request: Request) -> None:
+        """End the request's session here, not only in its browser (one process serves this dashboard: the set of
+        revoked sessions lives in memory; a restart ends every session anyway when the secret is not kept)."""
+        session = self.signer.read(request.cookies.get(self.cookie))
+        if session is not None:
+            self.revoked.add(session.sid)
 
     # -- pages
 
@@ -209,7 +218,8 @@ def login(
 
 
 @ui.post("/logout")
-def logout(dash: DashDep) -> RedirectResponse:
+def logout(request: Request, dash: DashDep) -> RedirectResponse:
+    dash.revoke(request)
     response = RedirectResponse(f"{PREFIX}/login", status_code=303)
     response.delete_cookie(dash.cookie, path="/")
     return response
@@ -424,9 +434,8 @@ def create_dashboard(
         response = await call_next(request)
         if not request.url.path.startswith(f"{STATIC}/"):  # pages and JSON carry the silo's text: never cache
             response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "same-origin"
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
         return response
 
     return app

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import AppSettings
 from app.errors import ApiError
+from app.limits import AuthLimiter
 from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.models import Silo
@@ -33,6 +34,7 @@ class AppState:
     dispatcher: Dispatcher | None
     ping_broker: Callable[[], None]
     signer: SessionSigner
+    auth_limiter: AuthLimiter
 
 
 def get_state(request: Request) -> AppState:
@@ -63,6 +65,23 @@ class Principal:
         return self.silo is None
 
 
+def client_address(request: Request) -> str:
+    """Who is asking, for the failed-authentication limit (behind a proxy: run uvicorn with its proxy headers)."""
+    return request.client.host if request.client else "unknown"
+
+
+def authenticate(state: AppState, session: Session, token: str, address: str) -> Principal | None:
+    """`principal_for_token`, counting failures per ``address``: past `AppSettings.auth_failures_per_minute` it
+    raises a 429 with ``Retry-After`` without looking at the token."""
+    wait = state.auth_limiter.retry_after(address)
+    if wait is not None:
+        raise ApiError(429, f"too many failed logins from {address}; try again in {wait} s", {"Retry-After": str(wait)})
+    principal = principal_for_token(state, session, token)
+    if principal is None:
+        state.auth_limiter.failed(address)
+    return principal
+
+
 def principal_for_token(state: AppState, session: Session, token: str) -> Principal | None:
     """The administrator or the silo a bearer token belongs to; None for an unknown token."""
     admin = state.settings.admin_token
@@ -76,7 +95,7 @@ def principal_from_cookie(state: AppState, session: Session, request: Request) -
     """The dashboard session's principal, if the request carries a valid session cookie whose token still holds:
     the admin token unchanged, or the silo still holding the token it logged in with."""
     signed = state.signer.read(request.cookies.get(COOKIE_NAME))
-    if signed is None:
+    if signed is None or repo.session_revoked(session, sid=signed.sid):
         return None
     if signed.subject == "admin":
         admin = state.settings.admin_token
@@ -97,7 +116,7 @@ def get_principal(
     """The caller, from ``Authorization: Bearer`` or else the dashboard's session cookie. A cookie-authenticated
     request that changes state must come from our own pages (`webui.same_origin`): 403 otherwise."""
     if credentials is not None and credentials.credentials:
-        principal = principal_for_token(state, session, credentials.credentials)
+        principal = authenticate(state, session, credentials.credentials, client_address(request))
         if principal is None:
             raise ApiError(401, "unknown token", {"WWW-Authenticate": "Bearer"})
         return principal

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from app import errors, metrics, ui
 from app.config import AppSettings, get_settings
 from app.deps import AppState, Enqueue
+from app.limits import AuthLimiter, RequestGuard, install_errors
 from app.routes import health, jobs, scores, silos, train
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory, upgrade
@@ -42,7 +43,8 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
         migrate: bring the database schema to the current Alembic head on start-up.
     """
     settings = settings or get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)  # the database, the blobs (anchor texts, adapters) and the broker: owner only
     engine = make_engine(settings.storage.database_url)
     celery = create_celery(settings)
 
@@ -63,6 +65,7 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
         dispatcher=dispatcher,
         ping_broker=ping_broker,
         signer=SessionSigner(load_secret(settings.session_secret, settings.data_dir / "session.key")),
+        auth_limiter=AuthLimiter(settings.auth_failures_per_minute),
     )
 
     @asynccontextmanager
@@ -85,7 +88,11 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
     app = FastAPI(title="clues coordinator", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
     app.state.clues = state
     errors.install(app, pages=(ui.is_page, ui.error_page))
+    install_errors(app)
     metrics.install(app)
+    app.add_middleware(
+        RequestGuard, max_json_bytes=settings.max_json_bytes, max_json_depth=settings.max_json_depth
+    )  # the outermost of ours: bodies are bounded before anything reads them
     app.include_router(health.router)
     app.include_router(silos.router)
     app.include_router(jobs.router)

@@ -9,6 +9,8 @@ import time
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from app.deps import AdminDep
+
 log = logging.getLogger("clues.api")
 
 REQUESTS = Counter("clues_http_requests_total", "HTTP requests", ["method", "route", "status"])
@@ -62,10 +64,13 @@ def install(app: FastAPI) -> None:
                         "route": route,
                         "status": status,
                         "ms": round(elapsed * 1000, 2),
+                        "request_id": request.scope.get("state", {}).get("request_id"),
                     }
                 },
             )
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(_: AdminDep) -> Response:
+        """Prometheus text format, for the admin token only (scrape with ``authorization: {credentials: ...}``):
+        route names, task counts and upload volumes are the coordinator's business, not the silos'."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

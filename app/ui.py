@@ -15,6 +15,7 @@ the installed ``plotly`` package.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -24,7 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from app.deps import Principal, SessionDep, StateDep, principal_for_token, principal_from_cookie
+from app.deps import Principal, SessionDep, StateDep, authenticate, client_address, principal_from_cookie
 from app.routes.jobs import JobId, _job_for, _public
 from app.routes.train import TrainId, _train_for, _train_public
 from scoring.calibration import fused_signals
@@ -84,7 +85,7 @@ def login(
     token: Annotated[str, Form(max_length=500)] = "",
     next: Annotated[str, Form(max_length=2000)] = "",
 ) -> Response:
-    principal = principal_for_token(state, session, token.strip()) if token.strip() else None
+    principal = authenticate(state, session, token.strip(), client_address(request)) if token.strip() else None
     if principal is None:
         return _render(
             request,
@@ -111,7 +112,13 @@ def login(
 
 
 @router.post("/logout")
-def logout() -> RedirectResponse:
+def logout(request: Request, state: StateDep, session: SessionDep) -> RedirectResponse:
+    """End the session: in the browser (the cookie is deleted) and on the server (its id is revoked, so a copy of
+    the cookie no longer works either)."""
+    signed = state.signer.read(request.cookies.get(COOKIE_NAME))
+    if signed is not None:
+        repo.revoke_session(session, sid=signed.sid, expires_at=datetime.fromtimestamp(signed.expires, UTC))
+        session.commit()
     response = RedirectResponse(f"{PREFIX}/login", status_code=303)
     response.delete_cookie(COOKIE_NAME, path="/")
     return response

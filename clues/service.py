@@ -86,7 +86,21 @@ def _serve(settings, host: str, port: int) -> None:
     from app.main import create_app
 
     configure_logging(settings.log_json)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    private_files()
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # a stalled upload cannot hold SIGTERM up forever
+    )
+
+
+def private_files() -> None:
+    """Files and directories this process creates are its owner's only (0600 / 0700): the database, the blobs
+    (anchor texts, adapters), the broker files and the work directories hold the consortium's data."""
+    os.umask(0o077)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -156,7 +170,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**_overrides(args))
     except ValidationError as exc:
         raise CliError(f"settings: {exc}") from exc
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_files()
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     configure(celery_app, settings)
     configure_logging(json_lines=False, level=args.loglevel)
     pool = "solo" if args.concurrency == 1 else "prefork"

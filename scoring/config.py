@@ -123,8 +123,8 @@ class _JsonMixin:
     def from_json(cls, text: str) -> Self:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON ({type(exc).__name__}: {exc})") from None
         return cls.from_dict(data)
 
     def fingerprint(self) -> str:

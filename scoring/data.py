@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,27 @@ def _parse_chat(record: Mapping[str, Any], errors: list[str]) -> tuple[tuple[tup
     return tuple(turns[:-1]), turns[-1][1]
 
 
+MAX_ID_LENGTH = 500
+"""The longest sample id any party accepts (the coordinator stores ids in ``String(500)`` columns)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def id_problem(sample_id: str) -> str | None:
+    """Why ``sample_id`` is not a valid sample id, or None: ids are 1 to `MAX_ID_LENGTH` characters of valid
+    Unicode (no lone surrogate) without control characters (no NUL, newline, tab...)."""
+    if not sample_id:
+        return "is empty"
+    if len(sample_id) > MAX_ID_LENGTH:
+        return f"is {len(sample_id)} characters long; at most {MAX_ID_LENGTH} are allowed"
+    if _SURROGATE.search(sample_id):
+        return "is not valid Unicode (it holds a lone surrogate)"
+    bad = _CONTROL.search(sample_id)
+    if bad:
+        return f"contains the control character U+{ord(bad.group()):04X}"
+    return None
+
+
 def _parse_record(record: Any, origin: str) -> tuple[Sample | None, list[str]]:
     """Validate one record; returns the sample (None if invalid) and error strings (without location)."""
     if not isinstance(record, dict):
@@ -154,6 +176,8 @@ def _parse_record(record: Any, origin: str) -> tuple[Sample | None, list[str]]:
         errors.append(f"field 'id': must be a non-empty string or an int (got {raw_id!r})")
     if not isinstance(meta, dict):
         errors.append(f"field 'meta': must be an object (got {type(meta).__name__})")
+    if raw_id is not None and not errors and (problem := id_problem(str(raw_id))):
+        errors.append(f"field 'id': {problem}")
     if errors:
         return None, errors
     sample_id = str(raw_id) if raw_id is not None else content_id(prompt, response)
@@ -164,6 +188,8 @@ def _iter_raw(path: Path, text: str) -> Iterable[tuple[str, Any]]:
     """Yield (origin, parsed record or JSONDecodeError) from a JSON list or JSONL text."""
     try:
         whole = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("["):
             yield f"{path}:{exc.lineno}", exc
@@ -179,9 +205,13 @@ def _iter_raw(path: Path, text: str) -> Iterable[tuple[str, Any]]:
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
-                yield f"{path}:{number}", json.loads(line)
+                record = json.loads(line)
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply") from None
             except json.JSONDecodeError as exc:
                 yield f"{path}:{number}", exc
+                continue
+            yield f"{path}:{number}", record
 
 
 def _raise_collected(path: Path, errors: list[str]) -> None:

@@ -47,6 +47,7 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load
 
 from scoring.config import SIGNALS, AdamState, ProjectionSpec, parameter_layout_hash
+from scoring.data import id_problem
 from scoring.errors import ConfigError, DataError, ScoringError
 from scoring.types import ProjectedGrads
 
@@ -57,7 +58,8 @@ FINITE_CHUNK_ROWS = 4096
 F16_SCRATCH_ELEMENTS = 1 << 19
 """Elements per block of the float16 finiteness check (a 1 MiB uint16 scratch buffer)."""
 
-_READ_ERRORS = (SafetensorError, ValueError, KeyError, TypeError)  # KeyError/TypeError: a dtype numpy lacks
+# KeyError/TypeError: a dtype numpy lacks; RecursionError: a header's JSON nested too deeply
+_READ_ERRORS = (SafetensorError, ValueError, KeyError, TypeError, RecursionError)
 _FLOAT_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}  # and BF16 (as float32)
 _DTYPE_CODES = {dtype: code for code, dtype in _FLOAT_DTYPES.items()}
 _GROUPS = ("adapter", "exp_avg", "exp_avg_sq")
@@ -249,7 +251,7 @@ def _parse_metadata(metadata: Mapping[str, str], where: str) -> dict[str, Any]:
             "preconditioned": _meta(metadata, "preconditioned", where) == "true",
             "extra": json.loads(metadata.get("extra", "{}")),
         }
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, RecursionError) as exc:
         raise DataError(f"{where}: bad metadata ({exc})") from exc
     if not np.isfinite(out["lr"]):
         raise DataError(f"{where}: metadata field 'lr' must be finite")
@@ -273,10 +275,13 @@ def _validate(
         raise DataError(f"{where}: 'matrix' contains NaN or Inf")
     try:
         ids = json.loads(raw_ids.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{where}: 'ids' is not a UTF-8 JSON list ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{where}: 'ids' is not a UTF-8 JSON list ({type(exc).__name__}: {exc})") from None
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise DataError(f"{where}: 'ids' must be a list of non-empty strings")
+    for row, sample_id in enumerate(ids):
+        if problem := id_problem(sample_id):
+            raise DataError(f"{where}: id of row {row} ({sample_id[:40]!r}) {problem}")
     losses = tensors.get("losses")
     if losses is not None and (losses.shape != (len(ids),) or not np.isfinite(losses).all()):
         raise DataError(f"{where}: 'losses' must be {len(ids)} finite values")
@@ -544,8 +549,8 @@ def _check_update(update: object, where: str) -> dict[str, Any]:
 def _json_meta(metadata: Mapping[str, str], key: str, kind: type, where: str) -> Any:
     try:
         value = json.loads(_meta(metadata, key, where))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: metadata field '{key}' is not JSON ({exc})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{where}: metadata field '{key}' is not JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, kind):
         raise DataError(f"{where}: metadata field '{key}' must be a JSON {'object' if kind is dict else 'list'}")
     return value

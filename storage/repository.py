@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from storage.models import (
     Job,
     JobCheckpoint,
     JobMember,
+    RevokedSession,
     Score,
     ScorePart,
     Shard,
@@ -663,3 +665,16 @@ def get_update(session: Session, *, job_id: str, round: int, silo_id: int) -> Tr
 def list_updates(session: Session, *, job_id: str, round: int) -> list[TrainUpdate]:
     stmt = select(TrainUpdate).where(TrainUpdate.job_id == job_id, TrainUpdate.round == round)
     return list(session.scalars(stmt.order_by(TrainUpdate.silo_id)))
+
+
+def revoke_session(session: Session, *, sid: str, expires_at: datetime) -> None:
+    """Record a logged-out dashboard session (idempotent), and forget those past their expiry."""
+    now = utcnow()
+    session.execute(delete(RevokedSession).where(RevokedSession.expires_at < now))
+    if session.get(RevokedSession, sid) is None and expires_at > now:
+        session.add(RevokedSession(sid=sid, expires_at=expires_at))
+    session.flush()
+
+
+def session_revoked(session: Session, *, sid: str) -> bool:
+    return session.get(RevokedSession, sid) is not None

@@ -190,7 +190,9 @@ def serve_asgi(make_app: Callable[[str], Any], name: str = "server") -> Iterator
 
 
 @contextmanager
-def serve_coordinator(data_dir: Path, admin_token: str = "admin-secret") -> Iterator[Coordinator]:
+def serve_coordinator(
+    data_dir: Path, admin_token: str = "admin-secret-for-tests-0123456789abcdef"
+) -> Iterator[Coordinator]:
     """The real app (SQLite + blob store under ``data_dir``) served by uvicorn on a free 127.0.0.1 port."""
     from app.config import AppSettings
     from app.main import create_app
@@ -213,7 +215,7 @@ def serve_coordinator(data_dir: Path, admin_token: str = "admin-secret") -> Iter
 
 @pytest.fixture
 def coordinator(tmp_path) -> Iterator[Coordinator]:
-    """A real coordinator over HTTP for this test (see `serve_coordinator`); admin token ``admin-secret``."""
+    """A real coordinator over HTTP for this test (see `serve_coordinator`); admin token ``admin-secret-for-tests-0123456789abcdef``."""
     with serve_coordinator(tmp_path / "coord") as running:
         yield running
 

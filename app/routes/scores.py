@@ -45,8 +45,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["scores"])
 Silo = Annotated[str | None, Query(max_length=64, description="one silo (admin only; __anchor__: the anchor samples)")]
 Kept = Annotated[bool | None, Query(description="only kept (true) or dropped (false) samples (decision in force)")]
 Overridden = Annotated[bool | None, Query(description="only samples whose decision the owner overrode (or did not)")]
-MinScore = Annotated[float | None, Query(description="scores at or above")]
-MaxScore = Annotated[float | None, Query(description="scores at or below")]
+MinScore = Annotated[float | None, Query(allow_inf_nan=False, description="scores at or above")]
+MaxScore = Annotated[float | None, Query(allow_inf_nan=False, description="scores at or below")]
 Search = Annotated[str | None, Query(max_length=200, description="case-insensitive substring of the sample id")]
 Sort = Annotated[
     str,
@@ -58,7 +58,7 @@ Sort = Annotated[
 ]
 Order = Annotated[Literal["asc", "desc"], Query()]
 Limit = Annotated[int | None, Query(ge=1, le=1_000_000, description="page size; all rows when absent")]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="rows to skip")]
 
 
 def _scored(session, job_id: str, principal: Principal) -> Job:

@@ -69,4 +69,4 @@ def test_a_foreign_job_is_not_found(world, tmp_path, capsys, no_env):
     job_id = make_job(world, "only-a", silos=("a",), open_it=False)
     argv = ["agent", "run", "--coordinator", world.coordinator.url, "--token", world.tokens["b"]]
     assert main([*argv, "--job", job_id, "--data", str(world.data_file("b", tmp_path))]) == 2
-    assert capsys.readouterr().err == f"clues agent run: error: 404: job {job_id} not found\n"
+    assert capsys.readouterr().err == f"clues agent run: error: 404: job '{job_id}' does not exist\n"

@@ -398,9 +398,9 @@ def test_another_silos_job_is_not_found(world, dash):
     other = world["other"]
     for path in (f"/api/jobs/{other}/samples", f"/api/jobs/{other}", f"/api/jobs/{other}/overrides"):
         r = dash.get(path)
-        assert r.status_code == 404 and r.json()["detail"] == f"job {other} not found"
+        assert r.status_code == 404 and r.json()["detail"] == f"job '{other}' does not exist"
     page = dash.get(f"/ui/jobs/{other}")
-    assert page.status_code == 404 and f"job {other} not found" in page.text
+    assert page.status_code == 404 and f"job &#39;{other}&#39; does not exist" in page.text
     assert dash.get("/ui/jobs/not-a-job").status_code == 422
 
 

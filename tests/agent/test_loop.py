@@ -215,4 +215,4 @@ def test_the_coordinator_fixture(coordinator):
     with Client(coordinator.url, coordinator.admin_token) as admin:
         assert admin.register_silo("x")["name"] == "x"
         assert admin.request("GET", "/healthz").json()["status"] == "ok"
-    assert coordinator.settings.admin_token == "admin-secret" and coordinator.app is not None
+    assert coordinator.settings.admin_token == "admin-secret-for-tests-0123456789abcdef" and coordinator.app is not None

@@ -19,7 +19,7 @@ from scoring.io import projection_to_bytes
 from scoring.types import ProjectedGrads
 from storage import repository as repo
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
+ADMIN = {"Authorization": "Bearer admin-secret-for-tests-0123456789abcdef"}
 SPEC = ProjectionSpec(kind="sjlt", dim=16, seed=3, param_hash="deadbeef", param_count=1000, nnz=4)
 LRS = (1e-3, 5e-4)
 
@@ -89,7 +89,11 @@ def store_checkpoints_and_anchors(state, job_id: str) -> None:
 
 class Env:
     def __init__(self, tmp_path: Path, enqueued: list):
-        self.settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret", max_upload_bytes=64 * 1024)
+        self.settings = AppSettings(
+            data_dir=tmp_path / "coord",
+            admin_token="admin-secret-for-tests-0123456789abcdef",
+            max_upload_bytes=64 * 1024,
+        )
         self.app = create_app(self.settings, enqueue=lambda task, job: enqueued.append((task, job)))
         self.enqueued = enqueued
         self.client = TestClient(self.app)
@@ -477,26 +481,34 @@ def test_uploads_after_complete_and_score_preconditions(env):
 def test_bad_anchor_set_is_422(env):
     job = env.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
     url = f"/v1/jobs/{job['id']}/anchors"
-    r = put(env.client, url, b'{"instruction": "q", "output": ""}\n', "admin-secret")
+    r = put(env.client, url, b'{"instruction": "q", "output": ""}\n', "admin-secret-for-tests-0123456789abcdef")
     assert r.status_code == 422 and "anchors:1" in r.json()["detail"] and "output" in r.json()["detail"]
-    r = put(env.client, url, b'{"instruction": "q", "output": "a"}\n', "admin-secret")
+    r = put(env.client, url, b'{"instruction": "q", "output": "a"}\n', "admin-secret-for-tests-0123456789abcdef")
     assert r.status_code == 422 and "two" in r.json()["detail"]
     two = b'{"instruction": "q", "output": "a"}\n{"instruction": "q2", "output": "b"}\n'
-    r = put(env.client, url, two, "admin-secret")  # a calibrated job (the default) needs three
+    r = put(
+        env.client, url, two, "admin-secret-for-tests-0123456789abcdef"
+    )  # a calibrated job (the default) needs three
     assert r.status_code == 422 and "a calibrated job needs at least three" in r.json()["detail"]
     ok = two + b'{"instruction": "q3", "output": "c"}\n'
-    assert put(env.client, url, ok, "admin-secret").status_code == 201
-    assert put(env.client, url, ok, "admin-secret").status_code == 200
-    assert put(env.client, url, ok + b"\n", "admin-secret").status_code == 409
+    assert put(env.client, url, ok, "admin-secret-for-tests-0123456789abcdef").status_code == 201
+    assert put(env.client, url, ok, "admin-secret-for-tests-0123456789abcdef").status_code == 200
+    assert put(env.client, url, ok + b"\n", "admin-secret-for-tests-0123456789abcdef").status_code == 409
     trace = env.client.post("/v1/jobs", json=job_body(score="trace"), headers=ADMIN).json()
-    assert put(env.client, f"/v1/jobs/{trace['id']}/anchors", two, "admin-secret").status_code == 201
+    assert (
+        put(env.client, f"/v1/jobs/{trace['id']}/anchors", two, "admin-secret-for-tests-0123456789abcdef").status_code
+        == 201
+    )
 
 
 def test_healthz_and_metrics(env):
     r = env.client.get("/healthz")
     assert r.status_code == 200 and r.json()["database"] == "ok"
     env.client.get("/v1/silos", headers=ADMIN)
-    text = env.client.get("/metrics").text
+    assert env.client.get("/metrics").status_code == 401  # not public
+    silo = {"Authorization": f"Bearer {env.tokens['a']}"}
+    assert env.client.get("/metrics", headers=silo).status_code == 403
+    text = env.client.get("/metrics", headers=ADMIN).text
     assert 'clues_http_requests_total{method="GET",route="/v1/silos",status="200"}' in text
 
 

@@ -21,7 +21,7 @@ from workers.steps import Lease
 
 @pytest.fixture
 def coordinator(tmp_path):
-    settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret")
+    settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret-for-tests-0123456789abcdef")
     app = create_app(settings)
     with TestClient(app) as client:
         token = client.post("/v1/silos", json={"name": "a"}, headers=ADMIN).json()["token"]
@@ -100,7 +100,7 @@ def test_nothing_to_retry_is_a_409_and_silos_cannot_retry_or_see_steps(coordinat
 
 def test_start_up_re_sends_a_scoring_job_whose_message_was_lost(tmp_path):
     """A coordinator restarted with a job in ``scoring`` and no live worker on it queues its step again."""
-    settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret")
+    settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret-for-tests-0123456789abcdef")
     with TestClient(create_app(settings)) as client:
         state = client.app.state.clues
         client.post("/v1/silos", json={"name": "a"}, headers=ADMIN)

@@ -22,7 +22,7 @@ from storage import repository as repo
 from storage.models import ANCHOR_OWNER, Job, Score
 from tests.seed import SeededJob, seed_scored_job
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
+ADMIN = {"Authorization": "Bearer admin-secret-for-tests-0123456789abcdef"}
 SIZES = {"silo1": 30, "silo2": 20, "silo3": 10}
 ANCHORS = 12
 
@@ -61,7 +61,10 @@ def draft_job(session, silos: list[str]) -> str:
 
 @pytest.fixture
 def env(tmp_path):
-    app = create_app(AppSettings(data_dir=tmp_path, admin_token="admin-secret"), enqueue=lambda *a, **k: None)
+    app = create_app(
+        AppSettings(data_dir=tmp_path, admin_token="admin-secret-for-tests-0123456789abcdef"),
+        enqueue=lambda *a, **k: None,
+    )
     with TestClient(app) as client:  # the lifespan runs the migrations
         with app.state.clues.sessions() as session:
             job = seed_scored_job(session, per_silo=tuple(SIZES.values()), anchors=ANCHORS, checkpoints=2, seed=5)
@@ -259,7 +262,10 @@ def test_csv_of_a_silo_is_its_own_and_carries_overrides(env):
 
 def test_csv_streams_many_batches(tmp_path):
     """More rows than one streamed batch (2000) of the export."""
-    app = create_app(AppSettings(data_dir=tmp_path, admin_token="admin-secret"), enqueue=lambda *a, **k: None)
+    app = create_app(
+        AppSettings(data_dir=tmp_path, admin_token="admin-secret-for-tests-0123456789abcdef"),
+        enqueue=lambda *a, **k: None,
+    )
     with TestClient(app) as client, app.state.clues.sessions() as session:
         job = seed_scored_job(session, silos=("big", "small"), per_silo=(4100, 3), anchors=5, checkpoints=2)
         url = f"/v1/jobs/{job.job_id}"
@@ -492,7 +498,10 @@ def test_a_silo_learns_its_own_name(env):
 
 @pytest.fixture
 def calibrated(tmp_path):
-    app = create_app(AppSettings(data_dir=tmp_path, admin_token="admin-secret"), enqueue=lambda *a, **k: None)
+    app = create_app(
+        AppSettings(data_dir=tmp_path, admin_token="admin-secret-for-tests-0123456789abcdef"),
+        enqueue=lambda *a, **k: None,
+    )
     with TestClient(app) as client:
         with app.state.clues.sessions() as session:
             job = seed_scored_job(session, per_silo=tuple(SIZES.values()), anchors=ANCHORS, seed=5, calibrated=True)

@@ -27,7 +27,7 @@ from tests.conftest import serve_coordinator
 from tests.workers.test_training import past_deadline, update_bytes
 from workers import names, pipeline, training
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
+ADMIN = {"Authorization": "Bearer admin-secret-for-tests-0123456789abcdef"}
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
 
 
@@ -52,7 +52,11 @@ class Env:
     training steps as a worker would (deadline checks are left to the test)."""
 
     def __init__(self, tmp_path: Path):
-        self.settings = AppSettings(data_dir=tmp_path / "coord", admin_token="admin-secret", max_upload_bytes=64 << 10)
+        self.settings = AppSettings(
+            data_dir=tmp_path / "coord",
+            admin_token="admin-secret-for-tests-0123456789abcdef",
+            max_upload_bytes=64 << 10,
+        )
         self.enqueued: list[tuple] = []
         self.app = create_app(
             self.settings, enqueue=lambda task, *args, countdown=None: self.enqueued.append((task, *args))
@@ -528,17 +532,21 @@ def test_the_held_out_set_is_evaluated_after_the_last_round(env, tmp_path):
     from tests.scoring.test_data import PUBMEDQA
 
     job_id = env.create(rounds=1, evaluation={"tasks": ["loss"], "batch_size": 4})
-    r = put(env.client, f"/v1/train/{job_id}/eval", b'{"no": "samples"}', "admin-secret")
+    r = put(env.client, f"/v1/train/{job_id}/eval", b'{"no": "samples"}', "admin-secret-for-tests-0123456789abcdef")
     assert r.status_code == 422 and "eval" in r.json()["detail"]
     write_samples(tmp_path / "eval.jsonl", load_pubmedqa(PUBMEDQA, limit=3))
     data = (tmp_path / "eval.jsonl").read_bytes()
     assert put(env.client, f"/v1/train/{job_id}/eval", data, env.tokens["a"]).status_code == 403
-    assert put(env.client, f"/v1/train/{job_id}/eval", data, "admin-secret").status_code == 201
-    assert put(env.client, f"/v1/train/{job_id}/eval", data, "admin-secret").status_code == 200
+    assert (
+        put(env.client, f"/v1/train/{job_id}/eval", data, "admin-secret-for-tests-0123456789abcdef").status_code == 201
+    )
+    assert (
+        put(env.client, f"/v1/train/{job_id}/eval", data, "admin-secret-for-tests-0123456789abcdef").status_code == 200
+    )
     assert env.get(job_id)["eval_samples"] == 3
     assert env.client.post(f"/v1/train/{job_id}/start", headers=ADMIN).status_code == 202
     env.work()
-    r = put(env.client, f"/v1/train/{job_id}/eval", data + b"\n", "admin-secret")
+    r = put(env.client, f"/v1/train/{job_id}/eval", data + b"\n", "admin-secret-for-tests-0123456789abcdef")
     assert r.status_code == 409 and "'draft'" in r.json()["detail"]
     send_round(env, job_id, 0)
     env.work()

@@ -22,7 +22,7 @@ from storage.models import Silo
 from tests.seed import SeededJob, seed_scored_job
 from webui import COOKIE_NAME, SESSION_TTL_S, SessionSigner, load_secret, same_origin
 
-ADMIN_TOKEN = "admin-secret"
+ADMIN_TOKEN = "admin-secret-for-tests-0123456789abcdef"
 
 
 def make_app(data_dir: Path, admin_token: str = ADMIN_TOKEN, **settings):
@@ -203,11 +203,18 @@ def test_admin_cookie_ends_when_the_admin_token_changes(env):
     with TestClient(make_app(env.data_dir), follow_redirects=False) as same:
         same.cookies.set(COOKIE_NAME, cookie)
         assert same.get("/v1/jobs").status_code == 200
-    with TestClient(make_app(env.data_dir, admin_token="rotated"), follow_redirects=False) as rotated:
+    with TestClient(
+        make_app(env.data_dir, admin_token="rotated-admin-token-0123456789abcdef"), follow_redirects=False
+    ) as rotated:
         rotated.cookies.set(COOKIE_NAME, cookie)
         assert rotated.get("/v1/jobs").status_code == 401
         assert rotated.get("/ui/jobs").status_code == 303
-        assert rotated.get("/v1/jobs", headers={"Authorization": "Bearer rotated"}).status_code == 200
+        assert (
+            rotated.get(
+                "/v1/jobs", headers={"Authorization": "Bearer rotated-admin-token-0123456789abcdef"}
+            ).status_code
+            == 200
+        )
 
 
 def test_silo_cookie_ends_when_its_token_changes(env):

@@ -19,7 +19,7 @@ from tests.seed import SeededJob, seed_scored_job, seed_training_job
 
 pytestmark = pytest.mark.integration
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-for-tests-0123456789abcdef"
 FUSED = list(fused_signals(DEFAULT_SIGNALS))
 
 

@@ -33,7 +33,9 @@ class Env:
     dashboard: str  # silo1's dashboard URL
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.coordinator.url, headers={"Authorization": "Bearer admin-secret"})
+        return httpx.Client(
+            base_url=self.coordinator.url, headers={"Authorization": "Bearer admin-secret-for-tests-0123456789abcdef"}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def settled(page) -> None:
 
 def test_only_this_silos_token_logs_in(env: Env, page) -> None:
     page.goto(env.dashboard + "/ui/jobs")
-    for wrong in ("nope", env.job.tokens["silo2"], "admin-secret"):
+    for wrong in ("nope", env.job.tokens["silo2"], "admin-secret-for-tests-0123456789abcdef"):
         page.fill("input[name=token]", wrong)
         page.click("form button[type=submit]")
         assert page.locator(".error").inner_text() == "That is not this silo's token."
@@ -168,7 +170,9 @@ def test_an_override_round_trips_to_the_coordinator(env: Env, page, browser) -> 
 
     context = browser.new_context(viewport={"width": 1400, "height": 1000})  # and the coordinator's view shows it
     coordinator_page = context.new_page()
-    coordinator_login(coordinator_page, env.coordinator.url, "admin-secret", f"/ui/jobs/{env.job.job_id}")
+    coordinator_login(
+        coordinator_page, env.coordinator.url, "admin-secret-for-tests-0123456789abcdef", f"/ui/jobs/{env.job.job_id}"
+    )
     coordinator_page.wait_for_function("document.querySelectorAll('#overrides tbody tr td').length > 1")
     text = coordinator_page.locator("#overrides").inner_text()
     assert sample_id in text and "clinician review" in text and "dropped → kept" in text

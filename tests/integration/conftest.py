@@ -19,7 +19,7 @@ from tests.conftest import SILOS
 from tests.storage.conftest import postgres_url  # noqa: F401  (a fixture, used by service_factory)
 
 REDIS_URL = os.environ.get("CLUES_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
-ADMIN_TOKEN = "admin-secret"
+ADMIN_TOKEN = "admin-secret-for-tests-0123456789abcdef"
 HERE = Path(__file__).parent
 
 

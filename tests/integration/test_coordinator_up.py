@@ -21,7 +21,11 @@ pytestmark = pytest.mark.integration
 def test_the_worker_stops_with_the_coordinator(tmp_path: Path, how: signal.Signals):
     port = Service.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUES_")}
-    env |= {"CLUES_DATA_DIR": str(tmp_path / "data"), "CLUES_ADMIN_TOKEN": "admin-secret", "HF_HUB_OFFLINE": "1"}
+    env |= {
+        "CLUES_DATA_DIR": str(tmp_path / "data"),
+        "CLUES_ADMIN_TOKEN": "admin-secret-for-tests-0123456789abcdef",
+        "HF_HUB_OFFLINE": "1",
+    }
     log_path = tmp_path / "up.log"
     with open(log_path, "w") as log:
         up = subprocess.Popen(

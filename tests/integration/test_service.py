@@ -129,7 +129,11 @@ def test_round_trip_from_the_cli(tiny_data, tmp_path, request, servers):
     data_dir = tmp_path / "coord"
     port = Service.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUES_")}
-    env |= {"CLUES_DATA_DIR": str(data_dir), "CLUES_ADMIN_TOKEN": "admin-secret", "HF_HUB_OFFLINE": "1"}
+    env |= {
+        "CLUES_DATA_DIR": str(data_dir),
+        "CLUES_ADMIN_TOKEN": "admin-secret-for-tests-0123456789abcdef",
+        "HF_HUB_OFFLINE": "1",
+    }
     if servers != "embedded":
         env |= {
             "CLUES_REDIS_URL": request.getfixturevalue("redis_url"),

@@ -24,7 +24,11 @@ TINY = ["--local-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--round-time
 def test_warmup_scoring_federated_and_merge_from_the_cli(tiny_data: TinyData, tmp_path: Path):
     port = Service.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUES_")}
-    env |= {"CLUES_DATA_DIR": str(tmp_path / "data"), "CLUES_ADMIN_TOKEN": "admin-secret", "HF_HUB_OFFLINE": "1"}
+    env |= {
+        "CLUES_DATA_DIR": str(tmp_path / "data"),
+        "CLUES_ADMIN_TOKEN": "admin-secret-for-tests-0123456789abcdef",
+        "HF_HUB_OFFLINE": "1",
+    }
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115
     up = subprocess.Popen(

@@ -461,3 +461,26 @@ def test_smollm2_chat_labels_on_pubmedqa():
     for t, s in zip(tokenize_samples(samples, tok, max_len=4096), samples, strict=True):
         assert not t.truncated
         assert tok.decode([x for x in t.labels if x != IGNORE_INDEX]) == s.response + "<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("sample_id", "needle"),
+    [("a\u0000b", "U+0000"), ("tab\there", "U+0009"), ("\ud800x", "lone surrogate"), ("x" * 501, "at most 500")],
+)
+def test_ids_no_party_could_store_are_refused_naming_the_line(tmp_path, sample_id, needle):
+    path = tmp_path / "d.jsonl"
+    record = {"id": sample_id, "instruction": "q", "output": "a"}
+    path.write_text(json.dumps({"id": "ok", "instruction": "q", "output": "a"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError) as info:
+        read_samples(path)
+    assert f"{path}:2: field 'id'" in str(info.value) and needle in str(info.value)
+
+
+def test_json_nested_deeper_than_python_can_parse_is_a_data_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_samples(path)
+    path.write_text('{"instruction": "q", "output": "a", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_samples(path)

@@ -31,7 +31,7 @@ def make(n=3, ids=None):
 
 
 def test_round_trip_keeps_everything(tmp_path):
-    proj = make(ids=["a", "é\nb", 'c"quoted'])
+    proj = make(ids=["a", "é b ☃", 'c"quoted'])
     losses = np.array([1.0, 2.0, 3.5], dtype=np.float32)
     save_projection(tmp_path / "p.safetensors", proj, losses)
     back, back_losses, signals = load_projection(tmp_path / "p.safetensors")
@@ -40,6 +40,16 @@ def test_round_trip_keeps_everything(tmp_path):
     assert np.array_equal(back.matrix, proj.matrix) and back.matrix.dtype == np.float16
     assert np.array_equal(back_losses, losses) and signals == {}
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("sample_id", "needle"),
+    [("a\x00b", r"U\+0000"), ("a\nb", r"U\+000A"), ("\ud800", "lone surrogate"), ("x" * 501, "at most 500")],
+)
+def test_ids_that_no_party_could_store_are_refused_on_reading(tmp_path, sample_id, needle):
+    save_projection(tmp_path / "p.safetensors", make(ids=["ok", sample_id, "fine"]), None)
+    with pytest.raises(DataError, match=f"row 1 .*{needle}"):
+        load_projection(tmp_path / "p.safetensors")
 
 
 def test_float32_input_is_stored_as_float16():
