@@ -215,7 +215,8 @@ def serve_coordinator(
 
 @pytest.fixture
 def coordinator(tmp_path) -> Iterator[Coordinator]:
-    """A real coordinator over HTTP for this test (see `serve_coordinator`); admin token ``admin-secret-for-tests-0123456789abcdef``."""
+    """A real coordinator over HTTP for this test (see `serve_coordinator`); admin token
+    ``admin-secret-for-tests-0123456789abcdef``."""
     with serve_coordinator(tmp_path / "coord") as running:
         yield running
 
