@@ -83,6 +83,7 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
         yield
         if stop_reaper is not None:
             stop_reaper()
+        state.blobs.sweep_own()  # uploads still stalled when the server stopped: their half bodies go too
         engine.dispose()
 
     app = FastAPI(title="clues coordinator", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)

@@ -60,8 +60,8 @@ async def receive(
     kind: str,
     sha: str,
     validate: Callable[[Path], T],
-    record: Callable[[T, int], object] | None = None,
-) -> tuple[BlobRef, T]:
+    record: Callable[[T, int], bool] | None = None,
+) -> tuple[BlobRef, T, bool]:
     """Stream the body into a blob writer, check size and SHA-256, ``validate(path)`` it, ``record`` it, then
     commit the blob.
 
@@ -71,10 +71,12 @@ async def receive(
         validate: called with the temp file's path before anything is committed; raises to refuse.
         record: ``record(validated, size)`` adds the upload's database rows (flushed, not committed) before the blob
             is committed, so that a constraint the database enforces (an id already in another part) refuses the
-            upload while nothing is stored yet; the caller commits the session after this returns.
+            upload while nothing is stored yet, and returns whether it created them (False: a concurrent upload of
+            the same bytes got there first); the caller commits the session after this returns.
 
     Returns:
-        The committed blob and what ``validate`` returned.
+        The committed blob, what ``validate`` returned, and whether this upload created the record (True when
+        there is no ``record``).
     """
     cap = state.settings.max_upload_bytes
     _check_length(request, cap)
@@ -91,11 +93,12 @@ async def receive(
             result = await run_in_threadpool(validate, path)  # parsing and checks: off the event loop
         finally:
             await asyncio.wait([flush])
+        created = True
         if record is not None:
-            await run_in_threadpool(record, result, writer.size)
+            created = await run_in_threadpool(record, result, writer.size)
         ref = await run_in_threadpool(writer.commit)
     UPLOAD_BYTES.labels(kind).inc(ref.size)
-    return ref, result
+    return ref, result, created
 
 
 async def _stream_into(request: Request, writer: BlobWriter) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import socket
 import re
 import tempfile
 import time
@@ -45,6 +46,7 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> bool: ...
     def sweep_tmp(self, older_than_s: float = 3600) -> int: ...
+    def sweep_own(self) -> int: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,6 +58,32 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _writer_prefix() -> str:
+    """Temp files are named after the host and process writing them, so that a sweep knows whose they are."""
+    return f"blob-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_dead(name: str) -> bool:
+    """Whether the temp file ``name`` belongs to a process of this host that no longer runs."""
+    host_pid = name.removeprefix("blob-").rsplit("-", 1)[0]
+    host, _, pid = host_pid.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_sha256(value: str, what: str = "checksum") -> str:
@@ -82,7 +110,7 @@ class BlobWriter:
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
         self.size = 0
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix=_writer_prefix())
         self._tmp: Path | None = Path(name)
         self._file: BinaryIO | None = os.fdopen(fd, "wb")
 
@@ -157,6 +185,7 @@ class LocalBlobStore:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.file_mode = 0o666 & ~_umask()  # 0600 under the coordinator's umask 077 (`clues coordinator serve`)
 
     def _file(self, key: str) -> Path:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
@@ -169,7 +198,7 @@ class LocalBlobStore:
             tmp.unlink(missing_ok=True)
             return
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; workers may run as another user
+        os.chmod(tmp, self.file_mode)  # mkstemp makes it 0600; the process's umask says who else may read
         os.replace(tmp, final)
         _fsync_dir(final.parent)
 
@@ -244,13 +273,22 @@ class LocalBlobStore:
         return True
 
     def sweep_tmp(self, older_than_s: float = 3600) -> int:
-        """Delete temp files older than ``older_than_s`` (left by crashed writers); return how many."""
+        """Delete temp files left by writers that died (a process of this host that no longer runs: killed in the
+        middle of an upload), and any older than ``older_than_s`` (other hosts' crashed writers); return how many."""
         cutoff, removed = time.time() - older_than_s, 0
         for entry in self.tmp_dir.iterdir():
             try:
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                if entry.is_file() and (_writer_dead(entry.name) or entry.stat().st_mtime < cutoff):
                     entry.unlink()
                     removed += 1
             except FileNotFoundError:  # removed concurrently
                 continue
+        return removed
+
+    def sweep_own(self) -> int:
+        """Delete this process's temp files (at shutdown: uploads still stalled when the server stops)."""
+        removed = 0
+        for entry in self.tmp_dir.glob(f"{_writer_prefix()}*"):
+            entry.unlink(missing_ok=True)
+            removed += 1
         return removed

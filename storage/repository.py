@@ -658,6 +658,20 @@ def add_update(
     return created
 
 
+def set_eval_set(session: Session, *, job_id: str, blob_key: str, num_samples: int) -> bool:
+    """Set a draft training job's evaluation set if it has none (compare-and-set); False when one is set already
+    (a concurrent upload got there first)."""
+    stmt = (
+        update(TrainJob)
+        .where(TrainJob.id == job_id, TrainJob.eval_blob.is_(None))
+        .values(eval_blob=blob_key, eval_num_samples=num_samples, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    done = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    session.expire_all()
+    return done
+
+
 def get_update(session: Session, *, job_id: str, round: int, silo_id: int) -> TrainUpdate | None:
     return session.get(TrainUpdate, (job_id, round, silo_id))
 

@@ -229,7 +229,7 @@ async def upload_checkpoint(
         if not math.isclose(float(bundle.entry["lr"]), ckpt.lr, rel_tol=LR_REL_TOL):
             raise DataError(f"checkpoint {index}: lr {bundle.entry['lr']} differs from the job's {ckpt.lr}")
 
-    ref, _ = await receive(request, state, "checkpoint", sha, validate)
+    ref, _, _ = await receive(request, state, "checkpoint", sha, validate)
     created = repo.set_checkpoint_blob(session, job_id=job_id, index=index, blob_key=ref.key, size_bytes=ref.size)
     session.commit()
     return _upload_answer(ref.key, ref.size, created)
@@ -271,7 +271,7 @@ async def upload_anchors(
             raise DataError("anchors: a calibrated job needs at least three anchor samples")
         return [s.id for s in samples]
 
-    ref, ids = await receive(request, state, "anchors", sha, validate)
+    ref, ids, _ = await receive(request, state, "anchors", sha, validate)
     created = repo.set_anchor_set(session, job_id=job_id, blob_key=ref.key, size_bytes=ref.size, sample_ids=ids)
     session.commit()
     return _upload_answer(ref.key, ref.size, created)
@@ -427,14 +427,15 @@ async def upload_shard(
             _check_same_ids(ids, *part_ids, part, where)
         return ids
 
-    def record(ids: list[str], size: int) -> None:  # an id already in another part: ConflictError -> 409
-        repo.add_shard(
+    def record(ids: list[str], size: int) -> bool:  # an id already in another part: ConflictError -> 409
+        _, created = repo.add_shard(
             session, checkpoint=checkpoint, role="candidate", sample_ids=ids, blob_key=sha, size_bytes=size, **key
         )
+        return created
 
-    ref, _ = await receive(request, state, "shard", sha, validate, record)
+    ref, _, created = await receive(request, state, "shard", sha, validate, record)
     session.commit()
-    return _upload_answer(ref.key, ref.size, True)
+    return _upload_answer(ref.key, ref.size, created)
 
 
 def signals_needed(spec: dict, checkpoint: int) -> list[str]:

@@ -278,10 +278,15 @@ async def upload_eval_set(
         except DataError as exc:
             raise DataError(str(exc).replace(str(path), "eval")) from exc
 
-    ref, count = await receive(request, state, "eval", sha, validate)
-    repo.update_train_job(session, job_id=job_id, eval_blob=ref.key, eval_num_samples=count)
+    def record(count: int, size: int) -> bool:
+        if repo.set_eval_set(session, job_id=job_id, blob_key=sha, num_samples=count):
+            return True
+        already_held(repo.get_train_job(session, job_id=job_id).eval_blob, sha, "the evaluation set")  # 409 if other
+        return False
+
+    ref, _, created = await receive(request, state, "eval", sha, validate, record)
     session.commit()
-    return _upload_answer(ref.key, ref.size, True)
+    return _upload_answer(ref.key, ref.size, created)
 
 
 @router.post("/{job_id}/start", status_code=202, operation_id="start_train_job")
@@ -431,10 +436,10 @@ async def upload_round_update(
             raise DataError(f"{where}: num_samples must be at least 1")
         return bundle.update
 
-    def record(update: dict[str, Any], size: int) -> None:
+    def record(update: dict[str, Any], size: int) -> bool:
         if not repo.lock_open_round(session, job_id=job_id, round=index):  # held until the commit below
             raise ApiError(409, f"round {index} of training job {job_id} closed during the upload; late update refused")
-        repo.add_update(
+        return repo.add_update(
             session,
             job_id=job_id,
             round=index,
@@ -446,11 +451,11 @@ async def upload_round_update(
             train_loss=float(update["train_loss"]),
         )
 
-    ref, _ = await receive(request, state, "update", sha, validate, record)
+    ref, _, created = await receive(request, state, "update", sha, validate, record)
     session.commit()
     if len(repo.list_updates(session, job_id=job_id, round=index)) == len(job.members):
         _enqueue_quietly(state, names.TRAIN_AGGREGATE, job_id, index)  # the deadline task would do it otherwise
-    return _upload_answer(ref.key, ref.size, True)
+    return _upload_answer(ref.key, ref.size, created)
 
 
 @router.post("/{job_id}/scoring-job", status_code=201, operation_id="create_scoring_job_from_warmup")

@@ -103,6 +103,14 @@ def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, data
         csv = admin.http.get(f"/v1/jobs/{job_id}/scores.csv")
         assert csv.status_code == 200 and csv.text.splitlines()[0].endswith(",flagged_by,flag_reason")
     assert service.api_log_has('"event": "request"')
+    _assert_owner_only(service.root / "data")
+
+
+def _assert_owner_only(data_dir: Path) -> None:
+    """The database, the broker files, the blobs (anchor texts, adapters) and the work files: nobody but the
+    coordinator's user may read them (files 0600, directories 0700)."""
+    shared = [p for p in (data_dir, *data_dir.rglob("*")) if p.stat().st_mode & 0o077]
+    assert shared == [], [f"{p}: {oct(p.stat().st_mode & 0o777)}" for p in shared]
 
 
 def _assert_signal_columns(world: TinyData, spec: dict, rows: list[dict]) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -131,3 +134,20 @@ def test_sweep_tmp(blobs: LocalBlobStore):
     os.utime(stale, (old, old))
     assert blobs.sweep_tmp(older_than_s=3600) == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_killed_writers_temp_file_goes_at_the_next_start_and_a_live_ones_stays(blobs: LocalBlobStore):
+    """A coordinator killed mid-upload leaves its half body behind: the next start removes it at once (not an hour
+    later), while the temp file of a writer still running is kept."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = blobs.tmp_dir / f"blob-{socket.gethostname()}-{int(gone.stdout)}-abc123"
+    dead.write_bytes(b"half a body")
+    live = blobs.writer()
+    live.write(b"still arriving")
+    other_host = blobs.tmp_dir / "blob-some-other-host-1-xyz"
+    other_host.write_bytes(b"not ours to judge")
+    assert blobs.sweep_tmp() == 1
+    assert not dead.exists() and live.path.exists() and other_host.exists()
+    assert blobs.sweep_own() == 1 and not any(p.name.startswith(f"blob-{socket.gethostname()}-{os.getpid()}-")
+                                              for p in blobs.tmp_dir.iterdir())  # fmt: skip
+    live.abort()
