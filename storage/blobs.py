@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import socket
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
