@@ -1,10 +1,12 @@
-"""The one place where domain errors become HTTP responses: ``{"detail": "<message>"}`` with a 4xx code."""
+"""The one place where domain errors become HTTP responses: ``{"detail": "<message>"}`` with a 4xx code (request
+validation errors included: the same shape, one message naming each field)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ScoringError
@@ -49,5 +51,23 @@ def install(app: FastAPI, pages: PageErrors | None = None) -> None:
         headers = exc.headers if isinstance(exc, ApiError) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        detail = validation_message(exc.errors())
+        if pages is not None and pages[0](request):
+            return pages[1](request, 422, detail)
+        return JSONResponse({"detail": detail}, status_code=422)
+
     for kind in (ApiError, StorageError, ScoringError):
         app.add_exception_handler(kind, handle)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
+def validation_message(errors: Sequence[Mapping]) -> str:
+    """FastAPI's request validation errors as one message naming each field (``query.offset: ...; body.name: ...``):
+    the same ``{"detail": "<message>"}`` shape as every other error."""
+    parts = []
+    for error in errors[:10]:
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+    return "; ".join(parts) + more

@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from app import errors, metrics, ui
 from app.config import AppSettings, get_settings
 from app.deps import AppState, Enqueue
 from app.limits import AuthLimiter, RequestGuard, install_errors
+from app.openapi import document_errors
 from app.routes import health, jobs, scores, silos, train
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory, upgrade
@@ -100,4 +102,13 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
     app.include_router(scores.router)
     app.include_router(train.router)
     ui.install(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            ))  # fmt: skip
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -191,13 +191,14 @@ def serve_asgi(make_app: Callable[[str], Any], name: str = "server") -> Iterator
 
 @contextmanager
 def serve_coordinator(
-    data_dir: Path, admin_token: str = "admin-secret-for-tests-0123456789abcdef"
+    data_dir: Path, admin_token: str = "admin-secret-for-tests-0123456789abcdef", **more: Any
 ) -> Iterator[Coordinator]:
-    """The real app (SQLite + blob store under ``data_dir``) served by uvicorn on a free 127.0.0.1 port."""
+    """The real app (SQLite + blob store under ``data_dir``) served by uvicorn on a free 127.0.0.1 port; ``more``:
+    other `AppSettings`."""
     from app.config import AppSettings
     from app.main import create_app
 
-    settings = AppSettings(data_dir=Path(data_dir), admin_token=admin_token, log_json=False)
+    settings = AppSettings(data_dir=Path(data_dir), admin_token=admin_token, log_json=False, **more)
     coordinator = Coordinator("", settings, admin_token, None)
 
     def make(url: str):
