@@ -373,6 +373,9 @@ def _bad_shards():
         ("precond", shard(["s1"], precond=False), "precondition"),
         ("checkpoint", shard(["s1"], checkpoint=1), "checkpoint 1"),
         ("garbage", b"not a safetensors file at all", "safetensors"),
+        ("nul id", _raw_shard(["s1", "a\x00b"], np.zeros((2, 16), np.float16)), "U+0000"),
+        ("surrogate id", _raw_shard(["s1", "\ud800"], np.zeros((2, 16), np.float16)), "lone surrogate"),
+        ("long id", _raw_shard(["s1", "x" * 600], np.zeros((2, 16), np.float16)), "at most 500"),
     ]
 
 
@@ -481,6 +484,11 @@ def test_uploads_after_complete_and_score_preconditions(env):
 def test_bad_anchor_set_is_422(env):
     job = env.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
     url = f"/v1/jobs/{job['id']}/anchors"
+    r = put(env.client, url, b"[" * 5_000 + b"]" * 5_000, "admin-secret-for-tests-0123456789abcdef")
+    assert r.status_code == 422 and "nested too deeply" in r.json()["detail"]
+    nul = b'{"id": "a\\u0000", "instruction": "q", "output": "a"}\n'
+    r = put(env.client, url, nul, "admin-secret-for-tests-0123456789abcdef")
+    assert r.status_code == 422 and "U+0000" in r.json()["detail"]
     r = put(env.client, url, b'{"instruction": "q", "output": ""}\n', "admin-secret-for-tests-0123456789abcdef")
     assert r.status_code == 422 and "anchors:1" in r.json()["detail"] and "output" in r.json()["detail"]
     r = put(env.client, url, b'{"instruction": "q", "output": "a"}\n', "admin-secret-for-tests-0123456789abcdef")

@@ -597,3 +597,22 @@ def test_a_byzantine_silo_cannot_take_over_the_model_and_is_flagged_to_the_admin
         "mass_clamped",
         "clipped",
     }
+
+
+def test_retry_re_sends_the_step_a_training_job_waits_for(env):
+    draft = env.create()
+    r = env.client.post(f"/v1/train/{draft}/retry", headers=ADMIN)
+    assert r.status_code == 409 and "nothing to retry" in r.json()["detail"]
+    job_id = env.running()
+    before = len(env.enqueued)
+    assert env.client.post(f"/v1/train/{job_id}/retry", headers=ADMIN).status_code == 202
+    assert env.enqueued[before:] == [(names.TRAIN_AGGREGATE, job_id, 0)]  # round 0's deadline check, sent again
+    assert env.client.post(f"/v1/train/{job_id}/retry", headers=env.auth("a")).status_code == 403
+
+
+def test_not_a_member_and_does_not_exist_read_the_same(env):
+    job_id = env.running()
+    theirs = env.client.get(f"/v1/train/{job_id}", headers=env.auth("c"))
+    missing = env.client.get(f"/v1/train/{'0' * 32}", headers=env.auth("c"))
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["detail"].replace(job_id, "ID") == missing.json()["detail"].replace("0" * 32, "ID")

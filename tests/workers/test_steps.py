@@ -273,3 +273,11 @@ def test_resume_re_sends_what_scoring_and_open_jobs_wait_for(sessions, tmp_path)
     assert d.resume() == 1 and broker.sent == [(names.SCORE_JOB, [job_id], None)]
     Lease(d, names.SCORE_JOB, [job_id], "alive").claim()
     assert d.resume() == 0  # running on a live worker
+
+
+def test_resume_re_sends_an_anchor_projection_left_running(sessions, tmp_path):
+    d, broker = dispatcher(sessions, tmp_path)
+    job_id = make_scoring_job(sessions)
+    with sessions.begin() as session:
+        repo.update_job(session, job_id=job_id, status="open", anchor_status="running")
+    assert d.resume() == 1 and broker.sent == [(names.PROJECT_ANCHORS, [job_id], None)]
