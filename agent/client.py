@@ -161,6 +161,14 @@ class Client:
     def start_scoring(self, job_id: str) -> dict:
         return self._json("POST", f"/v1/jobs/{job_id}/score")
 
+    def retry_job(self, job_id: str) -> dict:
+        """Send the step a scoring job waits for again (no-op while a live worker runs it)."""
+        return self._json("POST", f"/v1/jobs/{job_id}/retry")
+
+    def retry_train_job(self, job_id: str) -> dict:
+        """Send the step a training job waits for again (no-op while a live worker runs it)."""
+        return self._json("POST", f"/v1/train/{job_id}/retry")
+
     def duplicates(self, job_id: str) -> list[dict]:
         return self._json("GET", f"/v1/jobs/{job_id}/duplicates")
 

@@ -182,6 +182,27 @@ def cmd_job_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_lines(steps: list[dict]) -> list[str]:
+    lines = []
+    for s in steps:
+        beat = f", heartbeat {s['heartbeat_age_s']:.0f} s ago" if s.get("heartbeat_age_s") is not None else ""
+        where = f" on {s['holder']}" if s.get("holder") else ""
+        lost = f", its worker died {s['lost']}x" if s.get("lost") else ""
+        error = f": {s['error']}" if s.get("error") else ""
+        lines.append(
+            f"  {s['task']}{s['args'][1:] or ''}: {s['state']}{where}{beat} (sent {s['attempt']}x{lost}){error}"
+        )
+    return lines
+
+
+def cmd_job_retry(args: argparse.Namespace) -> int:
+    with client(args) as api:
+        job = api.retry_train_job(args.job) if args.training else api.retry_job(args.job)
+    print(f"{'training job' if args.training else 'job'} {job['id']} is {job['status']} ({job['message']}); steps:")
+    print("\n".join(_step_lines(job.get("steps") or [])))
+    return 0
+
+
 def cmd_scores(args: argparse.Namespace) -> int:
     with client(args) as api:
         scores = api.scores(args.job, silo=args.silo)
@@ -402,6 +423,18 @@ def add_parser(sub) -> None:
     q.add_argument("--poll-interval", type=float, default=2.0)
     _common(q)
     q.set_defaults(func=cmd_job_score)
+
+    q = asub.add_parser(
+        "job-retry",
+        help="send the step a job waits for again (after a crash); a step a live worker runs is left alone",
+        description="Re-queue the step a scoring job (or, with --training, a training job) waits for: scoring, the "
+        "anchor projection, a training start, aggregation or evaluation. Idempotent: a step whose worker is alive "
+        "(a heartbeat within the lease timeout) is left alone. A failed job goes back to the step that failed.",
+    )
+    q.add_argument("job")
+    q.add_argument("--training", action="store_true", help="the id is a training job's")
+    _common(q)
+    q.set_defaults(func=cmd_job_retry)
 
     q = asub.add_parser("scores", help="all scores of a done job as JSONL (silo, sample_id, score, parts, selected)")
     q.add_argument("job")

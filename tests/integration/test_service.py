@@ -187,6 +187,10 @@ def test_round_trip_from_the_cli(tiny_data, tmp_path, request, servers):
         written = {silo: _read_scores(tmp_path / silo / f"{silo}.scores.jsonl") for silo in SILOS}
         spec = json.loads(clues("admin", "job-show", job_id))["spec"]
         _assert_matches_engine(tiny_data, written, spec)
+        retry = subprocess.run(
+            [sys.executable, "-m", "clues", "admin", "job-retry", job_id], env=cli_env, capture_output=True, text=True
+        )
+        assert retry.returncode != 0 and "nothing to retry" in retry.stderr  # a done job waits for nothing
         embedded_files = (data_dir / "broker.sqlite").is_file() and (data_dir / "clues.db").is_file()
         assert embedded_files == (servers == "embedded")
     finally:
