@@ -248,15 +248,19 @@ class Lease:
             except Exception:  # a locked or unreachable database: the lease has lease_timeout_s of slack
                 log.exception("heartbeat of %s failed", self.key)
 
+    def stop_heartbeat(self) -> None:
+        """Stop refreshing the lease without ending it (what a worker's death does; tests use it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
     def check(self) -> None:
         """Raise `LeaseLost` if the step was taken over."""
         if self.lost.is_set():
             raise LeaseLost(f"the lease on {self.key} was taken over")
 
     def _end(self, state: str, error: str | None = None, follow_ups: list[FollowUp] = ()) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.stop_heartbeat()
         d = self.dispatcher
         with d.sessions.begin() as session:
             if not leases.finish(session, self.key, self.holder, state, error):

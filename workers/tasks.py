@@ -78,7 +78,10 @@ def run_step(task: Task, args: list, body: Body, on_failure: Callable[[str], Non
         raise
     except PERMANENT as exc:
         log.exception("%s failed", what)
-        on_failure(str(exc))
+        try:
+            on_failure(str(exc))
+        except StorageError:  # the job itself is gone (deleted) or unreachable: the step still ends
+            log.exception("%s: could not record the failure on the job", what)
         lease.failed(str(exc))
         return "failed"
     except BaseException:  # a bug: the step fails loudly and is not retried forever

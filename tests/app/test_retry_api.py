@@ -63,13 +63,15 @@ def test_retry_re_sends_a_waiting_step_and_leaves_a_live_one_alone(coordinator):
     r = client.post(f"/v1/jobs/{job_id}/retry", headers=ADMIN)
     assert r.status_code == 202 and step(client, job_id, names.PROJECT_ANCHORS)["attempt"] == 2
     assert broker_messages(state) == 2
-    assert Lease(state.dispatcher, names.PROJECT_ANCHORS, [job_id], "worker-1").claim()  # a worker picks it up
+    worker = Lease(state.dispatcher, names.PROJECT_ANCHORS, [job_id], "worker-1")
+    assert worker.claim()  # a worker picks it up
     r = client.post(f"/v1/jobs/{job_id}/retry", headers=ADMIN)
     assert r.status_code == 202
     running = step(client, job_id, names.PROJECT_ANCHORS)
     assert (running["state"], running["attempt"], running["holder"]) == ("running", 2, "worker-1")
     assert 0 <= running["heartbeat_age_s"] < 5
     assert broker_messages(state) == 2  # nothing sent behind a live worker
+    worker.stop_heartbeat()
     with state.sessions.begin() as session:  # that worker died 50 s ago
         session.execute(update(TaskStep).values(heartbeat_at=utcnow() - timedelta(seconds=50)))
     assert client.post(f"/v1/jobs/{job_id}/retry", headers=ADMIN).status_code == 202

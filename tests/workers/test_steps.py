@@ -21,6 +21,22 @@ from workers.steps import Dispatcher, FollowUp, Lease, LeaseLost
 JOB = "j" * 32
 
 
+@pytest.fixture(autouse=True)
+def _no_heartbeats_after_the_test(monkeypatch):
+    """Leases a test leaves held (its "killed" workers) stop heartbeating when it ends."""
+    claimed: list[Lease] = []
+    claim = Lease.claim
+
+    def tracking(self: Lease) -> bool:
+        claimed.append(self)
+        return claim(self)
+
+    monkeypatch.setattr(Lease, "claim", tracking)
+    yield
+    for lease in claimed:
+        lease.stop_heartbeat()
+
+
 @pytest.fixture
 def sessions(tmp_path: Path):
     engine = make_engine(f"sqlite:///{tmp_path}/clues.db")
