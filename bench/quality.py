@@ -492,8 +492,24 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         "keep_rate": rate,
         "methods": methods,
         "detail": detail,
+        "samples": per_sample_values(noise, cand, anch, n_tokens, feat.signals["anchors"]["n_tokens"]),
         "_keeps": {k: keeps[k] for k in ("all", "random", "perplexity", *TRACE_ARM, DEFAULT_METHOD)},
     }
+
+
+def per_sample_values(noise: np.ndarray, cand: dict, anch: dict, n_tokens: np.ndarray, anchor_tokens) -> dict:
+    """The raw per-sample values every calibrated score is computed from (the trace over all checkpoints, the
+    anchors' leave-one-out; ℓ(y|x) and ℓ(y|∅) at the signal checkpoint; the response length), candidates with
+    their noise kind: a few kB that let a new fusion be measured on every seed without another gradient pass."""
+
+    def column(values) -> list[float]:
+        return [float(f"{v:.7g}") for v in np.asarray(values, dtype=np.float64)]
+
+    return {
+        "candidates": {"noise": [str(k) for k in noise], **{k: column(v) for k, v in cand.items()},
+                       "n_tokens": column(n_tokens)},
+        "anchors": {**{k: column(v) for k, v in anch.items()}, "n_tokens": column(anchor_tokens)},
+    }  # fmt: skip
 
 
 # --- whitening (measured, not kept: see docs/results.md) ------------------------------------------------------
