@@ -70,7 +70,7 @@ import torch
 from common import emit, make_log  # bench/common.py (the script's directory is on sys.path)
 
 from scoring.batching import make_batches, tokenize_samples
-from scoring.calibration import CalibratedScores, badness, calibrate, length_buckets, signal_inputs
+from scoring.calibration import CalibratedScores, badness, calibrate, length_buckets, log_upper_p, signal_inputs
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_PROJECTION_DIM,
@@ -118,6 +118,10 @@ CALIBRATED_VARIANTS = {
     "calibrated[perplexity, ifd, pmi]": (("perplexity", "ifd", "pmi"), "fisher"),
 }
 """The anchor-calibrated fusions measured (`scoring.calibration.calibrate`): name -> (signals, fusion)."""
+FISHER_FLOORS = (0.5, 1.0)
+"""Fisher fusions that count a signal's badness only beyond these z (the default counts it beyond the anchors'
+median, z = 0): fewer false alarms from clean samples mildly unusual on one signal, less weight for mild evidence.
+Measured, not kept (docs/results.md)."""
 DEFAULT_METHOD = "calibrated"
 TRACE_ARM: tuple[str, ...] = ()
 """Training arms beyond issue 16's four (all, random, perplexity, the default): ``("trace",)`` would add the pure
@@ -426,6 +430,11 @@ def score_methods(feat: Features, split: Split, dims: list[int], domain: str, se
         name: calibrate(cand, anch, signals, fusion) for name, (signals, fusion) in CALIBRATED_VARIANTS.items()
     }
     default_cands, default_anchors = calibrated[DEFAULT_METHOD]
+    for floor in FISHER_FLOORS:  # the default's z, with only badness beyond z = floor counting
+        floored = -2.0 * log_upper_p(np.maximum(default_cands.z, floor)).sum(axis=1)
+        calibrated[f"{DEFAULT_METHOD}[fisher, z floor {floor}]"] = (CalibratedScores(
+            default_cands.signals, default_cands.raw, default_cands.z, -floored
+        ), default_anchors)  # fmt: skip
     default_keep = default_cands.scores >= mean_anchor_threshold(default_anchors.scores)
     rate = float(default_keep.mean())
 
