@@ -310,7 +310,7 @@ def test_a_silo_sees_no_message_or_error_computed_from_other_silos(env):
     assert env.client.get(f"/v1/jobs/{job_id}", headers=a).json()["message"] == "scoring"
     assert env.client.get(f"/v1/jobs/{job_id}", headers=ADMIN).json()["message"] == "scored 3/17 shard parts"
     detail = env.client.get(f"/v1/jobs/{job_id}/scores", headers=a).json()["detail"]
-    assert "17" not in detail and "scoring" in detail
+    assert "shard parts" not in detail and "scoring" in detail
     with env.app.state.clues.sessions.begin() as session:
         repo.update_job(session, job_id=job_id, status="failed", error="silo 'b' part 0: rows [3] hold NaN")
     job = env.client.get(f"/v1/jobs/{job_id}", headers=a).json()

@@ -42,8 +42,22 @@ def browser() -> Iterator:
 
 @pytest.fixture
 def page(browser) -> Iterator:
-    """A fresh browser context (its own cookies) and page; console errors fail the test."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    """A fresh browser context (its own cookies) and page; console errors fail the test.
+
+    The page's Content Security Policy is bypassed here, because playwright's ``wait_for_function`` polls a string
+    predicate with ``eval``, which the policy forbids; `strict_page` keeps the policy, and each dashboard's
+    ``..._under_its_content_security_policy`` test loads its pages with it."""
+    yield from _page(browser, bypass_csp=True)
+
+
+@pytest.fixture
+def strict_page(browser) -> Iterator:
+    """`page` with the servers' Content Security Policy enforced: a violation is a console error, so it fails."""
+    yield from _page(browser, bypass_csp=False)
+
+
+def _page(browser, bypass_csp: bool) -> Iterator:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=bypass_csp)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
