@@ -126,6 +126,8 @@ def targets_text(summary: dict) -> str:
             value = ", ".join(_f(x) for x in v["values"])
         elif "default" in v:
             value = f"{_f(v['default'])} vs {v['at']} {_f(v['best_single'])}"
+        elif "seeds" in v:
+            value = "seeds " + ", ".join(map(str, v["seeds"]))
         else:
             value = ", ".join(f"seed {s}: {a}" for s, a in v["lowest"].items())
         cells.append(f"{key}: {value} {'✓' if v['pass'] else '✗'}")

@@ -893,6 +893,7 @@ def summarize_seeds(results: list[dict]) -> dict:
         lowest = {s: min(arms, key=lambda a: losses[a]) for s, losses in trained.items()}
         wins = [s for s, arm in lowest.items() if arm == default]
         targets["default_arm_lowest_held_out_loss_on_2_seeds"] = {"lowest": lowest, "pass": len(wins) >= 2}
+    targets["three_seeds_measured"] = {"seeds": [int(s) for s in seeds], "pass": len(seeds) >= 3}
     targets["all_pass"] = all(v["pass"] for v in targets.values())
     return {
         "benchmark": "quality-seeds",
