@@ -66,25 +66,8 @@ def mark_queued(
     key = step_key(task, args)
     now = utcnow()
     row = session.get(TaskStep, key)
-    if row is None:
-        try:
-            with session.begin_nested():
-                session.add(
-                    TaskStep(
-                        key=key,
-                        task=task,
-                        args=list(args),
-                        job_id=str(args[0]),
-                        state="queued",
-                        attempt=1,
-                        lost=0,
-                        not_before=not_before,
-                        sent_at=now,
-                    )
-                )
-            return True
-        except sa_exc.IntegrityError:  # queued at the same moment by another process: theirs is sent
-            return False
+    if row is None:  # False: queued at the same moment by another process, whose message is sent
+        return _insert_first(session, task, args, state="queued", not_before=not_before, sent_at=now)
     fresh = row.state == "running" and row.heartbeat_at is not None and row.heartbeat_at >= stale_before
     if fresh and not force:
         return False
@@ -132,23 +115,19 @@ def claim(session: Session, task: str, args: list[Any], holder: str, *, stale_be
         return True
     if session.get(TaskStep, key) is not None:
         return False
+    return _insert_first(
+        session, task, args, state="running", holder=holder, not_before=now, sent_at=now, heartbeat_at=now
+    )
+
+
+def _insert_first(session: Session, task: str, args: list[Any], **fields: Any) -> bool:
+    """Insert the step's first row (attempt 1) in a SAVEPOINT; False when a concurrent insert won the key."""
+    row = TaskStep(key=step_key(task, args), task=task, args=list(args), job_id=str(args[0]), attempt=1, lost=0)
+    for name, value in fields.items():
+        setattr(row, name, value)
     try:
         with session.begin_nested():
-            session.add(
-                TaskStep(
-                    key=key,
-                    task=task,
-                    args=list(args),
-                    job_id=str(args[0]),
-                    state="running",
-                    attempt=1,
-                    lost=0,
-                    holder=holder,
-                    not_before=now,
-                    sent_at=now,
-                    heartbeat_at=now,
-                )
-            )
+            session.add(row)
         return True
     except sa_exc.IntegrityError:
         return False
