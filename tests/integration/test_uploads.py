@@ -26,13 +26,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_dropped_connection_mid_body_stores_nothing(coordinator):
-    with Client(coordinator.url, coordinator.admin_token) as admin:
-        token = {name: admin.register_silo(name)["token"] for name in ("a", "b")}["a"]
-        job_id = admin.create_job(job_body())["id"]
+    job_id, token = _open_job(coordinator)
     state = coordinator.app.state.clues
-    store_checkpoints_and_anchors(state, job_id)
-    with state.sessions.begin() as session:
-        repo.update_job(session, job_id=job_id, status="open")
     data = shard([f"s{i}" for i in range(500)])
     url = urlparse(coordinator.url)
     head = (
