@@ -24,44 +24,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.console import Progress, cache_dir
+
 PROG = "clues agent run"
 UNITS = {"checkpoints": "ckpt", "gradients": "grad", "shards": "shard", "scoring": "%", "training": "step"}
 
 
-class StageBars:
-    """tqdm bars on stderr, one per stage of `agent.loop.run_agent`, each opened on its first update (so errors before
-    any work print cleanly) and closed when the stage ends."""
-
-    def __init__(self) -> None:
-        self.stage: str | None = None
-        self.bar = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if stage != self.stage or self.bar is None:
-            self.close()
-            self.stage = stage
-            unit = UNITS.get(stage, "it")
-            self.bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.stage, self.bar = None, None
-
-
 class UsageError(Exception):
     """A missing or invalid option (the message names it)."""
-
-
-def _cache_dir() -> Path | None:
-    value = os.environ.get("CLUES_CACHE_DIR")
-    return Path(value) / "models" if value else None
 
 
 def _check_connection(args: argparse.Namespace) -> None:
@@ -97,7 +67,7 @@ def _options(args: argparse.Namespace):
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
-        cache_dir=_cache_dir(),
+        cache_dir=cache_dir(),
         poll_interval=args.poll_interval,
         timeout=args.timeout,
         wait=not args.no_wait,
@@ -107,16 +77,16 @@ def _options(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``clues agent run``; returns the exit status (2 on any error, printed as one line)."""
-    from agent.client import Client, CoordinatorError
+    from agent.client import CoordinatorError, SiloClient
     from agent.loop import AgentError, run_agent
     from scoring.errors import ScoringError
 
-    bars = StageBars()
+    bars = Progress(units=UNITS)
     try:
         options = _options(args)
-        with Client(args.coordinator, args.token) as client:
+        with SiloClient(args.coordinator, args.token) as client:
             result = run_agent(
-                client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars
+                client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars.stage
             )
     except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
         bars.close()
@@ -139,24 +109,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``clues agent train``; prints one JSON line summing up; returns the exit status (2 on any error)."""
-    from agent.client import Client, CoordinatorError
+    from agent.client import CoordinatorError, SiloClient
     from agent.loop import AgentError
     from agent.train import TrainOptions, run_training
     from scoring.errors import ScoringError
 
-    bars = StageBars()
+    bars = Progress(units=UNITS)
     try:
         _check_common(args)
         options = TrainOptions(
             device=args.device,
             dtype=args.dtype,
-            cache_dir=_cache_dir(),
+            cache_dir=cache_dir(),
             poll_interval=args.poll_interval,
             timeout=args.timeout,
         )
-        with Client(args.coordinator, args.token) as client:
+        with SiloClient(args.coordinator, args.token) as client:
             result = run_training(
-                client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars
+                client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars.stage
             )
     except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
         bars.close()

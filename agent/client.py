@@ -1,4 +1,6 @@
-"""A typed httpx client of the coordinator API (docs/coordinator.md), for silos and for the admin CLI.
+"""httpx clients of the coordinator API (docs/coordinator.md): `AdminClient` for the admin CLI, `SiloClient` for
+a silo's agent, both on `Client` (transport, retries, the reads both roles make). Answers are the API's JSON as
+dicts, shaped as the OpenAPI schemas (`openapi/openapi.json`) say.
 
 Retries: connection errors, timeouts and 429/502/503/504 are retried with exponential backoff; every call it
 retries is idempotent on the server (PUT uploads are keyed and checksummed, POST open/score/complete/start are no-ops
@@ -9,16 +11,16 @@ raises `CoordinatorError` carrying the server's ``detail`` message.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
-SHA256_HEADER = "X-Content-SHA256"
+from wire import API_PREFIX, SHA256_HEADER
+from wire.files import atomic_file
+
 RETRY_STATUS = frozenset({429, 502, 503, 504})
 
 
@@ -31,7 +33,8 @@ class CoordinatorError(Exception):
 
 
 class Client:
-    """One coordinator, one bearer token (the admin's or a silo's).
+    """One coordinator, one bearer token: the transport, retries and the reads both roles make. Use `AdminClient`
+    with the admin token and `SiloClient` with a silo's; this base serves where the role is not known yet (`me`).
 
     Args:
         base_url: e.g. ``http://127.0.0.1:8000``.
@@ -64,7 +67,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,88 +113,32 @@ class Client:
     def _download(self, path: str, dest: Path, what: str) -> str:
         """Stream ``GET path`` to ``dest``: a temp file beside it, SHA-256 checked against ``X-Content-SHA256``,
         fsync, rename (a reader never sees a partial file). Returns the SHA-256."""
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
 
         def once() -> str:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-            try:
-                digest = hashlib.sha256()
-                with os.fdopen(fd, "wb") as fh, self.http.stream("GET", path) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        raise CoordinatorError(response.status_code, _detail(response))
-                    for chunk in response.iter_bytes(1 << 20):
-                        digest.update(chunk)
-                        fh.write(chunk)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    announced = response.headers.get(SHA256_HEADER)
-                if announced != digest.hexdigest():
+            digest = hashlib.sha256()
+            with atomic_file(dest) as fh, self.http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise CoordinatorError(response.status_code, _detail(response))
+                for chunk in response.iter_bytes(1 << 20):
+                    digest.update(chunk)
+                    fh.write(chunk)
+                announced = response.headers.get(SHA256_HEADER)
+                if announced != digest.hexdigest():  # raised inside: the temp file goes, dest is untouched
                     raise CoordinatorError(
                         None, f"{what}: received SHA-256 {digest.hexdigest()}, announced {announced}"
                     )
-                os.replace(tmp, dest)
-                return digest.hexdigest()
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            return digest.hexdigest()
 
         return self._with_retries(f"GET {path}", once)
 
-    # -- admin -----------------------------------------------------------------------------------------------
-
-    def register_silo(self, name: str) -> dict:
-        return self._json("POST", "/v1/silos", json={"name": name})
-
-    def list_silos(self) -> list[dict]:
-        return self._json("GET", "/v1/silos")
-
-    def create_job(self, spec: dict) -> dict:
-        return self._json("POST", "/v1/jobs", json=spec)
-
-    def upload_checkpoint(self, job_id: str, index: int, data: bytes) -> dict:
-        return self._upload(f"/v1/jobs/{job_id}/checkpoints/{index}", data)
-
-    def upload_anchors(self, job_id: str, data: bytes) -> dict:
-        return self._upload(f"/v1/jobs/{job_id}/anchors", data)
-
-    def open_job(self, job_id: str) -> dict:
-        return self._json("POST", f"/v1/jobs/{job_id}/open")
-
-    def start_scoring(self, job_id: str) -> dict:
-        return self._json("POST", f"/v1/jobs/{job_id}/score")
-
-    def retry_job(self, job_id: str) -> dict:
-        """Send the step a scoring job waits for again (no-op while a live worker runs it)."""
-        return self._json("POST", f"/v1/jobs/{job_id}/retry")
-
-    def retry_train_job(self, job_id: str) -> dict:
-        """Send the step a training job waits for again (no-op while a live worker runs it)."""
-        return self._json("POST", f"/v1/train/{job_id}/retry")
-
-    def duplicates(self, job_id: str) -> list[dict]:
-        return self._json("GET", f"/v1/jobs/{job_id}/duplicates")
-
-    def create_train_job(self, spec: dict) -> dict:
-        return self._json("POST", "/v1/train", json=spec)
-
-    def upload_eval_set(self, job_id: str, data: bytes) -> dict:
-        return self._upload(f"/v1/train/{job_id}/eval", data)
-
-    def start_train_job(self, job_id: str) -> dict:
-        return self._json("POST", f"/v1/train/{job_id}/start")
-
-    def scoring_job_from_warmup(self, train_id: str, body: dict) -> dict:
-        """A scoring job (``draft``, checkpoints uploaded) from a finished warmup job (`ScoringFromWarmup` body)."""
-        return self._json("POST", f"/v1/train/{train_id}/scoring-job", json=body)
-
-    # -- both ------------------------------------------------------------------------------------------------
+    # -- reads both roles make ------------------------------------------------------------------------------
 
     def jobs(self) -> list[dict]:
-        return self._json("GET", "/v1/jobs")
+        return self._json("GET", f"{API_PREFIX}/jobs")
 
     def job(self, job_id: str) -> dict:
-        return self._json("GET", f"/v1/jobs/{job_id}")
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}")
 
     def scores(self, job_id: str, silo: str | None = None, page: int = 50_000) -> dict:
         """All score rows visible to this token (paged through), with the threshold."""
@@ -200,7 +147,7 @@ class Client:
             params: dict[str, Any] = {"limit": page, "offset": len(rows)}
             if silo:
                 params["silo"] = silo
-            answer = self._json("GET", f"/v1/jobs/{job_id}/scores", params=params)
+            answer = self._json("GET", f"{API_PREFIX}/jobs/{job_id}/scores", params=params)
             rows.extend(answer["rows"])
             if len(rows) >= answer["total"] or not answer["rows"]:
                 return {**answer, "rows": rows}
@@ -209,22 +156,22 @@ class Client:
         """One page of score rows (`ScoresPublic`): the coordinator's filters, sort and paging, e.g. ``kept=True,
         sort="score", order="desc", limit=50``; None values are left out."""
         query = {k: _param(v) for k, v in params.items() if v is not None}
-        return self._json("GET", f"/v1/jobs/{job_id}/scores", params=query)
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}/scores", params=query)
 
     def summary(self, job_id: str) -> dict:
         """What the dashboards chart (`ScoreSummary`): histogram edges and counts, kept and overridden counts."""
-        return self._json("GET", f"/v1/jobs/{job_id}/summary")
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}/summary")
 
     def overrides(self, job_id: str, **params: Any) -> dict:
         """The override audit log (`OverrideLog`), newest first; ``limit``, ``offset``, ``sample_id``."""
         query = {k: v for k, v in params.items() if v is not None}
-        return self._json("GET", f"/v1/jobs/{job_id}/overrides", params=query)
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}/overrides", params=query)
 
     def create_override(self, job_id: str, sample_id: str, decision: str, reason: str) -> dict:
         """Keep or drop one of this silo's samples against the threshold (``auto`` undoes that); the new audit
         record. Sent once, never retried: a retry after a lost answer would log the decision twice."""
         body = {"sample_id": sample_id, "decision": decision, "reason": reason}
-        path = f"/v1/jobs/{job_id}/overrides"
+        path = f"{API_PREFIX}/jobs/{job_id}/overrides"
         try:
             response = self.http.post(path, json=body)
         except httpx.TransportError as exc:
@@ -279,42 +226,93 @@ class Client:
             time.sleep(poll)
 
     def train_jobs(self) -> list[dict]:
-        return self._json("GET", "/v1/train")
+        return self._json("GET", f"{API_PREFIX}/train")
 
     def train_job(self, job_id: str) -> dict:
-        return self._json("GET", f"/v1/train/{job_id}")
+        return self._json("GET", f"{API_PREFIX}/train/{job_id}")
 
     def download_round_adapter(self, job_id: str, round: int, dest: Path) -> str:
         """Stream the global adapter round ``round`` starts from to ``dest`` (see `_download`); returns its SHA-256."""
-        return self._download(f"/v1/train/{job_id}/rounds/{round}/adapter", dest, f"round {round} adapter")
+        return self._download(f"{API_PREFIX}/train/{job_id}/rounds/{round}/adapter", dest, f"round {round} adapter")
 
     def download_final_adapter(self, job_id: str, dest: Path) -> str:
         """Stream the training job's final adapter to ``dest`` (see `_download`); returns its SHA-256."""
-        return self._download(f"/v1/train/{job_id}/adapter", dest, "final adapter")
-
-    # -- silo ------------------------------------------------------------------------------------------------
+        return self._download(f"{API_PREFIX}/train/{job_id}/adapter", dest, "final adapter")
 
     def me(self) -> dict:
         """The silo this token belongs to (`SiloPublic`: ``id``, ``name``, ``created_at``); the admin token gets a
         403 `CoordinatorError`, an unknown one a 401."""
-        return self._json("GET", "/v1/silos/me")
+        return self._json("GET", f"{API_PREFIX}/silos/me")
+
+
+class AdminClient(Client):
+    """The admin's calls: silos, scoring and training jobs, their uploads, starts and retries."""
+
+    def register_silo(self, name: str) -> dict:
+        return self._json("POST", f"{API_PREFIX}/silos", json={"name": name})
+
+    def list_silos(self) -> list[dict]:
+        return self._json("GET", f"{API_PREFIX}/silos")
+
+    def create_job(self, spec: dict) -> dict:
+        return self._json("POST", f"{API_PREFIX}/jobs", json=spec)
+
+    def upload_checkpoint(self, job_id: str, index: int, data: bytes) -> dict:
+        return self._upload(f"{API_PREFIX}/jobs/{job_id}/checkpoints/{index}", data)
+
+    def upload_anchors(self, job_id: str, data: bytes) -> dict:
+        return self._upload(f"{API_PREFIX}/jobs/{job_id}/anchors", data)
+
+    def open_job(self, job_id: str) -> dict:
+        return self._json("POST", f"{API_PREFIX}/jobs/{job_id}/open")
+
+    def start_scoring(self, job_id: str) -> dict:
+        return self._json("POST", f"{API_PREFIX}/jobs/{job_id}/score")
+
+    def retry_job(self, job_id: str) -> dict:
+        """Send the step a scoring job waits for again (no-op while a live worker runs it)."""
+        return self._json("POST", f"{API_PREFIX}/jobs/{job_id}/retry")
+
+    def retry_train_job(self, job_id: str) -> dict:
+        """Send the step a training job waits for again (no-op while a live worker runs it)."""
+        return self._json("POST", f"{API_PREFIX}/train/{job_id}/retry")
+
+    def duplicates(self, job_id: str) -> list[dict]:
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}/duplicates")
+
+    def create_train_job(self, spec: dict) -> dict:
+        return self._json("POST", f"{API_PREFIX}/train", json=spec)
+
+    def upload_eval_set(self, job_id: str, data: bytes) -> dict:
+        return self._upload(f"{API_PREFIX}/train/{job_id}/eval", data)
+
+    def start_train_job(self, job_id: str) -> dict:
+        return self._json("POST", f"{API_PREFIX}/train/{job_id}/start")
+
+    def scoring_job_from_warmup(self, train_id: str, body: dict) -> dict:
+        """A scoring job (``draft``, checkpoints uploaded) from a finished warmup job (`ScoringFromWarmup` body)."""
+        return self._json("POST", f"{API_PREFIX}/train/{train_id}/scoring-job", json=body)
+
+
+class SiloClient(Client):
+    """A silo's calls: its job's checkpoints down, its projection shards and round updates up."""
 
     def download_checkpoint(self, job_id: str, index: int, dest: Path) -> str:
         """Stream checkpoint bundle ``index`` of a scoring job to ``dest`` (see `_download`); returns its SHA-256."""
-        return self._download(f"/v1/jobs/{job_id}/checkpoints/{index}", dest, f"checkpoint {index}")
+        return self._download(f"{API_PREFIX}/jobs/{job_id}/checkpoints/{index}", dest, f"checkpoint {index}")
 
     def held_shards(self, job_id: str) -> list[dict]:
-        return self._json("GET", f"/v1/jobs/{job_id}/shards")
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}/shards")
 
     def upload_shard(self, job_id: str, checkpoint: int, part: int, data: bytes) -> dict:
-        return self._upload(f"/v1/jobs/{job_id}/shards/{checkpoint}/{part}", data)
+        return self._upload(f"{API_PREFIX}/jobs/{job_id}/shards/{checkpoint}/{part}", data)
 
     def complete(self, job_id: str) -> dict:
-        return self._json("POST", f"/v1/jobs/{job_id}/complete")
+        return self._json("POST", f"{API_PREFIX}/jobs/{job_id}/complete")
 
     def upload_round_update(self, job_id: str, round: int, data: bytes) -> dict:
         """This silo's adapter bundle after local training in ``round`` (201 new, 200 held; 409 late or closed)."""
-        return self._upload(f"/v1/train/{job_id}/rounds/{round}/update", data)
+        return self._upload(f"{API_PREFIX}/train/{job_id}/rounds/{round}/update", data)
 
 
 def _param(value: Any) -> Any:

@@ -36,15 +36,14 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agent.client import Client, CoordinatorError
+from agent.client import CoordinatorError, SiloClient
 from agent.samples import SORT_PATTERN, LocalText, RowCache, SampleQuery, query_rows
 from scoring.calibration import fused_signals
-from storage.repository import hash_token
 from webui import (
     PREFIX,
     SECURITY_HEADERS,
     STATIC_DIR,
-    Session,
+    CookieSession,
     SessionSigner,
     cookie_options,
     load_secret,
@@ -55,6 +54,7 @@ from webui import (
     signal_columns,
     template_environment,
 )
+from wire import hash_token
 
 STATIC = f"{PREFIX}/static"
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
@@ -88,7 +88,7 @@ class Dashboard:
 
     def __init__(
         self,
-        client: Client,
+        client: SiloClient,
         url: str,
         token: str,
         text: LocalText,
@@ -129,7 +129,7 @@ class Dashboard:
     def new_cookie(self) -> str:
         return self.signer.sign(f"silo:{self.silo or ''}", self._token_hash)
 
-    def session_of(self, request: Request) -> Session | None:
+    def session_of(self, request: Request) -> CookieSession | None:
         session = self.signer.read(request.cookies.get(self.cookie))
         if session is None or not session.subject.startswith("silo:") or session.sid in self.revoked:
             return None
@@ -157,27 +157,27 @@ def _dashboard(request: Request) -> Dashboard:
 DashDep = Annotated[Dashboard, Depends(_dashboard)]
 
 
-def _page_session(request: Request, dash: DashDep) -> Session:
+def _page_session(request: Request, dash: DashDep) -> CookieSession:
     session = dash.session_of(request)
     if session is None:
         raise LoginRequired
     return session
 
 
-def _api_session(request: Request, dash: DashDep) -> Session:
+def _api_session(request: Request, dash: DashDep) -> CookieSession:
     session = dash.session_of(request)
     if session is None:
         raise HTTPException(401, f"not logged in: open {PREFIX}/login")
     return session
 
 
-def _same_origin(request: Request, _: Annotated[Session, Depends(_api_session)]) -> None:
+def _same_origin(request: Request, _: Annotated[CookieSession, Depends(_api_session)]) -> None:
     if not same_origin(request.headers, request.headers.get("host")):
         raise HTTPException(403, "cross-site request refused: overrides are accepted only from this dashboard's pages")
 
 
-PageAuth = Annotated[Session, Depends(_page_session)]
-ApiAuth = Annotated[Session, Depends(_api_session)]
+PageAuth = Annotated[CookieSession, Depends(_page_session)]
+ApiAuth = Annotated[CookieSession, Depends(_api_session)]
 SameOrigin = Annotated[None, Depends(_same_origin)]
 
 
@@ -381,7 +381,7 @@ def create_dashboard(
     *,
     silo: str | None = None,
     transport: Any = None,
-    client_factory: Callable[[], Client] | None = None,
+    client_factory: Callable[[], SiloClient] | None = None,
     ttl_s: float = 30.0,
     secure_cookies: bool = False,
 ) -> FastAPI:
@@ -406,7 +406,7 @@ def create_dashboard(
     client = (
         client_factory()
         if client_factory
-        else Client(coordinator, token, timeout=60.0, retries=1, backoff=0.2, transport=transport)
+        else SiloClient(coordinator, token, timeout=60.0, retries=1, backoff=0.2, transport=transport)
     )
     dash = Dashboard(
         client, coordinator, token, text, SessionSigner(secret), silo=silo, ttl_s=ttl_s, secure=secure_cookies

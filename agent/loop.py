@@ -8,7 +8,7 @@ for them, also ℓ(y|∅) and the response token count at one checkpoint); the t
 ``work_dir/<job>/``:
 
 - ``ckpt-NNN.safetensors`` (+ ``.sha256``): the downloaded checkpoint bundles, reused when their checksum holds.
-- ``run/``: the run directory rebuilt from them (`scoring.steps.write_run_dir`), built aside and renamed into place;
+- ``run/``: the run directory rebuilt from them (`scoring.workflow.write_run_dir`), built aside and renamed into place;
   for a job made from a federated warmup that preconditions, with this silo's own Adam moments of that warmup
   (`add_warmup_moments`).
 - ``proj-<fingerprint>/``: the projections of one data file (fingerprint: the data file's SHA-256 and the job id),
@@ -24,20 +24,20 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent.client import Client
+from agent.client import SiloClient
 from scoring.config import ProjectionSpec
 from scoring.data import Sample, read_samples, write_samples
-from scoring.io import atomic_write_bytes, checkpoint_from_bytes, load_projection, projection_to_bytes
+from scoring.io import checkpoint_from_bytes, load_projection, projection_to_bytes
+from scoring.spec import JobSpec
+from wire.files import atomic_dir, atomic_write_bytes
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: ``checkpoints``, ``gradients``, ``shards``, ``scoring`` (percent)."""
 
-RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projection")
 """The job spec fields a run directory's ``run.json`` is rebuilt from."""
 
 
@@ -115,7 +115,7 @@ def output_paths(data_path: Path, out_dir: Path | None = None) -> tuple[Path, Pa
 
 
 def run_agent(
-    client: Client,
+    client: SiloClient,
     job_id: str,
     data_path: Path,
     *,
@@ -161,7 +161,7 @@ def run_agent(
 
 
 def sync_shards(
-    client: Client,
+    client: SiloClient,
     job: dict,
     samples: list[Sample],
     proj_dir: Path,
@@ -231,7 +231,7 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def download_bundle(client: Client, job_id: str, index: int, job_dir: Path, expected: str | None = None) -> bytes:
+def download_bundle(client: SiloClient, job_id: str, index: int, job_dir: Path, expected: str | None = None) -> bytes:
     """Checkpoint bundle ``index``: from ``job_dir`` when its SHA-256 holds, else downloaded (and kept).
 
     ``expected`` is the SHA-256 the job spec lists for it; without one, the checksum recorded at download (from
@@ -254,9 +254,9 @@ def download_bundle(client: Client, job_id: str, index: int, job_dir: Path, expe
     return path.read_bytes()
 
 
-def prepare_run(client: Client, job_id: str, spec: dict, job_dir: Path, progress: Progress | None = None) -> Path:
+def prepare_run(client: SiloClient, job_id: str, spec: dict, job_dir: Path, progress: Progress | None = None) -> Path:
     """The job's run directory under ``job_dir/run``, rebuilt from its checkpoint bundles (reused when present)."""
-    from scoring.steps import write_run_dir  # torch: loaded only when a run must be rebuilt
+    from scoring.workflow import rebuild_run  # torch: loaded only when a run must be rebuilt
 
     dest = job_dir / "run"
     if (dest / "run.json").is_file():
@@ -269,15 +269,10 @@ def prepare_run(client: Client, job_id: str, spec: dict, job_dir: Path, progress
         bundles.append(checkpoint_from_bytes(data, projection, f"checkpoint {index} of job {job_id}"))
         if progress:
             progress("checkpoints", done, len(indices))
-    tmp = Path(tempfile.mkdtemp(prefix=".run.", dir=job_dir))
-    try:
-        write_run_dir({k: spec[k] for k in RUN_KEYS}, bundles, tmp)
-        add_warmup_moments(tmp, spec, job_dir.parent)
-        shutil.rmtree(dest, ignore_errors=True)  # a directory without run.json is unfinished
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    # a directory without run.json is unfinished: it is replaced
+    return rebuild_run(
+        JobSpec.from_dict(spec), bundles, dest, finish=lambda tmp: add_warmup_moments(tmp, spec, job_dir.parent)
+    )
 
 
 def add_warmup_moments(run_dir: Path, spec: dict, work_dir: Path) -> None:
@@ -319,7 +314,7 @@ def project_local(
 ) -> Path:
     """Project ``samples`` at every checkpoint into ``proj_dir`` (built aside, then renamed into place), with the
     signals the job asks for (``spec.signals``) in the files of its signal checkpoint."""
-    from scoring.steps import ModelOptions, ProjectOptions, project_samples
+    from scoring.workflow import ModelOptions, ProjectOptions, project_samples
 
     opts = ProjectOptions(
         engine=options.engine,
@@ -328,8 +323,7 @@ def project_local(
         signals=tuple(spec.get("signals", ())),  # a coordinator that predates the signals asks for none
         signal_checkpoint=spec.get("signal_checkpoint"),
     )
-    tmp = Path(tempfile.mkdtemp(prefix=".proj.", dir=proj_dir.parent))
-    try:
+    with atomic_dir(proj_dir) as tmp:
         project_samples(
             run_dir,
             samples,
@@ -339,10 +333,6 @@ def project_local(
             model_opts=ModelOptions(device=options.device, dtype=options.dtype, cache_dir=options.cache_dir),
             progress=(lambda done, total: progress("gradients", done, total)) if progress else None,
         )
-        shutil.rmtree(proj_dir, ignore_errors=True)
-        tmp.rename(proj_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return proj_dir
 
 
@@ -365,7 +355,7 @@ def iter_shards(
 
 
 def upload_shards(
-    client: Client,
+    client: SiloClient,
     job_id: str,
     shards: Iterator[tuple[int, int, bytes]],
     held: dict[tuple[int, int], str],
@@ -377,7 +367,7 @@ def upload_shards(
     """Send the shards the coordinator does not hold yet; returns (uploaded, skipped).
 
     Args:
-        held: (checkpoint, part) -> SHA-256 of the shards it holds (`Client.held_shards`).
+        held: (checkpoint, part) -> SHA-256 of the shards it holds (`SiloClient.held_shards`).
         total: the number of shards (for ``progress`` only).
         complete: this silo has completed its upload: nothing may be sent, every shard must be held already.
 

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.client import Client, CoordinatorError
+from agent.client import CoordinatorError, SiloClient
 from agent.loop import AgentError, Progress
 from scoring.config import LocalTrainConfig, LoraSettings
 from scoring.data import Sample, read_samples
-from scoring.io import CheckpointBundle, atomic_write_bytes, bundle_to_bytes, read_bundle
+from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
+from wire.files import atomic_write_bytes
 
 DTYPES = ("float32", "bfloat16", "float16")
 FINISHED = ("done", "evaluating")
@@ -117,7 +118,7 @@ def seeded_subset(samples: list[Sample], k: int, seed: int, job_id: str) -> list
     return [s for s in samples if s.id in keep]
 
 
-def _local_scores(client: Client, scoring_job: str, samples: list[Sample]) -> dict[str, dict]:
+def _local_scores(client: SiloClient, scoring_job: str, samples: list[Sample]) -> dict[str, dict]:
     """This silo's score rows of ``scoring_job`` by sample id; every local sample must have one."""
     by_id = {row["sample_id"]: row for row in client.scores(scoring_job)["rows"]}
     missing = [s.id for s in samples if s.id not in by_id]
@@ -129,7 +130,7 @@ def _local_scores(client: Client, scoring_job: str, samples: list[Sample]) -> di
     return by_id
 
 
-def choose_samples(client: Client, job: dict, samples: list[Sample]) -> tuple[list[Sample], float]:
+def choose_samples(client: SiloClient, job: dict, samples: list[Sample]) -> tuple[list[Sample], float]:
     """The local samples to train on under ``spec.selection`` and their score mass (the sum of their scores when a
     scoring job gives them, else 0).
 
@@ -228,7 +229,7 @@ def _previous_moments(work_dir: Path, job_id: str, round: int):
 
 
 def train_round(
-    client: Client,
+    client: SiloClient,
     job: dict,
     row: dict,
     trainer: LocalTrainer,
@@ -282,7 +283,7 @@ def _due_round(job: dict) -> dict | None:
     return row if row is not None and row["status"] == "open" and not row["received"] else None
 
 
-def fetch_final(client: Client, job: dict, work_dir: Path) -> Path:
+def fetch_final(client: SiloClient, job: dict, work_dir: Path) -> Path:
     """``final.safetensors``: the job's final adapter, downloaded unless held with the job's SHA-256."""
     path = train_dir(work_dir, job["id"]) / "final.safetensors"
     if not _held(path, job["final_sha256"]):
@@ -295,7 +296,7 @@ def fetch_final(client: Client, job: dict, work_dir: Path) -> Path:
 
 
 def run_training(
-    client: Client,
+    client: SiloClient,
     job_id: str,
     data_path: Path,
     *,

@@ -6,14 +6,14 @@ from functools import lru_cache
 
 from pydantic import Field, field_validator
 
-from workers.config import WorkerSettings
+from workers.config import ServiceSettings
 
 MIN_ADMIN_TOKEN = 32
 """The shortest admin token the coordinator starts with."""
 
 
-class AppSettings(WorkerSettings):
-    """`WorkerSettings` plus what only the API needs.
+class AppSettings(ServiceSettings):
+    """`ServiceSettings` plus what only the API needs.
 
     Attributes:
         admin_token: bearer token of the administrator, at least `MIN_ADMIN_TOKEN` characters; unset: every admin

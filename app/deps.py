@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,11 +19,8 @@ from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.models import Silo
 from webui import COOKIE_NAME, SessionSigner, same_origin
+from wire import hash_token
 from workers.steps import Dispatcher
-
-Enqueue = Callable[..., None]
-"""``enqueue(task_name, job_id, *args, countdown=None)``: hand a task to the workers (``countdown``: not before
-that many seconds)."""
 
 
 @dataclass
@@ -30,8 +28,8 @@ class AppState:
     settings: AppSettings
     sessions: sessionmaker[Session]
     blobs: LocalBlobStore
-    enqueue: Enqueue
-    dispatcher: Dispatcher | None
+    dispatcher: Dispatcher
+    """How routes hand steps to the workers: ``dispatcher.enqueue(task, *args, countdown=None)`` (the outbox)."""
     ping_broker: Callable[[], None]
     signer: SessionSigner
     auth_limiter: AuthLimiter
@@ -99,7 +97,7 @@ def principal_from_cookie(state: AppState, session: Session, request: Request) -
         return None
     if signed.subject == "admin":
         admin = state.settings.admin_token
-        return Principal(None) if admin and state.signer.matches(signed, repo.hash_token(admin)) else None
+        return Principal(None) if admin and state.signer.matches(signed, hash_token(admin)) else None
     kind, _, name = signed.subject.partition(":")
     silo = repo.find_silo(session, name=name) if kind == "silo" else None
     if silo is None or not state.signer.matches(signed, silo.token_hash):
@@ -146,3 +144,13 @@ def require_silo(principal: PrincipalDep) -> Principal:
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
 SiloDep = Annotated[Principal, Depends(require_silo)]
+
+
+# --- path parameters shared by the routes and the pages ---
+
+JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
+TrainId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the training job id")]
+Index = Annotated[int, PathParam(ge=0, le=100_000)]
+"""A checkpoint index."""
+Round = Annotated[int, PathParam(ge=0, le=100_000)]
+"""A training round."""

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from app.services import QueueUnavailable
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ScoringError
 from storage.blobs import BlobTooLarge
 from storage.errors import ConflictError, IntegrityError, NotFoundError, StorageError
@@ -25,6 +26,8 @@ class ApiError(Exception):
 def _status(exc: Exception) -> int:
     if isinstance(exc, ApiError):
         return exc.status
+    if isinstance(exc, QueueUnavailable):
+        return 503
     if isinstance(exc, NotFoundError):
         return 404
     if isinstance(exc, ConflictError):
@@ -57,7 +60,7 @@ def install(app: FastAPI, pages: PageErrors | None = None) -> None:
             return pages[1](request, 422, detail)
         return JSONResponse({"detail": detail}, status_code=422)
 
-    for kind in (ApiError, StorageError, ScoringError):
+    for kind in (ApiError, StorageError, ScoringError, QueueUnavailable):
         app.add_exception_handler(kind, handle)
     app.add_exception_handler(RequestValidationError, invalid)
 

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 
 from app import errors, metrics, ui
 from app.config import AppSettings, get_settings
-from app.deps import AppState, Enqueue
+from app.deps import AppState
 from app.limits import AuthLimiter, RequestGuard, install_errors
 from app.openapi import document_errors
 from app.routes import health, jobs, scores, silos, train
@@ -22,7 +22,7 @@ from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory, upgrade
 from webui import SessionSigner, load_secret
 from workers.celery_app import create_celery
-from workers.steps import Dispatcher
+from workers.steps import Dispatcher, Send
 
 log = logging.getLogger("clues.app")
 
@@ -34,14 +34,15 @@ Admin routes take the admin token, silo routes a silo's token, both as `Authoriz
 `{"detail": "<message>"}` with a 4xx status. Binary uploads carry `X-Content-SHA256` and are idempotent."""
 
 
-def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None = None, migrate: bool = True) -> FastAPI:
+def create_app(settings: AppSettings | None = None, *, send: Send | None = None, migrate: bool = True) -> FastAPI:
     """The FastAPI app.
 
     Args:
         settings: default `get_settings()` (environment).
-        enqueue: how tasks reach the workers; default: Celery ``send_task`` by name on the settings' broker,
-            through the step outbox (`workers.steps.Dispatcher`), whose reaper runs in this process. Tests pass a
-            function that runs `workers.pipeline` in-process (no leases, no reaper).
+        send: how a step's message reaches the workers, ``send(task, args, countdown)``; default: Celery
+            ``send_task`` by name on the settings' broker. Either way steps go through the outbox
+            (`workers.steps.Dispatcher`), whose reaper runs in this process. Tests pass one that runs
+            `workers.graph.execute` in-process, or one that only records.
         migrate: bring the database schema to the current Alembic head on start-up.
     """
     settings = settings or get_settings()
@@ -50,7 +51,7 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
     engine = make_engine(settings.storage.database_url)
     celery = create_celery(settings)
 
-    def send(task: str, args: list[Any], countdown: float | None) -> None:
+    def send_task(task: str, args: list[Any], countdown: float | None) -> None:
         celery.send_task(task, args=args, countdown=countdown)
 
     def ping_broker() -> None:
@@ -58,12 +59,11 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
             conn.ensure_connection(max_retries=1, timeout=2)
 
     sessions = make_session_factory(engine)
-    dispatcher = None if enqueue else Dispatcher(sessions, send, settings)
+    dispatcher = Dispatcher(sessions, send or send_task, settings)
     state = AppState(
         settings=settings,
         sessions=sessions,
         blobs=LocalBlobStore(settings.storage.blob_dir),
-        enqueue=enqueue or dispatcher.enqueue,
         dispatcher=dispatcher,
         ping_broker=ping_broker,
         signer=SessionSigner(load_secret(settings.session_secret, settings.data_dir / "session.key")),
@@ -76,15 +76,12 @@ def create_app(settings: AppSettings | None = None, *, enqueue: Enqueue | None =
             upgrade(engine)
         state.blobs.sweep_tmp()
         try:
-            train.resume_training(state)
-            if dispatcher is not None:
-                dispatcher.resume()
+            dispatcher.resume()
         except Exception:  # a broker down at start-up: the reaper sends the queued steps once it is back
             log.exception("could not re-queue the jobs' pending steps")
-        stop_reaper = dispatcher.start_reaper() if dispatcher is not None else None
+        stop_reaper = dispatcher.start_reaper()
         yield
-        if stop_reaper is not None:
-            stop_reaper()
+        stop_reaper()
         state.blobs.sweep_own()  # uploads still stalled when the server stopped: their half bodies go too
         engine.dispose()
 

@@ -65,3 +65,7 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
             for code in sorted(codes_for(path, method, operation)):
                 responses[code] = {"description": REASONS[code], "content": {"application/json": {"schema": ref}}}
     return out
+
+
+BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}
+"""``openapi_extra={"requestBody": BINARY}``: a route that reads a raw binary body (uploads)."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scoring.config import (
     DEFAULT_FUSION,
     DEFAULT_LORA_TARGETS,
+    DEFAULT_MAX_LEN,
     DEFAULT_PROJECTION_DIM,
     DEFAULT_SCORE_KIND,
     DEFAULT_SIGNALS,
@@ -114,7 +115,7 @@ class JobCreate(ScoreFields):
     model: str = Field(min_length=1, max_length=500, description="model reference, e.g. 'smollm2' or 'tiny:0'")
     lora: LoraSpec
     lora_init_seed: int = Field(0, ge=0)
-    max_len: int = Field(768, ge=8, le=32768)
+    max_len: int = Field(DEFAULT_MAX_LEN, ge=8, le=32768)
     template: str = Field("auto", min_length=1, max_length=32)
     projection: ProjectionSpecModel
     checkpoints: list[CheckpointSpec] = Field(min_length=1, max_length=1000)

@@ -25,9 +25,18 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from app.deps import Principal, SessionDep, StateDep, authenticate, client_address, principal_from_cookie
-from app.routes.jobs import JobId, _job_for, _public
-from app.routes.train import TrainId, _train_for, _train_public
+from app.deps import (
+    JobId,
+    Principal,
+    SessionDep,
+    StateDep,
+    TrainId,
+    authenticate,
+    client_address,
+    principal_from_cookie,
+)
+from app.services.jobs import job_for, job_public
+from app.services.training import train_for, train_public
 from scoring.calibration import fused_signals
 from storage import repository as repo
 from webui import (
@@ -41,6 +50,7 @@ from webui import (
     signal_columns,
     template_environment,
 )
+from wire import hash_token
 
 STATIC = f"{PREFIX}/static"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -98,7 +108,7 @@ def login(
             error="That token is not valid here.",
         )
     subject, token_hash = (
-        ("admin", repo.hash_token(token.strip()))
+        ("admin", hash_token(token.strip()))
         if principal.is_admin
         else (f"silo:{principal.silo.name}", principal.silo.token_hash)
     )
@@ -128,15 +138,15 @@ def logout(request: Request, state: StateDep, session: SessionDep) -> RedirectRe
 def jobs_page(request: Request, state: StateDep, session: SessionDep) -> Response:
     principal = _page_principal(request, state, session)
     silo_id = None if principal.is_admin else principal.silo.id
-    scoring = [_public(j, principal, session) for j in repo.list_jobs(session, silo_id=silo_id)]
-    training = [_train_public(j, principal, session) for j in repo.list_train_jobs(session, silo_id=silo_id)]
+    scoring = [job_public(j, principal, session) for j in repo.list_jobs(session, silo_id=silo_id)]
+    training = [train_public(j, principal, session) for j in repo.list_train_jobs(session, silo_id=silo_id)]
     return _render(request, "jobs.html", principal, scoring=scoring[::-1], training=training[::-1])
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: JobId, request: Request, state: StateDep, session: SessionDep) -> Response:
     principal = _page_principal(request, state, session)
-    job = _public(_job_for(session, job_id, principal), principal, session)
+    job = job_public(job_for(session, job_id, principal), principal, session)
     trainings = [
         t
         for t in repo.list_train_jobs(session, silo_id=None if principal.is_admin else principal.silo.id)
@@ -158,7 +168,7 @@ def job_page(job_id: JobId, request: Request, state: StateDep, session: SessionD
 @router.get("/train/{job_id}", response_class=HTMLResponse)
 def train_page(job_id: TrainId, request: Request, state: StateDep, session: SessionDep) -> Response:
     principal = _page_principal(request, state, session)
-    job = _train_public(_train_for(session, job_id, principal), principal, session)
+    job = train_public(train_for(session, job_id, principal), principal, session)
     return _render(request, "train.html", principal, job=job, charts=True)
 
 

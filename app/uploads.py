@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import AppState
 from app.errors import ApiError
 from app.metrics import UPLOAD_BYTES
+from app.schemas import UploadResult
 from storage.blobs import BlobRef, BlobWriter
+from wire import SHA256_HEADER
 
-SHA256_HEADER = "X-Content-SHA256"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 WRITE_BLOCK = 8 << 20
 """Bytes of the body gathered before they are hashed and written in a worker thread (double-buffered)."""
@@ -139,3 +141,9 @@ def _flush_to_disk(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def upload_answer(sha: str, size: int | None, created: bool) -> JSONResponse:
+    """201 with the stored blob's checksum and size when this upload stored it; 200 when it was held already."""
+    body = UploadResult(sha256=sha, size=size or 0, created=created)
+    return JSONResponse(body.model_dump(), status_code=201 if created else 200)

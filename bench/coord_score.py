@@ -76,7 +76,7 @@ from scoring.traces import AnchorDirections, best_group, build_anchor_directions
 from scoring.types import ProjectedGrads
 from storage import repository as repo
 from storage.db import make_engine, upgrade
-from workers.config import WorkerSettings
+from workers.config import ServiceSettings
 from workers.pipeline import ANCHOR_OWNER, Resources, load_shard, prefetched, score_job, shards_by_part
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ class Settings:
 
 
 def open_resources(data_dir: Path) -> Resources:
-    settings = WorkerSettings(data_dir=data_dir)
+    settings = ServiceSettings(data_dir=data_dir)
     engine = make_engine(settings.storage.database_url)
     upgrade(engine)
     engine.dispose()

@@ -1,6 +1,6 @@
 """Shard upload throughput and memory: the coordinator's upload route against a raw upload, same server, same run.
 
-The real coordinator app (`app.main.create_app`, a no-op task recorder as ``enqueue``) runs under uvicorn in a
+The real coordinator app (`app.main.create_app`, a no-op task recorder as ``send``) runs under uvicorn in a
 **child process**, so that its memory is measured alone. The benchmark mounts one extra route on it,
 ``PUT /bench/raw``, which streams ``request.stream()`` into a temp file and answers: no checksum, no validation, no
 fsync, no database (the file is deleted at once). Both routes go through the same uvicorn/h11, Starlette and
@@ -94,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = AppSettings(
         data_dir=args.data_dir, admin_token=ADMIN_TOKEN, max_upload_bytes=args.max_upload, log_json=False
     )
-    app = create_app(settings, enqueue=lambda task, job: enqueued.append((task, job)))
+    app = create_app(settings, send=lambda task, args, countdown: enqueued.append((task, *args)))
     raw_dir = Path(args.data_dir) / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
 

@@ -6,7 +6,7 @@ the candidates, into which noise is injected (`scoring.noise.inject_noise`; ``NO
 ``cut``, ``delete``, ``exchange``; GSM8K 15 % each of ``wrong_answer`` and ``exchange``); a clean held-out set of
 ``--held-out`` items comes from the rest (PubMedQA) or from ``test.jsonl`` (GSM8K).
 
-Warmup (`scoring.steps.run_warmup`): ``--warmup-steps`` AdamW steps of batch 4 at a constant ``--lr`` on a random
+Warmup (`scoring.workflow.run_warmup`): ``--warmup-steps`` AdamW steps of batch 4 at a constant ``--lr`` on a random
 ``--warmup-fraction`` of the candidates (noise included, as CLUES warms up on the pool), from a random lora_B, LoRA
 of rank ``--lora-rank`` (default the product's, 8; alpha = 2r) on ``--lora-targets`` (default: the product's, every
 linear layer of a decoder block); ``--checkpoints`` evenly spaced checkpoints, each with its Adam moments.
@@ -97,10 +97,10 @@ from scoring.selection import (
     top_fraction_mask,
 )
 from scoring.signals import sample_signals
-from scoring.steps import ModelOptions, load_run_model, release_memory, run_warmup, use_checkpoint
 from scoring.traces import score_anchor_samples, score_projections
 from scoring.training import train_lora
 from scoring.types import ProjectedGrads
+from scoring.workflow import ModelOptions, load_run_model, release_memory, run_warmup, use_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = {

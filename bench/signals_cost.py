@@ -1,12 +1,12 @@
 """What the calibrated score's extra signals cost a silo: `project_samples` with and without them, in one run.
 
-A silo's projection step (`scoring.steps.project_samples`, what `clues agent run` calls) computes exact per-sample
+A silo's projection step (`scoring.workflow.project_samples`, what `clues agent run` calls) computes exact per-sample
 LoRA gradients at every checkpoint and projects them. A calibrated job (the default) also asks for ``loss_uncond``
 and ``n_tokens`` (`scoring.config.SIGNALS`): one forward pass without backward over the response after an empty
 prompt, at one checkpoint. This script measures the added time on real PubMedQA samples with the product's defaults
 (LoRA r=8 on every linear layer of a block, SJLT k = 32768, the hooks engine, batch 8, 4 checkpoints).
 
-Setup: a short warmup (``--warmup-steps`` AdamW steps, ``--checkpoints`` checkpoints, `scoring.steps.run_warmup`)
+Setup: a short warmup (``--warmup-steps`` AdamW steps, ``--checkpoints`` checkpoints, `scoring.workflow.run_warmup`)
 writes a run directory; then ``plain`` (no signals) and ``signals`` (every signal) runs of `project_samples` over
 the same ``--n`` samples alternate ``--reps`` times after one untimed warmup call each, so the noise of a shared
 machine falls on both alike. The overhead is median(signals) / median(plain) − 1.
@@ -40,7 +40,7 @@ from common import emit, make_log  # bench/common.py (the script's directory is 
 
 from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM, SIGNALS, LoraSettings, TrainingConfig
 from scoring.data import load_pubmedqa
-from scoring.steps import ProjectOptions, project_samples, release_memory, run_warmup
+from scoring.workflow import ProjectOptions, project_samples, release_memory, run_warmup
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.15

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from clues.service import CliError, add_projection_args
-from scoring.config import MERGE_KINDS
+from scoring.config import DEFAULT_MAX_LEN, MERGE_KINDS
+from scoring.spec import manifest_has_moments
 
 JOB_CHECKPOINT_KEYS = ("index", "step", "lr", "lr_last", "adam")
 SELECTIONS = ("fraction", "selected", "random", "all")
@@ -22,7 +23,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def client(args: argparse.Namespace):
-    from agent.client import Client
+    from agent.client import AdminClient
 
     url = args.coordinator or os.environ.get("CLUES_COORDINATOR")
     token = args.token or os.environ.get("CLUES_ADMIN_TOKEN")
@@ -30,7 +31,7 @@ def client(args: argparse.Namespace):
         raise CliError("--coordinator: required (or set CLUES_COORDINATOR)")
     if not token:
         raise CliError("--token: required (or set CLUES_ADMIN_TOKEN)")
-    return Client(url, token)
+    return AdminClient(url, token)
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:
@@ -94,7 +95,7 @@ def job_spec_from_run(
     if not path.is_file():
         raise CliError(f"--run: {run_dir} has no run.json (make one with 'clues warmup')")
     manifest = json.loads(path.read_text())
-    if precondition and not all(e.get("has_moments", True) for e in manifest["checkpoints"]):
+    if precondition and not manifest_has_moments(manifest):
         raise CliError("--run: the run has no Adam moments (not trained); pass --no-precondition")
     return {
         "name": name,
@@ -531,7 +532,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--eval", default=None, metavar="FILE", help="held-out evaluation set (JSON/JSONL samples)")
     p.add_argument("--checkpoint-rounds", default=None, help="warmup: rounds that become scoring checkpoints, e.g. 0,2")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha = 2·rank (default: the scoring job's, 8)")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per sample (default: the scoring job's, 768)")
+    p.add_argument(
+        "--max-len", type=int, default=None, help=f"tokens per sample (default: the scoring job's, {DEFAULT_MAX_LEN})"
+    )
     p.add_argument("--wait", action="store_true", help="wait until the job is done and print its final state")
     p.add_argument("--poll-interval", type=float, default=2.0, help="seconds between polls with --wait")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="with --wait: give up after S seconds")

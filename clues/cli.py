@@ -15,7 +15,7 @@ The service (docs/coordinator.md):
     clues agent run                      what a silo runs against a coordinator: project, upload, fetch its mask
     clues agent train                    what a silo runs for a training job: train each round, upload the adapter
 
-Parsing and printing only; the work is in `scoring.steps`. Errors print one line naming the field and exit 2.
+Parsing and printing only; the work is in `scoring.workflow`. Errors print one line naming the field and exit 2.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.console import Progress, cache_dir
 from clues.service import add_projection_args
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
+    DEFAULT_MAX_LEN,
     PROJECTION_KINDS,
     SIGNALS,
     SIMILARITIES,
@@ -41,11 +43,6 @@ from scoring.config import (
 from scoring.errors import ScoringError
 
 FORMATS = ("records", "pubmedqa", "gsm8k")
-
-
-def _cache_dir() -> Path | None:
-    value = os.environ.get("CLUES_CACHE_DIR")
-    return Path(value) / "models" if value else None
 
 
 def load_data(path: str, fmt: str, limit: int | None = None):
@@ -62,34 +59,11 @@ def load_data(path: str, fmt: str, limit: int | None = None):
     return samples[:limit] if limit else samples
 
 
-class ProgressBar:
-    """A tqdm bar on stderr, opened on the first update (so errors before any work print cleanly), closed at the end."""
-
-    def __init__(self, desc: str, unit: str = "it"):
-        self.desc, self.unit, self.bar = desc, unit, None
-
-    def __call__(self, done: int, total: int, loss: float | None = None) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True, file=sys.stderr)
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}")
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def model_options(args: argparse.Namespace):
     """Device, dtype and the model cache (``$CLUES_CACHE_DIR/models`` when set) from the parsed arguments."""
-    from scoring.steps import ModelOptions
+    from scoring.workflow import ModelOptions
 
-    return ModelOptions(device=args.device, dtype=args.dtype, cache_dir=_cache_dir())
+    return ModelOptions(device=args.device, dtype=args.dtype, cache_dir=cache_dir())
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -104,7 +78,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from scoring.steps import run_warmup
+    from scoring.workflow import run_warmup
 
     samples = load_data(args.data, args.format, args.limit)
     if args.fraction < 1.0:
@@ -124,7 +98,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     projection = {"kind": args.proj_kind, "dim": args.proj_dim, "seed": args.proj_seed, "nnz": args.proj_nnz}
-    progress = ProgressBar("warmup", "step")
+    progress = Progress("warmup", units={"warmup": "step"})
     ckpts = run_warmup(
         args.model,
         samples,
@@ -136,7 +110,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         template=args.template,
         random_b=not args.zero_b,
         model_opts=model_options(args),
-        progress=progress,
+        progress=progress.steps,
     )
     progress.close()
     print(f"warmup: {len(samples)} samples, {len(ckpts)} checkpoint(s) in {args.out}")
@@ -146,7 +120,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    from scoring.steps import ProjectOptions, project_samples
+    from scoring.workflow import ProjectOptions, project_samples
 
     samples = load_data(args.data, args.format, args.limit)
     opts = ProjectOptions(
@@ -157,7 +131,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         signals=parse_signals(args.signals),
         signal_checkpoint=args.signal_checkpoint,
     )
-    progress = ProgressBar("project", "grad")
+    progress = Progress("project", units={"project": "grad"})
     paths = project_samples(
         Path(args.run),
         samples,
@@ -165,7 +139,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         anchor=args.anchor,
         opts=opts,
         model_opts=model_options(args),
-        progress=progress,
+        progress=progress.steps,
     )
     progress.close()
     print(f"project: {len(samples)} samples -> {len(paths)} file(s) in {args.out}")
@@ -194,8 +168,8 @@ def _parse_silos(items: Sequence[str]) -> dict[str, Path]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from scoring.io import atomic_write_bytes
-    from scoring.steps import score_dirs
+    from scoring.workflow import score_dirs
+    from wire.files import atomic_write_bytes
 
     silos = _parse_silos(args.silo)
     table, anchor_table = score_dirs(silos, Path(args.anchors), TraceConfig(similarity=args.similarity))
@@ -214,8 +188,8 @@ def read_scores(path: Path):
     import numpy as np
 
     from scoring.errors import DataError
-    from scoring.traces import ANCHOR_SILO
     from scoring.types import ScoreTable
+    from wire import ANCHOR_OWNER
 
     rows: dict[bool, list[dict]] = {True: [], False: []}
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -228,7 +202,7 @@ def read_scores(path: Path):
                     "score": float(row["score"]),
                     "parts": [float(x) for x in row["parts"]],
                 }
-                rows[row["silo"] == ANCHOR_SILO].append(row)
+                rows[row["silo"] == ANCHOR_OWNER].append(row)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{path}:{n}: not a score record ({exc})") from exc
     if not rows[False]:
@@ -246,8 +220,8 @@ def read_scores(path: Path):
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from scoring.io import atomic_write_bytes
     from scoring.selection import apply_threshold, masks_by_silo, parse_threshold
+    from wire.files import atomic_write_bytes
 
     policy = parse_threshold(args.threshold)
     table, anchor_table = read_scores(Path(args.scores))
@@ -299,7 +273,12 @@ def _warmup_parser(sub) -> None:
     p.add_argument("--checkpoints", type=int, default=4, help="T, checkpoints to save (default 4)")
     p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=768, help="tokens per sample after truncation (default 768)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=DEFAULT_MAX_LEN,
+        help=f"tokens per sample after truncation (default {DEFAULT_MAX_LEN})",
+    )
     p.add_argument("--template", default="auto", choices=("auto", "chat", "alpaca"))
     p.add_argument("--proj-kind", default="sjlt", choices=PROJECTION_KINDS)
     add_projection_args(p)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clues.cli import _cache_dir
+from agent.console import Progress, cache_dir
 from clues.service import CliError
 from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM
 from scoring.data import Sample, load_pubmedqa, write_samples
@@ -195,23 +195,10 @@ class Processes:
             proc.wait()
 
 
-class PhaseBar:
-    """A tqdm bar on stderr for one phase, driven by a job's ``progress`` (0..1) and ``message``."""
-
-    def __init__(self, desc: str):
-        from tqdm import tqdm
-
-        fmt = "{desc:<18}{percentage:3.0f}%|{bar:30}| {elapsed} {postfix}"
-        self.bar = tqdm(total=100, desc=desc, bar_format=fmt, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, job: dict, stages: str = "") -> None:
-        done = 100 if job["status"] == "done" else int(100 * _progress(job))
-        self.bar.update(max(0, done - self.bar.n))
-        message = str(job.get("message") or job["status"])[:40]
-        self.bar.set_postfix_str(f"{message} | {stages}" if stages and job["status"] != "done" else message)
-
-    def close(self) -> None:
-        self.bar.close()
+def _phase_note(job: dict, stages: str) -> str:
+    """Beside a phase's bar: the job's message, and each silo's current stage while it runs."""
+    message = str(job.get("message") or job["status"])[:40]
+    return f"{message} | {stages}" if stages and job["status"] != "done" else message
 
 
 class SiloAgent(threading.Thread):
@@ -228,14 +215,14 @@ class SiloAgent(threading.Thread):
         self.stages[self.silo] = f"{stage} {done}/{total}"
 
     def run(self) -> None:
-        from agent.client import Client
+        from agent.client import SiloClient
         from agent.loop import AgentOptions, run_agent
         from agent.train import TrainOptions, run_training
 
         demo, work = self.demo, self.demo.out / self.silo / "work"
-        cache = _cache_dir()
+        cache = cache_dir()
         try:
-            with Client(demo.url, demo.tokens[self.silo]) as client:
+            with SiloClient(demo.url, demo.tokens[self.silo]) as client:
                 if self.command == "run":
                     # batch 4 (the CLI's default is 8): half the activation memory, three agents at once
                     options = AgentOptions(batch_size=4, poll_interval=0.5, cache_dir=cache)
@@ -274,7 +261,7 @@ class Demo:
     """One run of the demo under ``out`` (see the module docstring)."""
 
     def __init__(self, args: argparse.Namespace, size: DemoSize):
-        from agent.client import Client
+        from agent.client import AdminClient
 
         self.args, self.size = args, size
         self.out = fresh_out_dir(Path(args.out))
@@ -286,7 +273,7 @@ class Demo:
         if os.environ.get("CLUES_CACHE_DIR"):
             env["CLUES_CACHE_DIR"] = os.environ["CLUES_CACHE_DIR"]
         self.procs = Processes(env, self.out / "logs")
-        self.api = Client(self.url, self.admin_token)
+        self.api = AdminClient(self.url, self.admin_token)
         self.tokens: dict[str, str] = {}
         self.data: dict[str, Path] = {}
 
@@ -327,11 +314,12 @@ class Demo:
         agents = [SiloAgent(self, name, command, job_id, stages) for name in silos]
         for agent in agents:
             agent.start()
-        bar = PhaseBar(desc)
+        bar = Progress(desc, width=18)
         try:
             while True:
                 job = fetch(job_id)
-                bar.update(job, " · ".join(f"{n} {stages[n]}" for n in silos if n in stages))
+                done = 100 if job["status"] == "done" else min(99, int(100 * _progress(job)))
+                bar.update(done, 100, _phase_note(job, " · ".join(f"{n} {stages[n]}" for n in silos if n in stages)))
                 for agent in agents:
                     agent.check()
                 if job["status"] == "failed":
@@ -440,7 +428,7 @@ def silo_rows(split: Split, scores: list[dict], work: dict[str, Path], job_id: s
 
 
 def _perplexity_auroc(job_dir: Path, samples: list[Sample], clean: np.ndarray) -> float | None:
-    from scoring.steps import load_projection_dir
+    from scoring.workflow import load_projection_dir
 
     dirs = sorted(job_dir.glob("proj-*"))
     if not dirs:
@@ -509,7 +497,7 @@ def prepare_model(ref: str) -> None:
     hf_logging.disable_progress_bar()  # and so would the agents' "Loading weights" bars
     hf_logging.set_verbosity_error()
     print(f"loading {ref} (converted from GGUF into the cache on the first run)", file=sys.stderr)
-    load_base_model(ref, cache_dir=_cache_dir())
+    load_base_model(ref, cache_dir=cache_dir())
     # the three agents share this process: one intra-op team each, instead of three oversubscribing the cores
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // len(NOISE)))
 

@@ -164,10 +164,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from workers.celery_app import celery_app, configure
-    from workers.config import WorkerSettings
+    from workers.config import ServiceSettings
 
     try:
-        settings = WorkerSettings(**_overrides(args))
+        settings = ServiceSettings(**_overrides(args))
     except ValidationError as exc:
         raise CliError(f"settings: {exc}") from exc
     private_files()

@@ -1,18 +1,28 @@
-"""clues scoring engine: per-sample LoRA gradients, shared random projections, influence traces and selection.
+"""clues scoring engine: per-sample LoRA gradients, shared random projections, influence traces and selection, and
+the math of federated training on the selection.
 
-Modules (import the one you need; this package imports nothing eagerly so that `scoring.config` stays torch-free):
+Modules (import the one you need; this package imports nothing eagerly so that the torch-free modules stay
+torch-free: `config`, `spec`, `errors`, `types`, `data`, `noise`, `io`, `selection`, `calibration`, `traces` and
+`aggregation` load no torch, and the API imports only from these):
 
-- `config`      frozen, JSON-round-tripping settings (`LoraSettings`, `ProjectionSpec`, `TraceConfig`, ...).
-- `errors`      the `ScoringError` hierarchy.
-- `models`      load a base causal LM (HF dir, GGUF, bundled SmolLM2, tiny test config) and attach LoRA.
-- `data`        read Alpaca/chat JSON(L), PubMedQA and GSM8K (`batching`: tokenise, batch; `noise`: injection).
-- `gradients`   exact per-sample LoRA gradients (torch.func vmap engine and a hooks engine), Adam preconditioning.
-- `projection`  SJLT / Rademacher / Gaussian projections reproducible bit for bit from a `ProjectionSpec`.
-- `traces`      influence-trace scores sum_t eta_t * sim(g_t(z), mean anchor gradient), streamed in chunks.
-- `selection`   thresholds, masks per silo, and baselines (random, perplexity, keep-all).
-- `training`    a plain LoRA SFT loop that saves checkpoints with learning rates and Adam moments.
-- `io`          projection files (safetensors: ids + fp16 matrix + spec in the metadata).
-- `steps`       the method as plain functions (warmup, project, score) for the CLI, agent and workers.
+- `config`       frozen, JSON-round-tripping settings (`LoraSettings`, `ProjectionSpec`, `TraceConfig`, ...).
+- `spec`         the typed job spec (`JobSpec`, `RunSpec`, `CheckpointEntry`): one wire form, one home per default.
+- `errors`       the `ScoringError` hierarchy.
+- `types`        small typed numpy containers passed between the steps.
+- `models`       load a base causal LM (HF dir, GGUF, bundled SmolLM2, tiny test config) and attach LoRA.
+- `data`         read Alpaca/chat JSON(L), PubMedQA and GSM8K; `noise`: seeded, labelled corruption of responses.
+- `batching`     tokenise with response-only labels and batch with right padding.
+- `gradients`    exact per-sample LoRA gradients (torch.func vmap engine and a hooks engine), Adam preconditioning.
+- `signals`      the per-sample signals a silo sends beside its gradients (losses with and without the question).
+- `projection`   SJLT / Rademacher / Gaussian projections reproducible bit for bit from a `ProjectionSpec`.
+- `traces`       influence-trace scores sum_t eta_t * sim(g_t(z), mean anchor gradient), streamed in chunks.
+- `calibration`  anchor-calibrated signals and their fusion (the ``calibrated`` score kind).
+- `selection`    thresholds, masks per silo, and baselines (random, perplexity, keep-all).
+- `training`     a plain LoRA SFT loop that saves checkpoints with learning rates and Adam moments.
+- `io`           projection files and checkpoint bundles (safetensors).
+- `workflow`     the method as plain functions (warmup, project) for the CLI, the agent and the workers.
+- `federated`    one silo's side of a federated round; `aggregation`: the server's rules and the round guard;
+  `merging`: peft's weighted adapter merge; `evaluation`: held-out metrics of an adapter.
 
 The `clues` command lives in the top-level `clues` package.
 """

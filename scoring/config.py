@@ -49,6 +49,11 @@ candidates, seed 0): the trace score's detection AUROC is 0.967 unprojected with
 ``q_proj, v_proj`` alone (exchanged answers 0.931 against 0.854), and the gradient pass took about as long (the
 model's forward and backward dominate it, not the LoRA layers)."""
 
+DEFAULT_MAX_LEN = 768
+"""Tokens per sample after truncation (prompt and response together)."""
+DEFAULT_TEMPLATE = "auto"
+"""The prompt template: ``auto`` uses the tokenizer's chat template when it has one."""
+
 SCORE_KINDS: tuple[str, ...] = ("calibrated", "trace")
 """How a scoring job turns what the silos send into one score per sample: ``calibrated`` (the default; the trace and
 the loss signals, each standardised against the anchor samples and fused, `scoring.calibration`) or ``trace`` (the

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from scoring.errors import ConfigError, DataError
+from wire.files import atomic_file
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -268,15 +268,8 @@ def write_samples(path: str | os.PathLike[str], samples: Iterable[Sample]) -> No
             raise DataError(f"{path}: duplicate id {sample.id!r}; not written")
         seen.add(sample.id)
         lines.append(json.dumps(sample.to_record(), ensure_ascii=False) + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
 
 
 # --- adapters ---

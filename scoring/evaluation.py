@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from scoring.batching import TokenizedSample, collate, tokenize_samples
+from scoring.config import DEFAULT_MAX_LEN
 from scoring.data import IGNORE_INDEX, PUBMEDQA_DECISIONS, Sample
 from scoring.errors import ConfigError, DataError
 from scoring.gradients import label_positions, response_losses
@@ -87,7 +88,7 @@ def response_loss(
     tokenizer: Any,
     samples: Sequence[Sample],
     *,
-    max_len: int = 768,
+    max_len: int = DEFAULT_MAX_LEN,
     template: str = "auto",
     batch_size: int = 8,
 ) -> dict[str, float | int]:
@@ -153,7 +154,7 @@ def generate_texts(
     samples: Sequence[Sample],
     *,
     max_new_tokens: int = 256,
-    max_len: int = 768,
+    max_len: int = DEFAULT_MAX_LEN,
     template: str = "auto",
     batch_size: int = 8,
 ) -> list[str]:
@@ -214,7 +215,7 @@ def pubmedqa_accuracy(
     samples: Sequence[Sample],
     *,
     method: str = "loglik",
-    max_len: int = 768,
+    max_len: int = DEFAULT_MAX_LEN,
     template: str = "auto",
     max_new_tokens: int = 128,
     batch_size: int = 8,
@@ -289,7 +290,7 @@ def gsm8k_exact_match(
     samples: Sequence[Sample],
     *,
     max_new_tokens: int = 256,
-    max_len: int = 768,
+    max_len: int = DEFAULT_MAX_LEN,
     template: str = "auto",
     batch_size: int = 8,
 ) -> dict[str, float | int]:
@@ -337,7 +338,7 @@ def evaluate(
     samples: Sequence[Sample],
     *,
     tasks: Sequence[str] | None = None,
-    max_len: int = 768,
+    max_len: int = DEFAULT_MAX_LEN,
     template: str = "auto",
     batch_size: int = 8,
     max_new_tokens: int = 256,

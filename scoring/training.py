@@ -29,8 +29,8 @@ from scoring.batching import Batch, TokenizedSample, make_batches
 from scoring.config import AdamState, TrainingConfig
 from scoring.errors import ConfigError, DataError
 from scoring.gradients import label_positions, response_losses
-from scoring.io import atomic_write_bytes
 from scoring.models import lora_parameters, save_adapter
+from wire.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-ANCHOR_OWNER = "__anchor__"  # the Shard/Score owner of the coordinator's own anchor projections
 JOB_STATUSES = ("draft", "open", "scoring", "done", "failed")
 ANCHOR_STATUSES = ("pending", "running", "done", "failed")
 MEMBER_STATUSES = ("pending", "complete")
@@ -134,42 +133,6 @@ class Job(Base):
     members: Mapped[list[JobMember]] = relationship(
         order_by="JobMember.silo_id", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
     )
-
-    def spec(self) -> dict[str, Any]:
-        """The scoring spec every party computes under, as the API shows it and run directories are rebuilt from;
-        each checkpoint carries the SHA-256 of its uploaded bundle (None until uploaded).
-
-        ``score``, ``signals``, ``fusion`` and ``signal_checkpoint``: how the job scores (`scoring.config`); a job
-        stored before they existed is a pure trace job (score ``trace``, no signals)."""
-        options = dict(self.options or {})
-        return {
-            "model": self.model,
-            "lora": self.lora,
-            "lora_init_seed": options.get("lora_init_seed", 0),
-            "max_len": options.get("max_len", 768),
-            "template": options.get("template", "auto"),
-            "projection": self.projection,
-            "checkpoints": [
-                {
-                    "index": c.index,
-                    "step": c.step,
-                    "lr": c.lr,
-                    "lr_last": c.lr_last,
-                    "adam": c.adam,
-                    "sha256": c.blob_key,
-                }
-                for c in sorted(self.checkpoints, key=lambda c: c.index)
-            ],
-            "precondition": self.precondition,
-            "similarity": self.similarity,
-            "threshold": self.threshold,
-            "auto_score": options.get("auto_score", True),
-            "warmup": options.get("warmup"),
-            "score": options.get("score", "trace"),
-            "signals": list(options.get("signals", [])),
-            "fusion": options.get("fusion"),
-            "signal_checkpoint": options.get("signal_checkpoint", len(self.checkpoints) - 1),
-        }
 
 
 class JobCheckpoint(Base):

@@ -24,7 +24,8 @@ from sqlalchemy import Row, Select, Text, and_, case, cast, func, select, text, 
 from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError
-from storage.models import ANCHOR_OWNER, DECISIONS, DuplicatePair, Job, Score, ScoreOverride, ScorePart
+from storage.models import DECISIONS, DuplicatePair, Job, Score, ScoreOverride, ScorePart
+from wire import ANCHOR_OWNER
 
 SORT_COLUMNS = ("row", "score", "sample_id", "silo", "selected")
 """Sort keys of the sample table besides ``part:<t>`` (the term of checkpoint t)."""

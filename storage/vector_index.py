@@ -11,9 +11,7 @@ metadata (``dim``, ``metric``, ``fingerprint``, ``ids``), then the bytes of ``fa
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import faiss
 import numpy as np
 
 from storage.errors import IntegrityError, NotFoundError
+from wire.files import atomic_write_bytes
 
 MAGIC = b"clues.vindex/1\n"
 METRIC = "cosine"
@@ -140,18 +139,7 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Write atomically (a temp file in the same directory, fsynced, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(

@@ -51,7 +51,8 @@ def tiny_model():
 class Coordinator:
     """A running coordinator: ``url`` (``http://127.0.0.1:<port>``), its ``settings``, ``admin_token`` and ``app``.
 
-    Tasks run in-process (`inline_enqueue`); ``errors`` collects exceptions they raised (the job is failed too)."""
+    Steps run in-process (`inline_send`); ``errors`` collects the exceptions they raised: bugs (which fail the
+    job too) and transient errors (which leave the step queued), as a worker's log would show them."""
 
     url: str
     settings: Any
@@ -73,94 +74,50 @@ class Coordinator:
                 thread.cancel()
 
 
-def inline_enqueue(settings, coordinator: Coordinator):
-    """``enqueue(task, job_id)`` running `workers.pipeline` in this process, as `workers.tasks` would: the anchor
-    projection at once, scoring (then the near-duplicate report) in a thread so that the request that queued it
-    (a silo's ``complete``, the admin's ``score``) answers first. A failure fails the job, as a worker would."""
-    from workers import names, pipeline, training
+INLINE_AT_ONCE = frozenset({"clues.project_anchors", "clues.near_duplicates"})
+"""Steps the in-process runner runs in the sending thread (the others run in a thread of their own)."""
 
-    resources: list = []
 
-    def res():
-        if not resources:
-            resources.append(pipeline.Resources.from_settings(settings))
-        return resources[0]
+def inline_send(settings, coordinator: Coordinator):
+    """``send(task, args, countdown)`` for `app.main.create_app` that runs each step in this process through
+    `workers.graph.execute`: the same lease, error handling and follow-ups as a Celery worker. The anchor projection
+    and the near-duplicate report run in the sending thread; the others in a thread, after ``countdown``, so that the
+    request that queued them (a silo's ``complete``, the admin's ``score``) answers first. What a step raises (a
+    transient error, a bug) lands in ``coordinator.errors``."""
+    from workers import graph, pipeline
+    from workers.steps import Dispatcher
 
-    def project(job_id: str) -> None:
+    worker: list = []
+
+    def resources_and_dispatcher():
+        if not worker:
+            res = pipeline.Resources.from_settings(settings)
+            worker.append((res, Dispatcher(res.sessions, send, settings)))
+        return worker[0]
+
+    def run(task: str, args: list) -> None:
+        res, dispatcher = resources_and_dispatcher()
         try:
-            pipeline.project_anchors(res(), job_id)
+            graph.execute(dispatcher, res, task, args, f"inline:{threading.get_ident()}")
         except Exception as exc:
             coordinator.errors.append(exc)
-            pipeline.set_anchor_failed(res(), job_id, str(exc))
 
-    def score(job_id: str) -> None:
-        try:
-            pipeline.score_job(res(), job_id)
-            pipeline.find_near_duplicates(res(), job_id)
-        except Exception as exc:
-            coordinator.errors.append(exc)
-            pipeline.fail_job(res(), job_id, str(exc))
+    def send(task: str, args: list, countdown: float | None) -> None:
+        graph.GRAPH[task]  # an unknown task fails the caller, as the broker's worker would never run it
+        if task in INLINE_AT_ONCE and not countdown:
+            run(task, args)
+            return
 
-    def background(name: str, target, *args, delay: float | None = None) -> None:
-        def guarded() -> None:
+        def fire() -> None:
             thread.fired = True
-            try:
-                target(*args)
-            except Exception as exc:
-                coordinator.errors.append(exc)
+            run(task, args)
 
-        thread = threading.Timer(delay or 0.0, guarded)
-        thread.name, thread.daemon, thread.fired = f"{name}-{args[0][:8]}", True, False
+        thread = threading.Timer(countdown or 0.0, fire)
+        thread.name, thread.daemon, thread.fired = f"{task.rsplit('.', 1)[-1]}-{args[0][:8]}", True, False
         coordinator.tasks.append(thread)
         thread.start()
 
-    def schedule(job_id: str, opened) -> None:
-        if opened is not None:
-            background("deadline", aggregate, job_id, opened.round, delay=opened.delay_s + 0.2)
-
-    def init(job_id: str) -> None:
-        try:
-            schedule(job_id, training.init_train(res(), job_id))
-        except Exception as exc:
-            training.fail_train(res(), job_id, str(exc))
-            raise
-
-    def aggregate(job_id: str, round: int) -> None:
-        try:
-            outcome = training.aggregate_round(res(), job_id, round)
-        except Exception as exc:
-            training.fail_train(res(), job_id, f"round {round}: {exc}")
-            raise
-        schedule(job_id, outcome.opened)
-        if outcome.evaluate is not None:
-            background("evaluate", evaluate, job_id, outcome.evaluate)
-
-    def evaluate(job_id: str, round: int) -> None:
-        try:
-            training.evaluate_round(res(), job_id, round)
-        except Exception as exc:
-            training.fail_train(res(), job_id, f"evaluation of round {round}: {exc}")
-            raise
-
-    def enqueue(task: str, job_id: str, *args, countdown: float | None = None) -> None:
-        if task == names.TRAIN_INIT:
-            background("init", init, job_id, delay=countdown)
-        elif task == names.TRAIN_AGGREGATE:
-            background("aggregate", aggregate, job_id, *args, delay=countdown)
-        elif task == names.TRAIN_EVALUATE:
-            background("evaluate", evaluate, job_id, *args, delay=countdown)
-        elif task == names.PROJECT_ANCHORS:
-            project(job_id)
-        elif task == names.SCORE_JOB:
-            thread = threading.Thread(target=score, args=(job_id,), name=f"score-{job_id[:8]}", daemon=True)
-            coordinator.tasks.append(thread)
-            thread.start()
-        elif task == names.NEAR_DUPLICATES:
-            pipeline.find_near_duplicates(res(), job_id)
-        else:
-            raise ValueError(f"unknown task {task!r}")
-
-    return enqueue
+    return send
 
 
 @contextmanager
@@ -203,7 +160,7 @@ def serve_coordinator(
 
     def make(url: str):
         coordinator.url = url
-        coordinator.app = create_app(settings, enqueue=inline_enqueue(settings, coordinator))
+        coordinator.app = create_app(settings, send=inline_send(settings, coordinator))
         return coordinator.app
 
     with serve_asgi(make, "coordinator"):
@@ -248,7 +205,7 @@ class TinyData:
 def build_tiny_data(root: Path) -> TinyData:
     from scoring.config import LoraSettings, TrainingConfig
     from scoring.data import load_pubmedqa, write_samples
-    from scoring.steps import run_warmup
+    from scoring.workflow import run_warmup
     from tests.scoring.test_data import PUBMEDQA
 
     items = load_pubmedqa(PUBMEDQA, limit=24)
@@ -281,7 +238,7 @@ def expected_scores(data: TinyData, threshold: dict | None = None, score: dict |
 def expected_calibration(data: TinyData, threshold: dict | None = None, score: dict | None = None):
     """``(table, candidates, anchors)``: `expected_scores`' table, and for a calibrated job the silos' and the anchor
     samples' `scoring.calibration.CalibratedScores` (None for a trace job), computed from projection directories
-    with the engine's own functions (`scoring.steps`, `scoring.calibration`), not the worker's."""
+    with the engine's own functions (`scoring.workflow`, `scoring.calibration`), not the worker's."""
     import dataclasses
     import tempfile
 
@@ -291,7 +248,7 @@ def expected_calibration(data: TinyData, threshold: dict | None = None, score: d
     from scoring.config import TraceConfig
     from scoring.io import load_projection
     from scoring.selection import apply_threshold, threshold_from_dict
-    from scoring.steps import ProjectOptions, project_samples, score_dirs
+    from scoring.workflow import ProjectOptions, project_samples, score_dirs
 
     how = {"score": "trace", "signals": [], "fusion": None, "signal_checkpoint": None, **(score or {})}
     calibrated = anchors = None

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS
 from storage import repository as repo
-from storage.models import ANCHOR_OWNER
+from wire import ANCHOR_OWNER
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def _unb64(text: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class Session:
+class CookieSession:
     """Who a cookie speaks for: ``subject`` (``admin`` or ``silo:<name>``), the keyed fingerprint of the token the
     user logged in with (so that a changed or revoked token ends its sessions), and the expiry (unix seconds)."""
 
@@ -134,7 +134,7 @@ class SessionSigner:
         nothing about the token."""
         return self._mac("fp:" + token_hash)[:24]
 
-    def matches(self, session: Session, token_hash: str) -> bool:
+    def matches(self, session: CookieSession, token_hash: str) -> bool:
         """Whether ``session`` was made with the token whose sha256 is ``token_hash``."""
         return hmac.compare_digest(session.fingerprint, self.fingerprint(token_hash))
 
@@ -149,7 +149,7 @@ class SessionSigner:
         body = _b64(json.dumps(payload, separators=(",", ":")).encode())
         return f"{body}.{self._mac(body)}"
 
-    def read(self, cookie: str | None, now: float | None = None) -> Session | None:
+    def read(self, cookie: str | None, now: float | None = None) -> CookieSession | None:
         """The session, or None for a missing, forged, malformed or expired cookie."""
         if not cookie or cookie.count(".") != 1:
             return None
@@ -158,7 +158,9 @@ class SessionSigner:
             return None
         try:
             payload = json.loads(_unb64(body))
-            session = Session(str(payload["sub"]), str(payload["tok"]), float(payload["exp"]), str(payload["sid"]))
+            session = CookieSession(
+                str(payload["sub"]), str(payload["tok"]), float(payload["exp"]), str(payload["sid"])
+            )
         except (ValueError, KeyError, TypeError):
             return None
         return session if session.expires > (now or time.time()) else None

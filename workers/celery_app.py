@@ -1,4 +1,4 @@
-"""The one Celery app, configured from `WorkerSettings`.
+"""The one Celery app, configured from `ServiceSettings`.
 
 Start a worker with ``clues worker`` (or ``celery -A workers.celery_app worker``). Tasks are acknowledged late and
 rejected back to the queue when the worker process is lost, so a task that was running on a killed worker runs
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from celery import Celery
 
-from workers.config import WorkerSettings
+from workers.config import ServiceSettings
 
 
-def configure(app: Celery, settings: WorkerSettings) -> Celery:
+def configure(app: Celery, settings: ServiceSettings) -> Celery:
     """Point ``app`` at the settings' broker and result backend, with the delivery guarantees tasks rely on."""
     app.conf.update(
         broker_url=settings.broker_url,
@@ -35,9 +35,9 @@ def configure(app: Celery, settings: WorkerSettings) -> Celery:
     return app
 
 
-def create_celery(settings: WorkerSettings | None = None) -> Celery:
+def create_celery(settings: ServiceSettings | None = None) -> Celery:
     """A configured Celery app whose worker imports `workers.tasks`."""
-    return configure(Celery("clues", include=["workers.tasks"]), settings or WorkerSettings())
+    return configure(Celery("clues", include=["workers.tasks"]), settings or ServiceSettings())
 
 
 celery_app = create_celery()

@@ -1,4 +1,4 @@
-"""`WorkerSettings`: what a coordinator process (Celery worker or API) needs to reach storage and the broker.
+"""`ServiceSettings`: what a coordinator process (Celery worker or API) needs to reach storage and the broker.
 
 Read from the environment with prefix ``CLUES_`` (pydantic-settings), e.g. ``CLUES_DATA_DIR``, ``CLUES_REDIS_URL``.
 With no ``CLUES_REDIS_URL`` the broker and result backend are kombu's SQLAlchemy transport on SQLite files under the
@@ -15,8 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from storage.config import StorageSettings
 
 
-class WorkerSettings(BaseSettings):
-    """Storage, broker and compute settings shared by the API and the workers.
+class ServiceSettings(BaseSettings):
+    """Storage, broker, lease and compute settings: the workers read them, and the API (`app.config.AppSettings`)
+    extends them.
 
     Attributes:
         data_dir: SQLite database, blob store, faiss indexes, broker files and work directories live here.
@@ -56,7 +57,7 @@ class WorkerSettings(BaseSettings):
     batch_size: int = Field(8, ge=1)
 
     @model_validator(mode="after")
-    def _lease_outlives_heartbeats(self) -> WorkerSettings:
+    def _lease_outlives_heartbeats(self) -> ServiceSettings:
         if self.lease_timeout_s < 3 * self.heartbeat_s:
             raise ValueError(
                 f"lease_timeout_s ({self.lease_timeout_s}) must be at least 3 × heartbeat_s ({self.heartbeat_s}): "

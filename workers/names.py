@@ -6,3 +6,5 @@ NEAR_DUPLICATES = "clues.near_duplicates"
 TRAIN_INIT = "clues.train_init"
 TRAIN_AGGREGATE = "clues.train_aggregate"
 TRAIN_EVALUATE = "clues.train_evaluate"
+
+ALL = (PROJECT_ANCHORS, SCORE_JOB, NEAR_DUPLICATES, TRAIN_INIT, TRAIN_AGGREGATE, TRAIN_EVALUATE)

@@ -16,7 +16,6 @@ stored result (blobs are content-addressed, shard rows are keyed, scores are rep
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from scoring.selection import (
     check_threshold_preconditioning,
     threshold_from_dict,
 )
+from scoring.spec import JobSpec, manifest_has_moments
 from scoring.traces import (
     best_group,
     build_anchor_directions,
@@ -50,14 +50,14 @@ from scoring.types import ProjectedGrads, ScoreTable
 from storage import repository as repo
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine, make_session_factory
-from storage.models import ANCHOR_OWNER, Shard
+from storage.errors import ConflictError
+from storage.models import Shard
 from storage.vector_index import VectorIndex, near_duplicates
-from workers.config import WorkerSettings
+from wire import ANCHOR_OWNER
+from workers.config import ServiceSettings
 
 log = logging.getLogger("clues.workers")
 
-RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projection")
-"""The job spec fields a run directory's ``run.json`` is rebuilt from."""
 
 NEAR_DUPLICATE_THRESHOLD = 0.98
 """Cosine similarity of two samples' projected gradients at or above which they are reported as near-duplicates."""
@@ -71,19 +71,20 @@ Progress = Callable[[float, str], None]
 class Resources:
     """What the pipeline needs, built once per worker process."""
 
-    settings: WorkerSettings
+    settings: ServiceSettings
     sessions: sessionmaker[Session]
     blobs: LocalBlobStore
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings) -> Resources:
+    def from_settings(cls, settings: ServiceSettings) -> Resources:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.storage.database_url)
         return cls(settings, make_session_factory(engine), LocalBlobStore(settings.storage.blob_dir))
 
 
-class JobStateError(DataError):
-    """The job is not in a state the step can run in (a permanent failure, not retried)."""
+class JobStateError(ConflictError):
+    """The job is not in a state the step can run in: a conflict with its lifecycle, not bad data (a permanent
+    failure, not retried)."""
 
 
 def _set(res: Resources, job_id: str, **fields) -> None:
@@ -107,31 +108,23 @@ def progress_writer(res: Resources, job_id: str, every_s: float = 1.0) -> Progre
 def materialise_run(res: Resources, job_id: str) -> Path:
     """The job's run directory (``run.json`` + ``ckpt-NNN/``) rebuilt from its checkpoint bundles, cached under the
     work directory. Built in a temp directory and renamed into place, so a crash never leaves half a run."""
-    from scoring.steps import write_run_dir  # torch: only the worker needs it
+    from scoring.workflow import rebuild_run  # torch: only the worker needs it
 
     dest = res.settings.work_dir / "jobs" / job_id / "run"
     if (dest / "run.json").is_file():
         return dest
     with res.sessions() as session:
         job = repo.get_job(session, job_id=job_id)
-        spec = job.spec()
-        keys = [(c.index, c.blob_key) for c in sorted(job.checkpoints, key=lambda c: c.index)]
-    missing = [index for index, key in keys if key is None]
+        spec = JobSpec.of(job)
+    missing = [c.index for c in spec.checkpoints if c.sha256 is None]
     if missing:
         raise JobStateError(f"job {job_id}: checkpoints {missing} were never uploaded")
-    projection = ProjectionSpec.from_dict(spec["projection"])
-    bundles = [checkpoint_from_bytes(res.blobs.read_bytes(key), projection, f"checkpoint {i}") for i, key in keys]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".run.", dir=dest.parent))
-    try:
-        write_run_dir({k: spec[k] for k in RUN_KEYS}, bundles, tmp)
-        tmp.rename(dest)
-    except OSError:
-        if not (dest / "run.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    projection = ProjectionSpec.from_dict(spec.run.projection)
+    bundles = [
+        checkpoint_from_bytes(res.blobs.read_bytes(c.sha256), projection, f"checkpoint {c.index}")
+        for c in spec.checkpoints
+    ]
+    return rebuild_run(spec, bundles, dest, concurrent=True)  # a concurrent worker's finished copy stands
 
 
 def load_shard(res: Resources, shard: Shard) -> ProjectionFile:
@@ -166,7 +159,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
         done = all(len(_anchor_shards(session, job_id, role)) == n_ckpt for role in ("anchor", "candidate"))
         anchor_set = repo.get_anchor_set(session, job_id=job_id)
         precondition = job.precondition
-        how = ScoreSpec.of(job.spec())
+        how = JobSpec.of(job)
         if anchor_set is None:
             raise JobStateError(f"job {job_id}: no anchor set was uploaded")
         anchor_key = anchor_set.blob_key
@@ -174,7 +167,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
         _set(res, job_id, anchor_status="done")
         return
     from scoring.data import read_samples
-    from scoring.steps import ModelOptions, ProjectOptions, project_samples
+    from scoring.workflow import ModelOptions, ProjectOptions, project_samples
 
     _set(res, job_id, anchor_status="running")
     run_dir = materialise_run(res, job_id)
@@ -197,7 +190,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
                 batch_size=settings.batch_size,
                 precondition=precondition,
                 signals=how.signals,
-                signal_checkpoint=how.checkpoint,
+                signal_checkpoint=how.signal_index,
             ),
             model_opts=ModelOptions(device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir),
             progress=(lambda d, t: progress(d / t, f"anchor gradients {d}/{t}")) if progress else None,
@@ -230,7 +223,7 @@ def _run_has_moments(run_dir: Path) -> bool:
     from scoring.training import read_run
 
     manifest, _ = read_run(run_dir)
-    return all(entry.get("has_moments", True) for entry in manifest["checkpoints"])
+    return manifest_has_moments(manifest)
 
 
 def shards_by_part(shards: list[Shard]) -> dict[int, list[Shard]]:
@@ -240,27 +233,7 @@ def shards_by_part(shards: list[Shard]) -> dict[int, list[Shard]]:
     return {p: sorted(s, key=lambda s: s.checkpoint) for p, s in sorted(parts.items())}
 
 
-@dataclass(frozen=True)
-class ScoreSpec:
-    """How a job scores (its spec's ``score``, ``signals``, ``fusion`` and ``signal_checkpoint``)."""
-
-    kind: str
-    signals: tuple[str, ...]
-    fusion: str | None
-    checkpoint: int
-
-    @classmethod
-    def of(cls, spec: dict) -> ScoreSpec:
-        return cls(spec["score"], tuple(spec["signals"]), spec["fusion"], spec["signal_checkpoint"])
-
-    @property
-    def keeps_values(self) -> bool:
-        """Whether each sample's raw values are gathered and stored (a calibrated job, or one that asks for
-        signals; the upload route made the silos send them at the signal checkpoint)."""
-        return self.kind == "calibrated" or bool(self.signals)
-
-
-def sample_values(file: ProjectionFile, how: ScoreSpec, where: str) -> dict[str, np.ndarray]:
+def sample_values(file: ProjectionFile, how: JobSpec, where: str) -> dict[str, np.ndarray]:
     """The raw per-sample values a shard of the signal checkpoint carries: ``loss`` (ℓ(y|x)) and each signal.
 
     Raises:
@@ -269,7 +242,7 @@ def sample_values(file: ProjectionFile, how: ScoreSpec, where: str) -> dict[str,
     values = {"loss": file.losses, **{name: file.signals.get(name) for name in how.signals}}
     missing = [name for name, v in values.items() if v is None]
     if missing:
-        raise DataError(f"{where}: the projections of checkpoint {how.checkpoint} carry no {missing}")
+        raise DataError(f"{where}: the projections of checkpoint {how.signal_index} carry no {missing}")
     return {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}
 
 
@@ -305,7 +278,7 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
         members = [(m.silo.name, m.status) for m in job.members]
         config = TraceConfig(similarity=job.similarity)
         policy = threshold_from_dict(job.threshold)
-        how = ScoreSpec.of(job.spec())
+        how = JobSpec.of(job)
     incomplete = [name for name, status in members if status != "complete"]
     if incomplete:
         raise JobStateError(f"job {job_id}: silos {incomplete} have not completed their uploads")
@@ -349,13 +322,13 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     return table
 
 
-def _check_scored_alike(candidates: set[bool], anchors: bool, how: ScoreSpec, policy: ThresholdPolicy) -> None:
+def _check_scored_alike(candidates: set[bool], anchors: bool, how: JobSpec, policy: ThresholdPolicy) -> None:
     """Refuse silos that differ in Adam preconditioning, and a calibrated score or a mean-anchor threshold when the
     candidates (``candidates``: the set of the silos' flags) and the anchor samples were not scored alike."""
     if len(candidates) > 1:
         raise DataError("some silos sent Adam-preconditioned gradients and others did not")
     for preconditioned in candidates:
-        check_score_preconditioning(how.kind, preconditioned, anchors)
+        check_score_preconditioning(how.score, preconditioned, anchors)
         check_threshold_preconditioning(policy, preconditioned, anchors)
 
 
@@ -364,7 +337,7 @@ def _score_parts(
     silo_parts: dict[str, dict[int, list[Shard]]],
     anchors: list[ProjectedGrads],
     config: TraceConfig,
-    how: ScoreSpec,
+    how: JobSpec,
     progress: Progress,
 ) -> _Gathered:
     """Trace scores, per-checkpoint parts and nearest anchors of every silo's shard parts (and, when the job keeps
@@ -383,7 +356,7 @@ def _score_parts(
         got.scores.append(block_scores)
         got.parts.append(block_parts)
         if how.keeps_values:
-            got.values.append(sample_values(files[how.checkpoint], how, f"silo {name} part {part}"))
+            got.values.append(sample_values(files[how.signal_index], how, f"silo {name} part {part}"))
         near_ids, near_values = nearest_anchors(per_anchor, seq, config, k=NEAREST_ANCHORS)
         for anchor_ids, values in zip(near_ids, near_values.tolist(), strict=True):
             got.nearest.append([{"anchor_id": a, "trace": v} for a, v in zip(anchor_ids, values, strict=True)])
@@ -403,7 +376,7 @@ def _with_signals(
     values: list[dict[str, np.ndarray]],
     anchor_table: ScoreTable,
     anchor_files: list[ProjectionFile],
-    how: ScoreSpec,
+    how: JobSpec,
 ) -> tuple[ScoreTable, ScoreTable, tuple[list[dict], list[dict]]]:
     """Each row's stored signal columns (`_signal_columns`) from the silos' ``values`` (`sample_values` of each part,
     in row order) and the anchor samples' own; for a calibrated job also both tables with the fused calibrated
@@ -411,10 +384,10 @@ def _with_signals(
     names = ("loss", *how.signals)
     cand = {k: np.concatenate([v[k] for v in values]) if values else np.zeros(0) for k in names}
     cand["trace"] = table.scores
-    file = next(f for f in anchor_files if f.proj.checkpoint == how.checkpoint)
+    file = next(f for f in anchor_files if f.proj.checkpoint == how.signal_index)
     anch = _aligned(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
     anch["trace"] = anchor_table.scores
-    if how.kind != "calibrated":
+    if how.score != "calibrated":
         return table, anchor_table, (_signal_columns(cand, None), _signal_columns(anch, None))
     assert how.fusion is not None
     calibrated, anchors = calibrate(cand, anch, fused_signals(how.signals), how.fusion)
@@ -478,18 +451,6 @@ def _score_rows(table: ScoreTable, selected: np.ndarray, columns: list[dict]) ->
             }
         )
     return rows
-
-
-def fail_job(res: Resources, job_id: str, error: str) -> None:
-    """Record a permanent failure (the API shows ``error``)."""
-    log.error("job %s failed: %s", job_id, error)
-    _set(res, job_id, status="failed", error=error, message="failed", finished_at=datetime.now(UTC))
-
-
-def set_anchor_failed(res: Resources, job_id: str, error: str) -> None:
-    """Record that the anchor projection failed (scoring will try again and fail the job if it fails again)."""
-    log.error("anchor projection of job %s failed: %s", job_id, error)
-    _set(res, job_id, anchor_status="failed", error=error)
 
 
 def anchor_index_path(res: Resources, job_id: str) -> Path:

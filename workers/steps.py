@@ -35,9 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import repository as repo
 from storage import steps as leases
 from storage.errors import NotFoundError
-from storage.models import utcnow
+from storage.models import Job, TrainJob, utcnow
 from workers import names
-from workers.config import WorkerSettings
+from workers.config import ServiceSettings
 
 log = logging.getLogger("clues.steps")
 
@@ -63,7 +63,7 @@ class FollowUp:
 class Dispatcher:
     """Sends steps through the outbox and re-sends the lost ones (see the module docstring)."""
 
-    def __init__(self, sessions: sessionmaker[Session], send: Send, settings: WorkerSettings):
+    def __init__(self, sessions: sessionmaker[Session], send: Send, settings: ServiceSettings):
         self.sessions, self.send, self.settings = sessions, send, settings
 
     def _stale_before(self, now: datetime) -> datetime:
@@ -173,33 +173,63 @@ class Dispatcher:
         return halt
 
     def resume(self) -> int:
-        """On start-up: queue (again) the step that every scoring job in ``scoring``, and every open job whose anchor
-        projection is pending or running, waits for. Running steps on live workers are left alone; duplicates of
-        queued steps are no-ops. Returns the number of steps sent."""
+        """On start-up: queue (again) the step that each job's state waits for (`job_waits_for`,
+        `train_waits_for`). Running steps on live workers are left alone; duplicates of queued steps are no-ops.
+        Returns the number of steps sent."""
         with self.sessions() as session:
-            jobs = [(j.id, j.status, j.anchor_status) for j in repo.list_jobs(session)]
-        sent = 0
-        for job_id, status, anchors in jobs:
-            if status == "scoring":
-                sent += self.enqueue(names.SCORE_JOB, job_id)
-            elif status == "open" and anchors in ("pending", "running"):
-                sent += self.enqueue(names.PROJECT_ANCHORS, job_id)
-        return sent
+            waits = [job_waits_for(job) for job in repo.list_jobs(session)]
+            waits += [train_waits_for(session, job) for job in repo.list_train_jobs(session)]
+        return sum(self.enqueue(task, *args, countdown=countdown) for task, args, countdown in filter(None, waits))
+
+
+Wait = tuple[str, tuple[Any, ...], float | None]
+"""``(task, args, countdown)``: the step a job waits for."""
+
+
+def job_waits_for(job: Job) -> Wait | None:
+    """The step a scoring job waits for: its scoring when it is ``scoring``; its anchor projection when it is
+    ``open`` with the projection pending or running."""
+    if job.status == "scoring":
+        return names.SCORE_JOB, (job.id,), None
+    if job.status == "open" and job.anchor_status in ("pending", "running"):
+        return names.PROJECT_ANCHORS, (job.id,), None
+    return None
+
+
+def train_waits_for(session: Session, job: TrainJob) -> Wait | None:
+    """The step a training job waits for: its start (``starting``); its final evaluation (``evaluating``); when
+    ``running``, its round's aggregation, at the round's deadline while the round is open."""
+    if job.status == "starting":
+        return names.TRAIN_INIT, (job.id,), None
+    if job.status == "evaluating":
+        return names.TRAIN_EVALUATE, (job.id, job.round), None
+    if job.status != "running":
+        return None
+    row = repo.get_round(session, job_id=job.id, round=job.round)
+    countdown = max(0.0, (row.deadline - utcnow()).total_seconds()) + 1.0 if row.status == "open" else None
+    return names.TRAIN_AGGREGATE, (job.id, job.round), countdown
 
 
 def fail_owner(session: Session, task: str, job_id: str, message: str) -> None:
-    """Record on the job that one of its steps failed for good (the reaper gave up on it)."""
+    """Record on the job that one of its steps failed for good: a permanent error in the step (`workers.graph`), or
+    a worker that kept dying (the reaper). A job that is done or failed already is left as it is; a failed anchor
+    projection marks only the anchors (scoring projects them itself)."""
+    log.error("%s of job %s failed: %s", task, job_id, message)
     try:
         if task == names.SCORE_JOB:
             job = repo.get_job(session, job_id=job_id)
-            if job.status == "scoring":
-                repo.update_job(session, job_id=job_id, status="failed", error=message, message="failed")
+            if job.status not in ("done", "failed"):
+                repo.update_job(
+                    session, job_id=job_id, status="failed", error=message, message="failed", finished_at=utcnow()
+                )
         elif task == names.PROJECT_ANCHORS:
             repo.update_job(session, job_id=job_id, anchor_status="failed", error=message)
         elif task in TRAIN_TASKS:
             job = repo.get_train_job(session, job_id=job_id)
             if job.status not in ("done", "failed"):
-                repo.update_train_job(session, job_id=job_id, status="failed", error=message, message="failed")
+                repo.update_train_job(
+                    session, job_id=job_id, status="failed", error=message, message="failed", finished_at=utcnow()
+                )
     except NotFoundError:
         pass  # the job was deleted
 

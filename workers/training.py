@@ -78,11 +78,6 @@ def _set(res: Resources, job_id: str, **fields: Any) -> None:
         repo.update_train_job(session, job_id=job_id, **fields)
 
 
-def fail_train(res: Resources, job_id: str, message: str) -> None:
-    """Record a permanent failure on the job."""
-    _set(res, job_id, status="failed", error=message, message="failed", finished_at=utcnow())
-
-
 def _model_options(res: Resources) -> dict[str, Any]:
     s = res.settings
     return {"dtype": s.dtype, "device": s.device, "cache_dir": s.model_cache_dir}

@@ -7,165 +7,46 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
 
 from fastapi import APIRouter, Request
-from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
-from app.deps import AdminDep, AppState, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
+from app.deps import AdminDep, AppState, Index, JobId, PrincipalDep, SessionDep, SiloDep, StateDep
 from app.errors import ApiError
 from app.metrics import TASKS
+from app.openapi import BINARY
 from app.schemas import (
     JobCreate,
     JobPublic,
-    MemberPublic,
     ShardPublic,
-    StepPublic,
     UploadResult,
 )
-from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive
+from app.services import QueueUnavailable
+from app.services.jobs import checkpoint_of, engine_check, job_for, job_public, require_status, transition
+from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive, upload_answer
 from scoring.config import AdamState, LoraSettings, ProjectionSpec
 from scoring.data import read_samples
-from scoring.errors import ConfigError, DataError
+from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, map_projection
 from scoring.selection import threshold_from_dict
+from scoring.spec import JobSpec
 from scoring.traces import LR_REL_TOL
 from storage import repository as repo
-from storage import scores as score_store
-from storage import steps as leases
-from storage.models import Job, utcnow
+from storage.models import Job
+from wire import API_PREFIX
 from workers import names
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="the job id")]
-Index = Annotated[int, PathParam(ge=0, le=100_000)]
-BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}
-
-
-def _public(job: Job, principal: Principal, session) -> JobPublic:
-    anchors = repo.get_anchor_set(session, job_id=job.id) if principal.is_admin else None
-    members = [
-        MemberPublic(name=m.silo.name, status=m.status, num_samples=m.num_samples)
-        for m in job.members
-        if principal.is_admin or m.silo_id == principal.silo.id
-    ]
-    message, error = visible_status(job, principal, session)
-    return JobPublic(
-        id=job.id,
-        name=job.name,
-        status=job.status,
-        anchor_status=job.anchor_status,
-        progress=job.progress,
-        message=message,
-        error=error,
-        threshold_value=job.threshold_value,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        finished_at=job.finished_at,
-        spec=job.spec(),
-        silos=members,
-        checkpoints_uploaded=[c.index for c in job.checkpoints if c.blob_key is not None],
-        anchors=anchors.num_samples if anchors else None,
-        steps=steps_public(session, job.id) if principal.is_admin else None,
-    )
-
-
-SILO_MESSAGES = {
-    "draft": "being set up by the coordinator",
-    "open": "waiting for silo uploads",
-    "scoring": "scoring",
-    "failed": "failed: the coordinator's admin has the details",
-}
-
-
-def visible_status(job: Job, principal: Principal, session) -> tuple[str, str | None]:
-    """``(message, error)`` as the caller may see them. The admin sees the job's own; a silo sees nothing computed
-    from other silos' rows (no total count, no part count, no other silo's name in an error): a message per status,
-    and once scored, its own counts."""
-    if principal.is_admin:
-        return job.message, job.error
-    if job.status == "done":
-        mine = score_store.decision_counts(session, job_id=job.id).get(principal.silo.name, {"n": 0, "kept": 0})
-        return f"{mine['kept']} of your {mine['n']} samples selected", None
-    return SILO_MESSAGES.get(job.status, job.status), None
-
-
-def steps_public(session, job_id: str) -> list[StepPublic]:
-    """A job's task steps and their leases, for the admin."""
-    now = utcnow()
-    return [
-        StepPublic(
-            task=s.task,
-            args=s.args,
-            state=s.state,
-            attempt=s.attempt,
-            lost=s.lost,
-            holder=s.holder,
-            heartbeat_age_s=(now - s.heartbeat_at).total_seconds() if s.state == "running" and s.heartbeat_at else None,
-            error=s.error,
-        )
-        for s in leases.for_job(session, job_id)
-    ]
-
-
-def _job_for(session, job_id: str, principal: Principal) -> Job:
-    """The job, if the caller may see it (404 otherwise, also for jobs of other silos)."""
-    job = repo.get_job(session, job_id=job_id)
-    if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
-        raise ApiError(404, f"job '{job_id}' does not exist")  # the same words as for a job that does not
-    return job
-
-
-def _require_status(job: Job, *allowed: str) -> None:
-    if job.status not in allowed:
-        raise ApiError(409, f"job {job.id} is {job.status!r}; this needs it to be {' or '.join(map(repr, allowed))}")
-
-
-def _checkpoint(job: Job, index: int):
-    for c in job.checkpoints:
-        if c.index == index:
-            return c
-    raise ApiError(404, f"job {job.id} has checkpoints 0..{len(job.checkpoints) - 1}, not {index}")
-
-
-def _transition(state: AppState, session, job, task: str, update=repo.update_job, **fields) -> None:
-    """Commit the job's new state (with ``update``: `repo.update_job`, or `repo.update_train_job` for a training
-    job), then queue ``task``; if the queue is unreachable, put the old state back and answer 503 (the task is never
-    lost behind a state that claims it was queued)."""
-    before = {key: getattr(job, key) for key in fields}
-    update(session, job_id=job.id, **fields)
-    session.commit()
-    try:
-        state.enqueue(task, job.id)
-    except Exception as exc:
-        if state.dispatcher is not None:  # its queued step must not run behind the restored state
-            state.dispatcher.cancel(task, job.id, error="not sent: the task queue was unreachable")
-        update(session, job_id=job.id, **before)
-        session.commit()
-        raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
-    TASKS.labels(task).inc()
-
-
-def _engine_check(field: str, build):
-    """Validate with the scoring engine's own config classes; their errors become 422s naming ``field``.
-
-    Returns what ``build`` returns."""
-    try:
-        return build()
-    except ConfigError as exc:
-        raise ApiError(422, f"{field}: {exc}") from exc
+router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=201, operation_id="create_job")
 def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> JobPublic:
     """Create a job in ``draft``: the spec every party computes projections under, and how to select."""
-    _engine_check("lora", lambda: LoraSettings.from_dict(body.lora.model_dump()))
-    _engine_check("projection", lambda: ProjectionSpec.from_dict(body.projection.model_dump()))
-    _engine_check("threshold", lambda: threshold_from_dict(body.threshold))
+    engine_check("lora", lambda: LoraSettings.from_dict(body.lora.model_dump()))
+    engine_check("projection", lambda: ProjectionSpec.from_dict(body.projection.model_dump()))
+    engine_check("threshold", lambda: threshold_from_dict(body.threshold))
     for c in body.checkpoints:
-        _engine_check(f"checkpoints[{c.index}].adam", lambda c=c: AdamState.from_dict(c.adam))
+        engine_check(f"checkpoints[{c.index}].adam", lambda c=c: AdamState.from_dict(c.adam))
     score = body.score_options(len(body.checkpoints))  # ConfigError naming the field: 422
     job = repo.create_job(
         session,
@@ -188,20 +69,20 @@ def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> Job
     )
     session.commit()
     session.refresh(job)
-    return _public(job, principal, session)
+    return job_public(job, principal, session)
 
 
 @router.get("", operation_id="list_jobs")
 def list_jobs(session: SessionDep, principal: PrincipalDep) -> list[JobPublic]:
     """All jobs (admin), or the jobs a silo is a member of."""
     jobs = repo.list_jobs(session, silo_id=None if principal.is_admin else principal.silo.id)
-    return [_public(j, principal, session) for j in jobs]
+    return [job_public(j, principal, session) for j in jobs]
 
 
 @router.get("/{job_id}", operation_id="get_job")
 def get_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> JobPublic:
     """The job's spec, status and progress."""
-    return _public(_job_for(session, job_id, principal), principal, session)
+    return job_public(job_for(session, job_id, principal), principal, session)
 
 
 @router.put(
@@ -215,12 +96,12 @@ async def upload_checkpoint(
 ) -> UploadResult:
     """A checkpoint bundle (``clues.checkpoint/1``); its layout must hash to the job's projection spec."""
     job = repo.get_job(session, job_id=job_id)
-    _require_status(job, "draft")
-    ckpt = _checkpoint(job, index)
+    require_status(job, "draft")
+    ckpt = checkpoint_of(job, index)
     spec = ProjectionSpec.from_dict(job.projection)
     sha = expected_sha256(request)
     if already_held(ckpt.blob_key, sha, f"checkpoint {index} of job {job_id}"):
-        return _upload_answer(sha, ckpt.size_bytes, False)
+        return upload_answer(sha, ckpt.size_bytes, False)
 
     def validate(path: Path) -> None:
         bundle = checkpoint_from_bytes(path.read_bytes(), spec, f"checkpoint {index}")
@@ -232,12 +113,7 @@ async def upload_checkpoint(
     ref, _, _ = await receive(request, state, "checkpoint", sha, validate)
     created = repo.set_checkpoint_blob(session, job_id=job_id, index=index, blob_key=ref.key, size_bytes=ref.size)
     session.commit()
-    return _upload_answer(ref.key, ref.size, created)
-
-
-def _upload_answer(sha: str, size: int | None, created: bool) -> JSONResponse:
-    body = UploadResult(sha256=sha, size=size or 0, created=created)
-    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+    return upload_answer(ref.key, ref.size, created)
 
 
 @router.put(
@@ -252,13 +128,13 @@ async def upload_anchors(
     """The anchor set: a JSON or JSONL samples file (Alpaca or chat records), at least two samples (three for a
     calibrated job)."""
     job = repo.get_job(session, job_id=job_id)
-    _require_status(job, "draft")
+    require_status(job, "draft")
     sha = expected_sha256(request)
     held = repo.get_anchor_set(session, job_id=job_id)
     if already_held(held.blob_key if held else None, sha, f"the anchor set of job {job_id}"):
-        return _upload_answer(sha, held.size_bytes, False)
+        return upload_answer(sha, held.size_bytes, False)
 
-    calibrated = job.spec()["score"] == "calibrated"
+    calibrated = JobSpec.of(job).score == "calibrated"
 
     def validate(path: Path) -> list[str]:
         try:
@@ -274,7 +150,7 @@ async def upload_anchors(
     ref, ids, _ = await receive(request, state, "anchors", sha, validate)
     created = repo.set_anchor_set(session, job_id=job_id, blob_key=ref.key, size_bytes=ref.size, sample_ids=ids)
     session.commit()
-    return _upload_answer(ref.key, ref.size, created)
+    return upload_answer(ref.key, ref.size, created)
 
 
 @router.post("/{job_id}/open", operation_id="open_job")
@@ -282,19 +158,19 @@ def open_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Adm
     """``draft`` → ``open``: every checkpoint and the anchor set must be uploaded. Queues the anchor projection."""
     job = repo.get_job(session, job_id=job_id)
     if job.status == "open":
-        return _public(job, principal, session)
-    _require_status(job, "draft")
+        return job_public(job, principal, session)
+    require_status(job, "draft")
     missing = [c.index for c in job.checkpoints if c.blob_key is None]
     if missing:
         raise ApiError(409, f"job {job_id}: upload checkpoints {missing} first")
     if repo.get_anchor_set(session, job_id=job_id) is None:
         raise ApiError(409, f"job {job_id}: upload the anchor set first")
-    _transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
-    return _public(job, principal, session)
+    transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
+    return job_public(job, principal, session)
 
 
 def _start_scoring(state: AppState, session, job: Job) -> None:
-    _transition(state, session, job, names.SCORE_JOB, status="scoring", progress=0.0, message="queued", error=None)
+    transition(state, session, job, names.SCORE_JOB, status="scoring", progress=0.0, message="queued", error=None)
 
 
 @router.post("/{job_id}/score", status_code=202, operation_id="score_job")
@@ -304,12 +180,12 @@ def score_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Ad
     job = repo.get_job(session, job_id=job_id)
     if job.status == "scoring":
         return retry_job(job_id, state, session, principal)
-    _require_status(job, "open", "failed")
+    require_status(job, "open", "failed")
     pending = [m.silo.name for m in job.members if m.status != "complete"]
     if pending:
         raise ApiError(409, f"job {job_id}: silos {pending} have not completed their uploads")
     _start_scoring(state, session, job)
-    return _public(job, principal, session)
+    return job_public(job, principal, session)
 
 
 @router.post("/{job_id}/retry", status_code=202, operation_id="retry_job")
@@ -327,19 +203,16 @@ def retry_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Ad
         task, fields = names.PROJECT_ANCHORS, {"anchor_status": "pending", "error": None}
     else:
         raise ApiError(409, f"job {job_id} is {job.status!r} (anchors {job.anchor_status!r}): nothing to retry")
-    if state.dispatcher is None:
-        _transition(state, session, job, task, **fields)
-    else:
-        try:
-            sent = state.dispatcher.enqueue(task, job_id)
-        except Exception as exc:
-            raise ApiError(503, f"the task queue is unreachable ({type(exc).__name__}: {exc}); try again") from exc
-        if sent:
-            repo.update_job(session, job_id=job_id, **fields)
-            session.commit()
-            TASKS.labels(task).inc()
+    try:
+        sent = state.dispatcher.enqueue(task, job_id)
+    except Exception as exc:
+        raise QueueUnavailable(exc) from exc
+    if sent:
+        repo.update_job(session, job_id=job_id, **fields)
+        session.commit()
+        TASKS.labels(task).inc()
     session.refresh(job)
-    return _public(job, principal, session)
+    return job_public(job, principal, session)
 
 
 @router.get(
@@ -352,10 +225,10 @@ def download_checkpoint(
     job_id: JobId, index: Index, state: StateDep, session: SessionDep, principal: PrincipalDep
 ) -> FileResponse:
     """A checkpoint bundle (checksum-verified before it is sent; the checksum is in ``X-Content-SHA256``)."""
-    job = _job_for(session, job_id, principal)
+    job = job_for(session, job_id, principal)
     if not principal.is_admin:
-        _require_status(job, "open", "scoring", "done", "failed")
-    ckpt = _checkpoint(job, index)
+        require_status(job, "open", "scoring", "done", "failed")
+    ckpt = checkpoint_of(job, index)
     if ckpt.blob_key is None:
         raise ApiError(404, f"checkpoint {index} of job {job_id} has not been uploaded")
     state.blobs.verify(ckpt.blob_key)
@@ -386,19 +259,19 @@ async def upload_shard(
 
     Re-sending the same bytes is a no-op (200); other bytes for a held shard are refused (409)."""
     silo = principal.silo
-    job = _job_for(session, job_id, principal)
-    _require_status(job, "open")
+    job = job_for(session, job_id, principal)
+    require_status(job, "open")
     member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
-    ckpt = _checkpoint(job, checkpoint)
+    ckpt = checkpoint_of(job, checkpoint)
     sha = expected_sha256(request)
     key = {"job_id": job_id, "owner": silo.name, "part": part}
     same = repo.get_shard(session, checkpoint=checkpoint, role="candidate", **key)
     if already_held(same.blob_key if same else None, sha, f"shard (checkpoint {checkpoint}, part {part})"):
-        return _upload_answer(sha, same.size_bytes, False)
+        return upload_answer(sha, same.size_bytes, False)
     if member.status == "complete":
         raise ApiError(409, f"silo {silo.name} already completed its upload for job {job_id}")
     spec = ProjectionSpec.from_dict(job.projection)
-    needs = signals_needed(job.spec(), checkpoint)
+    needs = signals_needed(JobSpec.of(job), checkpoint)
     part_ids = repo.part_sample_ids(session, **key)  # the ids this part holds at another checkpoint, if any
 
     def validate(path: Path) -> list[str]:
@@ -435,16 +308,16 @@ async def upload_shard(
 
     ref, _, created = await receive(request, state, "shard", sha, validate, record)
     session.commit()
-    return _upload_answer(ref.key, ref.size, created)
+    return upload_answer(ref.key, ref.size, created)
 
 
-def signals_needed(spec: dict, checkpoint: int) -> list[str]:
+def signals_needed(spec: JobSpec, checkpoint: int) -> list[str]:
     """The per-sample tensors a shard of ``checkpoint`` must carry under the job ``spec``: at the signal checkpoint,
     ``losses`` (ℓ(y|x)) when the job is calibrated or asks for signals, and each signal it asks for; elsewhere
     none (the losses stay optional, as for a pure trace job)."""
-    if checkpoint != spec["signal_checkpoint"] or (spec["score"] == "trace" and not spec["signals"]):
+    if checkpoint != spec.signal_index or not spec.keeps_values:
         return []
-    return ["losses", *spec["signals"]]
+    return ["losses", *spec.signals]
 
 
 def _check_same_ids(ids: list[str], other_checkpoint: int, known: list[str], part: int, where: str) -> None:
@@ -461,7 +334,7 @@ def _check_same_ids(ids: list[str], other_checkpoint: int, known: list[str], par
 @router.get("/{job_id}/shards", operation_id="list_shards")
 def list_shards(job_id: JobId, session: SessionDep, principal: SiloDep) -> list[ShardPublic]:
     """The shards this silo has uploaded (to resume an interrupted upload)."""
-    _job_for(session, job_id, principal)
+    job_for(session, job_id, principal)
     shards = repo.list_shards(session, job_id=job_id, owner=principal.silo.name)
     return [ShardPublic(checkpoint=s.checkpoint, part=s.part, rows=s.row_count, sha256=s.blob_key) for s in shards]
 
@@ -471,11 +344,11 @@ def complete_upload(job_id: JobId, state: StateDep, session: SessionDep, princip
     """Mark this silo's upload complete: every checkpoint must hold the same parts. Starts scoring when the job says
     ``auto_score`` and this was the last silo."""
     silo = principal.silo
-    job = _job_for(session, job_id, principal)
+    job = job_for(session, job_id, principal)
     member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
     if member.status == "complete":
-        return _public(job, principal, session)
-    _require_status(job, "open")
+        return job_public(job, principal, session)
+    require_status(job, "open")
     shards = repo.list_shards(session, job_id=job_id, owner=silo.name)
     parts_at = {t: {s.part for s in shards if s.checkpoint == t} for t in range(len(job.checkpoints))}
     parts = set().union(*parts_at.values())
@@ -490,4 +363,4 @@ def complete_upload(job_id: JobId, state: StateDep, session: SessionDep, princip
     session.refresh(job)
     if job.options.get("auto_score", True) and all(m.status == "complete" for m in job.members):
         _start_scoring(state, session, job)
-    return _public(job, principal, session)
+    return job_public(job, principal, session)

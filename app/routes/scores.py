@@ -18,9 +18,8 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Row
 
-from app.deps import AdminDep, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
+from app.deps import AdminDep, JobId, Principal, PrincipalDep, SessionDep, SiloDep, StateDep
 from app.errors import ApiError
-from app.routes.jobs import JobId, _job_for, visible_status
 from app.schemas import (
     ClusterMember,
     DuplicateCluster,
@@ -34,13 +33,16 @@ from app.schemas import (
     ScoresPublic,
     ScoreSummary,
 )
+from app.services.jobs import job_for, visible_status
 from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.spec import JobSpec
 from storage import repository as repo
 from storage import scores as score_store
-from storage.models import ANCHOR_OWNER, Job, ScoreOverride
+from storage.models import Job, ScoreOverride
 from webui import signal_columns
+from wire import ANCHOR_OWNER, API_PREFIX
 
-router = APIRouter(prefix="/v1/jobs", tags=["scores"])
+router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["scores"])
 
 Silo = Annotated[str | None, Query(max_length=64, description="one silo (admin only; __anchor__: the anchor samples)")]
 Kept = Annotated[bool | None, Query(description="only kept (true) or dropped (false) samples (decision in force)")]
@@ -62,7 +64,7 @@ Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="rows to skip")]
 
 
 def _scored(session, job_id: str, principal: Principal) -> Job:
-    job = _job_for(session, job_id, principal)
+    job = job_for(session, job_id, principal)
     if job.status != "done":
         message, _ = visible_status(job, principal, session)
         raise ApiError(409, f"job {job_id} is {job.status!r} ({message}); scores exist once it is 'done'")
@@ -200,7 +202,8 @@ def export_scores_csv(
     job = _scored(session, job_id, principal)
     query = filters.query(job, principal)
     T = len(job.checkpoints)
-    values, fused = signal_columns(job.spec(), fused_signals(job.spec()["signals"]))
+    spec = JobSpec.of(job)
+    values, fused = signal_columns(spec.to_dict(), fused_signals(spec.signals))
 
     def lines() -> Iterator[str]:
         buf = io.StringIO()
@@ -354,7 +357,7 @@ def list_overrides(
     offset: Offset = 0,
 ) -> OverrideLog:
     """The audit log of owners' overrides, newest first: every silo's for the admin, a silo's own for it."""
-    _job_for(session, job_id, principal)
+    job_for(session, job_id, principal)
     owner = _owner(principal, silo)
     if owner == ANCHOR_OWNER:
         raise ApiError(422, "silo: the anchor samples have no owner overrides")

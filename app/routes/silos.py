@@ -7,8 +7,9 @@ from fastapi import APIRouter
 from app.deps import AdminDep, SessionDep, SiloDep
 from app.schemas import SiloCreate, SiloCreated, SiloPublic
 from storage import repository as repo
+from wire import API_PREFIX
 
-router = APIRouter(prefix="/v1/silos", tags=["silos"])
+router = APIRouter(prefix=f"{API_PREFIX}/silos", tags=["silos"])
 
 
 @router.post("", status_code=201, operation_id="create_silo")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.client import Client
+from agent.client import AdminClient, SiloClient
 from clues.admin import create_job_from_run, job_spec_from_run
 from tests.conftest import SILOS, Coordinator, TinyData, serve_coordinator
 
@@ -21,7 +21,7 @@ class World:
 
     data: TinyData
     coordinator: Coordinator
-    admin: Client
+    admin: AdminClient
     tokens: dict[str, str]
 
     @property
@@ -39,8 +39,8 @@ class World:
     def data_file(self, silo: str, dest: Path) -> Path:
         return self.data.data_file(silo, dest)
 
-    def client(self, silo: str, transport: httpx.BaseTransport | None = None, **kwargs) -> Client:
-        return Client(self.coordinator.url, self.tokens[silo], transport=transport, **kwargs)
+    def client(self, silo: str, transport: httpx.BaseTransport | None = None, **kwargs) -> SiloClient:
+        return SiloClient(self.coordinator.url, self.tokens[silo], transport=transport, **kwargs)
 
 
 def make_job(world: World, name: str, *, silos=SILOS, open_it: bool = True, **fields) -> str:
@@ -87,7 +87,7 @@ class Recorder(httpx.BaseTransport):
 def world(tiny_data) -> World:
     with (
         serve_coordinator(tiny_data.root / f"coord-{os.getpid()}") as coordinator,
-        Client(coordinator.url, coordinator.admin_token) as admin,
+        AdminClient(coordinator.url, coordinator.admin_token) as admin,
     ):
         tokens = {name: admin.register_silo(name)["token"] for name in SILOS}
         yield World(tiny_data, coordinator, admin, tokens)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from agent.client import CoordinatorError
+from agent.client import AdminClient, CoordinatorError
 from agent.loop import AgentError, AgentOptions, AgentResult, output_paths, run_agent
 from scoring.data import read_samples, write_samples
 from scoring.errors import DataError
@@ -132,7 +132,7 @@ def test_resume_after_an_interrupted_upload(world, tmp_path, monkeypatch):
     def recompute(*args, **kwargs):
         raise AssertionError("the finished projection was computed again")
 
-    monkeypatch.setattr("scoring.steps.project_samples", recompute)
+    monkeypatch.setattr("scoring.workflow.project_samples", recompute)
     again = Recorder()
     result = agent(world, "a", job_id, data, tmp_path / "work", recorder=again, wait=False)
     assert (result.status, result.uploaded, result.skipped) == ("open", SHARDS - 2, 2)  # b has not uploaded yet
@@ -210,9 +210,8 @@ def test_options_are_validated():
 
 
 def test_the_coordinator_fixture(coordinator):
-    from agent.client import Client
 
-    with Client(coordinator.url, coordinator.admin_token) as admin:
+    with AdminClient(coordinator.url, coordinator.admin_token) as admin:
         assert admin.register_silo("x")["name"] == "x"
         assert admin.request("GET", "/healthz").json()["status"] == "ok"
     assert coordinator.settings.admin_token == "admin-secret-for-tests-0123456789abcdef" and coordinator.app is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from agent.client import Client
+from agent.client import SiloClient
 from agent.loop import write_outputs
 from agent.train import choose_samples
 from scoring.data import load_pubmedqa, read_samples
@@ -21,7 +21,7 @@ def test_overrides_change_what_training_and_the_mask_use(coordinator, tmp_path):
         )
     job = seeded.job_id
     spec = {"id": "f" * 32, "spec": {"selection": {"source": "selected", "scoring_job": job, "seed": 0}}}
-    with Client(coordinator.url, seeded.tokens["a"]) as client:
+    with SiloClient(coordinator.url, seeded.tokens["a"]) as client:
         rows = {r["sample_id"]: r for r in client.scores(job)["rows"]}
         before, _ = choose_samples(client, spec, samples)
         assert [s.id for s in before] == [s.id for s in samples if rows[s.id]["selected"]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import Client, CoordinatorError
+from agent.client import CoordinatorError, SiloClient
 from agent.loop import AgentError, AgentOptions, run_agent
 from agent.train import TrainOptions, choose_samples, local_moments_path, round_dir, run_training
 from clues.cli import main
@@ -112,7 +112,7 @@ def test_a_rerun_after_done_trains_nothing(world, federated, monkeypatch):
     assert (result.status, result.rounds_trained, result.late_rounds) == ("done", [], [])
 
 
-class LateFirstRound(Client):
+class LateFirstRound(SiloClient):
     """A silo whose round-0 update arrives after the round closed (the coordinator would answer 409)."""
 
     def upload_round_update(self, job_id: str, round: int, data: bytes) -> dict:

@@ -18,6 +18,7 @@ from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS, SIGNALS, ProjectionS
 from scoring.io import projection_to_bytes
 from scoring.types import ProjectedGrads
 from storage import repository as repo
+from wire import hash_token
 
 ADMIN = {"Authorization": "Bearer admin-secret-for-tests-0123456789abcdef"}
 SPEC = ProjectionSpec(kind="sjlt", dim=16, seed=3, param_hash="deadbeef", param_count=1000, nnz=4)
@@ -94,7 +95,7 @@ class Env:
             admin_token="admin-secret-for-tests-0123456789abcdef",
             max_upload_bytes=64 * 1024,
         )
-        self.app = create_app(self.settings, enqueue=lambda task, job: enqueued.append((task, job)))
+        self.app = create_app(self.settings, send=lambda task, args, countdown: enqueued.append((task, *args)))
         self.enqueued = enqueued
         self.client = TestClient(self.app)
         self.client.__enter__()  # runs the lifespan (migrations)
@@ -140,7 +141,7 @@ def test_auth(env):
 def test_silo_token_is_stored_hashed_and_names_are_unique(env):
     with env.app.state.clues.sessions() as session:
         stored = [s.token_hash for s in repo.list_silos(session)]
-    assert env.tokens["a"] not in stored and repo.hash_token(env.tokens["a"]) in stored
+    assert env.tokens["a"] not in stored and hash_token(env.tokens["a"]) in stored
     r = env.client.post("/v1/silos", json={"name": "a"}, headers=ADMIN)
     assert r.status_code == 409 and "a" in r.json()["detail"]
     r = env.client.post("/v1/silos", json={"name": "bad name!"}, headers=ADMIN)
@@ -204,7 +205,7 @@ def _hand_written_shard(ids: list[str], checkpoint: int, **tensors: np.ndarray) 
     """A shard with the given extra tensors, written by hand (projection_to_bytes refuses bad signals)."""
     from safetensors.numpy import save
 
-    from scoring.io import _read_metadata
+    from scoring.io._safetensors import _read_metadata
 
     data = shard(ids, checkpoint, losses=False, signals=())
     raw_ids = np.frombuffer(json.dumps(ids).encode(), dtype=np.uint8).copy()
@@ -383,7 +384,7 @@ def _raw_shard(ids: list[str], matrix: np.ndarray) -> bytes:
     """A shard written by hand, as a hostile client would (projection_to_bytes refuses NaN and duplicate ids)."""
     from safetensors.numpy import save
 
-    from scoring.io import _read_metadata
+    from scoring.io._safetensors import _read_metadata
 
     raw_ids = np.frombuffer(json.dumps(ids).encode(), dtype=np.uint8).copy()
     return save({"matrix": matrix, "ids": raw_ids}, metadata=_read_metadata(shard(["s1"])))
@@ -398,7 +399,7 @@ def _raw_nan_shard() -> bytes:
 def _retype(data: bytes) -> bytes:
     from safetensors.numpy import load, save
 
-    from scoring.io import _read_metadata
+    from scoring.io._safetensors import _read_metadata
 
     tensors = load(data)
     tensors["matrix"] = tensors["matrix"].astype(np.float32)
@@ -521,11 +522,11 @@ def test_healthz_and_metrics(env):
 
 
 def test_an_unreachable_task_queue_is_503_and_the_state_is_put_back(tmp_path):
-    def down(task, job_id):
+    def down(task, args, countdown):
         raise ConnectionError("broker down")
 
     e = Env(tmp_path, [])
-    e.app.state.clues.enqueue = down
+    e.app.state.clues.dispatcher.send = down
     job = e.client.post("/v1/jobs", json=job_body(), headers=ADMIN).json()
     store_checkpoints_and_anchors(e.app.state.clues, job["id"])
     r = e.client.post(f"/v1/jobs/{job['id']}/open", headers=ADMIN)

@@ -23,7 +23,7 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def client(tmp_path):
-    app = create_app(AppSettings(data_dir=tmp_path / "coord", admin_token=TOKEN), enqueue=lambda *a, **k: None)
+    app = create_app(AppSettings(data_dir=tmp_path / "coord", admin_token=TOKEN), send=lambda *a: None)
     with TestClient(app, raise_server_exceptions=False, follow_redirects=False) as c:
         yield c
 
@@ -130,5 +130,5 @@ def test_a_short_admin_token_is_refused_at_start(tmp_path):
 def test_the_data_directory_is_the_owners_only(tmp_path):
     data = tmp_path / "coord"
     data.mkdir(mode=0o755)
-    create_app(AppSettings(data_dir=data, admin_token=TOKEN), enqueue=lambda *a, **k: None)
+    create_app(AppSettings(data_dir=data, admin_token=TOKEN), send=lambda *a: None)
     assert stat.S_IMODE(data.stat().st_mode) == 0o700

@@ -19,8 +19,9 @@ from app.schemas import ScoresPublic
 from scoring.calibration import EXPLANATIONS, fused_signals
 from scoring.config import DEFAULT_SIGNALS
 from storage import repository as repo
-from storage.models import ANCHOR_OWNER, Job, Score
+from storage.models import Job, Score
 from tests.seed import SeededJob, seed_scored_job
+from wire import ANCHOR_OWNER
 
 ADMIN = {"Authorization": "Bearer admin-secret-for-tests-0123456789abcdef"}
 SIZES = {"silo1": 30, "silo2": 20, "silo3": 10}
@@ -63,7 +64,7 @@ def draft_job(session, silos: list[str]) -> str:
 def env(tmp_path):
     app = create_app(
         AppSettings(data_dir=tmp_path, admin_token="admin-secret-for-tests-0123456789abcdef"),
-        enqueue=lambda *a, **k: None,
+        send=lambda *a: None,
     )
     with TestClient(app) as client:  # the lifespan runs the migrations
         with app.state.clues.sessions() as session:
@@ -264,7 +265,7 @@ def test_csv_streams_many_batches(tmp_path):
     """More rows than one streamed batch (2000) of the export."""
     app = create_app(
         AppSettings(data_dir=tmp_path, admin_token="admin-secret-for-tests-0123456789abcdef"),
-        enqueue=lambda *a, **k: None,
+        send=lambda *a: None,
     )
     with TestClient(app) as client, app.state.clues.sessions() as session:
         job = seed_scored_job(session, silos=("big", "small"), per_silo=(4100, 3), anchors=5, checkpoints=2)
@@ -500,7 +501,7 @@ def test_a_silo_learns_its_own_name(env):
 def calibrated(tmp_path):
     app = create_app(
         AppSettings(data_dir=tmp_path, admin_token="admin-secret-for-tests-0123456789abcdef"),
-        enqueue=lambda *a, **k: None,
+        send=lambda *a: None,
     )
     with TestClient(app) as client:
         with app.state.clues.sessions() as session:

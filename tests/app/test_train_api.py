@@ -1,4 +1,4 @@
-"""The training routes in-process (TestClient, a recording ``enqueue``; the queued training steps are run here by
+"""The training routes in-process (TestClient, a recording ``send``; the queued training steps are run here by
 calling `workers.training` directly): every bad input is a 4xx naming the field with nothing stored, idempotent
 uploads and starts, the aggregation hand-off, and a warmup job turned into a scoring job. Then a real coordinator
 (`serve_coordinator`, tasks in-process) restarted in the middle of a round."""
@@ -58,9 +58,7 @@ class Env:
             max_upload_bytes=64 << 10,
         )
         self.enqueued: list[tuple] = []
-        self.app = create_app(
-            self.settings, enqueue=lambda task, *args, countdown=None: self.enqueued.append((task, *args))
-        )
+        self.app = create_app(self.settings, send=lambda task, args, countdown: self.enqueued.append((task, *args)))
         self.client = TestClient(self.app)
         self.client.__enter__()
         self.res = pipeline.Resources.from_settings(self.settings)

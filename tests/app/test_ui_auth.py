@@ -21,12 +21,13 @@ from storage import repository as repo
 from storage.models import Silo
 from tests.seed import SeededJob, seed_scored_job
 from webui import COOKIE_NAME, SESSION_TTL_S, SessionSigner, load_secret, same_origin
+from wire import hash_token
 
 ADMIN_TOKEN = "admin-secret-for-tests-0123456789abcdef"
 
 
 def make_app(data_dir: Path, admin_token: str = ADMIN_TOKEN, **settings):
-    return create_app(AppSettings(data_dir=data_dir, admin_token=admin_token, **settings), enqueue=lambda *a, **k: None)
+    return create_app(AppSettings(data_dir=data_dir, admin_token=admin_token, **settings), send=lambda *a: None)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _refused(env, cookie: str) -> None:
 
 def test_forged_and_expired_cookies_are_refused(env):
     signer = env.app.state.clues.signer
-    admin_hash = repo.hash_token(ADMIN_TOKEN)
+    admin_hash = hash_token(ADMIN_TOKEN)
     good = signer.sign("admin", admin_hash)
     env.client.cookies.set(COOKIE_NAME, good)
     assert env.client.get("/v1/jobs").status_code == 200  # the control: a well-made cookie works
@@ -184,15 +185,15 @@ def test_forged_and_expired_cookies_are_refused(env):
 
     _refused(env, SessionSigner(b"another secret, 32 bytes long!!!").sign("admin", admin_hash))
     _refused(env, signer.sign("admin", admin_hash, now=time.time() - SESSION_TTL_S - 60))  # expired
-    _refused(env, signer.sign("admin", repo.hash_token("a guess")))  # not made with the admin token
+    _refused(env, signer.sign("admin", hash_token("a guess")))  # not made with the admin token
     _refused(env, _forge({"sub": "admin", "tok": signer.fingerprint(admin_hash), "exp": time.time() + 1e6}, mac))
     _refused(env, body + "." + mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB"))
     _refused(env, "garbage")
     _refused(env, good + ".x")
-    silo1 = signer.sign("silo:silo1", repo.hash_token(env.job.tokens["silo1"]))
+    silo1 = signer.sign("silo:silo1", hash_token(env.job.tokens["silo1"]))
     _refused(env, silo1.split(".")[0] + "." + mac)  # a silo's body under the admin's mac
-    _refused(env, signer.sign("silo:silo1", repo.hash_token(env.job.tokens["silo2"])))  # another silo's token
-    _refused(env, signer.sign("silo:nobody", repo.hash_token("x")))
+    _refused(env, signer.sign("silo:silo1", hash_token(env.job.tokens["silo2"])))  # another silo's token
+    _refused(env, signer.sign("silo:nobody", hash_token("x")))
     _refused(env, signer.sign("root", admin_hash))
 
 
@@ -222,7 +223,7 @@ def test_silo_cookie_ends_when_its_token_changes(env):
     assert env.client.get("/v1/jobs").status_code == 200
     with env.app.state.clues.sessions() as session:
         silo = repo.get_silo_by_name(session, name="silo1")
-        silo.token_hash = repo.hash_token("a new token")
+        silo.token_hash = hash_token("a new token")
         session.commit()
     assert env.client.get("/v1/jobs").status_code == 401
     assert env.client.get("/ui/jobs").status_code == 303

@@ -14,8 +14,8 @@ from scoring.config import TraceConfig
 from scoring.data import load_pubmedqa, write_samples
 from scoring.io import load_projection
 from scoring.selection import MeanAnchorScore, apply_threshold
-from scoring.steps import load_projection_dir
 from scoring.traces import score_anchor_samples, score_projections
+from scoring.workflow import load_projection_dir
 from tests.scoring.test_data import PUBMEDQA
 
 
@@ -144,7 +144,7 @@ def test_project_writes_the_signals_asked_for_into_the_signal_checkpoint_files(p
 
     from scoring.batching import tokenize_samples
     from scoring.signals import sample_signals
-    from scoring.steps import ModelOptions, load_run_model, use_checkpoint
+    from scoring.workflow import ModelOptions, load_run_model, use_checkpoint
 
     root, files = pipeline
     argv = "project --run {r}/run --data {r}/b.jsonl --out {t}/p --batch-size 4 --signals loss_uncond,n_tokens "

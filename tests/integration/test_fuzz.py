@@ -14,7 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from agent.client import Client
+from agent.client import AdminClient
 from tests.conftest import serve_coordinator
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
@@ -29,7 +29,7 @@ def _operations():
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     with serve_coordinator(tmp_path_factory.mktemp("fuzz"), auth_failures_per_minute=1_000_000) as coordinator:
-        with Client(coordinator.url, coordinator.admin_token) as admin:
+        with AdminClient(coordinator.url, coordinator.admin_token) as admin:
             silo_token = admin.register_silo("fuzz-silo")["token"]
         yield coordinator, silo_token
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.client import Client
+from agent.client import AdminClient, SiloClient
 from agent.loop import AgentOptions, run_agent
 from clues.admin import create_job_from_run, job_spec_from_run
 from scoring.calibration import EXPLANATIONS, fused_signals
@@ -37,7 +37,7 @@ def _run_agents(
     """Both silos' agents at once (each waits for the other's upload before scores exist); their written scores."""
 
     def one(silo: str):
-        with Client(service.url, tokens[silo]) as client:
+        with SiloClient(service.url, tokens[silo]) as client:
             return run_agent(
                 client,
                 job_id,
@@ -78,7 +78,7 @@ def _create_job(world: TinyData, service: Service, tokens: dict[str, str], **ove
         auto_score=True,
     )
     spec.update(over)
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         for silo in SILOS:
             tokens[silo] = admin.register_silo(silo)["token"]
         return create_job_from_run(admin, world.run_dir, world.anchors_file, spec)["id"]
@@ -92,7 +92,7 @@ def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, data
     tokens: dict[str, str] = {}
     job_id = _create_job(tiny_data, service, tokens)
     written = _run_agents(tiny_data, tokens, service, job_id, tmp_path)
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         job = admin.job(job_id)
         _assert_matches_engine(tiny_data, written, job["spec"])
         assert job["status"] == "done" and job["anchor_status"] == "done"
@@ -202,7 +202,7 @@ def test_round_trip_from_the_cli(tiny_data, tmp_path, request, servers):
         log.close()
 
 
-def _wait_mid_scoring(admin: Client, job_id: str) -> None:
+def _wait_mid_scoring(admin: AdminClient, job_id: str) -> None:
     deadline = time.monotonic() + 300
     while True:
         job = admin.job(job_id)
@@ -229,7 +229,7 @@ def test_a_worker_killed_while_scoring_is_replaced(tiny_data, service_factory, t
     written: dict = {}
     runner = threading.Thread(target=lambda: written.update(_run_agents(tiny_data, tokens, service, job_id, tmp_path)))
     runner.start()
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         _wait_mid_scoring(admin, job_id)
         slow.kill()  # SIGKILL: no warm shutdown, no acknowledgement, no end to the lease
         slow.wait(30)
@@ -263,13 +263,13 @@ def test_the_api_killed_mid_job_and_restarted_loses_nothing(tiny_data, service_f
     written: dict = {}
     runner = threading.Thread(target=lambda: written.update(_run_agents(tiny_data, tokens, service, job_id, tmp_path)))
     runner.start()
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         _wait_mid_scoring(admin, job_id)
     service.kill_api()  # the agents' clients retry refused connections until it is back
     service.start_api(same_port=True)
     runner.join(600)
     assert not runner.is_alive()
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         job = admin.job(job_id)
         assert job["status"] == "done", job
         step = next(s for s in job["steps"] if s["task"] == "clues.score_job")

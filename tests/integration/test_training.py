@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.client import Client
+from agent.client import AdminClient, SiloClient
 from agent.loop import AgentOptions, run_agent
 from agent.train import TrainOptions, run_training
 from scoring.io import read_bundle
@@ -25,7 +25,7 @@ MODEL = {"model": "tiny:0", "lora": {"rank": 4, "alpha": 8.0}, "max_len": 96}
 
 def _train(service: Service, tokens: dict[str, str], job_id: str, data: dict[str, Path], work: Path) -> dict:
     def run(silo: str):
-        with Client(service.url, tokens[silo]) as client:
+        with SiloClient(service.url, tokens[silo]) as client:
             options = TrainOptions(poll_interval=0.3, timeout=300)
             return run_training(client, job_id, data[silo], work_dir=work / silo, options=options)
 
@@ -38,7 +38,7 @@ def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyDat
     service.start_worker("w1")
     work = tmp_path / "silos"
     data = {silo: tiny_data.data_file(silo, work / silo) for silo in SILOS}
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         tokens = {silo: admin.register_silo(silo)["token"] for silo in SILOS}
 
         # 1. federated warmup: 3 rounds on half of each silo's data; rounds 1 and 2 become scoring checkpoints
@@ -80,7 +80,7 @@ def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyDat
         admin.open_job(job["id"])
 
     def score(silo: str):
-        with Client(service.url, tokens[silo]) as client:
+        with SiloClient(service.url, tokens[silo]) as client:
             options = AgentOptions(rows_per_shard=4, poll_interval=0.3, timeout=300)
             return run_agent(client, job["id"], data[silo], work_dir=work / silo, options=options)
 
@@ -89,7 +89,7 @@ def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyDat
     assert all(n is not None and n > 0 for n in selected.values()), selected
 
     # 3. federated training on the selected samples, evaluated on a held-out set
-    with Client(service.url, service.admin_token) as admin:
+    with AdminClient(service.url, service.admin_token) as admin:
         fed = admin.create_train_job(
             {
                 "name": "federated",
@@ -117,7 +117,7 @@ def test_warmup_then_scoring_then_federated_training_on_redis(tiny_data: TinyDat
         assert any(not np.allclose(final.adapter[k], start.adapter[k]) for k in final.adapter)
 
 
-def service_wait_done(admin: Client, job_id: str, timeout: float = 120.0) -> dict:
+def service_wait_done(admin: AdminClient, job_id: str, timeout: float = 120.0) -> dict:
     """Poll until the job leaves ``evaluating`` (the final evaluation runs after the last round)."""
     import time
 
@@ -130,13 +130,13 @@ def service_wait_done(admin: Client, job_id: str, timeout: float = 120.0) -> dic
         time.sleep(0.3)
 
 
-def _download(admin: Client, job_id: str, tmp: Path) -> bytes:
+def _download(admin: AdminClient, job_id: str, tmp: Path) -> bytes:
     dest = tmp / f"{job_id}-final.safetensors"
     admin.download_final_adapter(job_id, dest)
     return dest.read_bytes()
 
 
-def _round_start(admin: Client, job_id: str, tmp: Path) -> bytes:
+def _round_start(admin: AdminClient, job_id: str, tmp: Path) -> bytes:
     dest = tmp / f"{job_id}-round0.safetensors"
     admin.download_round_adapter(job_id, 0, dest)
     return dest.read_bytes()

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from agent.client import Client
+from agent.client import AdminClient, SiloClient
 from storage import repository as repo
 from tests.app.test_api import job_body, shard, store_checkpoints_and_anchors
 from tests.integration.conftest import ADMIN_TOKEN, Service
@@ -49,12 +49,12 @@ def test_a_dropped_connection_mid_body_stores_nothing(coordinator):
     with state.sessions() as session:
         assert repo.list_shards(session, job_id=job_id) == []
     # the same shard sent whole afterwards is accepted
-    with Client(coordinator.url, token) as silo:
+    with SiloClient(coordinator.url, token) as silo:
         assert silo.upload_shard(job_id, 0, 0, data)["created"] is True
 
 
 def _open_job(coordinator) -> tuple[str, str]:
-    with Client(coordinator.url, coordinator.admin_token) as admin:
+    with AdminClient(coordinator.url, coordinator.admin_token) as admin:
         token = {name: admin.register_silo(name)["token"] for name in ("a", "b")}["a"]
         job_id = admin.create_job(job_body())["id"]
     state = coordinator.app.state.clues
@@ -99,7 +99,7 @@ def test_a_stalled_upload_does_not_hold_up_shutdown_and_leaves_no_temp_file(tmp_
         )  # fmt: skip
     try:
         Service.wait_healthy(f"http://127.0.0.1:{port}", api, log)
-        with Client(f"http://127.0.0.1:{port}", ADMIN_TOKEN) as admin:
+        with AdminClient(f"http://127.0.0.1:{port}", ADMIN_TOKEN) as admin:
             admin.register_silo("a")
             admin.register_silo("b")
             job_id = admin.create_job(job_body())["id"]

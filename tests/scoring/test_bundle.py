@@ -17,13 +17,13 @@ from scoring.config import LoraSettings, ProjectionSpec, TrainingConfig, paramet
 from scoring.data import load_pubmedqa
 from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, checkpoint_to_bytes, write_checkpoint_dir
-from scoring.steps import ProjectOptions, checkpoint_bundles, project_samples, run_warmup, write_run_dir
+from scoring.spec import RunSpec
 from scoring.training import read_run
+from scoring.workflow import ProjectOptions, checkpoint_bundles, project_samples, run_warmup, write_run_dir
 from tests.scoring.test_data import PUBMEDQA
 
 LORA = LoraSettings(rank=4, alpha=8.0)
 PROJECTION = {"kind": "sjlt", "dim": 32, "seed": 3}
-RUN_KEYS = ("model", "lora", "lora_init_seed", "max_len", "template", "projection")
 
 
 def _warmup(root, training):
@@ -50,7 +50,7 @@ def good(trained):
 def _rebuild(run, manifest, dest):
     spec = ProjectionSpec.from_dict(manifest["projection"])
     bundles = [checkpoint_from_bytes(b, spec, f"checkpoint {i}") for i, b in enumerate(checkpoint_bundles(run))]
-    write_run_dir({k: manifest[k] for k in RUN_KEYS}, bundles[::-1], dest)  # any order
+    write_run_dir(RunSpec.from_manifest(manifest).manifest(), bundles[::-1], dest)  # any order
     return bundles
 
 
@@ -136,7 +136,7 @@ def test_write_run_dir_refuses_inconsistent_bundles(good, trained, tmp_path):
     _, manifest, _ = trained
     data, spec = good
     bundle = checkpoint_from_bytes(data, spec)
-    info = {k: manifest[k] for k in RUN_KEYS}
+    info = RunSpec.from_manifest(manifest).manifest()
     with pytest.raises(DataError, match="repeat"):
         write_run_dir(info, [bundle, bundle], tmp_path)
     with pytest.raises(DataError, match="no checkpoint bundles"):
@@ -277,7 +277,7 @@ def test_bundle_for_another_spec_is_refused(good, change, message):
 def test_projection_hands_freed_memory_back_even_when_it_fails(trained, tmp_path, monkeypatch):
     """`project_samples` ends with `release_memory` (glibc keeps ~6 GiB of freed SmolLM2 buffers otherwise), on
     success and on error."""
-    import scoring.steps as steps
+    import scoring.workflow as steps
 
     run, _, samples = trained
     calls = []

@@ -11,7 +11,7 @@ from scoring.data import load_pubmedqa
 from scoring.gradients import build_gradient_computer
 from scoring.models import attach_lora, load_base_model
 from scoring.selection import MeanAnchorScore, apply_threshold
-from scoring.steps import ProjectOptions, project_samples, run_warmup, score_dirs
+from scoring.workflow import ProjectOptions, project_samples, run_warmup, score_dirs
 from tests.scoring.test_data import PUBMEDQA
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,6 @@ import pytest
 from scoring.config import ProjectionSpec, TraceConfig
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ShapeMismatchError
 from scoring.traces import (
-    ANCHOR_SILO,
     VECDOT_MAX_GROUPS,
     anchor_direction,
     best_group,
@@ -22,6 +21,7 @@ from scoring.traces import (
 )
 from scoring.types import ProjectedGrads
 from tests.scoring.reference import naive_trace_scores
+from wire import ANCHOR_OWNER
 
 K = 16
 LRS = (3e-4, 2e-4, 1e-4)
@@ -258,7 +258,7 @@ def test_checkpoint_count_order_role_and_preconditioning_checks(setup):
         pre = [_replace(cands["b"], t, preconditioned=True)[t] for t in range(3)]
         score_projections({"a": cands["a"], "b": pre}, anchors, TraceConfig())
     with pytest.raises(ConfigError, match="reserved"):
-        score_projections({ANCHOR_SILO: cands["a"]}, anchors, TraceConfig())
+        score_projections({ANCHOR_OWNER: cands["a"]}, anchors, TraceConfig())
     with pytest.raises(ShapeMismatchError, match="anchor_groups"):
         score_projections(cands, anchors, TraceConfig(), anchor_groups=["g"] * 3)
 
@@ -276,7 +276,7 @@ def test_anchor_samples_are_scored_leave_one_out(setup, similarity, groups, prec
     ]
     as_candidates = [_replace(anchors, t, role="candidate", matrix=m)[t] for t, m in enumerate(cand_mats)]
     own = score_anchor_samples(as_candidates, anchors, TraceConfig(similarity=similarity, chunk_rows=3), groups)
-    assert own.silos == (ANCHOR_SILO,) * 4 and own.ids == anchors[0].ids
+    assert own.silos == (ANCHOR_OWNER,) * 4 and own.ids == anchors[0].ids
     cands = [m.astype(np.float64).tolist() for m in cand_mats]
     mats = [a.matrix.astype(np.float64).tolist() for a in anchors]
     ref_scores, ref_parts = naive_trace_scores(cands, mats, LRS, similarity, groups, leave_one_out=True)

@@ -14,13 +14,14 @@ from storage.errors import ConflictError, NotFoundError
 from storage.models import AnchorSet, JobCheckpoint, JobMember, Score, Shard, Silo
 from storage.scores import ScoreQuery, query_scores
 from tests.storage.factories import KEY_A, KEY_B, new_job
+from wire import hash_token
 
 
 def test_silo_token_is_hashed_never_stored(session: Session, tmp_path: Path):
     silo, token = repo.create_silo(session, name="alpha")
     session.commit()
     assert token.startswith("clues_") and len(token) > 40
-    assert silo.token_hash == repo.hash_token(token) != token
+    assert silo.token_hash == hash_token(token) != token
     assert repo.silo_by_token(session, token=token).id == silo.id
     assert repo.silo_by_token(session, token=token + "x") is None
     raw = b"".join(p.read_bytes() for p in (tmp_path / "db").iterdir())
@@ -234,7 +235,7 @@ def test_scores_replace_list_count(session: Session):
 
 
 def test_scores_batches(session: Session, monkeypatch):
-    monkeypatch.setattr(repo, "BATCH_ROWS", 3)
+    monkeypatch.setattr(repo.results, "BATCH_ROWS", 3)
     job = new_job(session)
     rows = [
         {"owner": "a", "sample_id": str(i), "row": i, "score": 0.0, "parts": [], "selected": False} for i in range(8)

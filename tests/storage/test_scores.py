@@ -14,14 +14,16 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect, select, text
 
+from scoring.spec import JobSpec
 from storage import repository as repo
 from storage import scores as store
 from storage.db import alembic_config, make_engine, make_session_factory, upgrade
 from storage.errors import NotFoundError
-from storage.models import ANCHOR_OWNER, Job, Score, ScoreOverride
+from storage.models import Job, Score, ScoreOverride
 from storage.scores import ScoreQuery
 from tests.seed import seed_scored_job
 from tests.storage.factories import new_job
+from wire import ANCHOR_OWNER
 
 SILOS = ("silo1", "silo2", "silo3")
 PREFIXES = ("Doc_A", "doc%A", "DOCxA", "note-")
@@ -614,7 +616,8 @@ def test_migration_0005_adds_empty_signal_columns_to_existing_scores(tmp_path: P
         _, (raw,) = store.query_scores(session, job_id="b" * 32, query=ScoreQuery(), raw_json=True)
         assert (raw.parts, raw.signal_values, raw.signal_z) == ("[0.9]", None, None)
         job = session.get(Job, "b" * 32)
-        assert (job.spec()["score"], job.spec()["signals"]) == ("trace", [])  # a job from before: pure trace
+        spec = JobSpec.of(job)
+        assert (spec.score, spec.signals) == ("trace", ())  # a job from before: pure trace
     with engine.begin() as conn:
         command.downgrade(alembic_config(conn), "0004_dashboard")
     assert "flagged_by" not in {c["name"] for c in inspect(engine).get_columns("scores")}

@@ -14,16 +14,17 @@ from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS
 from scoring.data import Sample
 from scoring.errors import ConfigError
 from scoring.io import load_projection, projection_to_bytes
-from scoring.steps import ProjectOptions, checkpoint_bundles, project_samples
 from scoring.types import ProjectedGrads
+from scoring.workflow import ProjectOptions, checkpoint_bundles, project_samples
 from storage import repository as repo
 from storage.errors import IntegrityError
-from storage.models import ANCHOR_OWNER
 from storage.scores import ScoreQuery, query_scores
 from storage.vector_index import VectorIndex
 from tests.conftest import SILOS, TinyData, expected_calibration, expected_scores
-from workers import pipeline
-from workers.config import WorkerSettings
+from wire import ANCHOR_OWNER
+from workers import names, pipeline
+from workers.config import ServiceSettings
+from workers.steps import fail_owner
 
 
 def _job(
@@ -106,7 +107,7 @@ def _job(
 def res(tmp_path) -> pipeline.Resources:
     from storage.db import upgrade
 
-    resources = pipeline.Resources.from_settings(WorkerSettings(data_dir=tmp_path / "coord"))
+    resources = pipeline.Resources.from_settings(ServiceSettings(data_dir=tmp_path / "coord"))
     upgrade(resources.sessions.kw["bind"])
     return resources
 
@@ -247,7 +248,8 @@ def test_a_corrupt_shard_blob_is_an_integrity_error_and_the_job_can_be_failed(re
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(IntegrityError):
         pipeline.score_job(res, job_id)
-    pipeline.fail_job(res, job_id, "shard a/0 is corrupt")
+    with res.sessions.begin() as session:
+        fail_owner(session, names.SCORE_JOB, job_id, "shard a/0 is corrupt")
     with res.sessions() as session:
         job = repo.get_job(session, job_id=job_id)
         assert (job.status, job.error) == ("failed", "shard a/0 is corrupt")
@@ -276,11 +278,3 @@ def test_scoring_needs_the_scoring_state_and_every_silo_complete(res, tiny_data,
         repo.update_job(session, job_id=job_id, status="open")
     with pytest.raises(pipeline.JobStateError, match="not 'scoring'"):
         pipeline.score_job(res, job_id)
-
-
-def test_the_anchor_owner_is_the_engine_s_anchor_silo():
-    """Anchor scores come out of the engine labelled ``ANCHOR_SILO`` and are stored under storage's owner name."""
-    from scoring.traces import ANCHOR_SILO
-    from storage.models import ANCHOR_OWNER
-
-    assert ANCHOR_OWNER == ANCHOR_SILO == pipeline.ANCHOR_OWNER

@@ -15,7 +15,7 @@ from storage import steps as leases
 from storage.db import make_engine, make_session_factory
 from storage.models import Base, TaskStep, utcnow
 from workers import names
-from workers.config import WorkerSettings
+from workers.config import ServiceSettings
 from workers.steps import Dispatcher, FollowUp, Lease, LeaseLost
 
 JOB = "j" * 32
@@ -60,7 +60,7 @@ class Broker:
 
 def dispatcher(sessions, tmp_path: Path, **settings) -> tuple[Dispatcher, Broker]:
     broker = Broker()
-    return Dispatcher(sessions, broker, WorkerSettings(data_dir=tmp_path, **settings)), broker
+    return Dispatcher(sessions, broker, ServiceSettings(data_dir=tmp_path, **settings)), broker
 
 
 def row(sessions, task: str = names.SCORE_JOB, *args) -> TaskStep:
@@ -96,11 +96,11 @@ def make_scoring_job(sessions) -> str:
 
 
 def test_the_defaults_recover_a_dead_workers_step_within_two_minutes():
-    s = WorkerSettings()
+    s = ServiceSettings()
     assert s.lease_timeout_s + s.reap_every_s <= 90 and s.lease_timeout_s >= 3 * s.heartbeat_s
     assert s.visibility_timeout >= 3600  # redelivery stays a slow safety net, never a double run (see the claim)
     with pytest.raises(ValueError, match="at least 3"):
-        WorkerSettings(heartbeat_s=30, lease_timeout_s=45)
+        ServiceSettings(heartbeat_s=30, lease_timeout_s=45)
 
 
 def test_a_step_runs_once_however_often_it_is_delivered(sessions, tmp_path):

@@ -10,9 +10,11 @@ from scoring.errors import DataError
 from storage import steps as leases
 from storage.db import make_engine, make_session_factory
 from storage.models import Base
-from workers import names, tasks
-from workers.config import WorkerSettings
+from workers import graph, names, tasks
+from workers.config import ServiceSettings
 from workers.steps import Dispatcher
+
+score_job = tasks.TASKS[names.SCORE_JOB]
 
 
 @pytest.fixture
@@ -22,16 +24,16 @@ def eager(monkeypatch, tmp_path):
     Base.metadata.create_all(engine)
     sessions = make_session_factory(engine)
     send = lambda name, args, countdown: calls["sent"].append((name, args))  # noqa: E731
-    monkeypatch.setattr(tasks, "dispatcher", lambda: Dispatcher(sessions, send, WorkerSettings(data_dir=tmp_path)))
+    monkeypatch.setattr(tasks, "dispatcher", lambda: Dispatcher(sessions, send, ServiceSettings(data_dir=tmp_path)))
     calls["sessions"] = sessions
     conf = tasks.celery_app.conf
     monkeypatch.setitem(conf, "task_always_eager", True)
     monkeypatch.setitem(conf, "result_backend", "cache+memory://")  # eager results stay in this process
     monkeypatch.delattr(tasks.celery_app._local, "backend", raising=False)
     monkeypatch.setattr(tasks, "resources", lambda: object())
-    monkeypatch.setattr(tasks, "_progress", lambda lease, job_id: lambda fraction, message: None)
-    monkeypatch.setattr(tasks.pipeline, "fail_job", lambda res, job_id, error: calls["fail"].append(error))
-    monkeypatch.setattr(tasks.score_job, "retry_backoff", False)  # no sleeping between eager retries
+    monkeypatch.setattr(graph, "progress", lambda res, lease, job_id: lambda fraction, message: None)
+    monkeypatch.setattr(graph, "fail_owner", lambda session, task, job_id, error: calls["fail"].append(error))
+    monkeypatch.setattr(score_job, "retry_backoff", False)  # no sleeping between eager retries
     yield calls
     tasks.celery_app._local.__dict__.pop("backend", None)  # the next user gets the configured backend again
     engine.dispose()
@@ -49,14 +51,14 @@ def test_transient_errors_are_retried_then_the_task_succeeds(eager, monkeypatch)
             raise OperationalError("SELECT 1", {}, Exception("database is locked"))
         return type("Table", (), {"ids": ("x", "y")})()
 
-    monkeypatch.setattr(tasks.pipeline, "score_job", flaky)
-    result = tasks.score_job.apply(args=["j1"])
+    monkeypatch.setattr(graph.pipeline, "score_job", flaky)
+    result = score_job.apply(args=["j1"])
     assert result.get() == "done"
     assert eager["score"] == ["j1", "j1", "j1"] and eager["fail"] == []
     assert eager["sent"] == [("clues.near_duplicates", ["j1"])]
     assert state_of(eager, names.SCORE_JOB, "j1") == "done"
     assert state_of(eager, names.NEAR_DUPLICATES, "j1") == "queued"
-    assert tasks.score_job.apply(args=["j1"]).get() == "skipped"  # a late duplicate delivery
+    assert score_job.apply(args=["j1"]).get() == "skipped"  # a late duplicate delivery
     assert eager["score"] == ["j1", "j1", "j1"]
 
 
@@ -65,8 +67,8 @@ def test_permanent_errors_fail_the_job_without_retrying(eager, monkeypatch):
         eager["score"].append(job_id)
         raise DataError("silo 'a' part 0: rows [3] hold NaN or Inf")
 
-    monkeypatch.setattr(tasks.pipeline, "score_job", broken)
-    assert tasks.score_job.apply(args=["j2"]).get() == "failed"
+    monkeypatch.setattr(graph.pipeline, "score_job", broken)
+    assert score_job.apply(args=["j2"]).get() == "failed"
     assert eager["score"] == ["j2"] and eager["fail"] == ["silo 'a' part 0: rows [3] hold NaN or Inf"]
     assert eager["sent"] == []
     assert state_of(eager, names.SCORE_JOB, "j2") == "failed"
@@ -75,5 +77,6 @@ def test_permanent_errors_fail_the_job_without_retrying(eager, monkeypatch):
 def test_delivery_guarantees_are_configured():
     conf = tasks.celery_app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
-    for task in (tasks.score_job, tasks.project_anchors, tasks.near_duplicates):
+    assert set(tasks.TASKS) == set(graph.GRAPH) == set(names.ALL)
+    for task in tasks.TASKS.values():
         assert task.acks_late and task.reject_on_worker_lost and OperationalError in task.autoretry_for

@@ -25,7 +25,7 @@ from storage import repository as repo
 from storage.models import utcnow
 from tests.scoring.test_data import PUBMEDQA
 from workers import pipeline, training
-from workers.config import WorkerSettings
+from workers.config import ServiceSettings
 
 LORA = LoraSettings(rank=4, alpha=8.0).to_dict()
 
@@ -168,7 +168,7 @@ def past_deadline(res: pipeline.Resources, job_id: str, round: int) -> None:
 def res(tmp_path) -> pipeline.Resources:
     from storage.db import upgrade
 
-    resources = pipeline.Resources.from_settings(WorkerSettings(data_dir=tmp_path / "coord"))
+    resources = pipeline.Resources.from_settings(ServiceSettings(data_dir=tmp_path / "coord"))
     upgrade(resources.sessions.kw["bind"])
     return resources
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from scoring.batching import make_batches, tokenize_samples
 from scoring.config import (
+    DEFAULT_MAX_LEN,
     SIGNALS,
     AdamState,
     LoraSettings,
@@ -43,7 +44,6 @@ from scoring.errors import ConfigError, DataError
 from scoring.gradients import adam_precondition, build_gradient_computer
 from scoring.io import (
     CheckpointBundle,
-    atomic_write_bytes,
     checkpoint_to_bytes,
     load_projection,
     save_projection,
@@ -52,9 +52,11 @@ from scoring.io import (
 from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
 from scoring.projection import build_projector, make_spec
 from scoring.signals import sample_signals
+from scoring.spec import JobSpec, manifest_has_moments
 from scoring.traces import score_anchor_samples, score_projections
 from scoring.training import Checkpoint, checkpoint_entry, read_run, train_lora, write_run_manifest
 from scoring.types import ProjectedGrads, ScoreTable
+from wire.files import atomic_dir, atomic_write_bytes
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -137,7 +139,7 @@ def run_warmup(
     lora: LoraSettings,
     training: TrainingConfig | None,
     projection: dict,
-    max_len: int = 768,
+    max_len: int = DEFAULT_MAX_LEN,
     template: str = "auto",
     lora_init_seed: int = 0,
     random_b: bool = True,
@@ -192,6 +194,30 @@ def checkpoint_bundles(run_dir: Path) -> list[bytes]:
         raise DataError(f"{run_dir}: run.json has no 'layout' (an older warmup run); run 'clues warmup' again")
     entries = manifest["checkpoints"]
     return [checkpoint_to_bytes(c.path, manifest["layout"], e) for c, e in zip(checkpoints, entries, strict=True)]
+
+
+def rebuild_run(
+    spec: JobSpec,
+    bundles: Sequence[CheckpointBundle],
+    dest: Path,
+    *,
+    finish: Callable[[Path], None] | None = None,
+    concurrent: bool = False,
+) -> Path:
+    """The job's run directory at ``dest``, rebuilt from its checkpoint bundles: what the silo's agent and the
+    coordinator's workers both do before projecting. Built aside and renamed into place (`wire.files.atomic_dir`),
+    so a crash never leaves half a run.
+
+    Args:
+        finish: called on the directory before it is renamed into place (a silo adds its own Adam moments there).
+        concurrent: other processes may rebuild the same run at once; a finished copy of theirs (with
+            ``run.json``) stands and this one is dropped.
+    """
+    with atomic_dir(dest, complete="run.json" if concurrent else None) as tmp:
+        write_run_dir(spec.run.manifest(), bundles, tmp)
+        if finish is not None:
+            finish(tmp)
+    return dest
 
 
 def write_run_dir(run_info: dict, bundles: Sequence[CheckpointBundle], dest: Path) -> list[Checkpoint]:
@@ -291,8 +317,7 @@ def _project_samples(
 ) -> list[Path]:
     model, tokenizer, manifest, checkpoints = load_run_model(run_dir, model_opts)
     spec = ProjectionSpec.from_dict(manifest["projection"])
-    has_moments = [e.get("has_moments", True) for e in manifest["checkpoints"]]
-    if opts.precondition and not all(has_moments):
+    if opts.precondition and not manifest_has_moments(manifest):
         raise ConfigError("precondition: the run has no Adam moments (it was not trained); use --no-precondition")
     signal_at = _signal_checkpoint(opts, [c.index for c in checkpoints])
     tokenized = tokenize_samples(samples, tokenizer, manifest["max_len"], template=manifest["template"])

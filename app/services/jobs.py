@@ -1,0 +1,132 @@
+"""The scoring job's lifecycle as the routes and the admin's pages use it: who may see a job and what of it, its
+state transitions (commit, then queue the step, undone if the queue is unreachable), and validation with the
+scoring engine's own classes. Errors are typed (`storage.errors.NotFoundError` 404, `ConflictError` 409,
+`scoring.errors.ConfigError` 422, `QueueUnavailable` 503) and mapped to HTTP in one place (`app.errors`).
+"""
+
+from __future__ import annotations
+
+from app.deps import AppState, Principal
+from app.metrics import TASKS
+from app.schemas import JobPublic, MemberPublic, StepPublic
+from app.services import QueueUnavailable
+from scoring.errors import ConfigError
+from scoring.spec import JobSpec
+from storage import repository as repo
+from storage import scores as score_store
+from storage import steps as leases
+from storage.errors import ConflictError, NotFoundError
+from storage.models import Job, utcnow
+
+
+def job_public(job: Job, principal: Principal, session) -> JobPublic:
+    anchors = repo.get_anchor_set(session, job_id=job.id) if principal.is_admin else None
+    members = [
+        MemberPublic(name=m.silo.name, status=m.status, num_samples=m.num_samples)
+        for m in job.members
+        if principal.is_admin or m.silo_id == principal.silo.id
+    ]
+    message, error = visible_status(job, principal, session)
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        anchor_status=job.anchor_status,
+        progress=job.progress,
+        message=message,
+        error=error,
+        threshold_value=job.threshold_value,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+        spec=JobSpec.of(job).to_dict(),
+        silos=members,
+        checkpoints_uploaded=[c.index for c in job.checkpoints if c.blob_key is not None],
+        anchors=anchors.num_samples if anchors else None,
+        steps=steps_public(session, job.id) if principal.is_admin else None,
+    )
+
+
+SILO_MESSAGES = {
+    "draft": "being set up by the coordinator",
+    "open": "waiting for silo uploads",
+    "scoring": "scoring",
+    "failed": "failed: the coordinator's admin has the details",
+}
+
+
+def visible_status(job: Job, principal: Principal, session) -> tuple[str, str | None]:
+    """``(message, error)`` as the caller may see them. The admin sees the job's own; a silo sees nothing computed
+    from other silos' rows (no total count, no part count, no other silo's name in an error): a message per status,
+    and once scored, its own counts."""
+    if principal.is_admin:
+        return job.message, job.error
+    if job.status == "done":
+        mine = score_store.decision_counts(session, job_id=job.id).get(principal.silo.name, {"n": 0, "kept": 0})
+        return f"{mine['kept']} of your {mine['n']} samples selected", None
+    return SILO_MESSAGES.get(job.status, job.status), None
+
+
+def steps_public(session, job_id: str) -> list[StepPublic]:
+    """A job's task steps and their leases, for the admin."""
+    now = utcnow()
+    return [
+        StepPublic(
+            task=s.task,
+            args=s.args,
+            state=s.state,
+            attempt=s.attempt,
+            lost=s.lost,
+            holder=s.holder,
+            heartbeat_age_s=(now - s.heartbeat_at).total_seconds() if s.state == "running" and s.heartbeat_at else None,
+            error=s.error,
+        )
+        for s in leases.for_job(session, job_id)
+    ]
+
+
+def job_for(session, job_id: str, principal: Principal) -> Job:
+    """The job, if the caller may see it (404 otherwise, also for jobs of other silos)."""
+    job = repo.get_job(session, job_id=job_id)
+    if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
+        raise NotFoundError(f"job '{job_id}' does not exist")  # the same words as for a job that does not
+    return job
+
+
+def require_status(job: Job, *allowed: str) -> None:
+    if job.status not in allowed:
+        raise ConflictError(f"job {job.id} is {job.status!r}; this needs it to be {' or '.join(map(repr, allowed))}")
+
+
+def checkpoint_of(job: Job, index: int):
+    for c in job.checkpoints:
+        if c.index == index:
+            return c
+    raise NotFoundError(f"job {job.id} has checkpoints 0..{len(job.checkpoints) - 1}, not {index}")
+
+
+def transition(state: AppState, session, job, task: str, update=repo.update_job, **fields) -> None:
+    """Commit the job's new state (with ``update``: `repo.update_job`, or `repo.update_train_job` for a training
+    job), then queue ``task``; if the queue is unreachable, put the old state back and answer 503 (the task is never
+    lost behind a state that claims it was queued)."""
+    before = {key: getattr(job, key) for key in fields}
+    update(session, job_id=job.id, **fields)
+    session.commit()
+    try:
+        state.dispatcher.enqueue(task, job.id)
+    except Exception as exc:  # its queued step must not run behind the restored state
+        state.dispatcher.cancel(task, job.id, error="not sent: the task queue was unreachable")
+        update(session, job_id=job.id, **before)
+        session.commit()
+        raise QueueUnavailable(exc) from exc
+    TASKS.labels(task).inc()
+
+
+def engine_check(field: str, build):
+    """Validate with the scoring engine's own config classes; their errors become 422s naming ``field``.
+
+    Returns what ``build`` returns."""
+    try:
+        return build()
+    except ConfigError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc

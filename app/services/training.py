@@ -1,0 +1,175 @@
+"""The training job as the routes and the pages show it: who may see it, and each round as the caller may see it (a
+silo sees only itself among the received, the participants and the guard's flags)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.deps import Principal
+from app.schemas import RoundFlag, RoundPublic, TrainCreate, TrainMemberPublic, TrainPublic
+from app.services.jobs import engine_check, steps_public
+from scoring.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
+from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings
+from scoring.errors import ConfigError
+from scoring.spec import JobSpec
+from storage import repository as repo
+from storage.errors import ConflictError, NotFoundError
+from storage.models import TrainJob, TrainRound
+
+
+def train_for(session, job_id: str, principal: Principal) -> TrainJob:
+    job = repo.get_train_job(session, job_id=job_id)
+    if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
+        raise NotFoundError(f"training job '{job_id}' does not exist")  # as for a job that does not
+    return job
+
+
+def round_public(row: TrainRound, received: list[str], mine: str | None) -> RoundPublic:
+    """A round as ``mine`` (a silo's name; None: the admin) may see it: a silo sees itself among the received and
+    the participants, and only its own guard flags; the admin sees everything, with the clip bound."""
+    guard = row.guard or {}
+    flags = [RoundFlag(**f) for f in guard.get("flags", []) if mine in (None, f["silo"])]
+    participants = (
+        row.participants if mine is None or row.participants is None else [p for p in row.participants if p == mine]
+    )
+    return RoundPublic(
+        round=row.round,
+        lr=row.lr,
+        status=row.status,
+        deadline=row.deadline,
+        started_at=row.started_at,
+        closed_at=row.closed_at,
+        received=received,
+        participants=participants,
+        flags=flags,
+        clip_bound=guard.get("figures", {}).get("clip_bound") if mine is None else None,
+        train_loss=row.train_loss,
+        metrics=row.metrics,
+        start_sha256=row.start_blob,
+        result_sha256=row.result_blob,
+    )
+
+
+def train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
+    mine = None if principal.is_admin else principal.silo.name
+    history = []
+    for row in repo.list_rounds(session, job_id=job.id):
+        received = [u.silo.name for u in repo.list_updates(session, job_id=job.id, round=row.round)]
+        history.append(round_public(row, [n for n in received if mine in (None, n)], mine))
+    members = [m for m in job.members if mine in (None, m.silo.name)]
+    return TrainPublic(
+        id=job.id,
+        name=job.name,
+        mode=job.mode,
+        status=job.status,
+        round=job.round,
+        rounds=job.rounds,
+        progress=job.progress,
+        message=job.message,
+        error=job.error,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+        spec=train_spec(job),
+        silos=[TrainMemberPublic(name=m.silo.name, num_samples=m.num_samples) for m in members],
+        history=history,
+        metrics=job.metrics,
+        eval_samples=job.eval_num_samples,
+        final_sha256=job.final_blob,
+        steps=steps_public(session, job.id) if principal.is_admin else None,
+    )
+
+
+def train_spec(job: TrainJob) -> dict[str, Any]:
+    """What every silo trains under: the job's settings plus its mode, model, quorum and deadline length."""
+    return {
+        "mode": job.mode,
+        "model": job.model,
+        **job.settings,
+        "rounds": job.rounds,
+        "quorum": job.quorum,
+        "round_timeout_s": job.round_timeout_s,
+    }
+
+
+MAX_CHECKPOINTS = 4
+"""Default number of warmup rounds that become scoring checkpoints (evenly spaced, the last round included)."""
+
+
+def default_checkpoint_rounds(rounds: int, count: int = MAX_CHECKPOINTS) -> list[int]:
+    """Up to ``count`` evenly spaced rounds ending with the last one."""
+    count = min(count, rounds)
+    return sorted({round(rounds * (i + 1) / count) - 1 for i in range(count)})
+
+
+def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str | None]:
+    """(model, settings, scoring job id) of a new job: defaults filled in from the scoring job, every part checked
+    by the engine's own config classes (`ConfigError`, 422, naming the field; `ConflictError`, 409, for a scoring
+    job that is not done)."""
+    selection = body.selection.model_dump() if body.selection else None
+    if selection is None:
+        if body.mode != "warmup":
+            raise ConfigError("selection: required for federated and merge jobs (e.g. {'source': 'selected'})")
+        selection = {"source": "fraction", "fraction": 0.05, "seed": 0, "scoring_job": None}
+    scoring_job = selection.get("scoring_job")
+    if selection["source"] in ("selected", "random") and scoring_job is None:
+        raise ConfigError(f"selection.scoring_job: source {selection['source']!r} needs a finished scoring job")
+    base: dict[str, Any] = {}
+    if scoring_job is not None:
+        scored = repo.get_job(session, job_id=scoring_job)
+        if scored.status != "done":
+            raise ConflictError(f"selection.scoring_job: job {scoring_job} is {scored.status!r}, not 'done'")
+        members = {m.silo.name for m in scored.members}
+        outside = [s for s in body.silos if s not in members]
+        if outside:
+            raise ConfigError(f"silos: {outside} took no part in scoring job {scoring_job}")
+        run = JobSpec.of(scored).run.manifest()
+        base = {k: run[k] for k in ("model", "lora", "lora_init_seed", "max_len", "template")}
+    model = body.model or base.get("model")
+    if model is None:
+        raise ConfigError("model: required when no selection.scoring_job gives it")
+    lora = body.lora.model_dump() if body.lora else base.get("lora", LoraSettings().to_dict())
+    engine_check("lora", lambda: LoraSettings.from_dict(lora))
+    engine_check("local", lambda: LocalTrainConfig.from_dict(body.local.model_dump()))
+    aggregation = {k: v for k, v in body.aggregation.model_dump().items() if v is not None}
+    rule = aggregation.pop("rule")
+    if rule == "fedprox" and body.local.prox_mu <= 0:
+        raise ConfigError("aggregation.rule: 'fedprox' needs local.prox_mu > 0 (the silos' proximal term)")
+    if rule == "quality-fedavg" and scoring_job is None:
+        raise ConfigError("aggregation.rule: 'quality-fedavg' weighs by score mass and needs selection.scoring_job")
+    options = {k: v for k, v in aggregation.items() if k not in GUARD_FIELDS}
+    engine_check("aggregation", lambda: build_aggregator("fedavg" if rule == "fedprox" else rule, **options))
+    engine_check("aggregation", lambda: RoundGuard.from_dict(aggregation))
+    merge = body.merge.model_dump()
+    if body.mode == "merge":
+        if body.rounds != 1:
+            raise ConfigError("rounds: a merge job has exactly one round (each silo trains once)")
+        if merge["kind"] in DENSITY_MERGE_KINDS and merge["density"] is None:
+            raise ConfigError(f"merge.density: kind {merge['kind']!r} needs a density in (0, 1]")
+    checkpoint_rounds = body.checkpoint_rounds
+    if body.mode == "warmup":
+        checkpoint_rounds = checkpoint_rounds or default_checkpoint_rounds(body.rounds)
+        bad = [r for r in checkpoint_rounds if not 0 <= r < body.rounds]
+        if bad or len(set(checkpoint_rounds)) != len(checkpoint_rounds):
+            raise ConfigError(
+                f"checkpoint_rounds: need distinct rounds in 0..{body.rounds - 1}, got {bad or 'repeats'}"
+            )
+        checkpoint_rounds = sorted(checkpoint_rounds)
+    elif checkpoint_rounds is not None:
+        raise ConfigError("checkpoint_rounds: only warmup jobs make scoring checkpoints")
+    if body.quorum is not None and body.quorum > len(body.silos):
+        raise ConfigError(f"quorum: {body.quorum} exceeds the {len(body.silos)} silos")
+    settings = {
+        "lora": lora,
+        "lora_init_seed": body.lora_init_seed if body.lora_init_seed is not None else base.get("lora_init_seed", 0),
+        "random_b": body.random_b if body.random_b is not None else body.mode == "warmup",
+        "max_len": body.max_len or base.get("max_len", DEFAULT_MAX_LEN),
+        "template": body.template or base.get("template", DEFAULT_TEMPLATE),
+        "local": LocalTrainConfig.from_dict(body.local.model_dump()).to_dict(),
+        "aggregation": {"rule": rule, **aggregation},
+        "merge": merge,
+        "selection": selection,
+        "checkpoint_rounds": checkpoint_rounds,
+        "evaluation": body.evaluation.model_dump(),
+    }
+    return model, settings, scoring_job
