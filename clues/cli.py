@@ -371,11 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from agent import cli as agent_cli
-    from clues import admin, service
+    from clues import admin, service, train
 
     service.add_parsers(sub)
-    admin.add_parser(sub)
-    admin.add_train_parser(sub)
+    train.add_admin_actions(admin.add_parser(sub))
+    train.add_train_parser(sub)
     agent_cli.add_parser(sub)
     return parser
 

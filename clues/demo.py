@@ -17,6 +17,9 @@ the mean-anchor threshold
 → each silo receives its mask → three federated training jobs, on all data, on a random subset of the selected size,
 and on the selected samples → the coordinator evaluates each final adapter on the held-out set (loss, PubMedQA
 accuracy). The summary compares them; the dashboards (the coordinator's and each silo's) stay up until Ctrl-C.
+
+Longer than most modules (about 580 lines) because it is one script read top to bottom: the product's walk-through
+phase by phase, with the processes it starts and stops.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Contents:
 - `score_projections`: the checked, high-level entry point over silos → `ScoreTable`.
 - `score_anchor_samples`: the same path on the anchor set's own samples (silo ``__anchor__``), whose mean
   score is the CLUES threshold (see `scoring.selection.MeanAnchorScore`).
+
+One module, at about 550 lines, on purpose: the streamed engine, its input checks and the leave-one-out scoring of
+the anchor samples share the chunking and the direction algebra above, and the reference-oracle tests check them
+as one unit.
 """
 
 from __future__ import annotations

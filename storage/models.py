@@ -10,6 +10,7 @@ Deleting a `Job` deletes every row that names it (``ON DELETE CASCADE``; SQLite 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -29,13 +30,55 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES = ("draft", "open", "scoring", "done", "failed")
-ANCHOR_STATUSES = ("pending", "running", "done", "failed")
-MEMBER_STATUSES = ("pending", "complete")
+
+class JobStatus(StrEnum):
+    """A scoring job's life: ``draft`` → ``open`` (silos upload) → ``scoring`` → ``done`` (or ``failed``). The API's
+    schemas use the same enum; the column stores the value."""
+
+    DRAFT = "draft"
+    OPEN = "open"
+    SCORING = "scoring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class AnchorStatus(StrEnum):
+    """The coordinator's anchor projection of a job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class MemberStatus(StrEnum):
+    """A silo's uploads to a job."""
+
+    PENDING = "pending"
+    COMPLETE = "complete"
+
+
+class TrainStatus(StrEnum):
+    """A training job's life: ``draft`` → ``starting`` → ``running`` (rounds) → ``evaluating`` → ``done``."""
+
+    DRAFT = "draft"
+    STARTING = "starting"
+    RUNNING = "running"
+    EVALUATING = "evaluating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class RoundStatus(StrEnum):
+    """A training round: ``open`` (updates arrive) → ``aggregating`` → ``closed``."""
+
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+
+
 SHARD_ROLES = ("candidate", "anchor")
 TRAIN_MODES = ("warmup", "federated", "merge")
-TRAIN_STATUSES = ("draft", "starting", "running", "evaluating", "done", "failed")
-ROUND_STATUSES = ("open", "aggregating", "closed")
 DECISIONS = ("keep", "drop", "auto")
 STEP_STATES = (
     "queued",
@@ -101,7 +144,7 @@ class Silo(Base):
 class Job(Base):
     """A scoring job: the spec (model, LoRA, projection, similarity, threshold, options) plus its life cycle.
 
-    ``status`` is one of `JOB_STATUSES`, ``anchor_status`` one of `ANCHOR_STATUSES`; ``progress`` is in [0, 1].
+    ``status`` is a `JobStatus`, ``anchor_status`` an `AnchorStatus`; ``progress`` is in [0, 1].
     ``checkpoints`` and ``members`` (each with its ``silo``) load with the job, so a detached job stays readable.
     """
 
@@ -311,7 +354,7 @@ class TrainJob(Base):
     """A training job: federated warmup (its rounds become scoring checkpoints), federated training or one-shot
     adapter merging on the silos' selected samples.
 
-    ``mode`` is one of `TRAIN_MODES`, ``status`` one of `TRAIN_STATUSES`. ``settings`` holds the validated job spec
+    ``mode`` is one of `TRAIN_MODES`, ``status`` a `TrainStatus`. ``settings`` holds the validated job spec
     (LoRA, local training, aggregation, merge, selection, evaluation, checkpoint rounds...). ``round`` is the round
     in progress (or the last one once finished); ``layout``/``adapter_config`` describe the adapter and are set when
     the initial adapter is built. Blob columns hold content-addressed keys.

@@ -1,8 +1,9 @@
 """The coordinator's work as plain functions: load by id from storage, call the scoring engine, persist.
 
-No Celery here (the task wrappers in `workers.tasks` add retries and delivery guarantees), so every function is
-tested directly. Every function is idempotent: running it twice, or again after a crash half-way, gives the same
-stored result (blobs are content-addressed, shard rows are keyed, scores are replaced in one transaction).
+No Celery here (the task graph, `workers.graph`, runs them under step leases; `workers.tasks` adds Celery's
+retries), so every function is tested directly. Every function is idempotent: running it twice, or again after a
+crash half-way, gives the same stored result (blobs are content-addressed, shard rows are keyed, scores are replaced
+in one transaction).
 
 - `project_anchors`: the anchor set's gradients at every checkpoint → anchor shards (owner ``__anchor__``).
 - `score_job`: every silo's shards streamed part by part against the anchor directions → trace scores; for a
