@@ -192,7 +192,7 @@ class LocalTrainer:
         Raises:
             AgentError: the global adapter's layout is not this model's LoRA layout.
         """
-        from scoring.federated import local_update
+        from scoring.federated.local import local_update
         from scoring.models import lora_layout
 
         if self.model is None:
@@ -218,7 +218,7 @@ class LocalTrainer:
 
 def _previous_moments(work_dir: Path, job_id: str, round: int):
     """The moments this silo kept from the last round before ``round`` it trained in (None: it trained none)."""
-    from scoring.federated import load_moments
+    from scoring.federated.local import load_moments
 
     rounds = [
         int(p.parent.name.removeprefix("round-"))
@@ -239,7 +239,7 @@ def train_round(
 ) -> Path:
     """Train this silo's update for round ``row`` (a ``history`` entry) and write it (with the moments after it)
     under ``round-NNNN/``; returns the update's path. An update already written is returned as it is."""
-    from scoring.federated import save_moments
+    from scoring.federated.local import save_moments
 
     index, job_id = row["round"], job["id"]
     where = round_dir(work_dir, job_id, index)

@@ -343,9 +343,9 @@ class AggregationSpec(_Strict):
     robust median and trimmed-mean (coordinate-wise, unweighted); fedprox is fedavg on the server with the silos'
     proximal term (``local.prox_mu`` > 0).
 
-    Before any rule, each update is bounded (`scoring.aggregation.guard_round`): its sample count is capped at the
-    silo's selection in the scoring job, its score mass clamped to what its scores allow, and its delta from the
-    global adapter clipped (``clip``). Each intervention is flagged in the round's history."""
+    Before any rule, each update is bounded (`scoring.federated.aggregation.guard_round`): its sample count is
+    capped at the silo's selection in the scoring job, its score mass clamped to what its scores allow, and its
+    delta from the global adapter clipped (``clip``). Each intervention is flagged in the round's history."""
 
     rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean"] = "fedavg"
     eta: float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate (fedadam/fedyogi)")

@@ -33,7 +33,7 @@ precision (clean share) of the kept samples at the primary method's keep rate (m
 method keeps its top samples at that same rate. Then, unless ``--no-train``, four training arms on the candidates
 — all, random, perplexity and ours (primary; the samples the threshold keeps) — each a fresh LoRA (peft's B=0, the
 same seed) trained for ``--train-epochs`` epochs (`scoring.training.train_lora`, batch 4, constant ``--lr``), and
-the untrained base, are evaluated on the held-out set (`scoring.evaluation.evaluate`: mean response loss, and
+the untrained base, are evaluated on the held-out set (`scoring.federated.evaluation.evaluate`: mean response loss, and
 PubMedQA accuracy by option log-likelihood or GSM8K exact match of the final number by greedy generation).
 
 Issue 2's target is checked on PubMedQA (``targets``): primary trace AUROC >= 0.95 overall, and on every noise kind
@@ -80,7 +80,7 @@ from scoring.config import (
     TrainingConfig,
 )
 from scoring.data import Sample, load_gsm8k, load_pubmedqa
-from scoring.evaluation import evaluate
+from scoring.federated.evaluation import evaluate
 from scoring.gradients import adam_precondition, build_gradient_computer
 from scoring.models import attach_lora, load_base_model
 from scoring.noise import inject_noise

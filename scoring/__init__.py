@@ -3,7 +3,7 @@ the math of federated training on the selection.
 
 Modules (import the one you need; this package imports nothing eagerly so that the torch-free modules stay
 torch-free: `config`, `spec`, `errors`, `types`, `data`, `noise`, `io`, `selection`, `calibration`, `traces` and
-`aggregation` load no torch, and the API imports only from these):
+`federated.aggregation` load no torch, and the API imports only from these):
 
 - `config`       frozen, JSON-round-tripping settings (`LoraSettings`, `ProjectionSpec`, `TraceConfig`, ...).
 - `spec`         the typed job spec (`JobSpec`, `RunSpec`, `CheckpointEntry`): one wire form, one home per default.
@@ -21,8 +21,8 @@ torch-free: `config`, `spec`, `errors`, `types`, `data`, `noise`, `io`, `selecti
 - `training`     a plain LoRA SFT loop that saves checkpoints with learning rates and Adam moments.
 - `io`           projection files and checkpoint bundles (safetensors).
 - `workflow`     the method as plain functions (warmup, project) for the CLI, the agent and the workers.
-- `federated`    one silo's side of a federated round; `aggregation`: the server's rules and the round guard;
-  `merging`: peft's weighted adapter merge; `evaluation`: held-out metrics of an adapter.
+- `federated`    federated training on the selection: `local` (a silo's round), `aggregation` (the server's rules
+  and the round guard), `merging` (peft's weighted merge), `evaluation` (held-out metrics of an adapter).
 
 The `clues` command lives in the top-level `clues` package.
 """

@@ -39,7 +39,7 @@ MERGE_KINDS: tuple[str, ...] = (
     "magnitude_prune",
     "magnitude_prune_svd",
 )
-"""peft ``add_weighted_adapter`` combination types (see `scoring.merging`)."""
+"""peft ``add_weighted_adapter`` combination types (see `scoring.federated.merging`)."""
 DENSITY_MERGE_KINDS = frozenset(k for k in MERGE_KINDS if k.split("_")[0] in ("ties", "dare", "magnitude"))
 """The merge kinds that need a ``density``."""
 

@@ -427,7 +427,7 @@ class TrainRound(Base):
     train_loss: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     guard: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    """What aggregation's guard did (`scoring.aggregation.guard_round`): ``flags``, a list of ``{silo, kind,
+    """What aggregation's guard did (`scoring.federated.aggregation.guard_round`): ``flags``, a list of ``{silo, kind,
     detail}`` (a capped count, a clamped score mass, a clipped delta), and ``figures`` (the clip bound, each silo's
     delta norm)."""
 

@@ -28,7 +28,9 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from scoring.aggregation import (
+from scoring.config import LocalTrainConfig, LoraSettings, round_lr
+from scoring.errors import ConfigError
+from scoring.federated.aggregation import (
     GUARD_FIELDS,
     Known,
     RoundGuard,
@@ -38,8 +40,6 @@ from scoring.aggregation import (
     state_from_arrays,
     state_to_arrays,
 )
-from scoring.config import LocalTrainConfig, LoraSettings, round_lr
-from scoring.errors import ConfigError
 from scoring.io import CheckpointBundle, bundle_to_bytes, checkpoint_to_bytes, read_bundle, write_checkpoint_dir
 from storage import repository as repo
 from storage import scores as storage_scores
@@ -245,8 +245,8 @@ def _evaluation_due(job: TrainJob, round: int) -> bool:
 
 
 def known_selection(session, selection: dict[str, Any], scoring_job: str | None, silos: list[str]) -> dict[str, Known]:
-    """What the scoring job says each silo may claim (`scoring.aggregation.Known`): the most samples its selection
-    gives, and the lowest and highest score mass those can have. Nothing is known without a scoring job."""
+    """What the scoring job says each silo may claim (`scoring.federated.aggregation.Known`): the most samples its
+    selection gives, and the lowest and highest score mass those can have. Nothing is known without a scoring job."""
     if scoring_job is None:
         return {}
     source = selection["source"]
@@ -304,7 +304,7 @@ def _merge(
     ``cat`` adds the ranks up)."""
     from safetensors import safe_open
 
-    from scoring.merging import merge_adapters
+    from scoring.federated.merging import merge_adapters
     from scoring.models import load_base_model
 
     with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
@@ -345,7 +345,7 @@ def evaluate_round(res: Resources, job_id: str, round: int) -> dict[str, Any]:
         model_ref, settings, result_blob, eval_blob = job.model, dict(job.settings), row.result_blob, job.eval_blob
         last = round + 1 == job.rounds
     from scoring.data import read_samples
-    from scoring.evaluation import evaluate
+    from scoring.federated.evaluation import evaluate
     from scoring.models import load_adapter, load_base_model
 
     bundle = read_bundle(res.blobs.read_bytes(result_blob), None, None, f"round {round} result")

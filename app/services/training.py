@@ -8,9 +8,9 @@ from typing import Any
 from app.deps import Principal
 from app.schemas import RoundFlag, RoundPublic, TrainCreate, TrainMemberPublic, TrainPublic
 from app.services.jobs import engine_check, steps_public
-from scoring.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
 from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings
 from scoring.errors import ConfigError
+from scoring.federated.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
 from scoring.spec import JobSpec
 from storage import repository as repo
 from storage.errors import ConflictError, NotFoundError

@@ -224,7 +224,7 @@ def _check_export(out: Path, final: Path) -> None:
     """The exported adapter loads into peft with the final adapter's weights."""
     import numpy as np
 
-    from scoring.federated import get_lora_weights
+    from scoring.federated.local import get_lora_weights
     from scoring.models import load_adapter, load_base_model
 
     model = load_adapter(load_base_model("tiny:0").model, out)

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from app.config import AppSettings
 from app.main import create_app
-from scoring.aggregation import delta_norm
 from scoring.config import DEFAULT_SIGNALS, LocalTrainConfig, ProjectionSpec, parameter_layout_hash, round_lr
+from scoring.federated.aggregation import delta_norm
 from scoring.io import CheckpointBundle, bundle_to_bytes, checkpoint_from_bytes, read_bundle
 from storage import repository as repo
 from tests.app.test_api import job_body, put

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring.aggregation import (
+from scoring.errors import ConfigError, DataError, ShapeMismatchError
+from scoring.federated.aggregation import (
     FedAdam,
     FedAvg,
     FedMedian,
@@ -24,7 +25,6 @@ from scoring.aggregation import (
     state_from_arrays,
     state_to_arrays,
 )
-from scoring.errors import ConfigError, DataError, ShapeMismatchError
 
 NAMES = {"layers.0.q_proj.lora_A.weight": (4, 16), "layers.0.q_proj.lora_B.weight": (16, 4)}
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scoring import evaluation
 from scoring.batching import tokenize_samples
 from scoring.data import IGNORE_INDEX, PUBMEDQA_DECISIONS, Sample, load_gsm8k, load_pubmedqa
 from scoring.errors import ConfigError, DataError
-from scoring.evaluation import (
+from scoring.federated import evaluation
+from scoring.federated.evaluation import (
     EVAL_TASKS,
     detect_tasks,
     evaluate,

@@ -19,7 +19,7 @@ from scoring.batching import collate, tokenize_samples
 from scoring.config import AdamState, LocalTrainConfig, round_lr
 from scoring.data import load_pubmedqa
 from scoring.errors import ConfigError, DataError, ShapeMismatchError
-from scoring.federated import (
+from scoring.federated.local import (
     LocalMoments,
     get_lora_weights,
     load_moments,

@@ -8,7 +8,7 @@ import torch
 
 from scoring.config import LoraSettings
 from scoring.errors import ConfigError
-from scoring.merging import count_weights, lora_deltas, merge_adapters
+from scoring.federated.merging import count_weights, lora_deltas, merge_adapters
 from scoring.models import attach_lora, load_base_model, save_adapter
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_arrays
 
-from scoring.aggregation import FedAdam, SiloUpdate, state_from_arrays, state_to_arrays, weighted_average
 from scoring.config import DEFAULT_LORA_TARGETS, LocalTrainConfig, LoraSettings, round_lr
 from scoring.data import load_pubmedqa, write_samples
+from scoring.federated.aggregation import FedAdam, SiloUpdate, state_from_arrays, state_to_arrays, weighted_average
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
 from storage import repository as repo
 from storage.models import utcnow
@@ -177,7 +177,7 @@ def res(tmp_path) -> pipeline.Resources:
 
 
 def test_init_opens_round_0_with_the_seeded_adapter_and_is_idempotent(res):
-    from scoring.federated import get_lora_weights
+    from scoring.federated.local import get_lora_weights
     from scoring.models import attach_lora, load_base_model, lora_layout
 
     job_id = new_train_job(res, mode="warmup")
@@ -449,8 +449,8 @@ def test_cat_merge_gives_the_count_weighted_sum_of_deltas(res):
 
 
 def test_cat_merge_loads_in_peft_with_the_same_deltas(res, tmp_path):
+    from scoring.federated.merging import lora_deltas
     from scoring.io import write_checkpoint_dir
-    from scoring.merging import lora_deltas
     from scoring.models import load_adapter, load_base_model
 
     job_id = new_train_job(res, mode="merge", rounds=1)
@@ -485,7 +485,7 @@ def test_linear_merge_combines_a_and_b_with_root_weights(res):
 
 
 def test_evaluate_stores_round_metrics_then_finishes_the_job(res, monkeypatch):
-    import scoring.evaluation
+    import scoring.federated.evaluation
 
     job_id = new_train_job(res, rounds=2)
     samples = load_pubmedqa(PUBMEDQA, limit=3)
@@ -495,8 +495,8 @@ def test_evaluate_stores_round_metrics_then_finishes_the_job(res, monkeypatch):
     with res.sessions.begin() as session:
         repo.update_train_job(session, job_id=job_id, eval_blob=ref.key, eval_num_samples=3)
     calls = []
-    real = scoring.evaluation.evaluate
-    monkeypatch.setattr(scoring.evaluation, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = scoring.federated.evaluation.evaluate
+    monkeypatch.setattr(scoring.federated.evaluation, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
 
     training.init_train(res, job_id)
     send_all(res, job_id, 0, {"a": 1, "b": 1})

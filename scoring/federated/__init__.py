@@ -1,0 +1,10 @@
+"""Federated training on the selection: the math of each side, no I/O beyond the directories it is given.
+
+- `local`        one silo's side of a round: load the global adapter, train locally, return the new weights.
+- `aggregation`  the server's rules (fedavg, quality-fedavg, fedadam, fedyogi, median, trimmed mean) and the round
+  guard that bounds each update first (torch-free: the API validates aggregation settings with it).
+- `merging`      peft's weighted adapter merge ("merged" training mode).
+- `evaluation`   held-out metrics of an adapter.
+
+This package imports nothing eagerly, so that `aggregation` stays torch-free.
+"""
