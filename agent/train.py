@@ -11,7 +11,7 @@ this silo's Adam moments never do.
 - ``round-NNNN/global.safetensors``: the round's global adapter, reused when its SHA-256 is the round's
   ``start_sha256``.
 - ``round-NNNN/moments.safetensors``: this silo's AdamW moments after its training in that round
-  (`scoring.federated.save_moments`); the next round it trains continues from them, and a scoring job made from
+  (`scoring.federated.local.save_moments`); the next round it trains continues from them, and a scoring job made from
   a warmup with ``precondition`` uses them (`local_moments_path`, read by `agent.loop`).
 - ``round-NNNN/update.safetensors``: the update sent for that round. When present it is sent again as it is,
   never retrained, so a silo that crashed after training re-sends the same bytes (the coordinator answers 200).
@@ -187,7 +187,7 @@ class LocalTrainer:
         self.pad_id = base.tokenizer.pad_token_id
 
     def train(self, start: CheckpointBundle, *, lr: float, round: int, moments: Any, progress: Progress | None):
-        """`scoring.federated.local_update` from the round's global adapter ``start``.
+        """`scoring.federated.local.local_update` from the round's global adapter ``start``.
 
         Raises:
             AgentError: the global adapter's layout is not this model's LoRA layout.

@@ -3,7 +3,8 @@
 No Celery here (the task graph, `workers.graph`, runs them under step leases; `workers.tasks` adds Celery's
 retries), so every function is tested directly. Every function is idempotent: running it twice, or again after a
 crash half-way, gives the same stored result (blobs are content-addressed, shard rows are keyed, scores are replaced
-in one transaction).
+in one transaction). At about 490 lines it holds the three scoring-job steps and what they share (loading shards,
+the run directory, the per-sample values); training's steps are `workers.training`.
 
 - `project_anchors`: the anchor set's gradients at every checkpoint → anchor shards (owner ``__anchor__``).
 - `score_job`: every silo's shards streamed part by part against the anchor directions → trace scores; for a
