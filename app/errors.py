@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from app.services import QueueUnavailable
 from scoring.errors import ConfigError, DataError, IncompatibleArtifactError, ScoringError
 from storage.blobs import BlobTooLarge
-from storage.errors import ConflictError, IntegrityError, NotFoundError, StorageError
+from storage.errors import ConflictError, IntegrityError, NotFoundError, StorageError, UnknownReferenceError
 
 
 class ApiError(Exception):
@@ -28,6 +28,8 @@ def _status(exc: Exception) -> int:
         return exc.status
     if isinstance(exc, QueueUnavailable):
         return 503
+    if isinstance(exc, UnknownReferenceError):
+        return 422
     if isinstance(exc, NotFoundError):
         return 404
     if isinstance(exc, ConflictError):

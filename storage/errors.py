@@ -1,7 +1,7 @@
 """The `StorageError` hierarchy. Messages are shown to users as they are, so each one names the thing concerned.
 
-`app/errors.py` maps `NotFoundError` to 404 and `ConflictError` to 409; `TransientStorageError` is the only one
-worth retrying.
+`app/errors.py` maps `NotFoundError` to 404, `UnknownReferenceError` to 422 and `ConflictError` to 409;
+`TransientStorageError` is the only one worth retrying.
 """
 
 from __future__ import annotations
@@ -13,6 +13,11 @@ class StorageError(Exception):
 
 class NotFoundError(StorageError):
     """A row or blob does not exist."""
+
+
+class UnknownReferenceError(NotFoundError):
+    """A request names rows that do not exist in one of its fields (a job's silos): bad input rather than a missing
+    resource, so `app/errors.py` maps it to 422."""
 
 
 class ConflictError(StorageError):

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from storage.errors import ConflictError, NotFoundError
+from storage.errors import ConflictError, NotFoundError, UnknownReferenceError
 from storage.models import (
     AnchorSet,
     Job,
@@ -24,12 +24,13 @@ _JOB_FIELDS = frozenset(Job.__table__.columns.keys()) - {"id", "created_at", "up
 
 
 def _silos_named(session: Session, silo_names: Sequence[str]) -> list[Silo]:
-    """The silos of ``silo_names`` (duplicates dropped, order kept). Raises `NotFoundError` naming every unknown."""
+    """The silos of ``silo_names`` (duplicates dropped, order kept). Raises `UnknownReferenceError` naming every
+    unknown one."""
     names = list(dict.fromkeys(silo_names))
     silos = {s.name: s for s in session.scalars(select(Silo).where(Silo.name.in_(names)))}
     missing = [n for n in names if n not in silos]
     if missing:
-        raise NotFoundError(f"unknown silo(s): {', '.join(repr(n) for n in missing)}")
+        raise UnknownReferenceError(f"silos: unknown silo(s): {', '.join(repr(n) for n in missing)}")
     return [silos[n] for n in names]
 
 
@@ -52,7 +53,7 @@ def create_job(
     The caller validates the spec (checkpoint indices 0..T-1 included); this stores it as given.
 
     Raises:
-        NotFoundError: some of ``silo_names`` do not exist (all are named).
+        UnknownReferenceError: some of ``silo_names`` do not exist (all are named).
     """
     silos = _silos_named(session, silo_names)
     job = Job(

@@ -39,7 +39,7 @@ def create_train_job(
     """Create a ``draft`` training job and its members (the caller validates the spec).
 
     Raises:
-        NotFoundError: some of ``silo_names`` do not exist (all are named).
+        UnknownReferenceError: some of ``silo_names`` do not exist (all are named).
     """
     silos = _silos_named(session, silo_names)
     job = TrainJob(

@@ -151,7 +151,7 @@ def test_silo_token_is_stored_hashed_and_names_are_unique(env):
 @pytest.mark.parametrize(
     ("over", "needle"),
     [
-        ({"silos": ["a", "zz"]}, "zz"),
+        ({"silos": ["a", "zz"]}, "silos: unknown silo(s): 'zz'"),
         ({"silos": ["a", "a"]}, "unique"),
         ({"checkpoints": []}, "checkpoints"),
         ({"projection": {**SPEC.to_dict(), "kind": "fft"}}, "kind"),

@@ -135,7 +135,7 @@ def _draft_scoring_job(env: Env) -> str:
 @pytest.mark.parametrize(
     ("over", "status", "needle"),
     [
-        ({"silos": ["a", "zz"]}, 404, "'zz'"),
+        ({"silos": ["a", "zz"]}, 422, "silos: unknown silo(s): 'zz'"),
         ({"mode": "merge", "rounds": 2}, 422, "rounds"),
         ({"aggregation": {"rule": "fedprox"}}, 422, "prox_mu"),
         ({"quorum": 3}, 422, "quorum"),
