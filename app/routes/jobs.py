@@ -12,7 +12,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from app.deps import AdminDep, AppState, Index, JobId, PrincipalDep, SessionDep, SiloDep, StateDep
-from app.errors import ApiError
 from app.metrics import TASKS
 from app.openapi import BINARY
 from app.schemas import (
@@ -32,6 +31,7 @@ from scoring.selection import threshold_from_dict
 from scoring.spec import JobSpec
 from scoring.traces import LR_REL_TOL
 from storage import repository as repo
+from storage.errors import ConflictError, NotFoundError
 from storage.models import Job
 from wire import API_PREFIX
 from workers import names
@@ -162,9 +162,9 @@ def open_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Adm
     require_status(job, "draft")
     missing = [c.index for c in job.checkpoints if c.blob_key is None]
     if missing:
-        raise ApiError(409, f"job {job_id}: upload checkpoints {missing} first")
+        raise ConflictError(f"job {job_id}: upload checkpoints {missing} first")
     if repo.get_anchor_set(session, job_id=job_id) is None:
-        raise ApiError(409, f"job {job_id}: upload the anchor set first")
+        raise ConflictError(f"job {job_id}: upload the anchor set first")
     transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
     return job_public(job, principal, session)
 
@@ -183,7 +183,7 @@ def score_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Ad
     require_status(job, "open", "failed")
     pending = [m.silo.name for m in job.members if m.status != "complete"]
     if pending:
-        raise ApiError(409, f"job {job_id}: silos {pending} have not completed their uploads")
+        raise ConflictError(f"job {job_id}: silos {pending} have not completed their uploads")
     _start_scoring(state, session, job)
     return job_public(job, principal, session)
 
@@ -202,7 +202,7 @@ def retry_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Ad
     elif job.status == "open" and job.anchor_status != "done":
         task, fields = names.PROJECT_ANCHORS, {"anchor_status": "pending", "error": None}
     else:
-        raise ApiError(409, f"job {job_id} is {job.status!r} (anchors {job.anchor_status!r}): nothing to retry")
+        raise ConflictError(f"job {job_id} is {job.status!r} (anchors {job.anchor_status!r}): nothing to retry")
     try:
         sent = state.dispatcher.enqueue(task, job_id)
     except Exception as exc:
@@ -230,7 +230,7 @@ def download_checkpoint(
         require_status(job, "open", "scoring", "done", "failed")
     ckpt = checkpoint_of(job, index)
     if ckpt.blob_key is None:
-        raise ApiError(404, f"checkpoint {index} of job {job_id} has not been uploaded")
+        raise NotFoundError(f"checkpoint {index} of job {job_id} has not been uploaded")
     state.blobs.verify(ckpt.blob_key)
     return FileResponse(
         state.blobs.path(ckpt.blob_key),
@@ -269,7 +269,7 @@ async def upload_shard(
     if already_held(same.blob_key if same else None, sha, f"shard (checkpoint {checkpoint}, part {part})"):
         return upload_answer(sha, same.size_bytes, False)
     if member.status == "complete":
-        raise ApiError(409, f"silo {silo.name} already completed its upload for job {job_id}")
+        raise ConflictError(f"silo {silo.name} already completed its upload for job {job_id}")
     spec = ProjectionSpec.from_dict(job.projection)
     needs = signals_needed(JobSpec.of(job), checkpoint)
     part_ids = repo.part_sample_ids(session, **key)  # the ids this part holds at another checkpoint, if any
@@ -353,10 +353,10 @@ def complete_upload(job_id: JobId, state: StateDep, session: SessionDep, princip
     parts_at = {t: {s.part for s in shards if s.checkpoint == t} for t in range(len(job.checkpoints))}
     parts = set().union(*parts_at.values())
     if not parts:
-        raise ApiError(409, f"silo {silo.name} has uploaded no shards for job {job_id}")
+        raise ConflictError(f"silo {silo.name} has uploaded no shards for job {job_id}")
     lacking = {t: sorted(parts - have) for t, have in parts_at.items() if parts - have}
     if lacking:
-        raise ApiError(409, f"missing shards (checkpoint: parts): {lacking}")
+        raise ConflictError(f"missing shards (checkpoint: parts): {lacking}")
     rows = sum(s.row_count for s in shards if s.checkpoint == 0)
     repo.mark_complete(session, job_id=job_id, silo_id=silo.id, num_samples=rows)
     session.commit()

@@ -35,9 +35,11 @@ from app.schemas import (
 )
 from app.services.jobs import job_for, visible_status
 from scoring.calibration import EXPLANATIONS, fused_signals
+from scoring.errors import ConfigError
 from scoring.spec import JobSpec
 from storage import repository as repo
 from storage import scores as score_store
+from storage.errors import ConflictError
 from storage.models import Job, ScoreOverride
 from webui import signal_columns
 from wire import ANCHOR_OWNER, API_PREFIX
@@ -67,7 +69,7 @@ def _scored(session, job_id: str, principal: Principal) -> Job:
     job = job_for(session, job_id, principal)
     if job.status != "done":
         message, _ = visible_status(job, principal, session)
-        raise ApiError(409, f"job {job_id} is {job.status!r} ({message}); scores exist once it is 'done'")
+        raise ConflictError(f"job {job_id} is {job.status!r} ({message}); scores exist once it is 'done'")
     return job
 
 
@@ -108,7 +110,7 @@ class ScoreFilters:
         t = query.part_index()
         if t is not None and t >= len(job.checkpoints):
             T = len(job.checkpoints)
-            raise ApiError(422, f"sort: part:{t} names no checkpoint; job {job.id} has {T} (0..T-1)")
+            raise ConfigError(f"sort: part:{t} names no checkpoint; job {job.id} has {T} (0..T-1)")
         return query
 
 
@@ -360,7 +362,7 @@ def list_overrides(
     job_for(session, job_id, principal)
     owner = _owner(principal, silo)
     if owner == ANCHOR_OWNER:
-        raise ApiError(422, "silo: the anchor samples have no owner overrides")
+        raise ConfigError("silo: the anchor samples have no owner overrides")
     total, rows = score_store.list_overrides(
         session, job_id=job_id, owner=owner, sample_id=sample_id, limit=limit, offset=offset
     )

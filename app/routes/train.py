@@ -18,7 +18,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from app.deps import AdminDep, AppState, PrincipalDep, Round, SessionDep, SiloDep, StateDep, TrainId
-from app.errors import ApiError
 from app.metrics import TASKS
 from app.openapi import BINARY
 from app.schemas import (
@@ -43,6 +42,7 @@ from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
 from scoring.selection import check_score_preconditioning, check_threshold_preconditioning, threshold_from_dict
 from storage import repository as repo
 from storage import steps as leases
+from storage.errors import ConflictError
 from storage.models import TrainJob, TrainRound, utcnow
 from wire import API_PREFIX
 from workers import names
@@ -113,7 +113,7 @@ async def upload_eval_set(
     metrics). Only in ``draft``."""
     job = repo.get_train_job(session, job_id=job_id)
     if job.status != "draft":
-        raise ApiError(409, f"training job {job_id} is {job.status!r}; the evaluation set is set in 'draft'")
+        raise ConflictError(f"training job {job_id} is {job.status!r}; the evaluation set is set in 'draft'")
     sha = expected_sha256(request)
     if already_held(job.eval_blob, sha, f"the evaluation set of training job {job_id}"):
         return upload_answer(sha, None, False)
@@ -151,7 +151,7 @@ def start_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
             error=None,
         )
     elif job.status != "starting" and job.layout is None:
-        raise ApiError(409, f"training job {job_id} is {job.status!r}")
+        raise ConflictError(f"training job {job_id} is {job.status!r}")
     return train_public(job, principal, session)
 
 
@@ -176,7 +176,7 @@ def retry_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
     elif (wait := train_waits_for(session, job)) is not None:
         (task, (_, *args), countdown), force = wait, False
     else:
-        raise ApiError(409, f"training job {job_id} is {job.status!r}: nothing to retry ({job.error or 'no error'})")
+        raise ConflictError(f"training job {job_id} is {job.status!r}: nothing to retry ({job.error or 'no error'})")
     try:
         state.dispatcher.enqueue(task, job_id, *args, countdown=countdown, force=force)
     except Exception as exc:
@@ -188,7 +188,7 @@ def retry_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
 
 def _round_for(session, job: TrainJob, index: int) -> TrainRound:
     if job.layout is None:
-        raise ApiError(409, f"training job {job.id} is {job.status!r}: round 0 is not open yet")
+        raise ConflictError(f"training job {job.id} is {job.status!r}: round 0 is not open yet")
     return repo.get_round(session, job_id=job.id, round=index)
 
 
@@ -228,7 +228,7 @@ def download_final_adapter(job_id: TrainId, state: StateDep, session: SessionDep
     a peft adapter directory or a merged full model."""
     job = train_for(session, job_id, principal)
     if job.final_blob is None:
-        raise ApiError(409, f"training job {job_id} is {job.status!r}; the final adapter exists after the last round")
+        raise ConflictError(f"training job {job_id} is {job.status!r}; the final adapter exists after the last round")
     return _bundle_response(job.final_blob, state, f"{job_id}-final.safetensors")
 
 
@@ -251,13 +251,13 @@ async def upload_round_update(
     if already_held(held.blob_key if held else None, sha, f"the update of {silo.name} for round {index}"):
         return upload_answer(sha, held.size_bytes, False)
     if job.layout is not None and index > job.round:  # a round not opened yet: refused like a closed one
-        raise ApiError(409, f"round {index} of training job {job_id} is not open (round {job.round} is the latest)")
+        raise ConflictError(f"round {index} of training job {job_id} is not open (round {job.round} is the latest)")
     row = _round_for(session, job, index)
     if job.status != "running" or row.status != "open" or index != job.round:
-        raise ApiError(409, f"round {index} of training job {job_id} is closed ({row.status}); late update refused")
+        raise ConflictError(f"round {index} of training job {job_id} is closed ({row.status}); late update refused")
     if utcnow() > row.deadline:
         _enqueue_quietly(state, names.TRAIN_AGGREGATE, job_id, index)
-        raise ApiError(409, f"round {index} of training job {job_id} passed its deadline {row.deadline.isoformat()}")
+        raise ConflictError(f"round {index} of training job {job_id} passed its deadline {row.deadline.isoformat()}")
     layout = [(name, tuple(shape)) for name, shape in job.layout]
     param_hash = parameter_layout_hash(layout)
     param_count = sum(math.prod(shape) for _, shape in layout)
@@ -277,7 +277,7 @@ async def upload_round_update(
 
     def record(update: dict[str, Any], size: int) -> bool:
         if not repo.lock_open_round(session, job_id=job_id, round=index):  # held until the commit below
-            raise ApiError(409, f"round {index} of training job {job_id} closed during the upload; late update refused")
+            raise ConflictError(f"round {index} of training job {job_id} closed during the upload; late update refused")
         return repo.add_update(
             session,
             job_id=job_id,
@@ -306,12 +306,12 @@ def create_scoring_job(
     as any other job. With ``precondition`` each silo uses the Adam moments of its own warmup training."""
     warm = repo.get_train_job(session, job_id=job_id)
     if warm.mode != "warmup" or warm.final_blob is None:
-        raise ApiError(409, f"training job {job_id} is a {warm.mode} job in {warm.status!r}; need a finished warmup")
+        raise ConflictError(f"training job {job_id} is a {warm.mode} job in {warm.status!r}; need a finished warmup")
     settings = warm.settings
     silos = body.silos or [m.silo.name for m in warm.members]
     outside = sorted(set(silos) - {m.silo.name for m in warm.members})
     if body.precondition and outside:
-        raise ApiError(422, f"silos: {outside} did not take part in the warmup, so they hold no Adam moments")
+        raise ConfigError(f"silos: {outside} did not take part in the warmup, so they hold no Adam moments")
     layout = [(name, tuple(shape)) for name, shape in warm.layout]
     projection = {
         **body.projection,
@@ -322,11 +322,8 @@ def create_scoring_job(
     policy = engine_check("threshold", lambda: threshold_from_dict(body.threshold))
     score = body.score_options(len(settings["checkpoint_rounds"]))  # ConfigError naming the field: 422
     # each silo preconditions with its own warmup moments; the coordinator has none for its anchor samples
-    try:
-        check_score_preconditioning(score["score"], body.precondition, False)
-        check_threshold_preconditioning(policy, body.precondition, False)
-    except ConfigError as exc:
-        raise ApiError(422, str(exc)) from exc
+    check_score_preconditioning(score["score"], body.precondition, False)  # ConfigError: 422
+    check_threshold_preconditioning(policy, body.precondition, False)
     local = LocalTrainConfig.from_dict(settings["local"])
     rounds = {r.round: r for r in repo.list_rounds(session, job_id=job_id)}
     entries, blobs = [], []
