@@ -221,11 +221,12 @@ def test_concurrent_overrides_of_one_sample_apply_in_order(pg_engine):
     try:
         assert first_done.wait(30)
         with pg_engine.connect() as conn:  # the second transaction is waiting on a lock, not done
-            for _ in range(100):
+            deadline = time.monotonic() + 120  # generous: a loaded 2-core CI machine took over 10 s to get there
+            while True:
                 waiting = conn.execute(
                     text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
                 ).scalar()
-                if waiting:
+                if waiting or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
         assert waiting == 1 and "second" not in results
