@@ -1,4 +1,4 @@
-"""The Celery task wrappers (run eagerly, in-process, with their step leases on a real SQLite database): transient
+"""The Celery tasks (run eagerly, in-process, with their step leases on a real SQLite database): transient
 errors are retried, permanent ones fail the job, a duplicate delivery does nothing."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from storage.db import make_engine, make_session_factory
 from storage.models import Base
 from workers import graph, names, tasks
 from workers.config import ServiceSettings
-from workers.steps import Dispatcher
+from workers.steps import Dispatcher, FollowUp
 
 score_job = tasks.TASKS[names.SCORE_JOB]
 
@@ -80,3 +80,28 @@ def test_delivery_guarantees_are_configured():
     assert set(tasks.TASKS) == set(graph.GRAPH) == set(names.ALL)
     for task in tasks.TASKS.values():
         assert task.acks_late and task.reject_on_worker_lost and OperationalError in task.autoretry_for
+
+
+def test_a_bug_fails_the_job_with_its_type_and_the_step_is_not_retried(eager, monkeypatch):
+    def buggy(res, job_id, progress):
+        eager["score"].append(job_id)
+        raise KeyError("checkpoints")
+
+    monkeypatch.setattr(graph.pipeline, "score_job", buggy)
+    result = score_job.apply(args=["j3"])
+    with pytest.raises(KeyError):
+        result.get()
+    assert eager["score"] == ["j3"]  # not retried
+    assert len(eager["fail"]) == 1 and eager["fail"][0].startswith("unexpected KeyError in the scoring of job j3")
+    assert state_of(eager, names.SCORE_JOB, "j3") == "failed"
+    assert eager["sent"] == []
+
+
+def test_a_follow_up_the_graph_does_not_declare_is_refused(eager, monkeypatch):
+    def run(res, lease, args):
+        return "done", [FollowUp(names.TRAIN_INIT, (args[0],))]  # scoring never starts training
+
+    monkeypatch.setitem(graph.GRAPH, names.SCORE_JOB, graph.Node(run, "scoring of job {0}"))
+    with pytest.raises(RuntimeError, match="does not declare"):
+        score_job.apply(args=["j4"]).get()
+    assert state_of(eager, names.SCORE_JOB, "j4") == "failed" and eager["sent"] == []
