@@ -1,5 +1,6 @@
 """The Celery tasks (run eagerly, in-process, with their step leases on a real SQLite database): transient
-errors are retried, permanent ones fail the job, a duplicate delivery does nothing."""
+errors are retried, permanent ones and bugs fail the job once, a duplicate delivery does nothing, and a follow-up
+the task graph does not declare is refused."""
 
 from __future__ import annotations
 
