@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from workers import names
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -74,7 +76,7 @@ class Coordinator:
                 thread.cancel()
 
 
-INLINE_AT_ONCE = frozenset({"clues.project_anchors", "clues.near_duplicates"})
+INLINE_AT_ONCE = frozenset({names.PROJECT_ANCHORS, names.NEAR_DUPLICATES})
 """Steps the in-process runner runs in the sending thread (the others run in a thread of their own)."""
 
 

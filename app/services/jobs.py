@@ -16,7 +16,7 @@ from storage import repository as repo
 from storage import scores as score_store
 from storage import steps as leases
 from storage.errors import ConflictError, NotFoundError
-from storage.models import Job, utcnow
+from storage.models import Job, TrainJob, utcnow
 
 
 def job_public(job: Job, principal: Principal, session) -> JobPublic:
@@ -85,10 +85,15 @@ def steps_public(session, job_id: str) -> list[StepPublic]:
     ]
 
 
+def may_see(principal: Principal, job: Job | TrainJob) -> bool:
+    """The admin sees every job, scoring or training; a silo only those it is a member of."""
+    return principal.is_admin or any(m.silo_id == principal.silo.id for m in job.members)
+
+
 def job_for(session, job_id: str, principal: Principal) -> Job:
     """The job, if the caller may see it (404 otherwise, also for jobs of other silos)."""
     job = repo.get_job(session, job_id=job_id)
-    if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
+    if not may_see(principal, job):
         raise NotFoundError(f"job '{job_id}' does not exist")  # the same words as for a job that does not
     return job
 

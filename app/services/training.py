@@ -7,7 +7,7 @@ from typing import Any
 
 from app.deps import Principal
 from app.schemas import RoundFlag, RoundPublic, TrainCreate, TrainMemberPublic, TrainPublic
-from app.services.jobs import engine_check, steps_public
+from app.services.jobs import engine_check, may_see, steps_public
 from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings
 from scoring.errors import ConfigError
 from scoring.federated.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
@@ -18,8 +18,9 @@ from storage.models import TrainJob, TrainRound
 
 
 def train_for(session, job_id: str, principal: Principal) -> TrainJob:
+    """The training job, if the caller may see it (404 otherwise, also for jobs of other silos)."""
     job = repo.get_train_job(session, job_id=job_id)
-    if not principal.is_admin and all(m.silo_id != principal.silo.id for m in job.members):
+    if not may_see(principal, job):
         raise NotFoundError(f"training job '{job_id}' does not exist")  # as for a job that does not
     return job
 
