@@ -1,7 +1,8 @@
 """The API's request and response models, kept apart from the tables (`storage.models`).
 
-The algorithm settings inside a job are validated twice on the way in: by shape here, and by the scoring engine's own
-frozen dataclasses (`scoring.config`) in the route, so the API accepts exactly what the engine accepts. One module
+The algorithm settings inside a job (LoRA, projection, Adam, local training) are the scoring engine's own frozen
+dataclasses (`scoring.config`): pydantic validates a request body against them directly, reading the bounds written
+once on their fields, so the API accepts exactly what the engine accepts and mirrors none of them. One module
 (about 500 lines) so that the OpenAPI components are defined in one place, in the order the REST reference reads.
 """
 
@@ -14,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scoring.config import (
     DEFAULT_FUSION,
-    DEFAULT_LORA_TARGETS,
     DEFAULT_MAX_LEN,
     DEFAULT_PROJECTION_DIM,
     DEFAULT_SCORE_KIND,
@@ -23,6 +23,10 @@ from scoring.config import (
     MERGE_KINDS,
     SCORE_KINDS,
     SIGNALS,
+    AdamState,
+    LocalTrainConfig,
+    LoraSettings,
+    ProjectionSpec,
     check_score_settings,
 )
 from scoring.errors import ConfigError
@@ -49,28 +53,12 @@ class SiloCreated(SiloPublic):
     token: str = Field(description="the silo's bearer token; shown once, stored only as a hash")
 
 
-class LoraSpec(_Strict):
-    rank: int = Field(8, gt=0, le=4096)
-    alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(list(DEFAULT_LORA_TARGETS), min_length=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-
-class ProjectionSpecModel(_Strict):
-    kind: Literal["sjlt", "rademacher", "gaussian"]
-    dim: int = Field(gt=0, le=1 << 20)
-    seed: int = Field(ge=0, lt=2**63)
-    param_hash: str = Field(min_length=1, max_length=64)
-    param_count: int = Field(gt=0)
-    nnz: int = Field(4, gt=0)
-
-
 class CheckpointSpec(_Strict):
     index: int = Field(ge=0)
     step: int = Field(ge=0)
     lr: float = Field(ge=0, allow_inf_nan=False)
     lr_last: float = Field(ge=0, allow_inf_nan=False)
-    adam: dict[str, Any]
+    adam: AdamState
 
 
 class ScoreFields(_Strict):
@@ -115,11 +103,11 @@ class JobCreate(ScoreFields):
     name: str = Field(min_length=1, max_length=200)
     silos: list[str] = Field(min_length=1, description="names of the registered silos taking part")
     model: str = Field(min_length=1, max_length=500, description="model reference, e.g. 'smollm2' or 'tiny:0'")
-    lora: LoraSpec
+    lora: LoraSettings
     lora_init_seed: int = Field(0, ge=0)
     max_len: int = Field(DEFAULT_MAX_LEN, ge=8, le=32768)
     template: str = Field("auto", min_length=1, max_length=32)
-    projection: ProjectionSpecModel
+    projection: ProjectionSpec
     checkpoints: list[CheckpointSpec] = Field(min_length=1, max_length=1000)
     precondition: bool = Field(True, description="silos Adam-precondition candidate gradients (LESS/CLUES)")
     similarity: Literal["cosine", "dot"] = "cosine"
@@ -323,21 +311,6 @@ class Health(BaseModel):
 TrainMode = Literal["warmup", "federated", "merge"]
 
 
-class LocalTrainSpec(_Strict):
-    """One silo's local training in a round (checked again by `scoring.config.LocalTrainConfig`)."""
-
-    steps: int = Field(10, ge=1, le=1_000_000, description="optimizer steps per round")
-    batch_size: int = Field(4, ge=1, le=4096)
-    grad_accum: int = Field(1, ge=1, le=4096)
-    lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning rate across rounds")
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    prox_mu: float = Field(0.0, ge=0, allow_inf_nan=False, description="FedProx proximal coefficient (silo side)")
-    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 disables clipping")
-    seed: int = Field(0, ge=0)
-    adam: dict[str, Any] = Field(default_factory=dict, description="beta1, beta2, eps")
-
-
 class AggregationSpec(_Strict):
     """The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi, and the
     robust median and trimmed-mean (coordinate-wise, unweighted); fedprox is fedavg on the server with the silos'
@@ -404,7 +377,7 @@ class TrainCreate(_Strict):
     mode: TrainMode
     silos: list[str] = Field(min_length=1)
     model: str | None = Field(None, min_length=1, max_length=500)
-    lora: LoraSpec | None = None
+    lora: LoraSettings | None = None
     lora_init_seed: int | None = Field(None, ge=0)
     random_b: bool | None = Field(None, description="random lora_B at init (default: true for warmup, else false)")
     max_len: int | None = Field(None, ge=8, le=32768)
@@ -412,7 +385,7 @@ class TrainCreate(_Strict):
     rounds: int = Field(1, ge=1, le=10_000, description="federated rounds (merge: 1)")
     quorum: int | None = Field(None, ge=1, description="fewest updates a round needs at its deadline (default: all)")
     round_timeout_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
-    local: LocalTrainSpec = Field(default_factory=LocalTrainSpec)
+    local: LocalTrainConfig = Field(default_factory=LocalTrainConfig)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     selection: SelectionSpec | None = Field(None, description="default: fraction 0.05 for warmup, else required")

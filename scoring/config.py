@@ -3,7 +3,13 @@
 Contains `LoraSettings` (which modules get adapters, rank, alpha), `ProjectionSpec` (how gradients are compressed;
 carried with every projection), `TraceConfig` (how projections become scores), `TrainingConfig` (a warmup run),
 `LocalTrainConfig` with `round_lr` (one silo's local training in a federated round) and the helper
-`parameter_layout_hash`. Standard library only: the coordinator API imports this module without torch.
+`parameter_layout_hash`. Standard library and `annotated_types` only: the coordinator API imports this module without
+torch.
+
+Each bound on a field is written once, as ``Annotated`` metadata (``rank: Annotated[int, Gt(0), Le(4096)]``).
+`_check_annotated` enforces it when a dataclass is built from Python or from JSON, and the API validates its request
+bodies against these same dataclasses, so pydantic reads the same bounds into its checks and into the OpenAPI schema
+(`app.schemas`). No mirror of a setting exists at the API.
 
 Choose `ProjectionSpec(kind="sjlt")` unless you have a reason not to: it is exact-sparse (s non-zeros per input
 coordinate), costs O(s·D) per gradient and needs no matrix in memory. `rademacher` and `gaussian` are dense
@@ -13,19 +19,24 @@ coordinate), costs O(s·D) per gradient and needs no matrix in memory. `rademach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin, get_type_hints
+
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 
 from scoring.errors import ConfigError, IncompatibleArtifactError
 
 ProjectionKind = Literal["sjlt", "rademacher", "gaussian"]
 Similarity = Literal["cosine", "dot"]
-PROJECTION_KINDS: tuple[str, ...] = ("sjlt", "rademacher", "gaussian")
-SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
+Schedule = Literal["constant", "linear", "cosine"]
+PROJECTION_KINDS: tuple[str, ...] = get_args(ProjectionKind)
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 MERGE_KINDS: tuple[str, ...] = (
     "cat",
     "svd",
@@ -100,8 +111,61 @@ def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_BOUNDS: tuple[tuple[type, str, str, Any], ...] = (
+    (Gt, "gt", ">", lambda v, b: v > b),
+    (Ge, "ge", ">=", lambda v, b: v >= b),
+    (Lt, "lt", "<", lambda v, b: v < b),
+    (Le, "le", "<=", lambda v, b: v <= b),
+)
+
+
+@functools.cache
+def _annotated_fields(cls: type) -> tuple[tuple[str, Any, tuple[Any, ...]], ...]:
+    """``(name, base type, metadata)`` of each ``Annotated`` field of the dataclass ``cls``."""
+    hints = get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        if get_origin(hint) is Annotated:
+            base, *meta = get_args(hint)
+            out.append((f.name, base, tuple(meta)))
+    return tuple(out)
+
+
+def _check_annotated(obj: Any) -> None:
+    """Enforce the type (``int``: an integer, not a bool; ``float``: a finite number) and the `annotated_types`
+    bounds (``Gt``, ``Ge``, ``Lt``, ``Le``, ``MinLen``, ``MaxLen``) of each ``Annotated`` field of ``obj``.
+
+    Raises:
+        ConfigError: naming the field, the rule and the value.
+    """
+    for name, base, meta in _annotated_fields(type(obj)):
+        value = getattr(obj, name)
+        rules = [f"{sign} {getattr(m, attr)}" for m in meta for kind, attr, sign, _ in _BOUNDS if isinstance(m, kind)]
+        if base is int or base is float:
+            what = "an integer" if base is int else "a number"
+            ok = (isinstance(value, int) and not isinstance(value, bool)) if base is int else _is_real(value)
+            ok = ok and all(
+                test(value, getattr(m, attr)) for m in meta for kind, attr, _, test in _BOUNDS if isinstance(m, kind)
+            )
+            _require(ok, name, f"must be {what}{' ' + ' and '.join(rules) if rules else ''}, got {value!r}")
+        for m in meta:
+            if isinstance(m, MinLen):
+                _require(len(value) >= m.min_length, name, f"must have length >= {m.min_length}")
+            if isinstance(m, MaxLen):
+                _require(len(value) <= m.max_length, name, f"must have length <= {m.max_length}")
+
+
 class _JsonMixin:
     """`to_dict`/`from_dict`/`to_json`/`from_json`/`fingerprint` for flat frozen dataclasses."""
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "allow_inf_nan": False}
+    """How the API validates these dataclasses as request bodies (pydantic reads this attribute; nothing here
+    imports pydantic): unknown fields and non-finite numbers are refused, as `from_dict` and `_check_annotated` do."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -148,20 +212,18 @@ class LoraSettings(_JsonMixin):
         dropout: LoRA dropout during training (gradients for scoring are always taken without dropout).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    dropout: float = 0.0
+    rank: Annotated[int, Gt(0), Le(4096)] = 8
+    alpha: Annotated[float, Gt(0)] = 16.0
+    target_modules: Annotated[tuple[str, ...], MinLen(1)] = DEFAULT_LORA_TARGETS
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.rank, int) and self.rank > 0, "rank", f"must be a positive integer, got {self.rank!r}")
-        _require(self.alpha > 0, "alpha", f"must be positive, got {self.alpha!r}")
+        _check_annotated(self)
         _require(
-            len(self.target_modules) > 0 and all(isinstance(m, str) and m for m in self.target_modules),
+            all(isinstance(m, str) and m for m in self.target_modules),
             "target_modules",
             f"must be a non-empty list of module names, got {self.target_modules!r}",
         )
-        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
 
 
 def parameter_layout_hash(names_and_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -186,20 +248,17 @@ class ProjectionSpec(_JsonMixin):
         param_count: D, the total number of gradient coordinates.
     """
 
-    kind: str
-    dim: int
-    seed: int
-    param_hash: str
-    param_count: int
-    nnz: int = 4
+    kind: ProjectionKind
+    dim: Annotated[int, Gt(0), Le(1 << 20)]
+    seed: Annotated[int, Ge(0), Lt(2**63)]
+    param_hash: Annotated[str, MinLen(1), MaxLen(64)]
+    param_count: Annotated[int, Gt(0)]
+    nnz: Annotated[int, Gt(0)] = 4
 
     def __post_init__(self) -> None:
         _require(self.kind in PROJECTION_KINDS, "kind", f"must be one of {PROJECTION_KINDS}, got {self.kind!r}")
-        _require(isinstance(self.dim, int) and self.dim > 0, "dim", f"must be a positive integer, got {self.dim!r}")
-        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2**63)")
-        _require(isinstance(self.param_count, int) and self.param_count > 0, "param_count", "must be positive")
-        _require(isinstance(self.param_hash, str) and len(self.param_hash) > 0, "param_hash", "must be non-empty")
-        _require(isinstance(self.nnz, int) and self.nnz > 0, "nnz", f"must be a positive integer, got {self.nnz!r}")
+        _require(isinstance(self.param_hash, str), "param_hash", f"must be a string, got {self.param_hash!r}")
+        _check_annotated(self)
         if self.kind == "sjlt":
             _require(self.dim % self.nnz == 0, "nnz", f"must divide dim ({self.dim}), got {self.nnz}")
         else:
@@ -235,14 +294,12 @@ class TraceConfig(_JsonMixin):
 class AdamState(_JsonMixin):
     """Hyper-parameters of the Adam moments stored with a checkpoint (the moments themselves are tensors)."""
 
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: Annotated[float, Ge(0), Lt(1)] = 0.9
+    beta2: Annotated[float, Ge(0), Lt(1)] = 0.999
+    eps: Annotated[float, Gt(0)] = 1e-8
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.beta1 < 1.0, "beta1", "must be in [0, 1)")
-        _require(0.0 <= self.beta2 < 1.0, "beta2", "must be in [0, 1)")
-        _require(self.eps > 0, "eps", "must be positive")
+        _check_annotated(self)
 
 
 class _WithAdam(_JsonMixin):
@@ -280,34 +337,22 @@ class TrainingConfig(_WithAdam):
         seed: shuffling seed.
     """
 
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    schedule: str = "linear"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    num_checkpoints: int = 4
-    max_steps: int = 0
-    seed: int = 0
+    epochs: Annotated[float, Gt(0)] = 1.0
+    batch_size: Annotated[int, Gt(0)] = 4
+    grad_accum: Annotated[int, Gt(0)] = 1
+    lr: Annotated[float, Gt(0)] = 2e-4
+    schedule: Schedule = "linear"
+    warmup_ratio: Annotated[float, Ge(0), Lt(1)] = 0.03
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    num_checkpoints: Annotated[int, Gt(0)] = 4
+    max_steps: Annotated[int, Ge(0)] = 0
+    seed: Annotated[int, Ge(0)] = 0
     adam: AdamState = field(default_factory=AdamState)
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, "epochs", "must be positive")
-        _require(self.batch_size > 0, "batch_size", "must be positive")
-        _require(self.grad_accum > 0, "grad_accum", "must be positive")
-        _require(self.lr > 0, "lr", "must be positive")
-        _require(self.schedule in ("linear", "cosine", "constant"), "schedule", "must be linear, cosine or constant")
-        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        _require(self.num_checkpoints > 0, "num_checkpoints", "must be positive")
-        _require(self.max_steps >= 0, "max_steps", "must be >= 0")
-
-
-SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        _check_annotated(self)
+        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
 
 
 @dataclass(frozen=True)
@@ -328,28 +373,20 @@ class LocalTrainConfig(_WithAdam):
         adam: the AdamW betas and eps.
     """
 
-    steps: int = 10
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    prox_mu: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    steps: Annotated[int, Ge(1), Le(1_000_000)] = 10
+    batch_size: Annotated[int, Ge(1), Le(4096)] = 4
+    grad_accum: Annotated[int, Ge(1), Le(4096)] = 1
+    lr: Annotated[float, Gt(0)] = 2e-4
+    schedule: Schedule = "constant"
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    prox_mu: Annotated[float, Ge(0)] = 0.0
+    max_grad_norm: Annotated[float, Ge(0)] = 1.0
+    seed: Annotated[int, Ge(0)] = 0
     adam: AdamState = field(default_factory=AdamState)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            _require(ok, name, f"must be a positive integer, got {value!r}")
-        _require(_is_real(self.lr) and self.lr > 0, "lr", f"must be a positive number, got {self.lr!r}")
+        _check_annotated(self)
         _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("weight_decay", "prox_mu", "max_grad_norm"):
-            value = getattr(self, name)
-            _require(_is_real(value) and value >= 0, name, f"must be a number >= 0, got {value!r}")
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
         _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
 
 

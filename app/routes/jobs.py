@@ -11,8 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from app.deps import AdminDep, AppState, Index, JobId, PrincipalDep, SessionDep, SiloDep, StateDep
-from app.metrics import TASKS
+from app.deps import AdminDep, Index, JobId, PrincipalDep, SessionDep, SiloDep, StateDep
 from app.openapi import BINARY
 from app.schemas import (
     JobCreate,
@@ -20,10 +19,10 @@ from app.schemas import (
     ShardPublic,
     UploadResult,
 )
-from app.services import QueueUnavailable
-from app.services.jobs import checkpoint_of, engine_check, job_for, job_public, require_status, transition
+from app.services import jobs as lifecycle
+from app.services.jobs import checkpoint_of, engine_check, job_for, job_public, require_status
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive, upload_answer
-from scoring.config import AdamState, LoraSettings, ProjectionSpec
+from scoring.config import ProjectionSpec
 from scoring.data import read_samples
 from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, map_projection
@@ -32,9 +31,7 @@ from scoring.spec import JobSpec
 from scoring.traces import LR_REL_TOL
 from storage import repository as repo
 from storage.errors import ConflictError, NotFoundError
-from storage.models import Job
 from wire import API_PREFIX
-from workers import names
 
 router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"])
 
@@ -42,18 +39,14 @@ router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"])
 @router.post("", status_code=201, operation_id="create_job")
 def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> JobPublic:
     """Create a job in ``draft``: the spec every party computes projections under, and how to select."""
-    engine_check("lora", lambda: LoraSettings.from_dict(body.lora.model_dump()))
-    engine_check("projection", lambda: ProjectionSpec.from_dict(body.projection.model_dump()))
     engine_check("threshold", lambda: threshold_from_dict(body.threshold))
-    for c in body.checkpoints:
-        engine_check(f"checkpoints[{c.index}].adam", lambda c=c: AdamState.from_dict(c.adam))
     score = body.score_options(len(body.checkpoints))  # ConfigError naming the field: 422
     job = repo.create_job(
         session,
         name=body.name,
         model=body.model,
-        lora=body.lora.model_dump(),
-        projection=body.projection.model_dump(),
+        lora=body.lora.to_dict(),
+        projection=body.projection.to_dict(),
         similarity=body.similarity,
         threshold=body.threshold,
         precondition=body.precondition,
@@ -157,20 +150,8 @@ async def upload_anchors(
 def open_job(job_id: JobId, state: StateDep, session: SessionDep, principal: AdminDep) -> JobPublic:
     """``draft`` → ``open``: every checkpoint and the anchor set must be uploaded. Queues the anchor projection."""
     job = repo.get_job(session, job_id=job_id)
-    if job.status == "open":
-        return job_public(job, principal, session)
-    require_status(job, "draft")
-    missing = [c.index for c in job.checkpoints if c.blob_key is None]
-    if missing:
-        raise ConflictError(f"job {job_id}: upload checkpoints {missing} first")
-    if repo.get_anchor_set(session, job_id=job_id) is None:
-        raise ConflictError(f"job {job_id}: upload the anchor set first")
-    transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
+    lifecycle.open_job(state, session, job)
     return job_public(job, principal, session)
-
-
-def _start_scoring(state: AppState, session, job: Job) -> None:
-    transition(state, session, job, names.SCORE_JOB, status="scoring", progress=0.0, message="queued", error=None)
 
 
 @router.post("/{job_id}/score", status_code=202, operation_id="score_job")
@@ -178,13 +159,7 @@ def score_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Ad
     """Start scoring (``open`` or ``failed`` → ``scoring``); every silo must have completed its upload. On a job
     that is ``scoring`` already it is `retry_job`: the step is sent again unless a live worker runs it."""
     job = repo.get_job(session, job_id=job_id)
-    if job.status == "scoring":
-        return retry_job(job_id, state, session, principal)
-    require_status(job, "open", "failed")
-    pending = [m.silo.name for m in job.members if m.status != "complete"]
-    if pending:
-        raise ConflictError(f"job {job_id}: silos {pending} have not completed their uploads")
-    _start_scoring(state, session, job)
+    lifecycle.start_scoring(state, session, job)
     return job_public(job, principal, session)
 
 
@@ -195,23 +170,7 @@ def retry_job(job_id: JobId, state: StateDep, session: SessionDep, principal: Ad
     Idempotent: a step that a live worker is running (a heartbeat within the lease timeout) is left alone, and the
     answer's ``steps`` say so. Answers 409 when the job waits for nothing (draft, open with its anchors done, done)."""
     job = repo.get_job(session, job_id=job_id)
-    if job.status == "failed":
-        return score_job(job_id, state, session, principal)
-    if job.status == "scoring":
-        task, fields = names.SCORE_JOB, {"error": None}
-    elif job.status == "open" and job.anchor_status != "done":
-        task, fields = names.PROJECT_ANCHORS, {"anchor_status": "pending", "error": None}
-    else:
-        raise ConflictError(f"job {job_id} is {job.status!r} (anchors {job.anchor_status!r}): nothing to retry")
-    try:
-        sent = state.dispatcher.enqueue(task, job_id)
-    except Exception as exc:
-        raise QueueUnavailable(exc) from exc
-    if sent:
-        repo.update_job(session, job_id=job_id, **fields)
-        session.commit()
-        TASKS.labels(task).inc()
-    session.refresh(job)
+    lifecycle.retry(state, session, job)
     return job_public(job, principal, session)
 
 
@@ -343,24 +302,6 @@ def list_shards(job_id: JobId, session: SessionDep, principal: SiloDep) -> list[
 def complete_upload(job_id: JobId, state: StateDep, session: SessionDep, principal: SiloDep) -> JobPublic:
     """Mark this silo's upload complete: every checkpoint must hold the same parts. Starts scoring when the job says
     ``auto_score`` and this was the last silo."""
-    silo = principal.silo
     job = job_for(session, job_id, principal)
-    member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
-    if member.status == "complete":
-        return job_public(job, principal, session)
-    require_status(job, "open")
-    shards = repo.list_shards(session, job_id=job_id, owner=silo.name)
-    parts_at = {t: {s.part for s in shards if s.checkpoint == t} for t in range(len(job.checkpoints))}
-    parts = set().union(*parts_at.values())
-    if not parts:
-        raise ConflictError(f"silo {silo.name} has uploaded no shards for job {job_id}")
-    lacking = {t: sorted(parts - have) for t, have in parts_at.items() if parts - have}
-    if lacking:
-        raise ConflictError(f"missing shards (checkpoint: parts): {lacking}")
-    rows = sum(s.row_count for s in shards if s.checkpoint == 0)
-    repo.mark_complete(session, job_id=job_id, silo_id=silo.id, num_samples=rows)
-    session.commit()
-    session.refresh(job)
-    if job.options.get("auto_score", True) and all(m.status == "complete" for m in job.members):
-        _start_scoring(state, session, job)
+    lifecycle.complete_upload(state, session, job, principal.silo)
     return job_public(job, principal, session)

@@ -18,7 +18,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from app.deps import AdminDep, AppState, PrincipalDep, Round, SessionDep, SiloDep, StateDep, TrainId
-from app.metrics import TASKS
 from app.openapi import BINARY
 from app.schemas import (
     JobPublic,
@@ -27,26 +26,22 @@ from app.schemas import (
     TrainPublic,
     UploadResult,
 )
-from app.services import QueueUnavailable
-from app.services.jobs import engine_check, job_public, transition
+from app.services import training as lifecycle
+from app.services.jobs import job_public
 from app.services.training import train_for, train_public, train_settings
+from app.services.warmup import scoring_job_from_warmup
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive, upload_answer
 from scoring.config import (
-    LocalTrainConfig,
-    ProjectionSpec,
     parameter_layout_hash,
 )
 from scoring.data import read_samples
-from scoring.errors import ConfigError, DataError
-from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
-from scoring.selection import check_score_preconditioning, check_threshold_preconditioning, threshold_from_dict
+from scoring.errors import DataError
+from scoring.io import read_bundle
 from storage import repository as repo
-from storage import steps as leases
 from storage.errors import ConflictError
-from storage.models import TrainJob, TrainRound, utcnow
+from storage.models import utcnow
 from wire import API_PREFIX
 from workers import names
-from workers.steps import train_waits_for
 
 router = APIRouter(prefix=f"{API_PREFIX}/train", tags=["training"])
 
@@ -87,17 +82,8 @@ def get_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princip
     if job.status == "running":
         row = repo.get_round(session, job_id=job_id, round=job.round)
         if row.status == "open" and utcnow() > row.deadline:
-            _enqueue_quietly(state, names.TRAIN_AGGREGATE, job_id, job.round)
+            lifecycle.nudge(state, names.TRAIN_AGGREGATE, job_id, job.round)
     return train_public(job, principal, session)
-
-
-def _enqueue_quietly(state: AppState, task: str, *args: Any) -> None:
-    """Queue a nudge that is safe to repeat; an unreachable queue is not the caller's problem here."""
-    try:
-        state.dispatcher.enqueue(task, *args)
-        TASKS.labels(task).inc()
-    except Exception:
-        pass
 
 
 @router.put(
@@ -139,23 +125,8 @@ async def upload_eval_set(
 def start_train_job(job_id: TrainId, state: StateDep, session: SessionDep, principal: AdminDep) -> TrainPublic:
     """``draft`` → ``starting``: a worker builds the initial adapter and opens round 0."""
     job = repo.get_train_job(session, job_id=job_id)
-    if job.status == "draft" or (job.status == "failed" and job.layout is None):
-        transition(
-            state,
-            session,
-            job,
-            names.TRAIN_INIT,
-            update=repo.update_train_job,
-            status="starting",
-            message="queued",
-            error=None,
-        )
-    elif job.status != "starting" and job.layout is None:
-        raise ConflictError(f"training job {job_id} is {job.status!r}")
+    lifecycle.start(state, session, job)
     return train_public(job, principal, session)
-
-
-RESUMED_STATUS = {names.TRAIN_INIT: "starting", names.TRAIN_AGGREGATE: "running", names.TRAIN_EVALUATE: "evaluating"}
 
 
 @router.post("/{job_id}/retry", status_code=202, operation_id="retry_train_job")
@@ -165,31 +136,8 @@ def retry_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
     a worker that kept dying) goes back to that step. Idempotent: a step that a live worker is running is left
     alone. Answers 409 when there is nothing to retry (draft, done, or failed for want of a quorum)."""
     job = repo.get_train_job(session, job_id=job_id)
-    failed = [s for s in leases.for_job(session, job_id) if s.state == "failed" and s.task in RESUMED_STATUS]
-    if job.status == "failed" and failed:
-        step = failed[-1]
-        task, args, force = step.task, step.args[1:], True
-        repo.update_train_job(session, job_id=job_id, status=RESUMED_STATUS[task], error=None, message="retrying")
-        session.commit()
-        wait = train_waits_for(session, job) if task == names.TRAIN_AGGREGATE else None
-        countdown = wait[2] if wait is not None else None  # an open round: its deadline
-    elif (wait := train_waits_for(session, job)) is not None:
-        (task, (_, *args), countdown), force = wait, False
-    else:
-        raise ConflictError(f"training job {job_id} is {job.status!r}: nothing to retry ({job.error or 'no error'})")
-    try:
-        state.dispatcher.enqueue(task, job_id, *args, countdown=countdown, force=force)
-    except Exception as exc:
-        raise QueueUnavailable(exc) from exc
-    TASKS.labels(task).inc()
-    session.refresh(job)
+    lifecycle.retry(state, session, job)
     return train_public(job, principal, session)
-
-
-def _round_for(session, job: TrainJob, index: int) -> TrainRound:
-    if job.layout is None:
-        raise ConflictError(f"training job {job.id} is {job.status!r}: round 0 is not open yet")
-    return repo.get_round(session, job_id=job.id, round=index)
 
 
 def _bundle_response(key: str, state: AppState, filename: str) -> FileResponse:
@@ -213,7 +161,7 @@ def download_round_adapter(
 ) -> FileResponse:
     """The global adapter round ``index`` starts from (a ``clues.checkpoint/1`` bundle; SHA-256 in the header)."""
     job = train_for(session, job_id, principal)
-    row = _round_for(session, job, index)
+    row = lifecycle.round_of(session, job, index)
     return _bundle_response(row.start_blob, state, f"{job_id}-round-{index:04d}.safetensors")
 
 
@@ -250,14 +198,7 @@ async def upload_round_update(
     held = repo.get_update(session, job_id=job_id, round=index, silo_id=silo.id)
     if already_held(held.blob_key if held else None, sha, f"the update of {silo.name} for round {index}"):
         return upload_answer(sha, held.size_bytes, False)
-    if job.layout is not None and index > job.round:  # a round not opened yet: refused like a closed one
-        raise ConflictError(f"round {index} of training job {job_id} is not open (round {job.round} is the latest)")
-    row = _round_for(session, job, index)
-    if job.status != "running" or row.status != "open" or index != job.round:
-        raise ConflictError(f"round {index} of training job {job_id} is closed ({row.status}); late update refused")
-    if utcnow() > row.deadline:
-        _enqueue_quietly(state, names.TRAIN_AGGREGATE, job_id, index)
-        raise ConflictError(f"round {index} of training job {job_id} passed its deadline {row.deadline.isoformat()}")
+    lifecycle.require_open_round(state, session, job, index)
     layout = [(name, tuple(shape)) for name, shape in job.layout]
     param_hash = parameter_layout_hash(layout)
     param_count = sum(math.prod(shape) for _, shape in layout)
@@ -293,7 +234,7 @@ async def upload_round_update(
     ref, _, created = await receive(request, state, "update", sha, validate, record)
     session.commit()
     if len(repo.list_updates(session, job_id=job_id, round=index)) == len(job.members):
-        _enqueue_quietly(state, names.TRAIN_AGGREGATE, job_id, index)  # the deadline task would do it otherwise
+        lifecycle.nudge(state, names.TRAIN_AGGREGATE, job_id, index)  # the deadline task would do it otherwise
     return upload_answer(ref.key, ref.size, created)
 
 
@@ -304,66 +245,5 @@ def create_scoring_job(
     """A scoring job (``draft``, checkpoints uploaded) from a finished warmup job: checkpoint t is the global
     adapter after checkpoint round r_t with that round's learning rate as η_t. Upload the anchor set and open it
     as any other job. With ``precondition`` each silo uses the Adam moments of its own warmup training."""
-    warm = repo.get_train_job(session, job_id=job_id)
-    if warm.mode != "warmup" or warm.final_blob is None:
-        raise ConflictError(f"training job {job_id} is a {warm.mode} job in {warm.status!r}; need a finished warmup")
-    settings = warm.settings
-    silos = body.silos or [m.silo.name for m in warm.members]
-    outside = sorted(set(silos) - {m.silo.name for m in warm.members})
-    if body.precondition and outside:
-        raise ConfigError(f"silos: {outside} did not take part in the warmup, so they hold no Adam moments")
-    layout = [(name, tuple(shape)) for name, shape in warm.layout]
-    projection = {
-        **body.projection,
-        "param_hash": parameter_layout_hash(layout),
-        "param_count": sum(math.prod(shape) for _, shape in layout),
-    }
-    engine_check("projection", lambda: ProjectionSpec.from_dict(projection))
-    policy = engine_check("threshold", lambda: threshold_from_dict(body.threshold))
-    score = body.score_options(len(settings["checkpoint_rounds"]))  # ConfigError naming the field: 422
-    # each silo preconditions with its own warmup moments; the coordinator has none for its anchor samples
-    check_score_preconditioning(score["score"], body.precondition, False)  # ConfigError: 422
-    check_threshold_preconditioning(policy, body.precondition, False)
-    local = LocalTrainConfig.from_dict(settings["local"])
-    rounds = {r.round: r for r in repo.list_rounds(session, job_id=job_id)}
-    entries, blobs = [], []
-    for t, r in enumerate(settings["checkpoint_rounds"]):
-        row = rounds[r]
-        entry = {
-            "index": t,
-            "step": (r + 1) * local.steps,
-            "lr": row.lr,
-            "lr_last": row.lr,
-            "adam": local.adam.to_dict(),
-        }
-        bundle = read_bundle(state.blobs.read_bytes(row.result_blob), None, None, f"round {r}")
-        data = bundle_to_bytes(
-            CheckpointBundle(bundle.layout, bundle.adapter, {}, {}, bundle.adapter_config, entry, bundle.dtypes)
-        )
-        blobs.append(state.blobs.put_bytes(data))
-        entries.append(entry)
-    job = repo.create_job(
-        session,
-        name=body.name,
-        model=warm.model,
-        lora=settings["lora"],
-        projection=projection,
-        similarity=body.similarity,
-        threshold=body.threshold,
-        precondition=body.precondition,
-        options={
-            "lora_init_seed": settings["lora_init_seed"],
-            "max_len": settings["max_len"],
-            "template": settings["template"],
-            "auto_score": body.auto_score,
-            "warmup": {"job": job_id, "rounds": settings["checkpoint_rounds"]},
-            **score,
-        },
-        checkpoints=entries,
-        silo_names=silos,
-    )
-    for entry, ref in zip(entries, blobs, strict=True):
-        repo.set_checkpoint_blob(session, job_id=job.id, index=entry["index"], blob_key=ref.key, size_bytes=ref.size)
-    session.commit()
-    session.refresh(job)
+    job = scoring_job_from_warmup(state, session, repo.get_train_job(session, job_id=job_id), body)
     return job_public(job, principal, session)

@@ -17,6 +17,7 @@ from storage import scores as score_store
 from storage import steps as leases
 from storage.errors import ConflictError, NotFoundError
 from storage.models import Job, TrainJob, utcnow
+from workers import names
 
 
 def job_public(job: Job, principal: Principal, session) -> JobPublic:
@@ -125,6 +126,82 @@ def transition(state: AppState, session, job, task: str, update=repo.update_job,
         session.commit()
         raise QueueUnavailable(exc) from exc
     TASKS.labels(task).inc()
+
+
+def open_job(state: AppState, session, job: Job) -> None:
+    """``draft`` → ``open`` once every checkpoint and the anchor set are uploaded; queues the anchor projection.
+    An ``open`` job is left as it is."""
+    if job.status == "open":
+        return
+    require_status(job, "draft")
+    missing = [c.index for c in job.checkpoints if c.blob_key is None]
+    if missing:
+        raise ConflictError(f"job {job.id}: upload checkpoints {missing} first")
+    if repo.get_anchor_set(session, job_id=job.id) is None:
+        raise ConflictError(f"job {job.id}: upload the anchor set first")
+    transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
+
+
+def start_scoring(state: AppState, session, job: Job) -> None:
+    """``open`` or ``failed`` → ``scoring`` once every silo has completed its upload; on a job that is ``scoring``
+    already it is `retry`."""
+    if job.status == "scoring":
+        return retry(state, session, job)
+    require_status(job, "open", "failed")
+    pending = [m.silo.name for m in job.members if m.status != "complete"]
+    if pending:
+        raise ConflictError(f"job {job.id}: silos {pending} have not completed their uploads")
+    _queue_scoring(state, session, job)
+
+
+def _queue_scoring(state: AppState, session, job: Job) -> None:
+    transition(state, session, job, names.SCORE_JOB, status="scoring", progress=0.0, message="queued", error=None)
+
+
+def retry(state: AppState, session, job: Job) -> None:
+    """Send the step the job waits for again: scoring (``scoring``, or ``failed`` with every upload complete), or
+    the anchor projection (``open`` with the projection pending, running or failed). A step that a live worker runs
+    is left alone (`workers.steps.Dispatcher.enqueue`). `ConflictError` when the job waits for nothing."""
+    if job.status == "failed":
+        return start_scoring(state, session, job)
+    if job.status == "scoring":
+        task, fields = names.SCORE_JOB, {"error": None}
+    elif job.status == "open" and job.anchor_status != "done":
+        task, fields = names.PROJECT_ANCHORS, {"anchor_status": "pending", "error": None}
+    else:
+        raise ConflictError(f"job {job.id} is {job.status!r} (anchors {job.anchor_status!r}): nothing to retry")
+    try:
+        sent = state.dispatcher.enqueue(task, job.id)
+    except Exception as exc:
+        raise QueueUnavailable(exc) from exc
+    if sent:
+        repo.update_job(session, job_id=job.id, **fields)
+        session.commit()
+        TASKS.labels(task).inc()
+    session.refresh(job)
+
+
+def complete_upload(state: AppState, session, job: Job, silo) -> None:
+    """Mark ``silo``'s upload complete (every checkpoint must hold the same parts); starts scoring when the job says
+    ``auto_score`` and this was the last silo. Completing twice changes nothing."""
+    member = repo.get_member(session, job_id=job.id, silo_id=silo.id)
+    if member.status == "complete":
+        return
+    require_status(job, "open")
+    shards = repo.list_shards(session, job_id=job.id, owner=silo.name)
+    parts_at = {t: {s.part for s in shards if s.checkpoint == t} for t in range(len(job.checkpoints))}
+    parts = set().union(*parts_at.values())
+    if not parts:
+        raise ConflictError(f"silo {silo.name} has uploaded no shards for job {job.id}")
+    lacking = {t: sorted(parts - have) for t, have in parts_at.items() if parts - have}
+    if lacking:
+        raise ConflictError(f"missing shards (checkpoint: parts): {lacking}")
+    rows = sum(s.row_count for s in shards if s.checkpoint == 0)
+    repo.mark_complete(session, job_id=job.id, silo_id=silo.id, num_samples=rows)
+    session.commit()
+    session.refresh(job)
+    if job.options.get("auto_score", True) and all(m.status == "complete" for m in job.members):
+        _queue_scoring(state, session, job)
 
 
 def engine_check(field: str, build):

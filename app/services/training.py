@@ -1,20 +1,26 @@
-"""The training job as the routes and the pages show it: who may see it, and each round as the caller may see it (a
-silo sees only itself among the received, the participants and the guard's flags)."""
+"""The training job's lifecycle: who may see it and each round as the caller may see it (a silo sees only itself
+among the received, the participants and the guard's flags), a new job's settings, its start and retry, and which
+round takes updates now."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from app.deps import Principal
+from app.deps import AppState, Principal
+from app.metrics import TASKS
 from app.schemas import RoundFlag, RoundPublic, TrainCreate, TrainMemberPublic, TrainPublic
-from app.services.jobs import engine_check, may_see, steps_public
-from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, DENSITY_MERGE_KINDS, LocalTrainConfig, LoraSettings
+from app.services import QueueUnavailable
+from app.services.jobs import engine_check, may_see, steps_public, transition
+from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, DENSITY_MERGE_KINDS, LoraSettings
 from scoring.errors import ConfigError
 from scoring.federated.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
 from scoring.spec import JobSpec
 from storage import repository as repo
+from storage import steps as leases
 from storage.errors import ConflictError, NotFoundError
-from storage.models import TrainJob, TrainRound
+from storage.models import TrainJob, TrainRound, utcnow
+from workers import names
+from workers.steps import train_waits_for
 
 
 def train_for(session, job_id: str, principal: Principal) -> TrainJob:
@@ -129,9 +135,7 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
     model = body.model or base.get("model")
     if model is None:
         raise ConfigError("model: required when no selection.scoring_job gives it")
-    lora = body.lora.model_dump() if body.lora else base.get("lora", LoraSettings().to_dict())
-    engine_check("lora", lambda: LoraSettings.from_dict(lora))
-    engine_check("local", lambda: LocalTrainConfig.from_dict(body.local.model_dump()))
+    lora = body.lora.to_dict() if body.lora else base.get("lora", LoraSettings().to_dict())
     aggregation = {k: v for k, v in body.aggregation.model_dump().items() if v is not None}
     rule = aggregation.pop("rule")
     if rule == "fedprox" and body.local.prox_mu <= 0:
@@ -166,7 +170,7 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
         "random_b": body.random_b if body.random_b is not None else body.mode == "warmup",
         "max_len": body.max_len or base.get("max_len", DEFAULT_MAX_LEN),
         "template": body.template or base.get("template", DEFAULT_TEMPLATE),
-        "local": LocalTrainConfig.from_dict(body.local.model_dump()).to_dict(),
+        "local": body.local.to_dict(),
         "aggregation": {"rule": rule, **aggregation},
         "merge": merge,
         "selection": selection,
@@ -174,3 +178,81 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
         "evaluation": body.evaluation.model_dump(),
     }
     return model, settings, scoring_job
+
+
+RESUMED_STATUS = {names.TRAIN_INIT: "starting", names.TRAIN_AGGREGATE: "running", names.TRAIN_EVALUATE: "evaluating"}
+"""The status a failed training job goes back to when its failed step is sent again."""
+
+
+def start(state: AppState, session, job: TrainJob) -> None:
+    """``draft`` (or ``failed`` before its first round) → ``starting``: a worker builds the initial adapter and opens
+    round 0. A job already started is left as it is."""
+    if job.status == "draft" or (job.status == "failed" and job.layout is None):
+        transition(
+            state,
+            session,
+            job,
+            names.TRAIN_INIT,
+            update=repo.update_train_job,
+            status="starting",
+            message="queued",
+            error=None,
+        )
+    elif job.status != "starting" and job.layout is None:
+        raise ConflictError(f"training job {job.id} is {job.status!r}")
+
+
+def retry(state: AppState, session, job: TrainJob) -> None:
+    """Send the step the job waits for again (its start, its open round's aggregation at the deadline, or its
+    evaluation); a ``failed`` job whose last step failed goes back to that step. A step that a live worker runs is
+    left alone. `ConflictError` when there is nothing to retry (draft, done, or failed for want of a quorum)."""
+    failed = [s for s in leases.for_job(session, job.id) if s.state == "failed" and s.task in RESUMED_STATUS]
+    if job.status == "failed" and failed:
+        step = failed[-1]
+        task, args, force = step.task, step.args[1:], True
+        repo.update_train_job(session, job_id=job.id, status=RESUMED_STATUS[task], error=None, message="retrying")
+        session.commit()
+        wait = train_waits_for(session, job) if task == names.TRAIN_AGGREGATE else None
+        countdown = wait[2] if wait is not None else None  # an open round: its deadline
+    elif (wait := train_waits_for(session, job)) is not None:
+        (task, (_, *args), countdown), force = wait, False
+    else:
+        raise ConflictError(f"training job {job.id} is {job.status!r}: nothing to retry ({job.error or 'no error'})")
+    try:
+        state.dispatcher.enqueue(task, job.id, *args, countdown=countdown, force=force)
+    except Exception as exc:
+        raise QueueUnavailable(exc) from exc
+    TASKS.labels(task).inc()
+    session.refresh(job)
+
+
+def nudge(state: AppState, task: str, *args: Any) -> None:
+    """Queue a step that is safe to repeat (an aggregation whose deadline task may have been lost); an unreachable
+    queue is not the caller's problem here."""
+    try:
+        state.dispatcher.enqueue(task, *args)
+        TASKS.labels(task).inc()
+    except Exception:
+        pass
+
+
+def round_of(session, job: TrainJob, index: int) -> TrainRound:
+    """Round ``index`` of the job (`ConflictError` before round 0 opens, `NotFoundError` for one never opened)."""
+    if job.layout is None:
+        raise ConflictError(f"training job {job.id} is {job.status!r}: round 0 is not open yet")
+    return repo.get_round(session, job_id=job.id, round=index)
+
+
+def require_open_round(state: AppState, session, job: TrainJob, index: int) -> TrainRound:
+    """Round ``index`` if it takes updates now: the job's current round, open and before its deadline. A round not
+    opened yet, a closed one and one past its deadline are refused alike (`ConflictError`, 409); the last also
+    nudges its aggregation."""
+    if job.layout is not None and index > job.round:
+        raise ConflictError(f"round {index} of training job {job.id} is not open (round {job.round} is the latest)")
+    row = round_of(session, job, index)
+    if job.status != "running" or row.status != "open" or index != job.round:
+        raise ConflictError(f"round {index} of training job {job.id} is closed ({row.status}); late update refused")
+    if utcnow() > row.deadline:
+        nudge(state, names.TRAIN_AGGREGATE, job.id, index)
+        raise ConflictError(f"round {index} of training job {job.id} passed its deadline {row.deadline.isoformat()}")
+    return row

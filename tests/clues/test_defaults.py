@@ -3,7 +3,7 @@ projection dimension (the settings `bench/quality.py` measures)."""
 
 from __future__ import annotations
 
-from app.schemas import LoraSpec, ScoringFromWarmup
+from app.schemas import JobCreate, ScoringFromWarmup
 from clues.cli import build_parser
 from clues.demo import DEFAULT
 from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM, LoraSettings
@@ -11,7 +11,8 @@ from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM, LoraSet
 
 def test_lora_targets_default_to_every_linear_layer():
     assert LoraSettings().target_modules == DEFAULT_LORA_TARGETS
-    assert tuple(LoraSpec().target_modules) == DEFAULT_LORA_TARGETS
+    lora_schema = JobCreate.model_json_schema()["$defs"]["LoraSettings"]["properties"]
+    assert lora_schema["target_modules"]["default"] == list(DEFAULT_LORA_TARGETS)
     args = build_parser().parse_args(["warmup", "--data", "d.jsonl", "--out", "o"])
     assert tuple(args.lora_targets.split(",")) == DEFAULT_LORA_TARGETS
 
