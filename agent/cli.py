@@ -24,14 +24,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.console import Progress, cache_dir
+from agent.console import EXIT_OK, CliError, Progress, add_model_args, cache_dir, fail, offline_environment
 
 PROG = "clues agent run"
 UNITS = {"checkpoints": "ckpt", "gradients": "grad", "shards": "shard", "scoring": "%", "training": "step"}
-
-
-class UsageError(Exception):
-    """A missing or invalid option (the message names it)."""
 
 
 def _check_connection(args: argparse.Namespace) -> None:
@@ -39,7 +35,7 @@ def _check_connection(args: argparse.Namespace) -> None:
     for option, value in (("--coordinator", args.coordinator), ("--token", args.token)):
         if not value:
             env = "CLUES_COORDINATOR" if option == "--coordinator" else "CLUES_TOKEN"
-            raise UsageError(f"{option}: missing; pass {option} or set {env}")
+            raise CliError(f"{option}: missing; pass {option} or set {env}")
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -47,7 +43,7 @@ def _check_common(args: argparse.Namespace) -> None:
     _check_connection(args)
     for option, value in (("--poll-interval", args.poll_interval), ("--timeout", args.timeout)):
         if value is not None and not value > 0:
-            raise UsageError(f"{option}: must be positive, got {value}")
+            raise CliError(f"{option}: must be positive, got {value}")
 
 
 def _work_dir(args: argparse.Namespace) -> Path:
@@ -60,7 +56,7 @@ def _options(args: argparse.Namespace):
     _check_common(args)
     for option, value in (("--rows-per-shard", args.rows_per_shard), ("--batch-size", args.batch_size)):
         if value < 1:
-            raise UsageError(f"{option}: must be at least 1, got {value}")
+            raise CliError(f"{option}: must be at least 1, got {value}")
     return AgentOptions(
         rows_per_shard=args.rows_per_shard,
         engine=args.engine,
@@ -88,10 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = run_agent(
                 client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars.stage
             )
-    except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
+    except (CliError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
         bars.close()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, exc)
     bars.close()
     print(
         f"agent: job {result.job_id} is {result.status!r}: {result.samples} samples, "
@@ -104,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  selected {result.selected} of {result.samples} (threshold {threshold})")
         print(f"  scores   {result.scores_path}")
         print(f"  selected {result.selected_path}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -128,10 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = run_training(
                 client, args.job, Path(args.data), work_dir=_work_dir(args), options=options, progress=bars.stage
             )
-    except (UsageError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
+    except (CliError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
         bars.close()
-        print(f"clues agent train: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("clues agent train", exc)
     bars.close()
     summary = {
         "job": result.job_id,
@@ -142,13 +136,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         "final_adapter": str(result.final_path),
     }
     print(json.dumps(summary))
-    return 0
+    return EXIT_OK
 
 
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (port 0: any free port), so a port in use is a clean error before start."""
     if not 0 <= port <= 65535:
-        raise UsageError(f"--port: must be 0 to 65535, got {port}")
+        raise CliError(f"--port: must be 0 to 65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -156,7 +150,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UsageError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+        raise CliError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
     return sock
 
 
@@ -173,7 +167,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     try:
         _check_connection(args)
         if not Path(args.data).is_file():
-            raise UsageError(f"--data: {args.data}: no such file")
+            raise CliError(f"--data: {args.data}: no such file")
         with Client(args.coordinator, args.token, timeout=30.0, retries=1, backoff=0.2) as client:
             silo = client.me()["name"]  # the token check
         app = create_dashboard(args.coordinator, args.token, Path(args.data), _work_dir(args), silo=silo)
@@ -182,11 +176,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         message = describe(exc, args.coordinator)[1]
         if exc.status == 403:  # a token the coordinator knows, but not a silo's (the admin's)
             message = f"--token: not a silo's token; the coordinator at {args.coordinator} answered 403: {exc.detail}"
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
-    except (UsageError, ScoringError, OSError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(prog, message)
+    except (CliError, ScoringError, OSError) as exc:
+        return fail(prog, exc)
     dashboard = app.state.dashboard
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -195,7 +187,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"{prog}: warning: listening on {host}: anyone who reaches it and has the token sees this silo's text")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-    return 0
+    return EXIT_OK
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
@@ -226,10 +218,7 @@ def _add_common(p: argparse.ArgumentParser, what: str) -> None:
         default=None,
         help=f"{what} kept for resuming (default: .clues-agent next to --data)",
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default: float32)"
-    )
+    add_model_args(p)
     p.add_argument(
         "--poll-interval", type=float, default=2.0, metavar="S", help="seconds between status polls (default 2)"
     )
@@ -323,8 +312,7 @@ def add_parser(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``clues agent ...`` on its own (the ``clues`` command registers the same parser)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    offline_environment()
     parser = argparse.ArgumentParser(prog="clues")
     add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

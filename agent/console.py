@@ -1,4 +1,9 @@
-"""What every `clues` command shares on the console: the model cache from the environment, and one progress display.
+"""What every `clues` command shares: the offline environment, the model cache, the model options, exit statuses,
+the one error type a command prints, and one progress display.
+
+Every command exits `EXIT_OK` or, on an error it explains in one line naming the option or field (`fail`),
+`EXIT_ERROR`. `clues` and `clues agent` both build on this module; the agent sits below `clues` in the layers, so it
+lives here.
 
 `Progress` draws a tqdm bar on stderr when stderr is a terminal. When it is not (a log file, a pipe, CI), a bar's
 carriage-return redraws would become thousands of lines, so it writes one plain line when a phase starts, at each
@@ -8,17 +13,66 @@ of the silo's loop) use it; the agent sits below `clues` in the layers, so it li
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
+EXIT_OK = 0
+EXIT_ERROR = 2
+"""The exit status of a command that stopped on an error it printed (as argparse's own usage errors)."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CliError(Exception):
+    """A missing or invalid option or setting, or a failed step the user can fix (the message names the option)."""
+
+
+def offline_environment() -> None:
+    """Nothing downloads weights or datasets at run time: set the Hugging Face offline switches unless given."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def fail(prog: str, exc: BaseException | str) -> int:
+    """Print ``prog: error: …`` on stderr and return `EXIT_ERROR`."""
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``: where and in what precision the model runs."""
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+
+
+def add_projection_args(p: argparse.ArgumentParser) -> None:
+    """``--proj-dim`` and ``--proj-seed``: the shared projection every party derives (warmup, job-from-warmup)."""
+    from scoring.config import DEFAULT_PROJECTION_DIM
+
+    p.add_argument(
+        "--proj-dim",
+        type=int,
+        default=DEFAULT_PROJECTION_DIM,
+        help=f"projection dimension k (default {DEFAULT_PROJECTION_DIM})",
+    )
+    p.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
+
 
 def cache_dir() -> Path | None:
     """The model cache, ``$CLUES_CACHE_DIR/models``, when ``CLUES_CACHE_DIR`` is set."""
     value = os.environ.get("CLUES_CACHE_DIR")
     return Path(value) / "models" if value else None
+
+
+def model_options(args: argparse.Namespace):
+    """`scoring.workflow.ModelOptions` from `add_model_args`' options and the model cache."""
+    from scoring.workflow import ModelOptions
+
+    return ModelOptions(device=args.device, dtype=args.dtype, cache_dir=cache_dir())
 
 
 class Progress:

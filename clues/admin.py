@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from clues.service import CliError
+from agent.console import EXIT_OK, CliError
 from scoring.spec import manifest_has_moments
 
 JOB_CHECKPOINT_KEYS = ("index", "step", "lr", "lr_last", "adam")
@@ -132,13 +132,13 @@ def cmd_silo_add(args: argparse.Namespace) -> int:
         silo = api.register_silo(args.name)
     print(json.dumps(silo, indent=2))
     print("the token is shown only this once: hand it to the silo's operator", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_silo_list(args: argparse.Namespace) -> int:
     with client(args) as api:
         print(json.dumps(api.list_silos(), indent=2))
-    return 0
+    return EXIT_OK
 
 
 def cmd_job_create(args: argparse.Namespace) -> int:
@@ -161,13 +161,13 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         job = create_job_from_run(api, Path(args.run), Path(args.anchors), spec, open_job=not args.no_open)
     print(job["id"])
     print(f"job {job['id']} is {job['status']}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_job_show(args: argparse.Namespace) -> int:
     with client(args) as api:
         print(json.dumps(api.job(args.job), indent=2))
-    return 0
+    return EXIT_OK
 
 
 def cmd_job_score(args: argparse.Namespace) -> int:
@@ -176,7 +176,7 @@ def cmd_job_score(args: argparse.Namespace) -> int:
         if args.wait:
             job = api.wait(args.job, poll=args.poll_interval)
     print(f"job {job['id']} is {job['status']} ({job['message']})")
-    return 0
+    return EXIT_OK
 
 
 def _step_lines(steps: list[dict]) -> list[str]:
@@ -197,7 +197,7 @@ def cmd_job_retry(args: argparse.Namespace) -> int:
         job = api.retry_train_job(args.job) if args.training else api.retry_job(args.job)
     print(f"{'training job' if args.training else 'job'} {job['id']} is {job['status']} ({job['message']}); steps:")
     print("\n".join(_step_lines(job.get("steps") or [])))
-    return 0
+    return EXIT_OK
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
@@ -211,7 +211,7 @@ def cmd_scores(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     print(f"{len(scores['rows'])} rows, threshold {scores['threshold']}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def silo_names(value: str) -> list[str]:

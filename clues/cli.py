@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.console import Progress, cache_dir
-from clues.service import add_projection_args
+from agent.console import (
+    EXIT_OK,
+    CliError,
+    Progress,
+    add_model_args,
+    add_projection_args,
+    fail,
+    model_options,
+    offline_environment,
+)
 from scoring.config import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_MAX_LEN,
@@ -57,18 +64,6 @@ def load_data(path: str, fmt: str, limit: int | None = None):
         raise ScoringError(f"--limit: must be at least 1, got {limit}")
     samples = data.read_samples(path)
     return samples[:limit] if limit else samples
-
-
-def model_options(args: argparse.Namespace):
-    """Device, dtype and the model cache (``$CLUES_CACHE_DIR/models`` when set) from the parsed arguments."""
-    from scoring.workflow import ModelOptions
-
-    return ModelOptions(device=args.device, dtype=args.dtype, cache_dir=cache_dir())
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +111,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     print(f"warmup: {len(samples)} samples, {len(ckpts)} checkpoint(s) in {args.out}")
     for c in ckpts:
         print(f"  ckpt-{c.index:03d}  step {c.step:>5}  lr {c.lr:.3g}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_project(args: argparse.Namespace) -> int:
@@ -143,7 +138,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     )
     progress.close()
     print(f"project: {len(samples)} samples -> {len(paths)} file(s) in {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def parse_signals(value: str) -> tuple[str, ...]:
@@ -180,7 +175,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     ]
     atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
     print(f"score: {len(table.ids)} samples from {len(silos)} silo(s), {len(anchor_table.ids)} anchors -> {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def read_scores(path: Path):
@@ -232,7 +227,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         lines = [json.dumps({"id": i, "score": scores[i], "keep": bool(k)}) for i, k in zip(ids, mask, strict=True)]
         atomic_write_bytes(Path(args.out) / f"{silo}.mask.jsonl", ("\n".join(lines) + "\n").encode())
         print(f"  {silo:<16} kept {int(mask.sum()):>6} / {len(ids):<6}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -283,7 +278,7 @@ def _warmup_parser(sub) -> None:
     p.add_argument("--proj-kind", default="sjlt", choices=PROJECTION_KINDS)
     add_projection_args(p)
     p.add_argument("--proj-nnz", type=int, default=4, help="SJLT non-zeros per coordinate (default 4)")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_warmup)
 
 
@@ -320,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="checkpoint index whose files carry the --signals (default: the last)",
     )
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_project)
 
     p = sub.add_parser(
@@ -381,17 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    offline_environment()
     from agent.client import CoordinatorError
-    from clues.service import CliError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ScoringError, FileNotFoundError, CoordinatorError, CliError) as exc:
-        print(f"clues {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"clues {args.command}", exc)
 
 
 if __name__ == "__main__":

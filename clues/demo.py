@@ -42,8 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.console import Progress, cache_dir
-from clues.service import CliError
+from agent.console import CliError, Progress, cache_dir, fail
 from scoring.config import DEFAULT_LORA_TARGETS, DEFAULT_PROJECTION_DIM
 from scoring.data import Sample, load_pubmedqa, write_samples
 from scoring.errors import DataError
@@ -527,8 +526,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 130
     except (CliError, CoordinatorError, ScoringError) as exc:
-        print(f"clues demo: error: {exc}", file=sys.stderr)
-        code = 2
+        code = fail("clues demo", exc)
     finally:
         demo.api.close()
         demo.procs.stop_all()

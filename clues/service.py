@@ -18,24 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from agent.console import EXIT_OK, CliError
+
 ADMIN_TOKEN_FILE = "admin-token"
-
-
-class CliError(Exception):
-    """A user-facing command-line error (printed as one line, exit 2)."""
-
-
-def add_projection_args(p: argparse.ArgumentParser) -> None:
-    """``--proj-dim`` and ``--proj-seed``: the shared projection every party derives (warmup, job-from-warmup)."""
-    from scoring.config import DEFAULT_PROJECTION_DIM
-
-    p.add_argument(
-        "--proj-dim",
-        type=int,
-        default=DEFAULT_PROJECTION_DIM,
-        help=f"projection dimension k (default {DEFAULT_PROJECTION_DIM})",
-    )
-    p.add_argument("--proj-seed", type=int, default=0, help="seed every party derives the projection from")
 
 
 def configure_logging(json_lines: bool, level: str = "INFO") -> None:
@@ -108,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.admin_token:
         print("warning: CLUES_ADMIN_TOKEN is not set; admin routes will answer 403", file=sys.stderr)
     _serve(settings, args.host, args.port)
-    return 0
+    return EXIT_OK
 
 
 def _die_with_parent() -> None:
@@ -138,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-    return 0
+    return EXIT_OK
 
 
 def export_openapi() -> dict:
@@ -157,7 +142,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     else:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -179,7 +164,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     celery_app.worker_main(argv)
-    return 0
+    return EXIT_OK
 
 
 def add_parsers(sub) -> None:

@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from agent.console import EXIT_OK, CliError, add_projection_args
 from clues.admin import add_connection_args, add_score_args, client, given_fields, score_fields, silo_names
-from clues.service import CliError, add_projection_args
 from scoring.config import DEFAULT_MAX_LEN, MERGE_KINDS
 
 SELECTIONS = ("fraction", "selected", "random", "all")
@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             job = api.wait_train(job["id"], poll=args.poll_interval, timeout=args.timeout, on_progress=_show_message())
             print(f"final metrics: {json.dumps(job['metrics'])}", file=sys.stderr)
     print(json.dumps(job, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _show_message():
@@ -88,7 +88,7 @@ def _show_message():
 def cmd_train_show(args: argparse.Namespace) -> int:
     with client(args) as api:
         print(json.dumps(api.train_job(args.job), indent=2))
-    return 0
+    return EXIT_OK
 
 
 def export_adapter(api, job_id: str, out: Path) -> None:
@@ -108,7 +108,7 @@ def export_adapter(api, job_id: str, out: Path) -> None:
 
 def export_merged(model_ref: str, adapter_dir: Path, dest: Path, args: argparse.Namespace) -> None:
     """The base model with the adapter merged in (peft ``merge_and_unload``) and its tokenizer, under ``dest``."""
-    from clues.cli import model_options
+    from agent.console import model_options
     from scoring.models import load_adapter, load_base_model
 
     opts = model_options(args)
@@ -128,7 +128,7 @@ def cmd_train_export(args: argparse.Namespace) -> int:
         export_merged(job["spec"]["model"], out, out / "merged", args)
         written["merged"] = str(out / "merged")
     print(json.dumps(written))
-    return 0
+    return EXIT_OK
 
 
 def cmd_job_from_warmup(args: argparse.Namespace) -> int:
@@ -165,7 +165,7 @@ def cmd_job_from_warmup(args: argparse.Namespace) -> int:
             api.upload_anchors(job["id"], Path(args.anchors).read_bytes())
             job = api.open_job(job["id"]) if args.open else api.job(job["id"])
     print(json.dumps(job, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def add_admin_actions(asub) -> None:

@@ -1,4 +1,5 @@
-"""The console progress every `clues` command shares: a bar on a terminal, a few plain lines anywhere else."""
+"""What every `clues` command shares (`agent.console`): progress (a bar on a terminal, a few plain lines anywhere else),
+the model options and the one-line error with exit status 2."""
 
 from __future__ import annotations
 
@@ -49,3 +50,37 @@ def test_the_model_cache_comes_from_the_environment(monkeypatch, tmp_path):
     assert cache_dir() is None
     monkeypatch.setenv("CLUES_CACHE_DIR", str(tmp_path))
     assert cache_dir() == tmp_path / "models"
+
+
+def _dtype_choices(parser) -> dict[str, tuple]:
+    """``{command path: --dtype choices}`` of every (sub)command of ``parser`` that takes ``--dtype``."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if "--dtype" in getattr(action, "option_strings", ()):
+            found[parser.prog] = tuple(action.choices)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _dtype_choices(sub)
+    return found
+
+
+def test_every_command_that_loads_a_model_takes_the_same_model_options():
+    from agent.console import DTYPES
+    from clues.cli import build_parser
+
+    choices = _dtype_choices(build_parser())
+    assert {"clues warmup", "clues project", "clues agent run", "clues agent train"} <= set(choices)
+    assert set(choices.values()) == {DTYPES}
+
+
+def test_an_error_is_one_line_naming_the_command_and_exits_2(capsys):
+    from agent.console import EXIT_ERROR, CliError, fail
+    from clues.cli import main
+
+    assert fail("clues x", CliError("--y: bad")) == EXIT_ERROR == 2
+    assert capsys.readouterr().err == "clues x: error: --y: bad\n"
+    assert main(["select", "--scores", "/nonexistent/scores", "--out", "/nonexistent/out"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clues select: error:"), err
