@@ -303,9 +303,16 @@ class AdamState(_JsonMixin):
 
 
 class _WithAdam(_JsonMixin):
-    """`_JsonMixin` for settings that nest an `AdamState` as ``adam`` (a JSON object in the dict form)."""
+    """`_JsonMixin` for training settings: a learning-rate ``schedule`` and an `AdamState` nested as ``adam`` (a
+    JSON object in the dict form)."""
 
     adam: AdamState
+    schedule: str
+
+    def __post_init__(self) -> None:
+        _check_annotated(self)
+        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -349,11 +356,6 @@ class TrainingConfig(_WithAdam):
     seed: Annotated[int, Ge(0)] = 0
     adam: AdamState = field(default_factory=AdamState)
 
-    def __post_init__(self) -> None:
-        _check_annotated(self)
-        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
-
 
 @dataclass(frozen=True)
 class LocalTrainConfig(_WithAdam):
@@ -383,11 +385,6 @@ class LocalTrainConfig(_WithAdam):
     max_grad_norm: Annotated[float, Ge(0)] = 1.0
     seed: Annotated[int, Ge(0)] = 0
     adam: AdamState = field(default_factory=AdamState)
-
-    def __post_init__(self) -> None:
-        _check_annotated(self)
-        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require(isinstance(self.adam, AdamState), "adam", f"must be an AdamState, got {type(self.adam).__name__}")
 
 
 def round_lr(cfg: LocalTrainConfig, round: int, rounds: int) -> float:
