@@ -23,9 +23,10 @@ import functools
 import hashlib
 import json
 import math
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin, get_type_hints
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 
@@ -124,15 +125,19 @@ _BOUNDS: tuple[tuple[type, str, str, Any], ...] = (
 
 
 @functools.cache
-def _annotated_fields(cls: type) -> tuple[tuple[str, Any, tuple[Any, ...]], ...]:
-    """``(name, base type, metadata)`` of each ``Annotated`` field of the dataclass ``cls``."""
+def _annotated_fields(cls: type) -> tuple[tuple[str, Any, tuple[Any, ...], bool], ...]:
+    """``(name, base type, metadata, optional)`` of each ``Annotated`` field of the dataclass ``cls``; an optional
+    field is written ``Annotated[float, Gt(0)] | None`` and its bounds hold when it is not None."""
     hints = get_type_hints(cls, include_extras=True)
     out = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        hint = hints[f.name]
+        hint, optional = hints[f.name], False
+        if get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint):
+            inner = [a for a in get_args(hint) if a is not type(None)]
+            hint, optional = (inner[0], True) if len(inner) == 1 else (hint, False)
         if get_origin(hint) is Annotated:
             base, *meta = get_args(hint)
-            out.append((f.name, base, tuple(meta)))
+            out.append((f.name, base, tuple(meta), optional))
     return tuple(out)
 
 
@@ -143,8 +148,10 @@ def _check_annotated(obj: Any) -> None:
     Raises:
         ConfigError: naming the field, the rule and the value.
     """
-    for name, base, meta in _annotated_fields(type(obj)):
+    for name, base, meta, optional in _annotated_fields(type(obj)):
         value = getattr(obj, name)
+        if optional and value is None:
+            continue
         rules = [f"{sign} {getattr(m, attr)}" for m in meta for kind, attr, sign, _ in _BOUNDS if isinstance(m, kind)]
         if base is int or base is float:
             what = "an integer" if base is int else "a number"
@@ -385,6 +392,36 @@ class LocalTrainConfig(_WithAdam):
     max_grad_norm: Annotated[float, Ge(0)] = 1.0
     seed: Annotated[int, Ge(0)] = 0
     adam: AdamState = field(default_factory=AdamState)
+
+
+@dataclass(frozen=True)
+class DPSettings(_JsonMixin):
+    """DP-SGD in a silo's local training (`scoring.privacy`, `scoring.federated.dp`): each sample's gradient is
+    clipped to ``clip_norm``, Gaussian noise of standard deviation ``noise_multiplier · clip_norm`` is added to the
+    sum, and batches are Poisson-sampled, as the accountant assumes.
+
+    Give exactly one of ``epsilon`` (the budget for the whole training job at one silo; σ is derived from it) and
+    ``noise_multiplier`` (σ; the ε it spends is reported).
+
+    Attributes:
+        clip_norm: C, the bound on each sample's gradient norm (all LoRA parameters together).
+        epsilon: target ε over every round of the job, at ``delta``.
+        noise_multiplier: σ, noise standard deviation over ``clip_norm``.
+        delta: δ of the (ε, δ) guarantee (default 1/N, N the silo's sample count).
+    """
+
+    clip_norm: Annotated[float, Gt(0)] = 1.0
+    epsilon: Annotated[float, Gt(0), Le(1000)] | None = None
+    noise_multiplier: Annotated[float, Gt(0), Le(1000)] | None = None
+    delta: Annotated[float, Gt(0), Lt(1)] | None = None
+
+    def __post_init__(self) -> None:
+        _check_annotated(self)
+        _require(
+            (self.epsilon is None) != (self.noise_multiplier is None),
+            "epsilon",
+            "give exactly one of epsilon (σ is derived from it) and noise_multiplier (its ε is reported)",
+        )
 
 
 def round_lr(cfg: LocalTrainConfig, round: int, rounds: int) -> float:

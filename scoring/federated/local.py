@@ -155,7 +155,7 @@ class LocalResult:
     num_samples: int
 
 
-def _make_optimizer(params: OrderedDict[str, nn.Parameter], cfg: LocalTrainConfig, lr: float, moments):
+def make_optimizer(params: OrderedDict[str, nn.Parameter], cfg: LocalTrainConfig, lr: float, moments):
     optimizer = torch.optim.AdamW(
         list(params.values()),
         lr=lr,
@@ -183,7 +183,7 @@ def _make_optimizer(params: OrderedDict[str, nn.Parameter], cfg: LocalTrainConfi
     return optimizer
 
 
-def _moments_of(optimizer: torch.optim.Optimizer, params: OrderedDict[str, nn.Parameter]) -> LocalMoments:
+def moments_of(optimizer: torch.optim.Optimizer, params: OrderedDict[str, nn.Parameter]) -> LocalMoments:
     exp_avg, exp_avg_sq, steps = {}, {}, set()
     for name, param in params.items():
         st = optimizer.state[param]
@@ -195,7 +195,7 @@ def _moments_of(optimizer: torch.optim.Optimizer, params: OrderedDict[str, nn.Pa
     return LocalMoments(exp_avg, exp_avg_sq, steps.pop())
 
 
-def _add_prox_grad(params: OrderedDict[str, nn.Parameter], anchor: dict[str, Tensor], mu: float) -> None:
+def add_prox_grad(params: OrderedDict[str, nn.Parameter], anchor: dict[str, Tensor], mu: float) -> None:
     """Add ∇ μ/2·||w - w_global||² = μ(w - w_global) to each gradient (the same as adding the term to the loss)."""
     for name, param in params.items():
         pull = (param.detach() - anchor[name]) * mu
@@ -245,7 +245,7 @@ def local_update(
     params = lora_parameters(model)
     device = next(iter(params.values())).device
     anchor = {name: p.detach().clone() for name, p in params.items()} if cfg.prox_mu > 0 else {}
-    optimizer = _make_optimizer(params, cfg, lr, moments)
+    optimizer = make_optimizer(params, cfg, lr, moments)
     batches = round_batches(len(data), cfg.batch_size, cfg.steps * cfg.grad_accum, cfg.seed, round)
     losses: list[float] = []
     model.train()
@@ -260,7 +260,7 @@ def local_update(
                 (loss / cfg.grad_accum).backward()
                 step_losses.append(loss.item())
             if cfg.prox_mu > 0:
-                _add_prox_grad(params, anchor, cfg.prox_mu)
+                add_prox_grad(params, anchor, cfg.prox_mu)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             optimizer.step()
@@ -271,5 +271,5 @@ def local_update(
     finally:
         model.eval()
     return LocalResult(
-        get_lora_weights(model), _moments_of(optimizer, params), sum(losses) / len(losses), cfg.steps, len(data)
+        get_lora_weights(model), moments_of(optimizer, params), sum(losses) / len(losses), cfg.steps, len(data)
     )

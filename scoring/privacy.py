@@ -1,0 +1,218 @@
+"""Privacy accounting for DP-SGD at a silo: how much ε a silo's local training spends, and a ledger that refuses to
+spend more than the job's budget.
+
+The mechanism (`scoring.federated.dp`) is the sampled Gaussian mechanism of DP-SGD: each optimizer step
+Poisson-samples the silo's N samples at rate q, clips each sampled gradient to norm C and adds N(0, σ²C²) noise to
+their sum. Every release the coordinator sees (the adapters a silo uploads) is post-processing of those noisy sums,
+so the guarantee for a silo's samples is that of ``steps`` compositions of the sampled Gaussian, counted across every
+round of the job. The accounting is Google's `dp-accounting` (its RDP accountant, with its tight conversion from
+RDP to (ε, δ)), not hand-written: `dp_sgd_epsilon` composes the events, `dp_sgd_noise` calibrates σ to a target ε.
+
+`PrivacyLedger` is the silo's record of one training job (a JSON file kept beside the silo's moments, written
+atomically): the plan (q, σ, δ, the ε budget), and each round charged with its step count and the ε spent after it.
+It survives a restart (charging the same round again changes nothing) and refuses, with the figures, a round that
+would take the job past its budget. Torch-free: the coordinator reads ledgers' figures without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scoring.config import DPSettings
+from scoring.errors import ConfigError, DataError, ScoringError
+from wire.files import atomic_write_bytes
+
+LEDGER_FORMAT = "clues.privacy-ledger/1"
+_SLACK = 1e-9
+"""Relative slack when comparing a spend to the budget (σ is calibrated to the budget to solver tolerance)."""
+
+
+RDP_ORDERS: tuple[float, ...] = (*range(2, 64), 128, 256, 512)
+"""The Rényi orders the accountant evaluates: `dp-accounting`'s defaults without the fractional ones below 5, whose
+series fails to converge at small σ (the accountant then drops them with a warning); integer orders are exact."""
+
+
+def _accountant():
+    from dp_accounting import rdp
+
+    return rdp.RdpAccountant(list(RDP_ORDERS))
+
+
+class BudgetExceededError(ScoringError):
+    """A round would take a silo's ε past the training job's budget."""
+
+
+def _sampled_gaussian(noise_multiplier: float, sampling_rate: float, steps: int):
+    import dp_accounting
+
+    step = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def _check_plan(sampling_rate: float, steps: int, delta: float) -> None:
+    if not 0 < sampling_rate <= 1:
+        raise ConfigError(f"sampling_rate: must be in (0, 1], got {sampling_rate!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"steps: must be an integer >= 0, got {steps!r}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta: must be in (0, 1), got {delta!r}")
+
+
+def dp_sgd_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """ε of ``steps`` DP-SGD steps (Poisson rate ``sampling_rate``, noise σ = ``noise_multiplier``) at ``delta``,
+    by `dp-accounting`'s RDP accountant. Zero steps spend nothing."""
+    _check_plan(sampling_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    accountant = _accountant()
+    accountant.compose(_sampled_gaussian(noise_multiplier, sampling_rate, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def dp_sgd_noise(target_epsilon: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """The smallest σ whose ``steps`` DP-SGD steps spend at most ``target_epsilon`` at ``delta``
+    (`dp_accounting.calibrate_dp_mechanism` over the RDP accountant)."""
+    _check_plan(sampling_rate, steps, delta)
+    if not target_epsilon > 0:
+        raise ConfigError(f"epsilon: must be positive, got {target_epsilon!r}")
+    import dp_accounting
+
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        _accountant,
+        lambda s: _sampled_gaussian(s, sampling_rate, max(steps, 1)),
+        target_epsilon,
+        delta,
+        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+        tol=1e-6,
+    )
+    return float(sigma)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What one silo's DP-SGD in one training job runs under.
+
+    Attributes:
+        clip_norm: C.
+        noise_multiplier: σ.
+        sampling_rate: q, the Poisson rate of each step (expected batch / N).
+        delta: δ.
+        epsilon_budget: the most ε the job may spend at this silo (the target, or what σ spends over the planned
+            steps).
+        planned_steps: the optimizer steps of every round together.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    sampling_rate: float
+    delta: float
+    epsilon_budget: float
+    planned_steps: int
+
+    @classmethod
+    def of(cls, settings: DPSettings, *, num_samples: int, expected_batch: int, planned_steps: int) -> PrivacyPlan:
+        """The plan of a silo holding ``num_samples`` samples, drawing ``expected_batch`` of them per step on
+        average, for ``planned_steps`` steps: σ from the target ε, or the ε of the given σ; δ defaults to 1/N."""
+        if num_samples < 1:
+            raise ConfigError(f"num_samples: DP-SGD needs at least one sample, got {num_samples}")
+        rate = min(1.0, expected_batch / num_samples)
+        delta = settings.delta if settings.delta is not None else 1.0 / num_samples
+        if settings.epsilon is not None:
+            sigma = dp_sgd_noise(settings.epsilon, rate, planned_steps, delta)
+            budget = settings.epsilon
+        else:
+            sigma = float(settings.noise_multiplier)
+            budget = dp_sgd_epsilon(sigma, rate, planned_steps, delta)
+        return cls(settings.clip_norm, sigma, rate, delta, budget, planned_steps)
+
+    def epsilon_after(self, steps: int) -> float:
+        return dp_sgd_epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta)
+
+
+@dataclass
+class PrivacyLedger:
+    """A silo's ε ledger for one training job (see the module docstring). Open it with `PrivacyLedger.open`."""
+
+    path: Path
+    job_id: str
+    plan: PrivacyPlan
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps_spent(self) -> int:
+        return sum(int(r["steps"]) for r in self.rounds)
+
+    @property
+    def epsilon_spent(self) -> float:
+        return float(self.rounds[-1]["epsilon"]) if self.rounds else 0.0
+
+    @classmethod
+    def open(cls, path: Path | str, job_id: str, plan: PrivacyPlan) -> PrivacyLedger:
+        """The ledger at ``path``: read back if it exists (it must be this job's, under the same plan), else a new
+        empty one, written at once so that a restart finds it."""
+        path = Path(path)
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                stored = PrivacyPlan(**data["plan"])
+                job, rounds = str(data["job"]), list(data["rounds"])
+                if data.get("format") != LEDGER_FORMAT:
+                    raise ValueError(f"format {data.get('format')!r}")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}: not a privacy ledger ({type(exc).__name__}: {exc})") from exc
+            if job != job_id:
+                raise DataError(f"{path}: the ledger of training job {job}, not {job_id}")
+            if stored != plan:
+                raise DataError(f"{path}: the ledger was planned as {stored}, the job now asks for {plan}")
+            return cls(path, job_id, plan, rounds)
+        ledger = cls(path, job_id, plan)
+        ledger._write()
+        return ledger
+
+    def check(self, round: int, steps: int) -> float:
+        """The ε spent once round ``round`` of ``steps`` steps is charged; `BudgetExceededError` if that is past the
+        budget. A round already charged costs nothing more."""
+        if any(r["round"] == round for r in self.rounds):
+            return self.epsilon_spent
+        after = self.plan.epsilon_after(self.steps_spent + steps)
+        if after > self.plan.epsilon_budget * (1 + _SLACK):
+            raise BudgetExceededError(
+                f"round {round} of training job {self.job_id}: {steps} more DP-SGD step(s) would spend ε = "
+                f"{after:.4g} at δ = {self.plan.delta:.3g}, past the budget ε = {self.plan.epsilon_budget:.4g} "
+                f"({self.epsilon_spent:.4g} spent in {self.steps_spent} step(s))"
+            )
+        return after
+
+    def charge(self, round: int, steps: int) -> float:
+        """Record round ``round`` (``steps`` steps) before its update leaves the silo; returns the ε spent after it.
+        Idempotent per round; `BudgetExceededError` (nothing recorded) past the budget."""
+        if any(r["round"] == round for r in self.rounds):
+            return self.epsilon_spent
+        after = self.check(round, steps)
+        self.rounds.append({"round": round, "steps": steps, "epsilon": after})
+        self._write()
+        return after
+
+    def summary(self) -> dict[str, Any]:
+        """What a silo reports to the coordinator: the plan's figures and the ε spent so far."""
+        return {
+            "epsilon_spent": self.epsilon_spent,
+            "epsilon_budget": self.plan.epsilon_budget,
+            "delta": self.plan.delta,
+            "noise_multiplier": self.plan.noise_multiplier,
+            "clip_norm": self.plan.clip_norm,
+            "sampling_rate": self.plan.sampling_rate,
+            "steps": self.steps_spent,
+        }
+
+    def _write(self) -> None:
+        data = {"format": LEDGER_FORMAT, "job": self.job_id, "plan": asdict(self.plan), "rounds": self.rounds}
+        atomic_write_bytes(self.path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def expected_noise_std(plan: PrivacyPlan) -> float:
+    """σ·C, the standard deviation of the noise on each coordinate of a step's clipped sum."""
+    return plan.noise_multiplier * plan.clip_norm
