@@ -118,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cache_dir=cache_dir(),
             poll_interval=args.poll_interval,
             timeout=args.timeout,
+            max_epsilon=args.max_epsilon,
         )
         with SiloClient(args.coordinator, args.token) as client:
             result = run_training(
@@ -284,6 +285,14 @@ def add_parser(sub) -> None:
     _add_common(p, "the rounds' adapters and this silo's Adam moments")
     p.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="give up after S seconds in all (default: never)"
+    )
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="with a DP-SGD job: the most ε this silo spends on it; a round past it is refused and the agent stops "
+        "(default: the job's budget)",
     )
     p.set_defaults(func=cmd_train)
 

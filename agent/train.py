@@ -3,7 +3,10 @@ the local samples, then for every round this silo has not sent yet download the 
 from it, upload the new adapter, and poll until the next round opens; at the end download the final adapter.
 
 Only adapters leave the silo (the weights and four numbers: round, sample count, score mass, loss); the text and
-this silo's Adam moments never do.
+this silo's Adam moments never do. When the job trains with DP-SGD (``local.dp``), each round runs
+`scoring.federated.dp.dp_local_update`, is charged to this silo's ε ledger before its update leaves, and the update
+carries the ledger's figures instead of the training loss (sent as 0: an un-noised mean loss is not covered by ε).
+A round that would take the silo past the job's budget, or past its own ``max_epsilon``, is refused.
 
 `run_training` is the whole workflow; it can be killed at any point and run again. What it keeps under
 ``work_dir/train-<job>/``:
@@ -15,6 +18,7 @@ this silo's Adam moments never do.
   a warmup with ``precondition`` uses them (`local_moments_path`, read by `agent.loop`).
 - ``round-NNNN/update.safetensors``: the update sent for that round. When present it is sent again as it is,
   never retrained, so a silo that crashed after training re-sends the same bytes (the coordinator answers 200).
+- ``privacy-ledger.json``: with DP-SGD, this silo's ε ledger for the job (`scoring.privacy.PrivacyLedger`).
 - ``final.safetensors``: the final adapter.
 """
 
@@ -48,6 +52,8 @@ class TrainOptions:
         cache_dir: converted model weights (None: the default cache).
         poll_interval: seconds between status polls while waiting for a round to open.
         timeout: give up after this many seconds in all (None: wait for ever).
+        max_epsilon: with DP-SGD, the most ε this silo spends on the job, whatever the job's budget (None: the
+            job's budget).
     """
 
     device: str = "cpu"
@@ -55,6 +61,7 @@ class TrainOptions:
     cache_dir: Path | None = None
     poll_interval: float = 2.0
     timeout: float | None = None
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -65,6 +72,8 @@ class TrainOptions:
             raise AgentError(f"poll_interval: must be positive, got {self.poll_interval!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise AgentError(f"timeout: must be positive or None, got {self.timeout!r}")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise AgentError(f"max_epsilon: must be positive or None, got {self.max_epsilon!r}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,23 @@ class LocalTrainer:
 
     def __init__(self, spec: dict, samples: list[Sample], options: TrainOptions):
         self.spec, self.samples, self.options = spec, samples, options
+        self.cfg = LocalTrainConfig.from_dict(spec["local"])
         self.model: Any = None
+
+    def ledger(self, work_dir: Path, job_id: str):
+        """This silo's ε ledger for the job (None when the job trains without DP-SGD): N is the samples chosen,
+        the expected batch ``batch_size · grad_accum``, the planned steps every round's."""
+        if self.cfg.dp is None:
+            return None
+        from scoring.privacy import PrivacyLedger, PrivacyPlan
+
+        plan = PrivacyPlan.of(
+            self.cfg.dp,
+            num_samples=len(self.samples),
+            expected_batch=self.cfg.batch_size * self.cfg.grad_accum,
+            planned_steps=int(self.spec["rounds"]) * self.cfg.steps,
+        )
+        return PrivacyLedger.open(train_dir(work_dir, job_id) / "privacy-ledger.json", job_id, plan)
 
     def _load(self) -> None:
         from scoring.batching import tokenize_samples
@@ -186,8 +211,11 @@ class LocalTrainer:
         self.data = tokenize_samples(self.samples, base.tokenizer, spec["max_len"], spec["template"])
         self.pad_id = base.tokenizer.pad_token_id
 
-    def train(self, start: CheckpointBundle, *, lr: float, round: int, moments: Any, progress: Progress | None):
-        """`scoring.federated.local.local_update` from the round's global adapter ``start``.
+    def train(
+        self, start: CheckpointBundle, *, lr: float, round: int, moments: Any, progress: Progress | None, plan=None
+    ):
+        """`scoring.federated.local.local_update` from the round's global adapter ``start`` (with a privacy
+        ``plan``: `scoring.federated.dp.dp_local_update`).
 
         Raises:
             AgentError: the global adapter's layout is not this model's LoRA layout.
@@ -203,16 +231,31 @@ class LocalTrainer:
                 f"round {round}: the global adapter's layout ({len(start.layout)} tensors) is not this model's LoRA "
                 f"layout ({len(mine)} tensors): a different model or LoRA settings than the job's spec"
             )
+        report = (lambda step, total, _loss: progress("training", step, total)) if progress else None
+        if plan is not None:
+            from scoring.federated.dp import dp_local_update
+
+            return dp_local_update(
+                self.model,
+                self.data,
+                self.cfg,
+                plan,
+                pad_id=self.pad_id,
+                global_weights=start.adapter,
+                lr=lr,
+                moments=moments,
+                progress=report,
+            )
         return local_update(
             self.model,
             self.data,
-            LocalTrainConfig.from_dict(self.spec["local"]),
+            self.cfg,
             pad_id=self.pad_id,
             global_weights=start.adapter,
             lr=lr,
             moments=moments,
             round=round,
-            progress=(lambda step, total, _loss: progress("training", step, total)) if progress else None,
+            progress=report,
         )
 
 
@@ -255,8 +298,17 @@ def train_round(
             )
     start = read_bundle(global_path.read_bytes(), None, None, f"round {index} adapter of training job {job_id}")
     moments = _previous_moments(work_dir, job_id, index)
-    result = trainer.train(start, lr=row["lr"], round=index, moments=moments, progress=progress)
+    ledger = trainer.ledger(work_dir, job_id)
+    limit = trainer.options.max_epsilon
+    if ledger is not None:
+        _within_budget(lambda: ledger.check(index, trainer.cfg.steps, limit))  # refused before any training
+    plan = ledger.plan if ledger is not None else None
+    result = trainer.train(start, lr=row["lr"], round=index, moments=moments, progress=progress, plan=plan)
     save_moments(local_moments_path(work_dir, job_id, index), result.moments)
+    privacy = None
+    if ledger is not None:
+        _within_budget(lambda: ledger.charge(index, result.steps, limit))  # before the update can leave
+        privacy = ledger.summary()
     update = CheckpointBundle(
         layout=start.layout,
         adapter=result.weights,
@@ -268,11 +320,23 @@ def train_round(
             "round": index,
             "num_samples": result.num_samples,
             "score_mass": score_mass,
-            "train_loss": result.mean_loss,
+            "train_loss": result.mean_loss if privacy is None else 0.0,
+            **({"privacy": privacy} if privacy is not None else {}),
         },
     )
     atomic_write_bytes(update_path, bundle_to_bytes(update))  # last: its presence means the round is trained
     return update_path
+
+
+def _within_budget(spend) -> None:
+    """Run a ledger check or charge; a round past the budget becomes an `AgentError` (the agent stops: it takes
+    no further part in the job)."""
+    from scoring.privacy import BudgetExceededError
+
+    try:
+        spend()
+    except BudgetExceededError as exc:
+        raise AgentError(f"refused: {exc}") from None
 
 
 def _due_round(job: dict) -> dict | None:

@@ -402,9 +402,22 @@ class TrainCreate(_Strict):
         return silos
 
 
+class PrivacyReport(BaseModel):
+    """A silo's DP-SGD ledger for the job, as it reported it with its last update (`scoring.privacy`)."""
+
+    epsilon_spent: float = Field(description="ε spent so far at this silo, at delta")
+    epsilon_budget: float = Field(description="the most ε the job may spend at this silo")
+    delta: float
+    noise_multiplier: float = Field(description="σ: noise standard deviation over the clip norm")
+    clip_norm: float
+    sampling_rate: float = Field(description="q: the Poisson rate of each step")
+    steps: int = Field(description="DP-SGD steps taken so far")
+
+
 class TrainMemberPublic(BaseModel):
     name: str
     num_samples: int | None = Field(description="samples it last reported training on")
+    privacy: PrivacyReport | None = Field(None, description="its ε ledger, when the job trains with DP-SGD")
 
 
 class RoundFlag(BaseModel):

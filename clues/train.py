@@ -35,8 +35,18 @@ def train_spec(args: argparse.Namespace) -> dict:
             raise CliError(
                 f"--checkpoint-rounds: expected rounds such as 0,2, got {args.checkpoint_rounds!r}"
             ) from None
+    dp = given_fields(
+        epsilon=args.dp_epsilon, noise_multiplier=args.dp_noise, clip_norm=args.dp_clip, delta=args.dp_delta
+    )
+    if dp and "epsilon" not in dp and "noise_multiplier" not in dp:
+        raise CliError("--dp-epsilon: DP-SGD needs --dp-epsilon (a budget) or --dp-noise (σ)")
     local = given_fields(
-        steps=args.local_steps, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, prox_mu=args.prox_mu
+        steps=args.local_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        schedule=args.schedule,
+        prox_mu=args.prox_mu,
+        dp=dp or None,
     )
     return given_fields(
         name=args.name or f"{args.mode}-{args.silos.replace(',', '-')}"[:200],
@@ -249,6 +259,16 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="samples per micro-batch (default 4)")
     p.add_argument("--schedule", default=None, choices=("constant", "linear", "cosine"), help="lr across rounds")
     p.add_argument("--prox-mu", type=float, default=None, help="FedProx proximal coefficient (default 0)")
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="train with DP-SGD: the ε budget of the whole job at each silo (σ is derived from it)",
+    )
+    p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA", help="DP-SGD with this σ instead")
+    p.add_argument("--dp-clip", type=float, default=None, metavar="C", help="DP-SGD per-sample clip norm (default 1)")
+    p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA", help="DP-SGD δ (default 1/N per silo)")
     p.add_argument("--aggregation", default=None, choices=AGGREGATIONS, help="server rule (default fedavg)")
     p.add_argument("--server-lr", type=float, default=None, help="server learning rate of fedadam/fedyogi")
     p.add_argument("--merge-kind", default=None, choices=MERGE_KINDS, help="merge: peft combination (default cat)")

@@ -331,6 +331,8 @@ class _WithAdam(_JsonMixin):
         data = dict(data) if isinstance(data, dict) else data
         if isinstance(data, dict) and isinstance(data.get("adam"), dict):
             data["adam"] = AdamState.from_dict(data["adam"])
+        if isinstance(data, dict) and isinstance(data.get("dp"), dict):
+            data["dp"] = DPSettings.from_dict(data["dp"])
         return super().from_dict(data)
 
 
@@ -365,36 +367,6 @@ class TrainingConfig(_WithAdam):
 
 
 @dataclass(frozen=True)
-class LocalTrainConfig(_WithAdam):
-    """One silo's local LoRA training in a federated round (FedAvg, or FedProx with ``prox_mu > 0``).
-
-    Attributes:
-        steps: optimizer steps per round.
-        batch_size: samples per micro-batch.
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate.
-        schedule: how the lr moves across rounds (constant within a round): ``constant``, ``linear`` or
-            ``cosine`` (see `round_lr`).
-        weight_decay: AdamW weight decay.
-        prox_mu: FedProx coefficient μ of ``μ/2 · ||w - w_global||²`` (0 is plain FedAvg local training).
-        max_grad_norm: clip the global gradient norm to this (0 disables clipping).
-        seed: shuffling seed (each round shuffles with ``(seed, round)``).
-        adam: the AdamW betas and eps.
-    """
-
-    steps: Annotated[int, Ge(1), Le(1_000_000)] = 10
-    batch_size: Annotated[int, Ge(1), Le(4096)] = 4
-    grad_accum: Annotated[int, Ge(1), Le(4096)] = 1
-    lr: Annotated[float, Gt(0)] = 2e-4
-    schedule: Schedule = "constant"
-    weight_decay: Annotated[float, Ge(0)] = 0.0
-    prox_mu: Annotated[float, Ge(0)] = 0.0
-    max_grad_norm: Annotated[float, Ge(0)] = 1.0
-    seed: Annotated[int, Ge(0)] = 0
-    adam: AdamState = field(default_factory=AdamState)
-
-
-@dataclass(frozen=True)
 class DPSettings(_JsonMixin):
     """DP-SGD in a silo's local training (`scoring.privacy`, `scoring.federated.dp`): each sample's gradient is
     clipped to ``clip_norm``, Gaussian noise of standard deviation ``noise_multiplier · clip_norm`` is added to the
@@ -421,6 +393,46 @@ class DPSettings(_JsonMixin):
             (self.epsilon is None) != (self.noise_multiplier is None),
             "epsilon",
             "give exactly one of epsilon (σ is derived from it) and noise_multiplier (its ε is reported)",
+        )
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig(_WithAdam):
+    """One silo's local LoRA training in a federated round (FedAvg, or FedProx with ``prox_mu > 0``).
+
+    Attributes:
+        steps: optimizer steps per round.
+        batch_size: samples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate.
+        schedule: how the lr moves across rounds (constant within a round): ``constant``, ``linear`` or
+            ``cosine`` (see `round_lr`).
+        weight_decay: AdamW weight decay.
+        prox_mu: FedProx coefficient μ of ``μ/2 · ||w - w_global||²`` (0 is plain FedAvg local training).
+        max_grad_norm: clip the global gradient norm to this (0 disables clipping).
+        seed: shuffling seed (each round shuffles with ``(seed, round)``).
+        adam: the AdamW betas and eps.
+        dp: train with DP-SGD under these settings (`DPSettings`; None: plain training).
+    """
+
+    steps: Annotated[int, Ge(1), Le(1_000_000)] = 10
+    batch_size: Annotated[int, Ge(1), Le(4096)] = 4
+    grad_accum: Annotated[int, Ge(1), Le(4096)] = 1
+    lr: Annotated[float, Gt(0)] = 2e-4
+    schedule: Schedule = "constant"
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    prox_mu: Annotated[float, Ge(0)] = 0.0
+    max_grad_norm: Annotated[float, Ge(0)] = 1.0
+    seed: Annotated[int, Ge(0)] = 0
+    adam: AdamState = field(default_factory=AdamState)
+    dp: DPSettings | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.dp is None or isinstance(self.dp, DPSettings),
+            "dp",
+            f"must be DPSettings or None, got {type(self.dp).__name__}",
         )
 
 

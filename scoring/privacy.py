@@ -17,6 +17,7 @@ would take the job past its budget. Torch-free: the coordinator reads ledgers' f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,26 +173,30 @@ class PrivacyLedger:
         ledger._write()
         return ledger
 
-    def check(self, round: int, steps: int) -> float:
+    def check(self, round: int, steps: int, limit: float | None = None) -> float:
         """The ε spent once round ``round`` of ``steps`` steps is charged; `BudgetExceededError` if that is past the
-        budget. A round already charged costs nothing more."""
+        job's budget, or past ``limit`` (a cap the silo sets for itself). A round already charged costs nothing
+        more."""
         if any(r["round"] == round for r in self.rounds):
             return self.epsilon_spent
         after = self.plan.epsilon_after(self.steps_spent + steps)
-        if after > self.plan.epsilon_budget * (1 + _SLACK):
+        budget, whose = self.plan.epsilon_budget, "the job's budget"
+        if limit is not None and limit < budget:
+            budget, whose = limit, "this silo's own limit"
+        if after > budget * (1 + _SLACK):
             raise BudgetExceededError(
                 f"round {round} of training job {self.job_id}: {steps} more DP-SGD step(s) would spend ε = "
-                f"{after:.4g} at δ = {self.plan.delta:.3g}, past the budget ε = {self.plan.epsilon_budget:.4g} "
+                f"{after:.4g} at δ = {self.plan.delta:.3g}, past {whose} ε = {budget:.4g} "
                 f"({self.epsilon_spent:.4g} spent in {self.steps_spent} step(s))"
             )
         return after
 
-    def charge(self, round: int, steps: int) -> float:
+    def charge(self, round: int, steps: int, limit: float | None = None) -> float:
         """Record round ``round`` (``steps`` steps) before its update leaves the silo; returns the ε spent after it.
-        Idempotent per round; `BudgetExceededError` (nothing recorded) past the budget."""
+        Idempotent per round; `BudgetExceededError` (nothing recorded) past the budget or ``limit``."""
         if any(r["round"] == round for r in self.rounds):
             return self.epsilon_spent
-        after = self.check(round, steps)
+        after = self.check(round, steps, limit)
         self.rounds.append({"round": round, "steps": steps, "epsilon": after})
         self._write()
         return after
@@ -216,3 +221,36 @@ class PrivacyLedger:
 def expected_noise_std(plan: PrivacyPlan) -> float:
     """σ·C, the standard deviation of the noise on each coordinate of a step's clipped sum."""
     return plan.noise_multiplier * plan.clip_norm
+
+
+REPORT_FIELDS: tuple[str, ...] = (
+    "epsilon_spent",
+    "epsilon_budget",
+    "delta",
+    "noise_multiplier",
+    "clip_norm",
+    "sampling_rate",
+    "steps",
+)
+"""What a silo reports of its ledger with each update (`PrivacyLedger.summary`)."""
+
+
+def check_report(report: object, where: str) -> dict[str, Any]:
+    """A privacy report (`PrivacyLedger.summary`) as it arrives in an update: every field of `REPORT_FIELDS`, finite
+    and >= 0 (``steps`` an integer, ``delta`` and ``sampling_rate`` in (0, 1]).
+
+    Raises:
+        DataError: naming the field.
+    """
+    if not isinstance(report, dict):
+        raise DataError(f"{where}: the privacy report must be a JSON object")
+    missing = [key for key in REPORT_FIELDS if key not in report]
+    if missing:
+        raise DataError(f"{where}: the privacy report lacks {missing}")
+    for key in REPORT_FIELDS:
+        value = report[key]
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        ok = integer if key == "steps" else (integer or isinstance(value, float)) and math.isfinite(value)
+        if not ok or value < 0 or (key in ("delta", "sampling_rate") and not 0 < value <= 1):
+            raise DataError(f"{where}: privacy report '{key}' must be a finite number in range, got {value!r}")
+    return {key: report[key] for key in REPORT_FIELDS}

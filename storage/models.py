@@ -448,6 +448,8 @@ class TrainUpdate(Base):
     num_samples: Mapped[int]
     score_mass: Mapped[float] = mapped_column(Float)
     train_loss: Mapped[float] = mapped_column(Float)
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """After a DP-SGD round: the silo's ε ledger figures (`scoring.privacy.REPORT_FIELDS`); None otherwise."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     silo: Mapped[Silo] = relationship(lazy="joined")

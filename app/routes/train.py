@@ -229,6 +229,7 @@ async def upload_round_update(
             num_samples=update["num_samples"],
             score_mass=float(update["score_mass"]),
             train_loss=float(update["train_loss"]),
+            privacy=update.get("privacy"),
         )
 
     ref, _, created = await receive(request, state, "update", sha, validate, record)

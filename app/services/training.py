@@ -59,10 +59,12 @@ def round_public(row: TrainRound, received: list[str], mine: str | None) -> Roun
 
 def train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
     mine = None if principal.is_admin else principal.silo.name
-    history = []
+    history, privacy = [], {}
     for row in repo.list_rounds(session, job_id=job.id):
-        received = [u.silo.name for u in repo.list_updates(session, job_id=job.id, round=row.round)]
+        updates = repo.list_updates(session, job_id=job.id, round=row.round)
+        received = [u.silo.name for u in updates]
         history.append(round_public(row, [n for n in received if mine in (None, n)], mine))
+        privacy |= {u.silo.name: u.privacy for u in updates if u.privacy is not None}  # the latest round wins
     members = [m for m in job.members if mine in (None, m.silo.name)]
     return TrainPublic(
         id=job.id,
@@ -78,7 +80,10 @@ def train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
         updated_at=job.updated_at,
         finished_at=job.finished_at,
         spec=train_spec(job),
-        silos=[TrainMemberPublic(name=m.silo.name, num_samples=m.num_samples) for m in members],
+        silos=[
+            TrainMemberPublic(name=m.silo.name, num_samples=m.num_samples, privacy=privacy.get(m.silo.name))
+            for m in members
+        ],
         history=history,
         metrics=job.metrics,
         eval_samples=job.eval_num_samples,

@@ -49,7 +49,8 @@ class CheckpointBundle:
         entry: the checkpoint's ``checkpoint.json`` entry (index, step, lr, lr_last, adam).
         dtypes: bundle tensor name (``adapter.<name>``, ...) -> safetensors dtype code (``F32``, ``BF16``, ...);
             a tensor not listed is written in its array's dtype.
-        update: a silo's round update (``round``, ``num_samples``, ``score_mass``, ``train_loss``); None otherwise.
+        update: a silo's round update (``round``, ``num_samples``, ``score_mass``, ``train_loss``, and ``privacy``
+            after a DP-SGD round); None otherwise.
     """
 
     layout: Layout
@@ -174,7 +175,8 @@ def _check_entry(entry: object, where: str) -> dict[str, Any]:
 
 def _check_update(update: object, where: str) -> dict[str, Any]:
     """A silo update's ``round`` and ``num_samples`` (integers ≥ 0, the count at most `MAX_COUNT`), ``score_mass``
-    (finite) and ``train_loss`` (finite, ≥ 0)."""
+    (finite), ``train_loss`` (finite, ≥ 0) and, after a DP-SGD round, its ``privacy`` report
+    (`scoring.privacy.check_report`)."""
     if not isinstance(update, dict):
         raise DataError(f"{where}: the update must be a JSON object")
     missing = [key for key in _UPDATE_FIELDS if key not in update]
@@ -193,7 +195,12 @@ def _check_update(update: object, where: str) -> dict[str, Any]:
         raise DataError(
             f"{where}: update 'train_loss' is a cross-entropy and cannot be negative, got {update['train_loss']}"
         )
-    return {key: update[key] for key in _UPDATE_FIELDS}
+    checked = {key: update[key] for key in _UPDATE_FIELDS}
+    if update.get("privacy") is not None:  # a DP-SGD round: the silo's ε ledger (scoring.privacy)
+        from scoring.privacy import check_report
+
+        checked["privacy"] = check_report(update["privacy"], f"{where}: update 'privacy'")
+    return checked
 
 
 def _json_meta(metadata: Mapping[str, str], key: str, kind: type, where: str) -> Any:

@@ -187,8 +187,10 @@ def add_update(
     num_samples: int,
     score_mass: float,
     train_loss: float,
+    privacy: dict[str, Any] | None = None,
 ) -> bool:
-    """Store a silo's update for a round; True when new, False when the same bytes are stored again.
+    """Store a silo's update for a round (with its privacy report after a DP-SGD round); True when new, False when
+    the same bytes are stored again.
 
     Raises:
         ConflictError: the silo already sent other bytes for this round.
@@ -202,6 +204,7 @@ def add_update(
         num_samples=num_samples,
         score_mass=score_mass,
         train_loss=train_loss,
+        privacy=privacy,
     )
     key = (job_id, round, silo_id)
     stored, created = _insert_once(session, row, lambda: session.get(TrainUpdate, key, populate_existing=True))
