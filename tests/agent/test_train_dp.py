@@ -95,4 +95,4 @@ def test_the_admin_page_shows_each_silo_s_epsilon(world, dp_job):
     assert "ε spent (of budget, at δ)" in page and "trains with DP-SGD" in page
     for member in job["silos"]:
         row = page.split(f'<tr data-silo="{member["name"]}">', 1)[1].split("</tr>", 1)[0]
-        assert f"of {BUDGET:g}" in row and f"<td class=\"num\">{member['privacy']['steps']}</td>" in row
+        assert f"of {BUDGET:g}" in row and f'<td class="num">{member["privacy"]["steps"]}</td>' in row
