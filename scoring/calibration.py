@@ -29,7 +29,8 @@ The fused score is minus the statistic (higher = better, like the trace score), 
 Length (the number of response tokens) is not a signal: it is reported (`length_buckets`) to check that no
 signal merely prefers short or long answers.
 
-Contents: `SIGNAL_NAMES`, `fused_signals`, `badness`, `robust_z`, `fuse`, `CalibratedScores`, `calibrate`,
+Contents: `SIGNAL_NAMES`, `fused_signals`, `badness`, `robust_z`, `fuse`, `CalibratedScores`,
+`AnchorCalibration` (the anchors' centre and scale per signal, which a silo-local job publishes), `calibrate`,
 `length_buckets`, `EXPLANATIONS`.
 """
 
@@ -200,6 +201,58 @@ def signal_inputs(values: Mapping[str, np.ndarray], name: str) -> dict[str, np.n
     return {k: values.get(k) for k in INPUTS[name]}
 
 
+@dataclass(frozen=True)
+class AnchorCalibration:
+    """What calibrating a sample needs of the anchors: each fused signal's robust centre and scale over the anchor
+    samples' badness, and the fusion. Small enough to publish (2 numbers a signal): a silo that scores its own
+    samples (`scoring.local_scoring`) calibrates them exactly as the coordinator would.
+
+    Attributes:
+        signals: the S fused signals, in column order.
+        centres: (S,) median of the anchors' badness per signal.
+        scales: (S,) 1.4826 · MAD (or the fallbacks of `robust_z`) per signal.
+        fusion: ``fisher`` or ``max``.
+    """
+
+    signals: tuple[str, ...]
+    centres: tuple[float, ...]
+    scales: tuple[float, ...]
+    fusion: str
+
+    @classmethod
+    def of(cls, anchors: Mapping[str, np.ndarray], signals: Sequence[str], fusion: str) -> AnchorCalibration:
+        """From the anchors' raw values (``trace`` leave-one-out, ``loss``, ``loss_uncond``), M ≥ 2."""
+        signals = _check_signals(signals, fusion)
+        raw = _raw(anchors, signals)
+        if raw.shape[0] < 2:
+            raise DataError(f"calibration needs at least 2 anchor values, got {raw.shape[0]}")
+        pairs = [_centre_scale(raw[:, i]) for i in range(len(signals))]
+        return cls(signals, tuple(c for c, _ in pairs), tuple(s for _, s in pairs), fusion)
+
+    def score(self, values: Mapping[str, np.ndarray]) -> CalibratedScores:
+        """Calibrate and fuse N samples' raw values against the anchors."""
+        raw = _raw(values, self.signals)
+        z = (raw - np.asarray(self.centres)) / np.asarray(self.scales)
+        return CalibratedScores(self.signals, raw, z, -fuse(z, self.fusion))
+
+
+def _check_signals(signals: Sequence[str], fusion: str) -> tuple[str, ...]:
+    signals = tuple(signals)
+    if not signals or len(set(signals)) != len(signals):
+        raise ConfigError(f"signals: need at least one signal and no repeats, got {list(signals)}")
+    if fusion not in FUSIONS:
+        raise ConfigError(f"fusion: must be one of {list(FUSIONS)}, got {fusion!r}")
+    return signals
+
+
+def _raw(side: Mapping[str, np.ndarray], signals: Sequence[str]) -> np.ndarray:
+    """(N, S) badness of one side's samples (its values must share one length)."""
+    lengths = {len(np.asarray(v)) for v in side.values() if v is not None}
+    if len(lengths) > 1:
+        raise ShapeMismatchError(f"signal values of one side must have one length, got {sorted(lengths)}")
+    return np.stack([badness(s, **signal_inputs(side, s)) for s in signals], axis=1)
+
+
 def calibrate(
     candidates: Mapping[str, np.ndarray],
     anchors: Mapping[str, np.ndarray],
@@ -223,22 +276,13 @@ def calibrate(
         DataError: NaN/Inf values, too few anchors.
         ShapeMismatchError: arrays of different lengths within a side.
     """
-    signals = tuple(signals)
-    if not signals or len(set(signals)) != len(signals):
-        raise ConfigError(f"signals: need at least one signal and no repeats, got {list(signals)}")
-    if fusion not in FUSIONS:
-        raise ConfigError(f"fusion: must be one of {list(FUSIONS)}, got {fusion!r}")
-    sides = []
-    for side in (candidates, anchors):
-        lengths = {len(np.asarray(v)) for v in side.values() if v is not None}
-        if len(lengths) > 1:
-            raise ShapeMismatchError(f"signal values of one side must have one length, got {sorted(lengths)}")
-        sides.append(np.stack([badness(s, **signal_inputs(side, s)) for s in signals], axis=1))  # (N, S)
-    cand_raw, anchor_raw = sides
-    cand_z = np.stack([robust_z(anchor_raw[:, i], cand_raw[:, i]) for i in range(len(signals))], axis=1)
+    signals = _check_signals(signals, fusion)
+    anchor_raw = _raw(anchors, signals)  # (M, S)
+    if anchor_raw.shape[0] < 3:
+        raise DataError(f"leave-one-out calibration needs at least 3 anchor values, got {anchor_raw.shape[0]}")
     anchor_z = np.stack([robust_z_loo(anchor_raw[:, i]) for i in range(len(signals))], axis=1)
     return (
-        CalibratedScores(signals, cand_raw, cand_z, -fuse(cand_z, fusion)),
+        AnchorCalibration.of(anchors, signals, fusion).score(candidates),
         CalibratedScores(signals, anchor_raw, anchor_z, -fuse(anchor_z, fusion)),
     )
 
