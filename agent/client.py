@@ -310,6 +310,15 @@ class SiloClient(Client):
     def complete(self, job_id: str) -> dict:
         return self._json("POST", f"{API_PREFIX}/jobs/{job_id}/complete")
 
+    def download_reference(self, job_id: str, dest: Path) -> str:
+        """Stream a silo-local job's reference to ``dest``; returns its SHA-256 (`CoordinatorError` 409 until the
+        coordinator has published it)."""
+        return self._download(f"{API_PREFIX}/jobs/{job_id}/reference", dest, "reference")
+
+    def send_aggregate(self, job_id: str, aggregate: dict) -> dict:
+        """A silo-local job's aggregate (``kept``, ``total``, ``histogram``): all this silo sends. Idempotent."""
+        return self._json("PUT", f"{API_PREFIX}/jobs/{job_id}/aggregate", json=aggregate)
+
     def upload_round_update(self, job_id: str, round: int, data: bytes) -> dict:
         """This silo's adapter bundle after local training in ``round`` (201 new, 200 held; 409 late or closed)."""
         return self._upload(f"{API_PREFIX}/train/{job_id}/rounds/{round}/update", data)

@@ -140,6 +140,14 @@ def run_agent(
     job_dir = Path(work_dir) / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     proj_dir = job_dir / f"proj-{data_fingerprint(data_path, job_id)}"
+    if job["spec"].get("scoring_mode") == "local":  # scored here: nothing per-sample is uploaded (agent.local)
+        from agent.local import run_local
+
+        indices = [int(c["index"]) for c in job["spec"]["checkpoints"]]
+        if not _projection_ready(proj_dir, indices):
+            run_dir = prepare_run(client, job_id, job["spec"], job_dir, progress)
+            project_local(run_dir, samples, proj_dir, job["spec"], options, progress)
+        return run_local(client, job, samples, data_path, proj_dir, options, progress)
     uploaded, skipped = sync_shards(client, job, samples, proj_dir, options, complete=complete, progress=progress)
     if not complete:
         job = client.complete(job_id)

@@ -18,6 +18,7 @@ from scoring.config import (
     DEFAULT_MAX_LEN,
     DEFAULT_PROJECTION_DIM,
     DEFAULT_SCORE_KIND,
+    DEFAULT_SCORING_MODE,
     DEFAULT_SIGNALS,
     FUSIONS,
     MERGE_KINDS,
@@ -79,6 +80,12 @@ class ScoreFields(_Strict):
     signal_checkpoint: int | None = Field(
         None, ge=0, description="the checkpoint index at which silos compute the signals (default: the last)"
     )
+    scoring_mode: Literal["shared", "local"] = Field(
+        DEFAULT_SCORING_MODE,
+        description="'shared': silos send projections and per-sample values and the coordinator scores every "
+        "sample; 'local': the coordinator publishes a reference from its anchors, each silo scores its own samples "
+        "and sends only its kept count and a score histogram (threshold 'mean-anchor' or 'fixed')",
+    )
 
     def score_options(self, checkpoints: int) -> dict[str, Any]:
         """The job options ``score``, ``signals`` (defaults filled in), ``fusion`` and ``signal_checkpoint``
@@ -94,7 +101,13 @@ class ScoreFields(_Strict):
         t = checkpoints - 1 if self.signal_checkpoint is None else self.signal_checkpoint
         if not 0 <= t < checkpoints:
             raise ConfigError(f"signal_checkpoint: the job has checkpoints 0..{checkpoints - 1}, not {t}")
-        return {"score": self.score, "signals": signals, "fusion": self.fusion, "signal_checkpoint": t}
+        return {
+            "score": self.score,
+            "signals": signals,
+            "fusion": self.fusion,
+            "signal_checkpoint": t,
+            "scoring_mode": self.scoring_mode,
+        }
 
 
 class JobCreate(ScoreFields):
@@ -132,10 +145,31 @@ class JobCreate(ScoreFields):
         return checkpoints
 
 
+MAX_SAMPLES = 1_000_000_000
+MAX_BINS = 1000
+
+
+class LocalAggregate(_Strict):
+    """What a silo sends in a silo-local job, and all it sends: how many of its samples it keeps, of how many, and the
+    histogram of its scores on the bins of the job's reference (``GET /v1/jobs/{id}/reference``)."""
+
+    kept: int = Field(ge=0, le=MAX_SAMPLES)
+    total: int = Field(ge=1, le=MAX_SAMPLES)
+    histogram: list[int] = Field(min_length=1, max_length=MAX_BINS, description="counts per bin, summing to total")
+
+    @field_validator("histogram")
+    @classmethod
+    def _counts(cls, histogram: list[int]) -> list[int]:
+        if any(c < 0 for c in histogram):
+            raise ValueError("histogram counts must be >= 0")
+        return histogram
+
+
 class MemberPublic(BaseModel):
     name: str
     status: MemberStatus
     num_samples: int | None
+    aggregate: LocalAggregate | None = Field(None, description="a silo-local job: what the silo sent")
 
 
 class StepPublic(BaseModel):

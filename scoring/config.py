@@ -78,6 +78,12 @@ SIGNALS: tuple[str, ...] = ("loss_uncond", "n_tokens")
 response tokens. A job that asks for none is the pure CLUES protocol."""
 DEFAULT_SIGNALS: tuple[str, ...] = SIGNALS
 
+SCORING_MODES: tuple[str, ...] = ("shared", "local")
+"""Where a scoring job scores: ``shared`` (the silos send projections and per-sample values, the coordinator scores
+every sample) or ``local`` (the coordinator publishes a reference from its anchors, each silo scores its own samples
+and sends only its kept count and a score histogram, `scoring.local_scoring`)."""
+DEFAULT_SCORING_MODE = "shared"
+
 FUSIONS: tuple[str, ...] = ("fisher", "max")
 """How the calibrated score combines its one-sided signals (`scoring.calibration.fuse`)."""
 DEFAULT_FUSION = "fisher"

@@ -91,12 +91,14 @@ class LocalScores:
     Attributes:
         scores: (N,) the job's score of each sample (the trace score, or the fused calibrated score).
         trace: (N,) the trace score alone.
+        parts: (N, T) its per-checkpoint terms η_t · sim (best group).
         selected: (N,) bool, ``scores >= threshold``.
         flagged_by: the signal with the largest calibrated z of each sample (None for a trace job).
     """
 
     scores: np.ndarray
     trace: np.ndarray
+    parts: np.ndarray
     selected: np.ndarray
     flagged_by: list[str] | None
 
@@ -113,6 +115,15 @@ class LocalAggregate:
     kept: int
     total: int
     histogram: tuple[int, ...]
+
+
+def check_local_threshold(scoring_mode: str, policy: ThresholdPolicy) -> None:
+    """Refuse a threshold a silo-local job cannot set from its anchors alone (a ``top`` fraction)."""
+    if scoring_mode == "local" and not isinstance(policy, MeanAnchorScore | FixedThreshold):
+        raise ConfigError(
+            "threshold: a silo-local job (scoring_mode 'local') sets its threshold from the anchors alone: "
+            "'mean-anchor' or 'fixed' ('top' needs every silo's scores)"
+        )
 
 
 def default_bins(anchor_scores: np.ndarray, bins: int = HISTOGRAM_BINS) -> tuple[float, ...]:
@@ -157,15 +168,8 @@ def build_reference(
 
         _, anchors = calibrate(anchor_values, anchor_values, calibration.signals, fusion)
         anchor_scores = anchors.scores  # leave-one-out, as the coordinator sets a mean-anchor threshold
-    if isinstance(policy, MeanAnchorScore):
-        threshold = mean_anchor_threshold(anchor_scores)
-    elif isinstance(policy, FixedThreshold):
-        threshold = float(policy.value)
-    else:
-        raise ConfigError(
-            "threshold: a silo-local job sets its threshold from the anchors alone: 'mean-anchor' or 'fixed' "
-            "('top' needs every silo's scores)"
-        )
+    check_local_threshold("local", policy)
+    threshold = mean_anchor_threshold(anchor_scores) if isinstance(policy, MeanAnchorScore) else float(policy.value)
     return ScoringReference(
         directions=tuple(np.asarray(d, dtype=np.float64) for d in directions.directions),
         groups=directions.groups,
@@ -204,10 +208,10 @@ def score_locally(
     parts = trace_parts(
         candidates_per_ckpt, list(reference.directions), list(reference.lrs), reference.similarity, chunk_rows
     )
-    trace, _, _ = best_group(parts)
+    trace, best_parts, _ = best_group(parts)
     flagged = None
     scores = trace
     if reference.calibration is not None:
         calibrated = reference.calibration.score({**(values or {}), "trace": trace})
         scores, flagged = calibrated.scores, calibrated.flagged_by
-    return LocalScores(scores, trace, scores >= reference.threshold, flagged)
+    return LocalScores(scores, trace, best_parts, scores >= reference.threshold, flagged)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE
+from scoring.config import DEFAULT_MAX_LEN, DEFAULT_SCORING_MODE, DEFAULT_TEMPLATE
 
 LEGACY_SCORE_KIND = "trace"
 """The score kind of a job stored before score kinds existed (the pure CLUES trace); a new job's default is
@@ -115,6 +115,8 @@ class JobSpec:
     fusion: str | None = None
     signal_checkpoint: int | None = None
     """None: the last checkpoint."""
+    scoring_mode: str = DEFAULT_SCORING_MODE
+    """``shared`` or ``local`` (`scoring.config.SCORING_MODES`)."""
 
     @property
     def signal_index(self) -> int:
@@ -141,6 +143,7 @@ class JobSpec:
             "signals": list(self.signals),
             "fusion": self.fusion,
             "signal_checkpoint": self.signal_index,
+            "scoring_mode": self.scoring_mode,
         }
 
     @classmethod
@@ -158,6 +161,7 @@ class JobSpec:
             signals=tuple(d.get("signals") or ()),
             fusion=d.get("fusion"),
             signal_checkpoint=d.get("signal_checkpoint"),
+            scoring_mode=d.get("scoring_mode", DEFAULT_SCORING_MODE),
         )
 
     @classmethod
@@ -186,6 +190,7 @@ class JobSpec:
             signals=tuple(options.get("signals", ())),
             fusion=options.get("fusion"),
             signal_checkpoint=options.get("signal_checkpoint"),
+            scoring_mode=options.get("scoring_mode", DEFAULT_SCORING_MODE),
         )
 
 

@@ -197,7 +197,8 @@ class JobCheckpoint(Base):
 
 
 class JobMember(Base):
-    """A silo taking part in a job; ``status`` is ``pending`` until the silo marks its uploads complete."""
+    """A silo taking part in a job; ``status`` is ``pending`` until the silo marks its uploads complete (in a
+    silo-local job: until it sends its aggregate)."""
 
     __tablename__ = "job_members"
 
@@ -206,6 +207,8 @@ class JobMember(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     num_samples: Mapped[int | None]
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    aggregate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """A silo-local job: what the silo sent (``kept``, ``total``, ``histogram``); None otherwise."""
 
     silo: Mapped[Silo] = relationship(lazy="joined")
 

@@ -147,7 +147,7 @@ def load_shard(res: Resources, shard: Shard) -> ProjectionFile:
     return map_projection(res.blobs.path(shard.blob_key), where=where)
 
 
-def _anchor_shards(session: Session, job_id: str, role: str) -> list[Shard]:
+def anchor_shards(session: Session, job_id: str, role: str) -> list[Shard]:
     return repo.list_shards(session, job_id=job_id, owner=ANCHOR_OWNER, role=role)
 
 
@@ -158,7 +158,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
     with res.sessions() as session:
         job = repo.get_job(session, job_id=job_id)
         n_ckpt = len(job.checkpoints)
-        done = all(len(_anchor_shards(session, job_id, role)) == n_ckpt for role in ("anchor", "candidate"))
+        done = all(len(anchor_shards(session, job_id, role)) == n_ckpt for role in ("anchor", "candidate"))
         anchor_set = repo.get_anchor_set(session, job_id=job_id)
         precondition = job.precondition
         how = JobSpec.of(job)
@@ -167,6 +167,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
         anchor_key = anchor_set.blob_key
     if done:
         _set(res, job_id, anchor_status="done")
+        _publish_if_local(res, job_id, how)
         return
     from scoring.data import read_samples
     from scoring.workflow import ModelOptions, ProjectOptions, project_samples
@@ -198,6 +199,15 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
             progress=(lambda d, t: progress(d / t, f"anchor gradients {d}/{t}")) if progress else None,
         )
         _store_anchor_files(res, job_id, files)
+    _publish_if_local(res, job_id, how)
+
+
+def _publish_if_local(res: Resources, job_id: str, how: JobSpec) -> None:
+    """A silo-local job's reference, once its anchor projections exist (`workers.local_scoring`)."""
+    if how.scoring_mode == "local":
+        from workers.local_scoring import publish_reference  # it builds on this module
+
+        publish_reference(res, job_id)
 
 
 def _store_anchor_files(res: Resources, job_id: str, files: list[Path]) -> None:
@@ -287,8 +297,8 @@ def score_job(res: Resources, job_id: str, progress: Progress | None = None) -> 
     progress(0.0, "anchor projections")
     project_anchors(res, job_id)
     with res.sessions() as session:
-        anchor_rows = _anchor_shards(session, job_id, "anchor")
-        anchor_cand_rows = _anchor_shards(session, job_id, "candidate")
+        anchor_rows = anchor_shards(session, job_id, "anchor")
+        anchor_cand_rows = anchor_shards(session, job_id, "candidate")
         silo_parts = {name: shards_by_part(repo.list_shards(session, job_id=job_id, owner=name)) for name, _ in members}
     anchors = [load_shard(res, s).proj for s in anchor_rows]
     anchor_files = [load_shard(res, s) for s in anchor_cand_rows]
@@ -366,7 +376,9 @@ def _score_parts(
     return got
 
 
-def _aligned(values: dict[str, np.ndarray], ids: tuple[str, ...], order: tuple[str, ...]) -> dict[str, np.ndarray]:
+def aligned_values(
+    values: dict[str, np.ndarray], ids: tuple[str, ...], order: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """``values`` (rows in ``ids`` order) reordered to ``order``."""
     position = {sid: i for i, sid in enumerate(ids)}
     rows = [position[sid] for sid in order]
@@ -387,7 +399,7 @@ def _with_signals(
     cand = {k: np.concatenate([v[k] for v in values]) if values else np.zeros(0) for k in names}
     cand["trace"] = table.scores
     file = next(f for f in anchor_files if f.proj.checkpoint == how.signal_index)
-    anch = _aligned(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
+    anch = aligned_values(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
     anch["trace"] = anchor_table.scores
     if how.score != "calibrated":
         return table, anchor_table, (_signal_columns(cand, None), _signal_columns(anch, None))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
 from app.deps import AdminDep, Index, JobId, PrincipalDep, SessionDep, SiloDep, StateDep
@@ -16,16 +16,19 @@ from app.openapi import BINARY
 from app.schemas import (
     JobCreate,
     JobPublic,
+    LocalAggregate,
     ShardPublic,
     UploadResult,
 )
 from app.services import jobs as lifecycle
+from app.services import local_scoring as local
 from app.services.jobs import checkpoint_of, engine_check, job_for, job_public, require_status
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive, upload_answer
 from scoring.config import ProjectionSpec
 from scoring.data import read_samples
 from scoring.errors import DataError
 from scoring.io import checkpoint_from_bytes, map_projection
+from scoring.local_scoring import check_local_threshold
 from scoring.selection import threshold_from_dict
 from scoring.spec import JobSpec
 from scoring.traces import LR_REL_TOL
@@ -39,8 +42,9 @@ router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"])
 @router.post("", status_code=201, operation_id="create_job")
 def create_job(body: JobCreate, session: SessionDep, principal: AdminDep) -> JobPublic:
     """Create a job in ``draft``: the spec every party computes projections under, and how to select."""
-    engine_check("threshold", lambda: threshold_from_dict(body.threshold))
+    policy = engine_check("threshold", lambda: threshold_from_dict(body.threshold))
     score = body.score_options(len(body.checkpoints))  # ConfigError naming the field: 422
+    check_local_threshold(body.scoring_mode, policy)
     job = repo.create_job(
         session,
         name=body.name,
@@ -219,6 +223,7 @@ async def upload_shard(
     Re-sending the same bytes is a no-op (200); other bytes for a held shard are refused (409)."""
     silo = principal.silo
     job = job_for(session, job_id, principal)
+    lifecycle.refuse_if_local(job, "nothing per-sample is uploaded")
     require_status(job, "open")
     member = repo.get_member(session, job_id=job_id, silo_id=silo.id)
     ckpt = checkpoint_of(job, checkpoint)
@@ -296,6 +301,39 @@ def list_shards(job_id: JobId, session: SessionDep, principal: SiloDep) -> list[
     job_for(session, job_id, principal)
     shards = repo.list_shards(session, job_id=job_id, owner=principal.silo.name)
     return [ShardPublic(checkpoint=s.checkpoint, part=s.part, rows=s.row_count, sha256=s.blob_key) for s in shards]
+
+
+@router.get(
+    "/{job_id}/reference",
+    operation_id="download_reference",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_reference(job_id: JobId, state: StateDep, session: SessionDep, principal: PrincipalDep) -> FileResponse:
+    """A silo-local job's reference (``clues.reference/1``: the anchor directions, learning rates, the anchors'
+    calibration, the threshold and the histogram bins; SHA-256 in the header). 409 until the anchor step has
+    published it, and for a shared job."""
+    key = local.reference_key(job_for(session, job_id, principal))
+    state.blobs.verify(key)
+    return FileResponse(
+        state.blobs.path(key),
+        media_type="application/octet-stream",
+        headers={SHA256_HEADER: key},
+        filename=f"{job_id}-reference.safetensors",
+    )
+
+
+@router.put("/{job_id}/aggregate", operation_id="send_aggregate")
+def send_aggregate(
+    job_id: JobId, body: LocalAggregate, response: Response, session: SessionDep, principal: SiloDep
+) -> JobPublic:
+    """This silo's aggregate in a silo-local job (all it sends): kept count, total and the histogram of its scores
+    on the reference's bins. 201 when recorded, 200 when the same aggregate was recorded before, 409 for another one
+    or a shared job; the job is ``done`` once every silo has sent its aggregate."""
+    job = job_for(session, job_id, principal)
+    response.status_code = 201 if local.record_aggregate(session, job, principal.silo, body) else 200
+    session.refresh(job)
+    return job_public(job, principal, session)
 
 
 @router.post("/{job_id}/complete", operation_id="complete_upload")

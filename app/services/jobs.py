@@ -23,7 +23,7 @@ from workers import names
 def job_public(job: Job, principal: Principal, session) -> JobPublic:
     anchors = repo.get_anchor_set(session, job_id=job.id) if principal.is_admin else None
     members = [
-        MemberPublic(name=m.silo.name, status=m.status, num_samples=m.num_samples)
+        MemberPublic(name=m.silo.name, status=m.status, num_samples=m.num_samples, aggregate=m.aggregate)
         for m in job.members
         if principal.is_admin or m.silo_id == principal.silo.id
     ]
@@ -142,9 +142,27 @@ def open_job(state: AppState, session, job: Job) -> None:
     transition(state, session, job, names.PROJECT_ANCHORS, status="open", message="waiting for silo uploads")
 
 
+def is_local(job: Job) -> bool:
+    """Whether the job scores at the silos (``scoring_mode`` ``local``, `app.services.local_scoring`)."""
+    return (job.options or {}).get("scoring_mode") == "local"
+
+
+def refuse_if_local(job: Job, what: str) -> None:
+    """`ConflictError` for a step of the shared protocol on a silo-local job."""
+    if is_local(job):
+        raise ConflictError(
+            f"job {job.id} scores at the silos (scoring_mode 'local'): {what}; each silo downloads the reference "
+            "(GET /v1/jobs/{id}/reference) and sends only its aggregate (PUT /v1/jobs/{id}/aggregate)"
+        )
+
+
 def start_scoring(state: AppState, session, job: Job) -> None:
     """``open`` or ``failed`` → ``scoring`` once every silo has completed its upload; on a job that is ``scoring``
     already it is `retry`."""
+    if is_local(job):
+        if job.status == "failed":
+            return retry(state, session, job)  # the anchor step and the reference
+        refuse_if_local(job, "the coordinator scores nothing")
     if job.status == "scoring":
         return retry(state, session, job)
     require_status(job, "open", "failed")
@@ -162,9 +180,13 @@ def retry(state: AppState, session, job: Job) -> None:
     """Send the step the job waits for again: scoring (``scoring``, or ``failed`` with every upload complete), or
     the anchor projection (``open`` with the projection pending, running or failed). A step that a live worker runs
     is left alone (`workers.steps.Dispatcher.enqueue`). `ConflictError` when the job waits for nothing."""
-    if job.status == "failed":
+    if is_local(job) and job.status in ("open", "failed") and not job.options.get("reference"):
+        task, fields = names.PROJECT_ANCHORS, {"status": "open", "anchor_status": "pending", "error": None}
+    elif is_local(job):
+        raise ConflictError(f"job {job.id} is {job.status!r} with its reference published: nothing to retry")
+    elif job.status == "failed":
         return start_scoring(state, session, job)
-    if job.status == "scoring":
+    elif job.status == "scoring":
         task, fields = names.SCORE_JOB, {"error": None}
     elif job.status == "open" and job.anchor_status != "done":
         task, fields = names.PROJECT_ANCHORS, {"anchor_status": "pending", "error": None}
@@ -187,6 +209,7 @@ def complete_upload(state: AppState, session, job: Job, silo) -> None:
     member = repo.get_member(session, job_id=job.id, silo_id=silo.id)
     if member.status == "complete":
         return
+    refuse_if_local(job, "there is no upload to complete")
     require_status(job, "open")
     shards = repo.list_shards(session, job_id=job.id, owner=silo.name)
     parts_at = {t: {s.part for s in shards if s.checkpoint == t} for t in range(len(job.checkpoints))}

@@ -11,6 +11,7 @@ from app.services.jobs import engine_check
 from scoring.config import LocalTrainConfig, ProjectionSpec, parameter_layout_hash
 from scoring.errors import ConfigError
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
+from scoring.local_scoring import check_local_threshold
 from scoring.selection import check_score_preconditioning, check_threshold_preconditioning, threshold_from_dict
 from storage import repository as repo
 from storage.errors import ConflictError
@@ -37,6 +38,7 @@ def scoring_job_from_warmup(state: AppState, session, warm: TrainJob, body: Scor
     engine_check("projection", lambda: ProjectionSpec.from_dict(projection))
     policy = engine_check("threshold", lambda: threshold_from_dict(body.threshold))
     score = body.score_options(len(settings["checkpoint_rounds"]))  # ConfigError naming the field: 422
+    check_local_threshold(body.scoring_mode, policy)
     # each silo preconditions with its own warmup moments; the coordinator has none for its anchor samples
     check_score_preconditioning(score["score"], body.precondition, False)  # ConfigError: 422
     check_threshold_preconditioning(policy, body.precondition, False)

@@ -117,11 +117,16 @@ def get_member(session: Session, *, job_id: str, silo_id: int) -> JobMember:
     return member
 
 
-def mark_complete(session: Session, *, job_id: str, silo_id: int, num_samples: int) -> JobMember:
-    """Mark a member's uploads complete (again: updates ``num_samples``, keeps the first ``completed_at``)."""
+def mark_complete(
+    session: Session, *, job_id: str, silo_id: int, num_samples: int, aggregate: dict[str, Any] | None = None
+) -> JobMember:
+    """Mark a member's uploads complete (again: updates ``num_samples``, keeps the first ``completed_at``); a
+    silo-local job's member with the ``aggregate`` it sent."""
     member = get_member(session, job_id=job_id, silo_id=silo_id)
     member.status = "complete"
     member.num_samples = num_samples
+    if aggregate is not None:
+        member.aggregate = aggregate
     member.completed_at = member.completed_at or utcnow()
     session.flush()
     return member

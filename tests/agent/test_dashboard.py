@@ -180,7 +180,7 @@ def test_the_job_page_has_the_histogram_and_the_table(world, dash):
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     summary = dash.get(f"/api/jobs/{job_id}/summary").json()
     assert list(summary["silos"]) == ["alpha"] and summary["silos"]["alpha"]["n"] == N
-    member = {"name": "alpha", "status": "complete", "num_samples": N}
+    member = {"name": "alpha", "status": "complete", "num_samples": N, "aggregate": None}  # a shared job: none
     assert dash.get(f"/api/jobs/{job_id}").json()["silos"] == [member]
 
 

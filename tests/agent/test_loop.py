@@ -139,7 +139,7 @@ def test_resume_after_an_interrupted_upload(world, tmp_path, monkeypatch):
     assert again.count("GET", "/checkpoints/") == 0
     with world.client("a") as client:
         assert len(client.held_shards(job_id)) == SHARDS
-        assert client.job(job_id)["silos"] == [{"name": "a", "status": "complete", "num_samples": 9}]
+        assert client.job(job_id)["silos"] == [{"name": "a", "status": "complete", "num_samples": 9, "aggregate": None}]
     third = Recorder()
     result = agent(world, "a", job_id, data, tmp_path / "work", recorder=third, wait=False)
     assert (result.uploaded, result.skipped) == (0, SHARDS) and third.count("PUT", "/shards/") == 0
