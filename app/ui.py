@@ -146,7 +146,8 @@ def jobs_page(request: Request, state: StateDep, session: SessionDep) -> Respons
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: JobId, request: Request, state: StateDep, session: SessionDep) -> Response:
     principal = _page_principal(request, state, session)
-    job = job_public(job_for(session, job_id, principal), principal, session)
+    row = job_for(session, job_id, principal)
+    job = job_public(row, principal, session)
     trainings = [
         t
         for t in repo.list_train_jobs(session, silo_id=None if principal.is_admin else principal.silo.id)
@@ -162,6 +163,7 @@ def job_page(job_id: JobId, request: Request, state: StateDep, session: SessionD
         trainings=trainings,
         signal_values=values,
         signal_fused=fused,
+        local_edges=(row.options or {}).get("reference_edges"),
     )
 
 

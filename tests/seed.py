@@ -231,3 +231,64 @@ def seed_training_job(
     )
     session.commit()
     return job.id
+
+
+def seed_local_job(
+    session: Session,
+    *,
+    silos: tuple[str, ...] = ("silo1", "silo2", "silo3"),
+    per_silo: tuple[int, ...] = (40, 30, 50),
+    seed: int = 5,
+    name: str = "scored at the silos",
+) -> str:
+    """A ``done`` silo-local job (``scoring_mode: local``) as the silos and workers leave one: a published reference
+    (its key, bin count, threshold and display edges in the options) and each silo's aggregate, no score row. Commits;
+    returns its id."""
+    from datetime import UTC, datetime
+
+    rng = np.random.default_rng(seed)
+    for s in silos:
+        if repo.find_silo(session, name=s) is None:
+            repo.create_silo(session, name=s)
+    edges = np.linspace(-12.0, 0.0, 43).tolist()  # 40 inner bins + the two open ones, drawn one bin wide
+    job = repo.create_job(
+        session,
+        name=name,
+        model="smollm2-135m",
+        lora={"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+        projection={"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
+        similarity="cosine",
+        threshold={"kind": "mean-anchor"},
+        precondition=True,
+        options={
+            "max_len": 512,
+            **CALIBRATED,
+            "scoring_mode": "local",
+            "reference": f"{7:064x}",
+            "reference_bins": 42,
+            "reference_threshold": -4.0,
+            "reference_edges": edges,
+        },
+        checkpoints=[{"index": 0, "step": 10, "lr": 1e-3, "lr_last": 1e-3, "adam": {}}],
+        silo_names=list(silos),
+    )
+    centres = np.asarray(edges[:-1]) + 0.5 * (edges[1] - edges[0])
+    for s, n in zip(silos, per_silo, strict=True):
+        scores = np.clip(rng.normal(-2.5, 2.0, n), edges[0] + 1e-9, edges[-1] - 1e-9)
+        counts = np.histogram(scores, bins=np.asarray(edges))[0].tolist()
+        kept = int((centres >= -4.0).astype(int) @ np.asarray(counts))
+        silo = repo.find_silo(session, name=s)
+        aggregate = {"kept": kept, "total": n, "histogram": counts}
+        repo.mark_complete(session, job_id=job.id, silo_id=silo.id, num_samples=n, aggregate=aggregate)
+    repo.update_job(
+        session,
+        job_id=job.id,
+        anchor_status="done",
+        status="done",
+        progress=1.0,
+        message="scored at the silos",
+        threshold_value=-4.0,
+        finished_at=datetime.now(UTC),
+    )
+    session.commit()
+    return job.id

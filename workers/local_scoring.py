@@ -19,6 +19,13 @@ from storage import repository as repo
 from workers.pipeline import Resources, aligned_values, anchor_shards, load_shard, sample_values
 
 
+def display_edges(bins: tuple[float, ...]) -> list[float]:
+    """The reference's histogram edges with its two open outer bins drawn one bin wide (for the dashboards)."""
+    inner = list(bins[1:-1])
+    width = (inner[-1] - inner[0]) / max(1, len(inner) - 1)
+    return [inner[0] - width, *inner, inner[-1] + width]
+
+
 def publish_reference(res: Resources, job_id: str) -> str:
     """Build and store the job's `scoring.local_scoring.ScoringReference`; returns its blob key."""
     with res.sessions() as session:
@@ -53,6 +60,7 @@ def publish_reference(res: Resources, job_id: str) -> str:
             "reference": ref.key,
             "reference_bins": len(reference.bins) - 1,
             "reference_threshold": reference.threshold,
+            "reference_edges": display_edges(reference.bins),
         }
         repo.update_job(session, job_id=job_id, options=options)
     return ref.key

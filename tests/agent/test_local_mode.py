@@ -138,4 +138,12 @@ def test_the_admin_page_of_a_local_job_shows_aggregates_only(world, both):
         assert browser.post("/ui/login", data={"token": world.coordinator.admin_token}).status_code == 200
         page = browser.get(f"/ui/jobs/{local}")
     assert page.status_code == 200, page.text[:500]
-    print(page.text[:3000])
+    html = page.text
+    assert "Scored at the silos" in html and "The coordinator holds no per-sample value" in html
+    job = world.admin.job(local)
+    for member in job["silos"]:
+        row = html.split(f'<tr data-silo="{member["name"]}">', 1)[1].split("</tr>", 1)[0]
+        kept, total = member["aggregate"]["kept"], member["aggregate"]["total"]
+        assert f'<td class="num kept-count">{kept}</td>' in row and f'<td class="num">{total}</td>' in row
+    assert html.count('"histogram":') == len(job["silos"])  # the reported histograms feed the charts
+    assert 'id="samples"' not in html  # no per-sample table: there are no per-sample rows

@@ -15,7 +15,7 @@ from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS
 from storage import repository as repo
 from tests.browser.conftest import screenshot
 from tests.conftest import Coordinator, serve_coordinator
-from tests.seed import SeededJob, seed_scored_job, seed_training_job
+from tests.seed import SeededJob, seed_local_job, seed_scored_job, seed_training_job
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,11 @@ FUSED = list(fused_signals(DEFAULT_SIGNALS))
 
 
 class Env:
-    def __init__(self, coordinator: Coordinator, job: SeededJob, train_id: str, calibrated: SeededJob) -> None:
+    def __init__(
+        self, coordinator: Coordinator, job: SeededJob, train_id: str, calibrated: SeededJob, local_id: str
+    ) -> None:
         self.coordinator, self.job, self.train_id, self.calibrated = coordinator, job, train_id, calibrated
+        self.local_id = local_id
         self.url = coordinator.url
         self.api = httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
 
@@ -45,7 +48,8 @@ def env(tmp_path_factory) -> Iterator[Env]:
             job = seed_scored_job(session, per_silo=(120, 90, 150), checkpoints=3, name="pubmedqa noisy silos")
             train_id = seed_training_job(session, scoring_job_id=job.job_id)
             calibrated = seed_scored_job(session, per_silo=(40, 30, 50), name="calibrated", seed=3, calibrated=True)
-        yield Env(coordinator, job, train_id, calibrated)
+            local_id = seed_local_job(session)
+        yield Env(coordinator, job, train_id, calibrated, local_id)
 
 
 def login(page, url: str, token: str, path: str = "/ui/jobs") -> None:
@@ -258,6 +262,23 @@ def test_a_silo_sees_only_its_own_rows(env: Env, page) -> None:
     )
     assert clusters == 403
     screenshot(page, "coordinator-job-as-silo")
+
+
+def test_a_silo_local_job_shows_aggregates_only(env: Env, page) -> None:
+    login(page, env.url, ADMIN, f"/ui/jobs/{env.local_id}")
+    page.wait_for_function("document.querySelectorAll('.chart.hist[data-rendered]').length === 3")
+    assert "Scored at the silos" in page.inner_text("#local-scoring")
+    rows = page.locator("#silo-aggregates tbody tr")
+    assert rows.count() == 3
+    job = env.api.get(f"/v1/jobs/{env.local_id}").json()
+    kept = {m["name"]: str(m["aggregate"]["kept"]) for m in job["silos"]}
+    assert {r.get_attribute("data-silo"): r.locator(".kept-count").inner_text() for r in rows.all()} == kept
+    assert page.locator("#samples").count() == 0 and page.locator("#silo-stats").count() == 0
+    screenshot(page, "coordinator-local-job")
+    page.context.clear_cookies()
+    login(page, env.url, env.job.tokens["silo1"], f"/ui/jobs/{env.local_id}")  # a silo sees its own aggregate only
+    page.wait_for_function("document.querySelectorAll('.chart.hist[data-rendered]').length === 1")
+    assert [r.get_attribute("data-silo") for r in page.locator("#silo-aggregates tbody tr").all()] == ["silo1"]
 
 
 def test_unknown_job_is_an_error_page(env: Env, page) -> None:
