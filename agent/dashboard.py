@@ -11,6 +11,10 @@ with the silo's local text, so the owner sees what was dropped and why, and can 
     /api/jobs/{id}/samples       score rows joined with the local text, filtered, sorted and paged here
     /api/jobs/{id}/overrides     the audit log (GET); keep/drop/auto with a reason (POST, sent to the coordinator)
 
+A silo-local job (``scoring_mode: local``) has no rows at the coordinator: the rows and the summary are the ones the
+agent scored here and left in the work directory (`agent.local`), and an override is refused (it would send a sample
+id). One module of about 470 lines: the routes, their session handling and error pages read best together.
+
 Here: the FastAPI app (`create_dashboard`), the session cookie, the routes and the error pages; the local text and
 the joined rows, filtered, sorted and paged, are `agent.samples`. The text never leaves this process: an override
 sends only the sample id, the decision and the reason. The silo's name is the coordinator's answer to whose token
@@ -97,14 +101,22 @@ class Dashboard:
         silo: str | None,
         ttl_s: float,
         secure: bool,
+        work_dir: Path,
     ) -> None:
         self.client, self.url, self.text, self.signer = client, url, text, signer
         self.revoked: set[str] = set()
         self.silo: str | None = silo
         self.secure = secure
-        self.rows = RowCache(client, text, ttl_s=ttl_s)
+        self.work_dir = Path(work_dir)
+        self.rows = RowCache(client, text, ttl_s=ttl_s, local=self.local)
         self._token, self._token_hash = token, hash_token(token)
         self.cookie = f"clues_silo_{signer.fingerprint(self._token_hash)[:12]}"  # not the coordinator's cookie
+
+    def local(self, job_id: str) -> dict[str, Any] | None:
+        """The rows this silo scored itself for a silo-local job (`agent.local.local_rows`), None for other jobs."""
+        from agent.local import local_rows
+
+        return local_rows(self.work_dir, job_id)
 
     @property
     def brand(self) -> str:
@@ -273,7 +285,13 @@ def get_job(job_id: JobId, dash: DashDep, _: ApiAuth) -> dict:
 
 @api.get("/jobs/{job_id}/summary")
 def get_summary(job_id: JobId, dash: DashDep, _: ApiAuth) -> dict:
-    """The coordinator's summary (`ScoreSummary`) of this silo's scores."""
+    """The coordinator's summary (`ScoreSummary`) of this silo's scores; for a silo-local job, the same computed here
+    from the silo's own rows."""
+    answer = dash.local(job_id)
+    if answer is not None:
+        from agent.local import local_summary
+
+        return local_summary(job_id, dash.learn_name(), answer)
     return dash.client.summary(job_id)
 
 
@@ -316,6 +334,10 @@ def post_override(job_id: JobId, body: OverrideBody, dash: DashDep, _: SameOrigi
     coordinator with the silo's token; its audit record."""
     if not body.reason.strip():
         raise HTTPException(422, "reason: required; say why you keep or drop this sample (it goes in the audit log)")
+    if dash.local(job_id) is not None:
+        raise HTTPException(
+            409, "this job scores at the silo: an override would send a sample id to the coordinator, so it is not sent"
+        )
     record = dash.client.create_override(job_id, body.sample_id, body.decision, body.reason.strip())
     dash.rows.patch(job_id, record)
     return JSONResponse(record, status_code=201)
@@ -391,7 +413,8 @@ def create_dashboard(
         coordinator: the coordinator's URL.
         token: this silo's token: sent to the coordinator, and the password of the login form.
         data: the silo's data file (`scoring.data.read_samples`); read now, and again when it changes.
-        work_dir: where the session secret is kept (``session.key``) unless ``CLUES_SESSION_SECRET`` is set.
+        work_dir: where the session secret is kept (``session.key``) unless ``CLUES_SESSION_SECRET`` is set, and where
+            ``clues agent run`` left a silo-local job's rows (the same ``--work-dir``).
         silo: this silo's name, when known (else asked of the coordinator, ``GET /v1/silos/me``, on the first page).
         transport: an httpx transport for the coordinator client (tests).
         client_factory: makes the coordinator client instead (tests); ``transport`` is then unused.
@@ -409,7 +432,15 @@ def create_dashboard(
         else SiloClient(coordinator, token, timeout=60.0, retries=1, backoff=0.2, transport=transport)
     )
     dash = Dashboard(
-        client, coordinator, token, text, SessionSigner(secret), silo=silo, ttl_s=ttl_s, secure=secure_cookies
+        client,
+        coordinator,
+        token,
+        text,
+        SessionSigner(secret),
+        silo=silo,
+        ttl_s=ttl_s,
+        secure=secure_cookies,
+        work_dir=Path(work_dir),
     )
 
     @contextlib.asynccontextmanager

@@ -3,21 +3,29 @@ samples as for any job, but keep the projections; download the reference the coo
 score the samples against it here, write the mask, and send only the aggregate (kept count, total, score histogram).
 
 Nothing per-sample leaves the silo: no ids, no projections, no losses. Under ``work_dir/<job>/`` it keeps, besides
-what `agent.loop` keeps, ``reference.safetensors`` (reused when its SHA-256 is the one the coordinator announces).
+what `agent.loop` keeps, ``reference.safetensors`` and ``local-scores.json``: the silo's score rows, shaped as the
+coordinator's score rows (`app.schemas.ScoreRow`), with the threshold and the reference's histogram edges, which the
+silo's dashboard shows in place of the coordinator's (`local_rows`, `local_summary`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agent.client import CoordinatorError, SiloClient
+from scoring.calibration import EXPLANATIONS
 from scoring.data import Sample
 from scoring.io import load_projection
 from scoring.io.reference import reference_from_bytes
-from scoring.local_scoring import LocalScores, ScoringReference, score_locally
+from scoring.local_scoring import LocalScores, ScoringReference, display_edges, score_locally
+from wire.files import atomic_write_bytes
+
+LOCAL_SCORES = "local-scores.json"
 
 
 def wait_for_reference(client: SiloClient, job_id: str, dest: Path, poll: float, timeout: float | None) -> Path:
@@ -39,8 +47,9 @@ def wait_for_reference(client: SiloClient, job_id: str, dest: Path, poll: float,
 
 def score_projections_locally(
     reference: ScoringReference, proj_dir: Path, indices: list[int], ids: list[str], signal_index: int
-) -> LocalScores:
-    """Score the projections in ``proj_dir`` (``ckpt-NNN.candidate.safetensors``) against ``reference``."""
+) -> tuple[LocalScores, dict[str, np.ndarray]]:
+    """Score the projections in ``proj_dir`` (``ckpt-NNN.candidate.safetensors``) against ``reference``; also returns
+    the raw values of the signal checkpoint's files (``loss`` and the signals sent)."""
     from agent.loop import AgentError
 
     matrices, values = [], {}
@@ -52,7 +61,75 @@ def score_projections_locally(
         if t == signal_index:
             values = {"loss": losses, **signals}
     values = {name: np.asarray(v, dtype=np.float64) for name, v in values.items() if v is not None}
-    return score_locally(reference, matrices, values)
+    return score_locally(reference, matrices, values), values
+
+
+def score_rows(local: LocalScores, values: dict[str, np.ndarray], ids: list[str], silo: str) -> list[dict[str, Any]]:
+    """The silo's rows as the coordinator would store them (`app.schemas.ScoreRow`; no nearest anchors, no
+    override): score, per-checkpoint terms, decision, raw values and, for a calibrated job, z and the flagging
+    signal."""
+    cal = local.calibrated
+    raw = {"trace": local.trace, **values}
+    rows = []
+    for i, sid in enumerate(ids):
+        flagged = cal.flagged_by[i] if cal is not None else None
+        selected = bool(local.selected[i])
+        rows.append(
+            {
+                "silo": silo,
+                "sample_id": sid,
+                "score": float(local.scores[i]),
+                "parts": local.parts[i].tolist(),
+                "selected": selected,
+                "auto_selected": selected,
+                "override": None,
+                "nearest_anchors": None,
+                "values": {k: int(v[i]) if k == "n_tokens" else float(v[i]) for k, v in raw.items()},
+                "z": None if cal is None else {s: float(z) for s, z in zip(cal.signals, cal.z[i], strict=True)},
+                "flagged_by": flagged,
+                "flag_reason": EXPLANATIONS.get(flagged) if flagged and not selected else None,
+            }
+        )
+    return rows
+
+
+def local_rows(work_dir: Path, job_id: str) -> dict[str, Any] | None:
+    """``local-scores.json`` of a silo-local job this silo scored (None when there is none)."""
+    path = Path(work_dir) / job_id / LOCAL_SCORES
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def local_summary(job_id: str, silo: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """This silo's `app.schemas.ScoreSummary` computed from its local rows, on the reference's edges."""
+    rows = answer["rows"]
+    scores = np.asarray([r["score"] for r in rows], dtype=np.float64)
+    kept = np.asarray([r["selected"] for r in rows], dtype=bool)
+    parts = np.asarray([r["parts"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    edges = np.asarray(answer["edges"], dtype=np.float64)
+
+    def means(mask: np.ndarray) -> list[float] | None:
+        return parts[mask].mean(axis=0).tolist() if mask.any() else None
+
+    owner = {
+        "n": len(rows),
+        "kept": int(kept.sum()),
+        "auto_kept": int(kept.sum()),
+        "overridden": 0,
+        "counts": np.histogram(np.clip(scores, edges[0], edges[-1]), bins=edges)[0].tolist(),
+        "mean": float(scores.mean()) if len(rows) else 0.0,
+        "median": float(np.median(scores)) if len(rows) else 0.0,
+        "part_means": means(np.ones(len(rows), dtype=bool)),
+        "part_means_kept": means(kept),
+        "part_means_dropped": means(~kept),
+    }
+    return {
+        "job": job_id,
+        "threshold": answer["threshold"],
+        "checkpoints": answer["checkpoints"],
+        "edges": edges.tolist(),
+        "silos": {silo: owner},
+        "anchor_scores": [],
+    }
 
 
 def run_local(client: SiloClient, job: dict, samples: list[Sample], data_path: Path, proj_dir: Path, options, progress):
@@ -67,11 +144,11 @@ def run_local(client: SiloClient, job: dict, samples: list[Sample], data_path: P
     )
     reference = reference_from_bytes(dest.read_bytes(), f"the reference of job {job_id}")
     ids = [s.id for s in samples]
-    local = score_projections_locally(reference, proj_dir, indices, ids, int(spec["signal_checkpoint"]))
-    rows = [
-        {"sample_id": sid, "score": float(score), "parts": parts, "selected": bool(keep)}
-        for sid, score, parts, keep in zip(ids, local.scores, local.parts.tolist(), local.selected, strict=True)
-    ]
+    local, values = score_projections_locally(reference, proj_dir, indices, ids, int(spec["signal_checkpoint"]))
+    silo = next((m["name"] for m in job.get("silos", [])), "")
+    rows = score_rows(local, values, ids, silo)
+    kept = {"threshold": reference.threshold, "edges": display_edges(reference.bins), "checkpoints": len(indices)}
+    atomic_write_bytes(proj_dir.parent / LOCAL_SCORES, json.dumps({**kept, "rows": rows}).encode())
     scores_path, selected_path, selected = write_outputs(data_path, samples, rows, job_id, options.out_dir)
     aggregate = local.aggregate(reference)
     answer = client.send_aggregate(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scoring.calibration import AnchorCalibration, fused_signals
+from scoring.calibration import AnchorCalibration, CalibratedScores, fused_signals
 from scoring.config import SCORE_KINDS, SIMILARITIES
 from scoring.errors import ConfigError, DataError, ShapeMismatchError
 from scoring.selection import FixedThreshold, MeanAnchorScore, ThresholdPolicy, mean_anchor_threshold
@@ -93,14 +93,19 @@ class LocalScores:
         trace: (N,) the trace score alone.
         parts: (N, T) its per-checkpoint terms η_t · sim (best group).
         selected: (N,) bool, ``scores >= threshold``.
-        flagged_by: the signal with the largest calibrated z of each sample (None for a trace job).
+        calibrated: a calibrated job's per-signal values, z and fused scores (None for a trace job).
     """
 
     scores: np.ndarray
     trace: np.ndarray
     parts: np.ndarray
     selected: np.ndarray
-    flagged_by: list[str] | None
+    calibrated: CalibratedScores | None
+
+    @property
+    def flagged_by(self) -> list[str] | None:
+        """The signal with the largest calibrated z of each sample (None for a trace job)."""
+        return None if self.calibrated is None else self.calibrated.flagged_by
 
     def aggregate(self, reference: ScoringReference) -> LocalAggregate:
         counts, _ = np.histogram(self.scores, bins=np.asarray(reference.bins))
@@ -132,6 +137,13 @@ def default_bins(anchor_scores: np.ndarray, bins: int = HISTOGRAM_BINS) -> tuple
     lo, hi = float(np.min(anchor_scores)), float(np.max(anchor_scores))
     pad = max(hi - lo, 1e-6) / 2
     return (-math.inf, *np.linspace(lo - pad, hi + pad, bins + 1).tolist(), math.inf)
+
+
+def display_edges(bins: Sequence[float]) -> list[float]:
+    """A reference's histogram edges with its two open outer bins drawn one bin wide (for the dashboards)."""
+    inner = list(bins[1:-1])
+    width = (inner[-1] - inner[0]) / max(1, len(inner) - 1)
+    return [inner[0] - width, *inner, inner[-1] + width]
 
 
 def build_reference(
@@ -209,9 +221,9 @@ def score_locally(
         candidates_per_ckpt, list(reference.directions), list(reference.lrs), reference.similarity, chunk_rows
     )
     trace, best_parts, _ = best_group(parts)
-    flagged = None
+    calibrated = None
     scores = trace
     if reference.calibration is not None:
         calibrated = reference.calibration.score({**(values or {}), "trace": trace})
-        scores, flagged = calibrated.scores, calibrated.flagged_by
-    return LocalScores(scores, trace, best_parts, scores >= reference.threshold, flagged)
+        scores = calibrated.scores
+    return LocalScores(scores, trace, best_parts, scores >= reference.threshold, calibrated)

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 from scoring.config import DEFAULT_FUSION, TraceConfig
 from scoring.io.reference import reference_to_bytes
-from scoring.local_scoring import build_reference
+from scoring.local_scoring import build_reference, display_edges
 from scoring.selection import threshold_from_dict
 from scoring.spec import JobSpec
 from scoring.traces import build_anchor_directions, score_anchor_samples
 from storage import repository as repo
 from workers.pipeline import Resources, aligned_values, anchor_shards, load_shard, sample_values
-
-
-def display_edges(bins: tuple[float, ...]) -> list[float]:
-    """The reference's histogram edges with its two open outer bins drawn one bin wide (for the dashboards)."""
-    inner = list(bins[1:-1])
-    width = (inner[-1] - inner[0]) / max(1, len(inner) - 1)
-    return [inner[0] - width, *inner, inner[-1] + width]
 
 
 def publish_reference(res: Resources, job_id: str) -> str:

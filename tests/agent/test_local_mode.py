@@ -29,7 +29,7 @@ def both(world, tmp_path_factory):
     """The same job scored shared and local, for both silos; the local silos' requests recorded."""
     root = tmp_path_factory.mktemp("modes")
     shared, local = make_job(world, "shared-mode"), make_job(world, "local-mode", scoring_mode="local")
-    out = {"shared": {}, "local": {}, "requests": {}}
+    out = {"shared": {}, "local": {}, "requests": {}, "root": root}
     for silo in SILOS:  # the shared job: a uploads, b uploads and waits, a fetches its mask
         data = world.data_file(silo, root / silo)
         with world.client(silo) as client:
@@ -147,3 +147,37 @@ def test_the_admin_page_of_a_local_job_shows_aggregates_only(world, both):
         assert f'<td class="num kept-count">{kept}</td>' in row and f'<td class="num">{total}</td>' in row
     assert html.count('"histogram":') == len(job["silos"])  # the reported histograms feed the charts
     assert 'id="samples"' not in html  # no per-sample table: there are no per-sample rows
+
+
+def test_the_silo_s_dashboard_shows_its_own_rows_and_keeps_overrides_at_home(world, both):
+    from fastapi.testclient import TestClient
+
+    from agent.dashboard import create_dashboard
+
+    _, local, out = both
+    root = out["root"]
+    app = create_dashboard(
+        world.coordinator.url, world.tokens["a"], root / "a" / "a.jsonl", root / "a" / "work", silo="a"
+    )
+    with TestClient(app, follow_redirects=False) as dash:
+        assert dash.post("/ui/login", data={"token": world.tokens["a"], "next": "/ui/jobs"}).status_code == 303
+        rows = dash.get(f"/api/jobs/{local}/samples", params={"limit": 100}).json()
+        mine = _scores(out["local"]["a"].scores_path)
+        assert rows["total"] == len(mine) == len(world.samples["a"])
+        for row in rows["rows"]:
+            assert row["score"] == pytest.approx(mine[row["sample_id"]]["score"]) and not row["text_missing"]
+            assert row["instruction"]  # the local text, joined here
+            assert set(row["z"]) == {"trace", "perplexity", "ifd", "pmi"}
+        summary = dash.get(f"/api/jobs/{local}/summary").json()
+        assert sum(summary["silos"]["a"]["counts"]) == len(mine) and summary["silos"]["a"]["kept"] == sum(
+            r["selected"] for r in mine.values()
+        )
+        assert summary["threshold"] == pytest.approx(out["local"]["a"].threshold)
+        first = rows["rows"][0]["sample_id"]
+        refused = dash.post(
+            f"/api/jobs/{local}/overrides",
+            json={"sample_id": first, "decision": "drop", "reason": "checked"},
+            headers={"Origin": "http://testserver"},
+        )
+        assert refused.status_code == 409 and "not sent" in refused.json()["detail"]
+        assert dash.get(f"/ui/jobs/{local}").status_code == 200
