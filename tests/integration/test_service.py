@@ -106,6 +106,30 @@ def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, data
     _assert_owner_only(service.root / "data")
 
 
+def test_a_silo_local_job_on_redis_with_a_real_worker(tiny_data, service_factory, tmp_path):
+    """The private mode for real: the worker process publishes the reference, each agent scores its own samples and
+    sends only its aggregate; the masks are the engine's, and no silo sample id is in any file of the coordinator."""
+    service = service_factory(database="sqlite", redis=True)
+    service.start_api()
+    service.start_worker("w1")
+    tokens: dict[str, str] = {}
+    job_id = _create_job(tiny_data, service, tokens, scoring_mode="local")
+    written = _run_agents(tiny_data, tokens, service, job_id, tmp_path)
+    with AdminClient(service.url, service.admin_token) as admin:
+        job = admin.job(job_id)
+        assert job["status"] == "done" and job["spec"]["scoring_mode"] == "local"
+        _assert_matches_engine(tiny_data, written, job["spec"])
+        assert admin.scores(job_id)["rows"] == []
+        assert sum(m["aggregate"]["kept"] for m in job["silos"]) == sum(
+            r["selected"] for rows in written.values() for r in rows.values()
+        )
+    ids = {s.id.encode() for silo in SILOS for s in tiny_data.samples[silo]}
+    for path in (service.root / "data").rglob("*"):  # the database, the blobs, the broker's files, the work files
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [i for i in ids if i in data], f"{path} holds a silo sample id"
+
+
 def _assert_owner_only(data_dir: Path) -> None:
     """The database, the broker files, the blobs (anchor texts, adapters) and the work files: nobody but the
     coordinator's user may read them (files 0600, directories 0700)."""
