@@ -31,9 +31,18 @@ def client(args: argparse.Namespace):
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:
-    """``--score``, ``--signals``, ``--fusion``, ``--signal-checkpoint``: how a scoring job scores (`ScoreFields`);
-    left out, the coordinator's defaults apply."""
-    from scoring.config import DEFAULT_FUSION, DEFAULT_SCORE_KIND, DEFAULT_SIGNALS, FUSIONS, SCORE_KINDS, SIGNALS
+    """``--score``, ``--signals``, ``--fusion``, ``--signal-checkpoint``, ``--scoring-mode``: how and where a scoring
+    job scores (`ScoreFields`); left out, the coordinator's defaults apply."""
+    from scoring.config import (
+        DEFAULT_FUSION,
+        DEFAULT_SCORE_KIND,
+        DEFAULT_SCORING_MODE,
+        DEFAULT_SIGNALS,
+        FUSIONS,
+        SCORE_KINDS,
+        SCORING_MODES,
+        SIGNALS,
+    )
 
     p.add_argument(
         "--score",
@@ -59,6 +68,14 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
         metavar="T",
         help="the checkpoint at which silos compute the signals (default: the last)",
     )
+    p.add_argument(
+        "--scoring-mode",
+        default=None,
+        choices=SCORING_MODES,
+        help="shared: silos send projections and per-sample values, the coordinator scores; local: each silo scores "
+        "its own samples against a reference published from the anchors and sends only its kept count and a score "
+        f"histogram (threshold mean-anchor or fixed) (default {DEFAULT_SCORING_MODE})",
+    )
 
 
 def score_fields(args: argparse.Namespace) -> dict:
@@ -72,7 +89,13 @@ def score_fields(args: argparse.Namespace) -> dict:
         raise CliError(str(exc)) from None
     if args.signal_checkpoint is not None and args.signal_checkpoint < 0:
         raise CliError(f"--signal-checkpoint: must be a checkpoint index >= 0, got {args.signal_checkpoint}")
-    return given_fields(score=args.score, signals=signals, fusion=args.fusion, signal_checkpoint=args.signal_checkpoint)
+    return given_fields(
+        score=args.score,
+        signals=signals,
+        fusion=args.fusion,
+        signal_checkpoint=args.signal_checkpoint,
+        scoring_mode=args.scoring_mode,
+    )
 
 
 def job_spec_from_run(

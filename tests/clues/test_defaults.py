@@ -24,3 +24,13 @@ def test_projection_dimension_defaults_agree():
     assert ScoringFromWarmup(name="n").projection["dim"] == DEFAULT_PROJECTION_DIM
     assert DEFAULT.proj_dim == DEFAULT_PROJECTION_DIM
     assert DEFAULT_PROJECTION_DIM % 4 == 0  # the SJLT default of 4 non-zeros per coordinate divides it
+
+
+def test_job_create_sends_only_the_score_settings_given():
+    from clues.admin import score_fields
+
+    parser = build_parser()
+    base = ["admin", "job-create", "--run", "r", "--anchors", "a.jsonl", "--silos", "a,b"]
+    assert score_fields(parser.parse_args(base)) == {}  # the coordinator's defaults apply
+    given = parser.parse_args([*base, "--scoring-mode", "local", "--score", "trace", "--signals", ""])
+    assert score_fields(given) == {"scoring_mode": "local", "score": "trace", "signals": []}
