@@ -22,6 +22,25 @@ class SeededJob:
     anchor_ids: list[str]
 
 
+def _create(session: Session, name: str, silos: tuple[str, ...], options: dict, lr: list[float]):
+    """A mean-anchor, preconditioned cosine job over ``silos`` with one checkpoint per learning rate."""
+    return repo.create_job(
+        session,
+        name=name,
+        model="smollm2-135m",
+        lora={"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+        projection={"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
+        similarity="cosine",
+        threshold={"kind": "mean-anchor"},
+        precondition=True,
+        options=options,
+        checkpoints=[
+            {"index": t, "step": 10 * (t + 1), "lr": lr[t], "lr_last": lr[t], "adam": {}} for t in range(len(lr))
+        ],
+        silo_names=list(silos),
+    )
+
+
 def seed_scored_job(
     session: Session,
     *,
@@ -48,21 +67,7 @@ def seed_scored_job(
         if repo.find_silo(session, name=s) is None:
             tokens[s] = repo.create_silo(session, name=s)[1]
     lr = [1e-3 / (t + 1) for t in range(checkpoints)]
-    job = repo.create_job(
-        session,
-        name=name,
-        model="smollm2-135m",
-        lora={"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
-        projection={"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
-        similarity="cosine",
-        threshold={"kind": "mean-anchor"},
-        precondition=True,
-        options={"max_len": 512, **(CALIBRATED if calibrated else {})},
-        checkpoints=[
-            {"index": t, "step": 10 * (t + 1), "lr": lr[t], "lr_last": lr[t], "adam": {}} for t in range(checkpoints)
-        ],
-        silo_names=list(silos),
-    )
+    job = _create(session, name, silos, {"max_len": 512, **(CALIBRATED if calibrated else {})}, lr)
     anchor_ids = [f"anchor-{i:04d}" for i in range(anchors)]
 
     def parts(clean: np.ndarray) -> np.ndarray:  # (n, T) terms η_t·cos, clean samples align with the anchors
@@ -251,27 +256,16 @@ def seed_local_job(
         if repo.find_silo(session, name=s) is None:
             repo.create_silo(session, name=s)
     edges = np.linspace(-12.0, 0.0, 43).tolist()  # 40 inner bins + the two open ones, drawn one bin wide
-    job = repo.create_job(
-        session,
-        name=name,
-        model="smollm2-135m",
-        lora={"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
-        projection={"kind": "sjlt", "dim": 8192, "seed": 0, "nnz": 4},
-        similarity="cosine",
-        threshold={"kind": "mean-anchor"},
-        precondition=True,
-        options={
-            "max_len": 512,
-            **CALIBRATED,
-            "scoring_mode": "local",
-            "reference": f"{7:064x}",
-            "reference_bins": 42,
-            "reference_threshold": -4.0,
-            "reference_edges": edges,
-        },
-        checkpoints=[{"index": 0, "step": 10, "lr": 1e-3, "lr_last": 1e-3, "adam": {}}],
-        silo_names=list(silos),
-    )
+    options = {
+        "max_len": 512,
+        **CALIBRATED,
+        "scoring_mode": "local",
+        "reference": f"{7:064x}",
+        "reference_bins": 42,
+        "reference_threshold": -4.0,
+        "reference_edges": edges,
+    }
+    job = _create(session, name, silos, options, [1e-3])
     centres = np.asarray(edges[:-1]) + 0.5 * (edges[1] - edges[0])
     for s, n in zip(silos, per_silo, strict=True):
         scores = np.clip(rng.normal(-2.5, 2.0, n), edges[0] + 1e-9, edges[-1] - 1e-9)

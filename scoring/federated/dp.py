@@ -28,18 +28,15 @@ from torch import Tensor, nn
 
 from scoring.batching import TokenizedSample, collate
 from scoring.config import LocalTrainConfig
-from scoring.errors import DataError
 from scoring.federated.local import (
     LocalMoments,
     LocalResult,
-    add_prox_grad,
+    finish_step,
     get_lora_weights,
-    make_optimizer,
     moments_of,
-    set_lora_weights,
+    start_round,
 )
 from scoring.gradients import build_gradient_computer
-from scoring.models import lora_parameters
 from scoring.privacy import PrivacyPlan
 
 
@@ -101,14 +98,8 @@ def dp_local_update(
         DataError: ``data`` is empty.
         ShapeMismatchError: ``global_weights`` or ``moments`` do not match the model's LoRA parameters.
     """
-    if not data:
-        raise DataError("no training samples for the local update")
-    set_lora_weights(model, global_weights)
-    params = lora_parameters(model)
-    device = next(iter(params.values())).device
+    params, device, anchor, optimizer = start_round(model, data, cfg, global_weights, lr, moments)
     generator = generator or secret_generator(device)
-    anchor = {name: p.detach().clone() for name, p in params.items()} if cfg.prox_mu > 0 else {}
-    optimizer = make_optimizer(params, cfg, lr, moments)
     model.eval()  # no dropout: the sensitivity bound is for a deterministic per-sample gradient
     computer = build_gradient_computer(model, engine)
     expected = plan.sampling_rate * len(data)
@@ -127,12 +118,7 @@ def dp_local_update(
         noisy = add_noise(summed, plan.noise_multiplier * plan.clip_norm, generator)
         for name, param in params.items():
             param.grad = (noisy[name] / expected).to(dtype=param.dtype, device=param.device)
-        if cfg.prox_mu > 0:
-            add_prox_grad(params, anchor, cfg.prox_mu)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        finish_step(params, optimizer, anchor, cfg)
         losses.extend(step_losses)
         if progress:
             progress(step + 1, cfg.steps, sum(step_losses) / len(step_losses) if step_losses else float("nan"))

@@ -202,6 +202,42 @@ def add_prox_grad(params: OrderedDict[str, nn.Parameter], anchor: dict[str, Tens
         param.grad = pull if param.grad is None else param.grad.add_(pull)
 
 
+def start_round(
+    model: nn.Module,
+    data: Sequence[TokenizedSample],
+    cfg: LocalTrainConfig,
+    global_weights: Mapping[str, np.ndarray],
+    lr: float,
+    moments: LocalMoments | None,
+) -> tuple[OrderedDict[str, nn.Parameter], torch.device, dict[str, Tensor], torch.optim.Optimizer]:
+    """What every local round begins with: the global weights loaded, the LoRA parameters and their device, the
+    FedProx anchor (a copy of the global weights when ``cfg.prox_mu > 0``) and AdamW with the silo's moments.
+
+    Raises:
+        DataError: ``data`` is empty.
+        ShapeMismatchError: ``global_weights`` or ``moments`` do not match the model's LoRA parameters.
+    """
+    if not data:
+        raise DataError("no training samples for the local update")
+    set_lora_weights(model, global_weights)
+    params = lora_parameters(model)
+    device = next(iter(params.values())).device
+    anchor = {name: p.detach().clone() for name, p in params.items()} if cfg.prox_mu > 0 else {}
+    return params, device, anchor, make_optimizer(params, cfg, lr, moments)
+
+
+def finish_step(
+    params: OrderedDict[str, nn.Parameter], optimizer: torch.optim.Optimizer, anchor: dict[str, Tensor], cfg
+) -> None:
+    """Once the step's gradient is in ``param.grad``: add the FedProx pull, clip the global norm, step AdamW."""
+    if cfg.prox_mu > 0:
+        add_prox_grad(params, anchor, cfg.prox_mu)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def local_update(
     model: nn.Module,
     data: Sequence[TokenizedSample],
@@ -239,13 +275,7 @@ def local_update(
         DataError: ``data`` is empty.
         ShapeMismatchError: ``global_weights`` or ``moments`` do not match the model's LoRA parameters.
     """
-    if not data:
-        raise DataError("no training samples for the local update")
-    set_lora_weights(model, global_weights)
-    params = lora_parameters(model)
-    device = next(iter(params.values())).device
-    anchor = {name: p.detach().clone() for name, p in params.items()} if cfg.prox_mu > 0 else {}
-    optimizer = make_optimizer(params, cfg, lr, moments)
+    params, device, anchor, optimizer = start_round(model, data, cfg, global_weights, lr, moments)
     batches = round_batches(len(data), cfg.batch_size, cfg.steps * cfg.grad_accum, cfg.seed, round)
     losses: list[float] = []
     model.train()
@@ -259,12 +289,7 @@ def local_update(
                 loss = response_losses(model, batch.input_ids.to(device), pos, target, weight).mean()
                 (loss / cfg.grad_accum).backward()
                 step_losses.append(loss.item())
-            if cfg.prox_mu > 0:
-                add_prox_grad(params, anchor, cfg.prox_mu)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            finish_step(params, optimizer, anchor, cfg)
             losses.extend(step_losses)
             if progress:
                 progress(step + 1, cfg.steps, sum(step_losses) / len(step_losses))

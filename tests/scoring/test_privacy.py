@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from scoring.batching import tokenize_samples
+from scoring.batching import collate, tokenize_samples
 from scoring.config import DPSettings, LocalTrainConfig
 from scoring.data import load_pubmedqa
 from scoring.errors import DataError
 from scoring.federated.dp import add_noise, clip_and_sum, dp_local_update, poisson_sample, secret_generator
-from scoring.federated.local import get_lora_weights, local_update
+from scoring.federated.local import get_lora_weights, local_update, set_lora_weights
+from scoring.gradients import LoopGradients
+from scoring.models import lora_parameters
 from scoring.privacy import (
     RDP_ORDERS,
     BudgetExceededError,
@@ -175,49 +177,53 @@ def setup():
     return model, tok, data, get_lora_weights(model)
 
 
+def _dp(setup, cfg, plan, seed, **kw):
+    model, tok, data, start = setup
+    generator = torch.Generator().manual_seed(seed)
+    return dp_local_update(
+        model, data, cfg, plan, pad_id=tok.pad_token_id, global_weights=start, lr=cfg.lr, generator=generator, **kw
+    )
+
+
 def test_without_noise_or_clipping_dp_sgd_is_plain_local_training(setup):
     """Every sample in every step (q = 1), C far above any gradient, σ = 0: the DP-SGD gradient is the mean of the
     per-sample gradients, which plain training on one batch of all samples takes too."""
     model, tok, data, start = setup
     cfg = LocalTrainConfig(steps=3, batch_size=len(data), lr=1e-2, max_grad_norm=0.0)
-    plan = PrivacyPlan(1e6, 0.0, 1.0, 1e-5, 1.0, 3)
-    dp = dp_local_update(
-        model,
-        data,
-        cfg,
-        plan,
-        pad_id=tok.pad_token_id,
-        global_weights=start,
-        lr=cfg.lr,
-        generator=torch.Generator().manual_seed(0),
-        engine="loop",
-    )
+    dp = _dp(setup, cfg, PrivacyPlan(1e6, 0.0, 1.0, 1e-5, 1.0, 3), 0, engine="loop")
     plain = local_update(model, data, cfg, pad_id=tok.pad_token_id, global_weights=start, lr=cfg.lr)
     for name in plain.weights:
         np.testing.assert_allclose(dp.weights[name], plain.weights[name], rtol=1e-4, atol=1e-6, err_msg=name)
     assert dp.mean_loss == pytest.approx(plain.mean_loss, rel=1e-5)
 
 
-def test_a_dp_round_moves_the_adapter_by_the_clipped_noisy_mean(setup):
+def test_a_dp_step_is_adamw_on_the_clipped_mean_gradient(setup):
+    """σ = 0, q = 1 and a clip norm below every sample's gradient norm: the step is AdamW on the mean of the clipped
+    per-sample gradients (computed here by the reference loop engine)."""
     model, tok, data, start = setup
-    cfg = LocalTrainConfig(steps=1, batch_size=2, lr=1e-3, max_grad_norm=0.0, weight_decay=0.0)
+    cfg = LocalTrainConfig(steps=1, batch_size=len(data), lr=1e-3, max_grad_norm=0.0)
+    dp = _dp(setup, cfg, PrivacyPlan(0.05, 0.0, 1.0, 1e-5, 1.0, 1), 0)
+    set_lora_weights(model, start)
+    model.eval()
+    batch = collate(list(data), tok.pad_token_id)
+    grads, _ = LoopGradients(model).compute(batch.input_ids, batch.labels)
+    summed, norms = clip_and_sum(grads, 0.05)
+    assert (norms > 0.05).all()  # every sample is clipped
+    params = lora_parameters(model)
+    for name, p in params.items():
+        p.grad = summed[name] / len(data)
+    torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step()
+    for name, expected in get_lora_weights(model).items():
+        np.testing.assert_allclose(dp.weights[name], expected, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_the_generator_decides_the_noise_and_the_batches(setup):
+    cfg = LocalTrainConfig(steps=1, batch_size=2, lr=1e-3, max_grad_norm=0.0)
     plan = PrivacyPlan.of(
-        DPSettings(noise_multiplier=1.0, clip_norm=0.1), num_samples=len(data), expected_batch=3, planned_steps=1
+        DPSettings(noise_multiplier=1.0, clip_norm=0.1), num_samples=6, expected_batch=3, planned_steps=1
     )
-    runs = [
-        dp_local_update(
-            model,
-            data,
-            cfg,
-            plan,
-            pad_id=tok.pad_token_id,
-            global_weights=start,
-            lr=cfg.lr,
-            generator=torch.Generator().manual_seed(s),
-        )
-        for s in (0, 0, 1)
-    ]
-    name = next(iter(start))
-    np.testing.assert_array_equal(runs[0].weights[name], runs[1].weights[name])  # the generator decides everything
+    runs = [_dp(setup, cfg, plan, seed) for seed in (0, 0, 1)]
+    name = next(iter(setup[3]))
+    np.testing.assert_array_equal(runs[0].weights[name], runs[1].weights[name])
     assert not np.array_equal(runs[0].weights[name], runs[2].weights[name])
     assert all(np.isfinite(w).all() for r in runs for w in r.weights.values())
