@@ -29,7 +29,8 @@ LOCAL_SCORES = "local-scores.json"
 
 
 def wait_for_reference(client: SiloClient, job_id: str, dest: Path, poll: float, timeout: float | None) -> Path:
-    """Download the job's reference to ``dest``, waiting while the coordinator has not published it (409)."""
+    """Download the job's reference to ``dest``, waiting while the coordinator has not published it (409); a job
+    whose anchor step failed stops the wait with its error."""
     started = time.monotonic()
     while True:
         try:
@@ -38,6 +39,11 @@ def wait_for_reference(client: SiloClient, job_id: str, dest: Path, poll: float,
         except CoordinatorError as exc:
             if exc.status != 409:
                 raise
+            job = client.job(job_id)
+            if job["status"] == "failed" or job.get("anchor_status") == "failed":
+                raise CoordinatorError(
+                    None, f"job {job_id}: the coordinator could not publish the reference: {job.get('error')}"
+                ) from exc
             if timeout is not None and time.monotonic() - started > timeout:
                 raise CoordinatorError(
                     None, f"job {job_id}: no reference after {timeout:.0f} s ({exc.detail})"

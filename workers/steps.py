@@ -213,7 +213,8 @@ def train_waits_for(session: Session, job: TrainJob) -> Wait | None:
 def fail_owner(session: Session, task: str, job_id: str, message: str) -> None:
     """Record on the job that one of its steps failed for good: a permanent error in the step (`workers.graph`), or
     a worker that kept dying (the reaper). A job that is done or failed already is left as it is; a failed anchor
-    projection marks only the anchors (scoring projects them itself)."""
+    projection marks only the anchors (scoring projects them itself), except in a silo-local job, which has no
+    scoring step to do it again: that job fails (the admin's retry sends the anchor step again)."""
     log.error("%s of job %s failed: %s", task, job_id, message)
     try:
         if task == names.SCORE_JOB:
@@ -223,7 +224,10 @@ def fail_owner(session: Session, task: str, job_id: str, message: str) -> None:
                     session, job_id=job_id, status="failed", error=message, message="failed", finished_at=utcnow()
                 )
         elif task == names.PROJECT_ANCHORS:
+            job = repo.get_job(session, job_id=job_id)
             repo.update_job(session, job_id=job_id, anchor_status="failed", error=message)
+            if (job.options or {}).get("scoring_mode") == "local" and job.status not in ("done", "failed"):
+                repo.update_job(session, job_id=job_id, status="failed", message="failed", finished_at=utcnow())
         elif task in TRAIN_TASKS:
             job = repo.get_train_job(session, job_id=job_id)
             if job.status not in ("done", "failed"):

@@ -28,8 +28,8 @@ def reference_key(job: Job) -> str:
 
 
 def record_aggregate(session, job: Job, silo, aggregate: LocalAggregate) -> bool:
-    """Store ``silo``'s aggregate and complete its membership; finish the job when it was the last. True when new,
-    False when the same aggregate was sent before.
+    """Store ``silo``'s aggregate and complete its membership (committed), then finish the job when every member
+    has sent one. True when new, False when the same aggregate was sent before.
 
     Raises:
         ConflictError: a shared job, no reference yet, a job not open, or another aggregate already recorded.
@@ -53,9 +53,9 @@ def record_aggregate(session, job: Job, silo, aggregate: LocalAggregate) -> bool
     if aggregate.kept > aggregate.total:
         raise ConfigError(f"kept: {aggregate.kept} exceeds total {aggregate.total}")
     repo.mark_complete(session, job_id=job.id, silo_id=silo.id, num_samples=aggregate.total, aggregate=sent)
-    session.flush()
+    session.commit()  # first, so that of two silos sending their last aggregates at once, the later one sees both
     session.refresh(job)
-    if all(m.status == "complete" for m in job.members):
+    if all(m.status == "complete" for m in job.members):  # both may see it: the same update, twice
         kept = sum(m.aggregate["kept"] for m in job.members)
         total = sum(m.aggregate["total"] for m in job.members)
         repo.update_job(

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from agent.client import CoordinatorError
-from agent.loop import AgentOptions, run_agent
+from agent.loop import AgentError, AgentOptions, run_agent
 from storage import repository as repo
 from storage.models import Score
 from tests.agent.conftest import Recorder, make_job
@@ -181,3 +181,25 @@ def test_the_silo_s_dashboard_shows_its_own_rows_and_keeps_overrides_at_home(wor
         )
         assert refused.status_code == 409 and "not sent" in refused.json()["detail"]
         assert dash.get(f"/ui/jobs/{local}").status_code == 200
+
+
+def test_a_failed_reference_fails_the_job_stops_the_agent_and_a_retry_recovers(world, tmp_path, monkeypatch):
+    from scoring.errors import DataError
+
+    def broken(res, job_id):
+        raise DataError("anchor values unreadable (test)")
+
+    monkeypatch.setattr("workers.local_scoring.publish_reference", broken)
+    local = make_job(world, "local-broken", scoring_mode="local")
+    world.coordinator.join_tasks()
+    job = world.admin.job(local)
+    assert (job["status"], job["anchor_status"]) == ("failed", "failed") and "unreadable" in job["error"]
+    data = world.data_file("a", tmp_path / "a")
+    with world.client("a") as client, pytest.raises(AgentError, match="is 'failed'"):
+        run_agent(client, local, data, work_dir=tmp_path / "work", options=FAST)
+    monkeypatch.undo()
+    assert world.admin.retry_job(local)["status"] == "open"
+    world.coordinator.join_tasks()
+    with world.client("a") as client:
+        result = run_agent(client, local, data, work_dir=tmp_path / "work", options=FAST)
+    assert result.selected is not None and world.admin.job(local)["silos"][0]["status"] == "complete"
