@@ -184,6 +184,7 @@ class LocalTrainer:
         self.spec, self.samples, self.options = spec, samples, options
         self.cfg = LocalTrainConfig.from_dict(spec["local"])
         self.model: Any = None
+        self._plan: Any = None
 
     def ledger(self, work_dir: Path, job_id: str):
         """This silo's ε ledger for the job (None when the job trains without DP-SGD): N is the samples chosen,
@@ -192,13 +193,14 @@ class LocalTrainer:
             return None
         from scoring.privacy import PrivacyLedger, PrivacyPlan
 
-        plan = PrivacyPlan.of(
-            self.cfg.dp,
-            num_samples=len(self.samples),
-            expected_batch=self.cfg.batch_size * self.cfg.grad_accum,
-            planned_steps=int(self.spec["rounds"]) * self.cfg.steps,
-        )
-        return PrivacyLedger.open(train_dir(work_dir, job_id) / "privacy-ledger.json", job_id, plan)
+        if self._plan is None:  # σ is calibrated once per run (a root search over the accountant)
+            self._plan = PrivacyPlan.of(
+                self.cfg.dp,
+                num_samples=len(self.samples),
+                expected_batch=self.cfg.batch_size * self.cfg.grad_accum,
+                planned_steps=int(self.spec["rounds"]) * self.cfg.steps,
+            )
+        return PrivacyLedger.open(train_dir(work_dir, job_id) / "privacy-ledger.json", job_id, self._plan)
 
     def _load(self) -> None:
         from scoring.batching import tokenize_samples
