@@ -323,7 +323,12 @@ def download_reference(job_id: JobId, state: StateDep, session: SessionDep, prin
     )
 
 
-@router.put("/{job_id}/aggregate", operation_id="send_aggregate")
+@router.put(
+    "/{job_id}/aggregate",
+    status_code=201,
+    operation_id="send_aggregate",
+    responses={200: {"model": JobPublic, "description": "the same aggregate was recorded before"}},
+)
 def send_aggregate(
     job_id: JobId, body: LocalAggregate, response: Response, session: SessionDep, principal: SiloDep
 ) -> JobPublic:
