@@ -75,10 +75,11 @@ def score_rows(local: LocalScores, values: dict[str, np.ndarray], ids: list[str]
     override): score, per-checkpoint terms, decision, raw values and, for a calibrated job, z and the flagging
     signal."""
     cal = local.calibrated
+    flags = cal.flagged_by if cal is not None else None  # a list built once (the property builds it on each call)
     raw = {"trace": local.trace, **values}
     rows = []
     for i, sid in enumerate(ids):
-        flagged = cal.flagged_by[i] if cal is not None else None
+        flagged = flags[i] if flags is not None else None
         selected = bool(local.selected[i])
         rows.append(
             {
