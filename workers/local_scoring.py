@@ -1,10 +1,11 @@
-"""The coordinator's side of a silo-local scoring job (`scoring.local_scoring`): publish the reference once the anchor
-projections exist, and record each silo's aggregate.
+"""The worker's side of a silo-local scoring job (`scoring.local_scoring`): publish the reference once the anchor
+projections exist (the aggregates the silos send are recorded by the API, `app.services.local_scoring`).
 
 `publish_reference` runs at the end of the anchor step (`workers.pipeline.project_anchors`) of a job whose
 ``scoring_mode`` is ``local``: it scores the anchor samples against each other exactly as `workers.pipeline.score_job`
-does (leave-one-out trace, the signal checkpoint's losses), builds the reference from them and stores it as a blob,
-recording its key, bin count and threshold in the job's options. Idempotent: a stored reference is kept.
+does (`workers.pipeline.anchor_values`: the leave-one-out trace and the signal checkpoint's losses), builds the
+reference from them and stores it as a blob, recording its key, bin count, threshold and display edges in the
+job's options. Idempotent: a stored reference is kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from scoring.selection import threshold_from_dict
 from scoring.spec import JobSpec
 from scoring.traces import build_anchor_directions, score_anchor_samples
 from storage import repository as repo
-from workers.pipeline import Resources, aligned_values, anchor_shards, load_shard, sample_values
+from workers.pipeline import Resources, anchor_shards, anchor_values, load_shard
 
 
 def publish_reference(res: Resources, job_id: str) -> str:
@@ -33,13 +34,9 @@ def publish_reference(res: Resources, job_id: str) -> str:
     anchors = [load_shard(res, s).proj for s in anchor_rows]
     anchor_files = [load_shard(res, s) for s in anchor_cand_rows]
     anchor_table = score_anchor_samples([f.proj for f in anchor_files], anchors, config)
-    values = {"trace": anchor_table.scores}
-    if how.keeps_values:
-        file = next(f for f in anchor_files if f.proj.checkpoint == how.signal_index)
-        values |= aligned_values(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
     reference = build_reference(
         build_anchor_directions(anchors, config),
-        values,
+        anchor_values(anchor_files, anchor_table, how),
         score=how.score,
         signals=how.signals,
         fusion=how.fusion or DEFAULT_FUSION,

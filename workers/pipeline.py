@@ -3,7 +3,7 @@
 No Celery here (the task graph, `workers.graph`, runs them under step leases; `workers.tasks` adds Celery's
 retries), so every function is tested directly. Every function is idempotent: running it twice, or again after a
 crash half-way, gives the same stored result (blobs are content-addressed, shard rows are keyed, scores are replaced
-in one transaction). At about 490 lines it holds the three scoring-job steps and what they share (loading shards,
+in one transaction). At about 510 lines it holds the three scoring-job steps and what they share (loading shards,
 the run directory, the per-sample values); training's steps are `workers.training`.
 
 - `project_anchors`: the anchor set's gradients at every checkpoint → anchor shards (owner ``__anchor__``).
@@ -398,9 +398,7 @@ def _with_signals(
     names = ("loss", *how.signals)
     cand = {k: np.concatenate([v[k] for v in values]) if values else np.zeros(0) for k in names}
     cand["trace"] = table.scores
-    file = next(f for f in anchor_files if f.proj.checkpoint == how.signal_index)
-    anch = aligned_values(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
-    anch["trace"] = anchor_table.scores
+    anch = anchor_values(anchor_files, anchor_table, how)
     if how.score != "calibrated":
         return table, anchor_table, (_signal_columns(cand, None), _signal_columns(anch, None))
     assert how.fusion is not None
@@ -410,6 +408,16 @@ def _with_signals(
         replace(anchor_table, scores=anchors.scores),
         (_signal_columns(cand, calibrated), _signal_columns(anch, anchors)),
     )
+
+
+def anchor_values(anchor_files: list[ProjectionFile], anchor_table: ScoreTable, how: JobSpec) -> dict[str, np.ndarray]:
+    """The anchor samples' raw values in ``anchor_table``'s row order: their leave-one-out ``trace`` and, when the
+    job keeps values, ``loss`` and the signals of its signal checkpoint's file."""
+    values = {"trace": anchor_table.scores}
+    if how.keeps_values:
+        file = next(f for f in anchor_files if f.proj.checkpoint == how.signal_index)
+        values |= aligned_values(sample_values(file, how, "anchor samples"), file.proj.ids, anchor_table.ids)
+    return values
 
 
 def _signal_columns(values: dict[str, np.ndarray], calibrated: CalibratedScores | None) -> list[dict]:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from app.schemas import LocalAggregate
 from app.services.jobs import is_local, require_status
+from scoring.errors import ConfigError
 from storage import repository as repo
 from storage.errors import ConflictError
 from storage.models import Job
@@ -35,8 +36,6 @@ def record_aggregate(session, job: Job, silo, aggregate: LocalAggregate) -> bool
         ConflictError: a shared job, no reference yet, a job not open, or another aggregate already recorded.
         scoring.errors.ConfigError: the aggregate does not fit the reference (bin count, counts that do not add up).
     """
-    from scoring.errors import ConfigError
-
     reference_key(job)
     sent = aggregate.model_dump()
     member = repo.get_member(session, job_id=job.id, silo_id=silo.id)
