@@ -68,6 +68,7 @@ def _options(args: argparse.Namespace):
         timeout=args.timeout,
         wait=not args.no_wait,
         out_dir=Path(args.out_dir) if args.out_dir else None,
+        max_epsilon=args.max_epsilon,
     )
 
 
@@ -243,7 +244,9 @@ def add_parser(sub) -> None:
         "upload them as shards (resuming: shards the coordinator holds are not sent again), mark the upload "
         "complete, wait until the job is scored and write <data stem>.scores.jsonl (id, score, parts, selected) "
         "and <data stem>.selected.jsonl (the selected samples) next to --data (or in --out-dir). Safe to run again "
-        "at any point.",
+        "at any point. A silo-local job (scoring mode local) is scored here instead: the agent downloads the "
+        "reference, scores the samples (on exact gradients, streamed and never stored, when the job says so), "
+        "writes the same two files and sends only its kept count and a score histogram (noisy when the job asks).",
     )
     _add_common(p, "checkpoints, run and projections")
     p.add_argument(
@@ -269,6 +272,14 @@ def add_parser(sub) -> None:
         default=None,
         help="where <data stem>.scores.jsonl and .selected.jsonl go (default: next to --data); for a data folder "
         "that is read-only",
+    )
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="for silo-local jobs with noisy aggregates: the most ε this silo's releases spend in all (its ledger "
+        "--work-dir/privacy-ledger.json); a job past it is refused and nothing is sent (default: no limit)",
     )
     p.set_defaults(func=cmd_run)
 

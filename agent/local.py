@@ -1,6 +1,8 @@
 """The silo's side of a silo-local scoring job (``scoring_mode`` ``local``, `scoring.local_scoring`): project the local
 samples as for any job, but keep the projections; download the reference the coordinator publishes from its anchors,
 score the samples against it here, write the mask, and send only the aggregate (kept count, total, score histogram).
+An exact job (``gradients`` ``exact``) projects nothing: its samples' exact gradients are streamed against the
+reference's full anchor directions (`scoring.exact_scoring`) and never stored.
 
 Nothing per-sample leaves the silo: no ids, no projections, no losses. Under ``work_dir/<job>/`` it keeps, besides
 what `agent.loop` keeps, ``reference.safetensors`` and ``local-scores.json``: the silo's score rows, shaped as the
@@ -22,10 +24,13 @@ from scoring.calibration import EXPLANATIONS
 from scoring.data import Sample
 from scoring.io import load_projection
 from scoring.io.reference import reference_from_bytes
-from scoring.local_scoring import LocalScores, ScoringReference, display_edges, score_locally
+from scoring.local_scoring import LocalAggregate, LocalScores, ScoringReference, display_edges, score_locally
+from scoring.privacy import RELEASE_LEDGER, ReleaseLedger, noisy_aggregate
 from wire.files import atomic_write_bytes
 
 LOCAL_SCORES = "local-scores.json"
+AGGREGATE = "aggregate.json"
+"""A noisy aggregate as drawn and sent (`aggregate_body`)."""
 
 
 def wait_for_reference(client: SiloClient, job_id: str, dest: Path, poll: float, timeout: float | None) -> Path:
@@ -140,27 +145,32 @@ def local_summary(job_id: str, silo: str, answer: dict[str, Any]) -> dict[str, A
 
 
 def run_local(client: SiloClient, job: dict, samples: list[Sample], data_path: Path, proj_dir: Path, options, progress):
-    """`agent.loop.run_agent` for a silo-local job, once the projections are in ``proj_dir``; returns its
-    `agent.loop.AgentResult`."""
-    from agent.loop import AgentResult, write_outputs
+    """`agent.loop.run_agent` for a silo-local job: score the samples here against the reference the coordinator
+    publishes (on the projections in ``proj_dir``, made first when missing, or, for an exact job, on exact gradients
+    streamed from the run), keep the rows and send the aggregate; returns its `agent.loop.AgentResult`."""
+    from agent.loop import AgentResult, prepare_run, project_local, projection_ready, write_outputs
 
     job_id, spec = job["id"], job["spec"]
+    job_dir = proj_dir.parent
     indices = [int(c["index"]) for c in spec["checkpoints"]]
-    dest = wait_for_reference(
-        client, job_id, proj_dir.parent / "reference.safetensors", options.poll_interval, options.timeout
-    )
+    exact = spec.get("gradients") == "exact"
+    if exact or not projection_ready(proj_dir, indices):
+        run_dir = prepare_run(client, job_id, spec, job_dir, progress)
+        if not exact:
+            project_local(run_dir, samples, proj_dir, spec, options, progress)
+    dest = wait_for_reference(client, job_id, job_dir / "reference.safetensors", options.poll_interval, options.timeout)
     reference = reference_from_bytes(dest.read_bytes(), f"the reference of job {job_id}")
     ids = [s.id for s in samples]
-    local, values = score_projections_locally(reference, proj_dir, indices, ids, int(spec["signal_checkpoint"]))
+    if exact:
+        local, values = score_exact_locally(reference, job_dir / "run", samples, spec, options, progress)
+    else:
+        local, values = score_projections_locally(reference, proj_dir, indices, ids, int(spec["signal_checkpoint"]))
     silo = next((m["name"] for m in job.get("silos", [])), "")
     rows = score_rows(local, values, ids, silo)
     kept = {"threshold": reference.threshold, "edges": display_edges(reference.bins), "checkpoints": len(indices)}
-    atomic_write_bytes(proj_dir.parent / LOCAL_SCORES, json.dumps({**kept, "rows": rows}).encode())
+    atomic_write_bytes(job_dir / LOCAL_SCORES, json.dumps({**kept, "rows": rows}).encode())
     scores_path, selected_path, selected = write_outputs(data_path, samples, rows, job_id, options.out_dir)
-    aggregate = local.aggregate(reference)
-    answer = client.send_aggregate(
-        job_id, {"kept": aggregate.kept, "total": aggregate.total, "histogram": list(aggregate.histogram)}
-    )
+    answer = client.send_aggregate(job_id, aggregate_body(local.aggregate(reference), spec, job_dir, options))
     if progress:
         progress("scoring", 100, 100)
     return AgentResult(
@@ -173,4 +183,46 @@ def run_local(client: SiloClient, job: dict, samples: list[Sample], data_path: P
         threshold=reference.threshold,
         scores_path=scores_path,
         selected_path=selected_path,
+    )
+
+
+def aggregate_body(aggregate: LocalAggregate, spec: dict, job_dir: Path, options) -> dict[str, Any]:
+    """What the silo sends: its aggregate as counted or, for a job with ``aggregate_epsilon``, an ε-DP release of it
+    (`scoring.privacy.noisy_aggregate`), charged to the silo's release ledger (``work_dir/privacy-ledger.json``)
+    before it is drawn. The release is drawn once and kept in ``job_dir/aggregate.json``: a rerun sends it again, as
+    a second draw would spend ε again.
+
+    Raises:
+        scoring.privacy.BudgetExceededError: the release would take the silo past ``options.max_epsilon``.
+    """
+    counted = {"kept": aggregate.kept, "total": aggregate.total, "histogram": list(aggregate.histogram)}
+    epsilon = spec.get("aggregate_epsilon")
+    if epsilon is None:
+        return counted
+    path = job_dir / AGGREGATE
+    if path.is_file():
+        return json.loads(path.read_text())["sent"]
+    ReleaseLedger.open(job_dir.parent / RELEASE_LEDGER).charge(job_dir.name, float(epsilon), options.max_epsilon)
+    kept, total, histogram = noisy_aggregate(aggregate.kept, aggregate.histogram, float(epsilon))
+    sent = {"kept": kept, "total": total, "histogram": list(histogram)}
+    atomic_write_bytes(path, json.dumps({"epsilon": epsilon, "counted": counted, "sent": sent}).encode())
+    return sent
+
+
+def score_exact_locally(
+    reference: ScoringReference, run_dir: Path, samples: list[Sample], spec: dict, options, progress
+) -> tuple[LocalScores, dict[str, np.ndarray]]:
+    """Score ``samples`` on their exact gradients, streamed from the job's run against ``reference``
+    (`scoring.exact_scoring`): nothing of the gradients is stored."""
+    from scoring.exact_scoring import exact_local_scores
+    from scoring.spec import JobSpec
+    from scoring.workflow import ModelOptions, ProjectOptions
+
+    return exact_local_scores(
+        run_dir,
+        samples,
+        reference,
+        ProjectOptions.for_job(JobSpec.from_dict(spec), options.engine, options.batch_size),
+        ModelOptions(device=options.device, dtype=options.dtype, cache_dir=options.cache_dir),
+        (lambda done, total: progress("gradients", done, total)) if progress else None,
     )

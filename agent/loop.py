@@ -59,6 +59,8 @@ class AgentOptions:
         timeout: give up waiting after this many seconds (None: wait for ever).
         wait: wait for the scores and write the mask; False: stop once the upload is complete.
         out_dir: where the mask files go (None: next to the data file, which may then be read-only elsewhere).
+        max_epsilon: the most ε this silo's noisy aggregates (silo-local jobs that ask for them) may spend in all,
+            by its release ledger (`scoring.privacy.ReleaseLedger`); None: no limit of its own.
     """
 
     rows_per_shard: int = 4096
@@ -71,6 +73,7 @@ class AgentOptions:
     timeout: float | None = None
     wait: bool = True
     out_dir: Path | None = None
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rows_per_shard", "batch_size"):
@@ -81,6 +84,8 @@ class AgentOptions:
             raise AgentError(f"poll_interval: must be positive, got {self.poll_interval!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise AgentError(f"timeout: must be positive or None, got {self.timeout!r}")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise AgentError(f"max_epsilon: must be positive or None, got {self.max_epsilon!r}")
 
 
 @dataclass(frozen=True)
@@ -143,10 +148,6 @@ def run_agent(
     if job["spec"].get("scoring_mode") == "local":  # scored here: nothing per-sample is uploaded (agent.local)
         from agent.local import run_local
 
-        indices = [int(c["index"]) for c in job["spec"]["checkpoints"]]
-        if not _projection_ready(proj_dir, indices):
-            run_dir = prepare_run(client, job_id, job["spec"], job_dir, progress)
-            project_local(run_dir, samples, proj_dir, job["spec"], options, progress)
         return run_local(client, job, samples, data_path, proj_dir, options, progress)
     uploaded, skipped = sync_shards(client, job, samples, proj_dir, options, complete=complete, progress=progress)
     if not complete:
@@ -183,7 +184,7 @@ def sync_shards(
     projections against the held shards, and only when they are on disk (it never recomputes them for that)."""
     spec = job["spec"]
     indices = [int(c["index"]) for c in spec["checkpoints"]]
-    ready = _projection_ready(proj_dir, indices)
+    ready = projection_ready(proj_dir, indices)
     if complete and not ready:
         return 0, 0
     if not ready:
@@ -231,7 +232,7 @@ def data_fingerprint(data_path: Path, job_id: str) -> str:
     return hashlib.sha256(f"{job_id}\0{digest.hexdigest()}".encode()).hexdigest()[:16]
 
 
-def _projection_ready(proj_dir: Path, indices: list[int]) -> bool:
+def projection_ready(proj_dir: Path, indices: list[int]) -> bool:
     return all((proj_dir / f"ckpt-{t:03d}.candidate.safetensors").is_file() for t in indices)
 
 
@@ -324,13 +325,8 @@ def project_local(
     signals the job asks for (``spec.signals``) in the files of its signal checkpoint."""
     from scoring.workflow import ModelOptions, ProjectOptions, project_samples
 
-    opts = ProjectOptions(
-        engine=options.engine,
-        batch_size=options.batch_size,
-        precondition=spec["precondition"],
-        signals=tuple(spec.get("signals", ())),  # a coordinator that predates the signals asks for none
-        signal_checkpoint=spec.get("signal_checkpoint"),
-    )
+    # a coordinator that predates the signals asks for none (JobSpec.from_dict)
+    opts = ProjectOptions.for_job(JobSpec.from_dict(spec), options.engine, options.batch_size)
     with atomic_dir(proj_dir) as tmp:
         project_samples(
             run_dir,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scoring.config import (
     DEFAULT_FUSION,
+    DEFAULT_GRADIENTS,
     DEFAULT_MAX_LEN,
     DEFAULT_PROJECTION_DIM,
     DEFAULT_SCORE_KIND,
@@ -28,6 +29,8 @@ from scoring.config import (
     LocalTrainConfig,
     LoraSettings,
     ProjectionSpec,
+    check_aggregate_epsilon,
+    check_gradients,
     check_score_settings,
 )
 from scoring.errors import ConfigError
@@ -86,6 +89,22 @@ class ScoreFields(_Strict):
         "sample; 'local': the coordinator publishes a reference from its anchors, each silo scores its own samples "
         "and sends only its kept count and a score histogram (threshold 'mean-anchor' or 'fixed')",
     )
+    gradients: Literal["projected", "exact"] = Field(
+        DEFAULT_GRADIENTS,
+        description="what a silo-local job scores: 'projected' gradients (the job's projection) or the 'exact' "
+        "unprojected LoRA gradients, streamed at the coordinator and at each silo and never stored; the reference "
+        "then holds the full anchor direction of each checkpoint (4 bytes per LoRA parameter). 'exact' needs "
+        "scoring_mode 'local'",
+    )
+    aggregate_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
+        description="a silo-local job's optional noise on the aggregates: each silo adds discrete Laplace noise to "
+        "its kept count and each histogram bin, an ε-DP release at this ε about its samples, and records it in its "
+        "privacy ledger (default none: the aggregates are sent as counted). Needs scoring_mode 'local'",
+    )
 
     def score_options(self, checkpoints: int) -> dict[str, Any]:
         """The job options ``score``, ``signals`` (defaults filled in), ``fusion`` and ``signal_checkpoint``
@@ -98,6 +117,8 @@ class ScoreFields(_Strict):
         default = list(DEFAULT_SIGNALS) if self.score == "calibrated" else []
         signals = default if self.signals is None else list(self.signals)
         check_score_settings(self.score, signals, self.fusion)
+        check_gradients(self.scoring_mode, self.gradients)
+        check_aggregate_epsilon(self.scoring_mode, self.aggregate_epsilon)
         t = checkpoints - 1 if self.signal_checkpoint is None else self.signal_checkpoint
         if not 0 <= t < checkpoints:
             raise ConfigError(f"signal_checkpoint: the job has checkpoints 0..{checkpoints - 1}, not {t}")
@@ -107,6 +128,8 @@ class ScoreFields(_Strict):
             "fusion": self.fusion,
             "signal_checkpoint": t,
             "scoring_mode": self.scoring_mode,
+            "gradients": self.gradients,
+            "aggregate_epsilon": self.aggregate_epsilon,
         }
 
 

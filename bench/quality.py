@@ -52,6 +52,7 @@ One JSON object goes to stdout (and ``<out>/result.json``); progress goes to std
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -280,7 +281,7 @@ def gradient_pass(
     # The unprojected variant is tagged with a spec of dimension P so that the product's scoring path (which checks
     # that every party used one spec) takes it unchanged; no projection is applied to it.
     if unprojected:
-        specs[FULL] = make_spec("gaussian", n_params, 0, layout)
+        specs[FULL] = unprojected_tag(make_spec("gaussian", 8, 0, layout), n_params)
     projectors = {k: build_projector(specs[k]) for k in dims}
     engine = build_gradient_computer(model, "hooks")
     roles = {"anchors": split.anchors, "candidates": split.candidates}
@@ -328,6 +329,16 @@ def gradient_pass(
     del model, engine
     release_memory()
     return Features(arrays, specs, losses["candidates"], [c.lr for c in checkpoints], losses["anchors"], signals)
+
+
+def unprojected_tag(spec: ProjectionSpec, n_params: int) -> ProjectionSpec:
+    """``spec`` with dimension P (the unprojected gradient's length): a tag that lets the unprojected rows through
+    the product's scoring path, never built into a projector. Copied past the API's bound on a projection's
+    dimension (2^20; P is 2.4 M for SmolLM2 at r = 8), which protects against building a dense P-dimensional
+    projector."""
+    tag = copy.copy(spec)  # no __post_init__: the bound is not checked
+    object.__setattr__(tag, "dim", n_params)
+    return tag
 
 
 def _matrix(folder: Path, name: str, n: int, dim: int, on_disk: bool) -> np.ndarray:

@@ -35,10 +35,12 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     job scores (`ScoreFields`); left out, the coordinator's defaults apply."""
     from scoring.config import (
         DEFAULT_FUSION,
+        DEFAULT_GRADIENTS,
         DEFAULT_SCORE_KIND,
         DEFAULT_SCORING_MODE,
         DEFAULT_SIGNALS,
         FUSIONS,
+        GRADIENT_KINDS,
         SCORE_KINDS,
         SCORING_MODES,
         SIGNALS,
@@ -76,6 +78,21 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
         "its own samples against a reference published from the anchors and sends only its kept count and a score "
         f"histogram (threshold mean-anchor or fixed) (default {DEFAULT_SCORING_MODE})",
     )
+    p.add_argument(
+        "--gradients",
+        default=None,
+        choices=GRADIENT_KINDS,
+        help="what a local job scores: projected gradients, or the exact unprojected LoRA gradients, streamed and "
+        f"never stored (needs --scoring-mode local) (default {DEFAULT_GRADIENTS})",
+    )
+    p.add_argument(
+        "--aggregate-epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="a local job's noise on the aggregates: each silo sends its kept count and histogram as an ε-DP release "
+        "at EPS (discrete Laplace) and records it in its privacy ledger (default: no noise)",
+    )
 
 
 def score_fields(args: argparse.Namespace) -> dict:
@@ -95,6 +112,8 @@ def score_fields(args: argparse.Namespace) -> dict:
         fusion=args.fusion,
         signal_checkpoint=args.signal_checkpoint,
         scoring_mode=args.scoring_mode,
+        gradients=args.gradients,
+        aggregate_epsilon=args.aggregate_epsilon,
     )
 
 

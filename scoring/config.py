@@ -84,6 +84,40 @@ every sample) or ``local`` (the coordinator publishes a reference from its ancho
 and sends only its kept count and a score histogram, `scoring.local_scoring`)."""
 DEFAULT_SCORING_MODE = "shared"
 
+GRADIENT_KINDS: tuple[str, ...] = ("projected", "exact")
+"""What a silo-local job scores: ``projected`` gradients (the job's projection, as a shared job) or the ``exact``
+unprojected LoRA gradients, streamed at the coordinator and at each silo without being stored
+(`scoring.exact_scoring`). A shared job scores projections only: its silos send them."""
+DEFAULT_GRADIENTS = "projected"
+
+
+def check_aggregate_epsilon(scoring_mode: str, epsilon: float | None) -> None:
+    """Refuse noise on aggregates outside a silo-local job, or an ε that is not a finite number > 0."""
+    if epsilon is None:
+        return
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, int | float)
+        or not (math.isfinite(epsilon) and epsilon > 0)
+    ):
+        raise ConfigError(f"aggregate_epsilon: must be a finite number > 0, got {epsilon!r}")
+    if scoring_mode != "local":
+        raise ConfigError(
+            "aggregate_epsilon: noise on the aggregates needs scoring_mode 'local' (a shared job sends none)"
+        )
+
+
+def check_gradients(scoring_mode: str, gradients: str) -> None:
+    """Refuse exact gradients outside a silo-local job (naming the field)."""
+    if gradients not in GRADIENT_KINDS:
+        raise ConfigError(f"gradients: must be one of {list(GRADIENT_KINDS)}, got {gradients!r}")
+    if gradients == "exact" and scoring_mode != "local":
+        raise ConfigError(
+            "gradients: 'exact' needs scoring_mode 'local' (a shared job's silos send projections; exact gradients "
+            "are millions of values per sample and never leave a silo)"
+        )
+
+
 FUSIONS: tuple[str, ...] = ("fisher", "max")
 """How the calibrated score combines its one-sided signals (`scoring.calibration.fuse`)."""
 DEFAULT_FUSION = "fisher"

@@ -220,6 +220,14 @@ def score_locally(
     parts = trace_parts(
         candidates_per_ckpt, list(reference.directions), list(reference.lrs), reference.similarity, chunk_rows
     )
+    return score_parts(reference, parts, values)
+
+
+def score_parts(
+    reference: ScoringReference, parts: np.ndarray, values: Mapping[str, np.ndarray] | None = None
+) -> LocalScores:
+    """`score_locally` from the samples' trace terms (N, T, G) against the reference's directions (a silo that
+    streams its exact gradients, `scoring.exact_scoring`, computes them batch by batch)."""
     trace, best_parts, _ = best_group(parts)
     calibrated = None
     scores = trace

@@ -12,17 +12,26 @@ RDP to (ε, δ)), not hand-written: `dp_sgd_epsilon` composes the events, `dp_sg
 atomically): the plan (q, σ, δ, the ε budget), and each round charged with its step count and the ε spent after it.
 It survives a restart (charging the same round again changes nothing) and refuses, with the figures, a round that
 would take the job past its budget. Torch-free: the coordinator reads ledgers' figures without torch.
+
+A silo-local scoring job may ask for noise on the aggregate a silo sends (``aggregate_epsilon``): `noisy_aggregate`
+draws it (discrete Laplace, pure ε-DP), and `ReleaseLedger`, one per silo, records every such release and sums their
+ε. The mask itself never leaves the silo; a sample's own score decides whether it is kept (the threshold comes from
+the anchors), so DP-SGD on the selected samples keeps its guarantee towards the whole local set.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scoring.config import DPSettings
+import numpy as np
+
+from scoring.config import DPSettings, check_aggregate_epsilon
 from scoring.errors import ConfigError, DataError, ScoringError
 from wire.files import atomic_write_bytes
 
@@ -254,3 +263,89 @@ def check_report(report: object, where: str) -> dict[str, Any]:
         if not ok or value < 0 or (key in ("delta", "sampling_rate") and not 0 < value <= 1):
             raise DataError(f"{where}: privacy report '{key}' must be a finite number in range, got {value!r}")
     return {key: report[key] for key in REPORT_FIELDS}
+
+
+# --- noise on a silo-local job's aggregate ---------------------------------------------------------------------
+
+AGGREGATE_SENSITIVITY = 2
+"""L1 sensitivity of a silo-local aggregate to adding or removing one sample: one histogram bin moves by 1 and the
+kept count by at most 1 (the total is the histogram's sum, so it costs nothing more)."""
+
+
+def noisy_aggregate(
+    kept: int, histogram: Sequence[int], epsilon: float, rng: np.random.Generator | None = None
+) -> tuple[int, int, tuple[int, ...]]:
+    """An ε-DP release of a silo-local aggregate (`scoring.local_scoring.LocalAggregate`): ``(kept, total,
+    histogram)`` with discrete Laplace noise (the two-sided geometric mechanism, P(k) ∝ exp(−ε|k|/Δ), Δ =
+    `AGGREGATE_SENSITIVITY`) on each bin and on the kept count, then post-processed (no further privacy cost): bins
+    clipped at 0, the total their sum, the kept count clipped to [0, total]. Integer noise, so none of the
+    floating-point Laplace's leaks (Mironov, CCS 2012). ``rng`` defaults to a generator seeded from the OS's
+    entropy (a silo's noise must be secret; tests pass a seeded one)."""
+    check_aggregate_epsilon("local", epsilon)
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    p = -math.expm1(-epsilon / AGGREGATE_SENSITIVITY)  # 1 − exp(−ε/Δ)
+
+    def noise(n: int) -> np.ndarray:
+        return rng.geometric(p, n) - rng.geometric(p, n)  # (n,) integers, two-sided geometric
+
+    bins = np.maximum(np.asarray(histogram, dtype=np.int64) + noise(len(histogram)), 0)
+    total = int(bins.sum())
+    return int(min(max(int(kept) + int(noise(1)[0]), 0), total)), total, tuple(int(b) for b in bins)
+
+
+def discrete_laplace_variance(epsilon: float, sensitivity: float = AGGREGATE_SENSITIVITY) -> float:
+    """The variance of `noisy_aggregate`'s noise on one value: 2e^(−a)/(1 − e^(−a))², a = ε/Δ."""
+    a = epsilon / sensitivity
+    return 2.0 * math.exp(-a) / (-math.expm1(-a)) ** 2
+
+
+RELEASE_LEDGER = "privacy-ledger.json"
+"""The silo-wide ledger of noisy aggregate releases, under the agent's ``--work-dir``."""
+RELEASE_LEDGER_FORMAT = "clues.release-ledger/1"
+
+
+@dataclass
+class ReleaseLedger:
+    """A silo's record of the ε-DP aggregates it has released (one per silo-local job that asks for noise), kept in
+    ``work_dir/privacy-ledger.json``. The releases are pure ε-DP about the same samples, so they compose by
+    summing ε (basic composition): `epsilon_spent` is the silo's total. Charging a job again costs nothing (its
+    release is drawn once and kept); `BudgetExceededError` past the silo's own ``limit``."""
+
+    path: Path
+    releases: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def epsilon_spent(self) -> float:
+        return float(sum(float(r["epsilon"]) for r in self.releases))
+
+    @classmethod
+    def open(cls, path: Path | str) -> ReleaseLedger:
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != RELEASE_LEDGER_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            releases = [dict(r) for r in data["releases"]]
+            if not all(isinstance(r["job"], str) and float(r["epsilon"]) > 0 for r in releases):
+                raise ValueError("a release without a job or a positive epsilon")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{path}: not a release ledger ({type(exc).__name__}: {exc})") from exc
+        return cls(path, releases)
+
+    def charge(self, job_id: str, epsilon: float, limit: float | None = None) -> float:
+        """Record job ``job_id``'s noisy aggregate at ``epsilon`` before it is drawn; returns the total ε spent."""
+        if any(r["job"] == job_id for r in self.releases):
+            return self.epsilon_spent
+        after = self.epsilon_spent + float(epsilon)
+        if limit is not None and after > limit * (1 + _SLACK):
+            raise BudgetExceededError(
+                f"job {job_id}: its noisy aggregate (ε = {epsilon:.4g}) would take this silo's releases to ε = "
+                f"{after:.4g}, past its own limit ε = {limit:.4g} ({self.epsilon_spent:.4g} spent in "
+                f"{len(self.releases)} release(s))"
+            )
+        self.releases.append({"job": job_id, "kind": "aggregate", "mechanism": "discrete-laplace", "epsilon": epsilon})
+        data = {"format": RELEASE_LEDGER_FORMAT, "releases": self.releases}
+        atomic_write_bytes(self.path, (json.dumps(data, indent=1) + "\n").encode())
+        return after

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from scoring.config import DEFAULT_MAX_LEN, DEFAULT_SCORING_MODE, DEFAULT_TEMPLATE
+from scoring.config import DEFAULT_GRADIENTS, DEFAULT_MAX_LEN, DEFAULT_SCORING_MODE, DEFAULT_TEMPLATE
 
 LEGACY_SCORE_KIND = "trace"
 """The score kind of a job stored before score kinds existed (the pure CLUES trace); a new job's default is
@@ -117,6 +117,16 @@ class JobSpec:
     """None: the last checkpoint."""
     scoring_mode: str = DEFAULT_SCORING_MODE
     """``shared`` or ``local`` (`scoring.config.SCORING_MODES`)."""
+    gradients: str = DEFAULT_GRADIENTS
+    """``projected`` or, in a ``local`` job, ``exact`` (`scoring.config.GRADIENT_KINDS`)."""
+    aggregate_epsilon: float | None = None
+    """In a ``local`` job: each silo's aggregate is an ε-DP release at this ε (`scoring.privacy.noisy_aggregate`);
+    None: sent as counted."""
+
+    @property
+    def exact(self) -> bool:
+        """Whether the job scores exact (unprojected) gradients, streamed (`scoring.exact_scoring`)."""
+        return self.scoring_mode == "local" and self.gradients == "exact"
 
     @property
     def signal_index(self) -> int:
@@ -144,6 +154,8 @@ class JobSpec:
             "fusion": self.fusion,
             "signal_checkpoint": self.signal_index,
             "scoring_mode": self.scoring_mode,
+            "gradients": self.gradients,
+            "aggregate_epsilon": self.aggregate_epsilon,
         }
 
     @classmethod
@@ -162,6 +174,8 @@ class JobSpec:
             fusion=d.get("fusion"),
             signal_checkpoint=d.get("signal_checkpoint"),
             scoring_mode=d.get("scoring_mode", DEFAULT_SCORING_MODE),
+            gradients=d.get("gradients", DEFAULT_GRADIENTS),
+            aggregate_epsilon=d.get("aggregate_epsilon"),
         )
 
     @classmethod
@@ -191,6 +205,8 @@ class JobSpec:
             fusion=options.get("fusion"),
             signal_checkpoint=options.get("signal_checkpoint"),
             scoring_mode=options.get("scoring_mode", DEFAULT_SCORING_MODE),
+            gradients=options.get("gradients", DEFAULT_GRADIENTS),
+            aggregate_epsilon=options.get("aggregate_epsilon"),
         )
 
 

@@ -269,6 +269,7 @@ def leave_one_out(
     lrs: Sequence[float],
     group: np.ndarray,
     similarity: str,
+    sizes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Re-score anchor samples against the mean of the *other* anchors of their group.
 
@@ -283,6 +284,8 @@ def leave_one_out(
         lrs: T learning rates.
         group: (M,) group index of each anchor (column of ``parts``).
         similarity: ``cosine`` or ``dot``.
+        sizes: (G,) anchors per group, when the rows given are a batch of the anchors (default: counted from
+            ``group``).
 
     Returns:
         (M, T, G) corrected terms (columns of other groups unchanged).
@@ -290,7 +293,8 @@ def leave_one_out(
     Raises:
         ShapeMismatchError: a group has fewer than two anchors.
     """
-    sizes = np.bincount(group, minlength=parts.shape[2])  # (G,)
+    if sizes is None:
+        sizes = np.bincount(group, minlength=parts.shape[2])  # (G,)
     if (sizes[group] < 2).any():
         raise ShapeMismatchError("leave-one-out anchor scores need at least two anchors in every group")
     out = parts.copy()

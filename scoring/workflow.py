@@ -20,7 +20,7 @@ import contextlib
 import ctypes
 import gc
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +98,20 @@ class ProjectOptions:
         t = self.signal_checkpoint
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
             raise ConfigError(f"signal_checkpoint: must be a checkpoint index >= 0 or None, got {t!r}")
+
+    @classmethod
+    def for_job(
+        cls, how: JobSpec, engine: str = "hooks", batch_size: int = 8, precondition: bool | None = None
+    ) -> ProjectOptions:
+        """The options a job's gradients are computed under: its preconditioning (unless ``precondition`` says
+        otherwise), signals and signal checkpoint, with this party's engine and batch size."""
+        return cls(
+            engine=engine,
+            batch_size=batch_size,
+            precondition=how.precondition if precondition is None else precondition,
+            signals=how.signals,
+            signal_checkpoint=how.signal_index,
+        )
 
 
 def load_run_model(run_dir: Path, opts: ModelOptions) -> tuple[nn.Module, object, dict, list[Checkpoint]]:
@@ -257,13 +271,6 @@ def write_run_dir(run_info: dict, bundles: Sequence[CheckpointBundle], dest: Pat
     return read_run(dest)[1]
 
 
-def _collect(chunks: list[tuple[list[str], torch.Tensor]], order: dict[str, int]) -> tuple[list[str], np.ndarray]:
-    ids = [i for batch_ids, _ in chunks for i in batch_ids]
-    matrix = torch.cat([m for _, m in chunks]).numpy()
-    perm = np.argsort([order[i] for i in ids], kind="stable")
-    return [ids[p] for p in perm], matrix[perm]
-
-
 def project_samples(
     run_dir: Path,
     samples: Sequence[Sample],
@@ -306,6 +313,105 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@dataclass(frozen=True)
+class GradientBatch:
+    """One batch of a `GradientPass` at one checkpoint.
+
+    Attributes:
+        ids: the batch's sample ids.
+        rows: their positions in the pass's ``samples``.
+        grads: name -> (B, *shape) plain per-sample LoRA gradients (what anchor directions are built from).
+        candidate: the gradients as candidates are scored: Adam-preconditioned when the pass preconditions, else
+            ``grads`` itself.
+        losses: (B,) mean response losses ℓ(y|x).
+    """
+
+    ids: list[str]
+    rows: list[int]
+    grads: dict[str, torch.Tensor]
+    candidate: dict[str, torch.Tensor]
+    losses: torch.Tensor
+
+
+class GradientPass:
+    """Exact per-sample LoRA gradients of ``samples`` at every checkpoint of a run, batch by batch: the one gradient
+    loop behind `project_samples` and the exact silo-local scoring of `scoring.exact_scoring`.
+
+    The model, tokens and batches are prepared once; `checkpoints` moves the model to each checkpoint in turn and
+    `batches` gives that checkpoint's gradients (it may be iterated more than once per checkpoint)::
+
+        grads = GradientPass(run_dir, samples, opts, model_opts, progress)
+        for ckpt in grads.checkpoints():
+            for batch in grads.batches(ckpt):
+                ...
+            signals = grads.signals(ckpt)  # the signals asked for, at the signal checkpoint only
+
+    Raises:
+        ConfigError: preconditioning without Adam moments, or a signal checkpoint the run does not have.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        samples: Sequence[Sample],
+        opts: ProjectOptions = ProjectOptions(),
+        model_opts: ModelOptions = ModelOptions(),
+        progress: Progress | None = None,
+        passes: int = 1,
+    ) -> None:
+        self.model, self.tokenizer, self.manifest, self.run_checkpoints = load_run_model(run_dir, model_opts)
+        if opts.precondition and not manifest_has_moments(self.manifest):
+            raise ConfigError("precondition: the run has no Adam moments (it was not trained); use --no-precondition")
+        self.opts, self.samples, self.progress = opts, samples, progress
+        self.signal_at = _signal_checkpoint(opts, [c.index for c in self.run_checkpoints])
+        self.tokenized = tokenize_samples(
+            samples, self.tokenizer, self.manifest["max_len"], template=self.manifest["template"]
+        )
+        self._batches = make_batches(self.tokenized, opts.batch_size, self.tokenizer.pad_token_id)
+        self._order = {s.id: i for i, s in enumerate(samples)}
+        self._engine = build_gradient_computer(self.model, opts.engine, chunk_size=opts.chunk_size)
+        self._device = next(self.model.parameters()).device
+        self._moments = None
+        self.done, self.total = 0, passes * len(self.run_checkpoints) * len(self.tokenized)
+
+    @property
+    def spec(self) -> ProjectionSpec:
+        """The run's projection spec."""
+        return ProjectionSpec.from_dict(self.manifest["projection"])
+
+    def checkpoints(self) -> Iterator[Checkpoint]:
+        """The run's checkpoints in order, the model moved to each before it is yielded."""
+        for ckpt in self.run_checkpoints:
+            use_checkpoint(self.model, ckpt)
+            self._moments = ckpt.moments() if self.opts.precondition else None
+            yield ckpt
+
+    def batches(self, ckpt: Checkpoint) -> Iterator[GradientBatch]:
+        """Every batch's gradients at ``ckpt`` (the checkpoint `checkpoints` last yielded)."""
+        for batch in self._batches:
+            grads, losses = self._engine.compute(batch.input_ids.to(self._device), batch.labels.to(self._device))
+            candidate = grads if self._moments is None else adam_precondition(grads, *self._moments, ckpt.adam)
+            yield GradientBatch(batch.ids, [self._order[i] for i in batch.ids], grads, candidate, losses.detach())
+            self.done += len(batch.ids)
+            if self.progress:
+                self.progress(self.done, self.total)
+
+    def signals(self, ckpt: Checkpoint) -> dict[str, np.ndarray] | None:
+        """The signals ``opts.signals`` at ``ckpt`` when it is the signal checkpoint ((N,) each, in the order of
+        ``samples``); None elsewhere or when none are asked for."""
+        if not self.opts.signals or ckpt.index != self.signal_at:
+            return None
+        computed = sample_signals(
+            self.model,
+            self.tokenizer,
+            self.samples,
+            self.tokenized,
+            template=self.manifest["template"],
+            batch_size=self.opts.batch_size,
+        )
+        return {name: computed[name] for name in self.opts.signals}
+
+
 def _project_samples(
     run_dir: Path,
     samples: Sequence[Sample],
@@ -315,55 +421,35 @@ def _project_samples(
     model_opts: ModelOptions,
     progress: Progress | None,
 ) -> list[Path]:
-    model, tokenizer, manifest, checkpoints = load_run_model(run_dir, model_opts)
-    spec = ProjectionSpec.from_dict(manifest["projection"])
-    if opts.precondition and not manifest_has_moments(manifest):
-        raise ConfigError("precondition: the run has no Adam moments (it was not trained); use --no-precondition")
-    signal_at = _signal_checkpoint(opts, [c.index for c in checkpoints])
-    tokenized = tokenize_samples(samples, tokenizer, manifest["max_len"], template=manifest["template"])
-    batches = make_batches(tokenized, opts.batch_size, tokenizer.pad_token_id)
-    order = {s.id: i for i, s in enumerate(samples)}
+    grads = GradientPass(run_dir, samples, opts, model_opts, progress)
+    spec, manifest = grads.spec, grads.manifest
     projector = build_projector(spec)
-    engine = build_gradient_computer(model, opts.engine, chunk_size=opts.chunk_size)
-    device = next(model.parameters()).device
-    written, done, total = [], 0, len(checkpoints) * len(tokenized)
-    for ckpt in checkpoints:
-        use_checkpoint(model, ckpt)
-        moments = ckpt.moments() if opts.precondition else None
-        rows: dict[str, list] = {"candidate": [], "anchor": [], "loss": []}
-        for batch in batches:
-            grads, losses = engine.compute(batch.input_ids.to(device), batch.labels.to(device))
+    roles = ("candidate", "anchor") if anchor else ("candidate",)
+    ids = tuple(s.id for s in samples)
+    extra = {"model": manifest["model"], "lora": manifest["lora"], "num_samples": len(ids)}
+    written = []
+    for ckpt in grads.checkpoints():
+        matrices = {role: np.zeros((len(samples), spec.dim), dtype=np.float16) for role in roles}
+        loss = np.zeros(len(samples))
+        for batch in grads.batches(ckpt):
+            matrices["candidate"][batch.rows] = projector.project(batch.candidate).cpu().numpy()
             if anchor:
-                rows["anchor"].append((batch.ids, projector.project(grads).cpu()))
-            if moments is not None:
-                grads = adam_precondition(grads, *moments, ckpt.adam)
-            rows["candidate"].append((batch.ids, projector.project(grads).cpu()))
-            rows["loss"].append((batch.ids, losses.cpu()[:, None]))
-            done += len(batch.ids)
-            if progress:
-                progress(done, total)
-        ids, loss = _collect(rows["loss"], order)
-        signals = None
-        if opts.signals and ckpt.index == signal_at:  # (N,) each, in the order of ``samples``, as ``ids`` is
-            computed = sample_signals(
-                model, tokenizer, samples, tokenized, template=manifest["template"], batch_size=opts.batch_size
-            )
-            signals = {name: computed[name] for name in opts.signals}
-        extra = {"model": manifest["model"], "lora": manifest["lora"], "num_samples": len(ids)}
-        for role in ("candidate", "anchor") if anchor else ("candidate",):
-            _, matrix = _collect(rows[role], order)
+                matrices["anchor"][batch.rows] = projector.project(batch.grads).cpu().numpy()
+            loss[batch.rows] = batch.losses.cpu().numpy()
+        signals = grads.signals(ckpt)
+        for role in roles:
             proj = ProjectedGrads(
-                ids=tuple(ids),
-                matrix=matrix.astype(np.float16),
+                ids=ids,
+                matrix=matrices[role],
                 spec=spec,
                 checkpoint=ckpt.index,
                 lr=ckpt.lr,
                 role=role,
-                preconditioned=role == "candidate" and moments is not None,
+                preconditioned=role == "candidate" and grads.opts.precondition,
                 extra=extra,
             )
             path = Path(out_dir) / f"ckpt-{ckpt.index:03d}.{role}.safetensors"
-            save_projection(path, proj, losses=loss[:, 0], signals=signals)
+            save_projection(path, proj, losses=loss, signals=signals)
             written.append(path)
     return written
 

@@ -289,3 +289,76 @@ def expected_calibration(data: TinyData, threshold: dict | None = None, score: d
             anchor_table = dataclasses.replace(anchor_table, scores=anchors.scores)
     policy = threshold_from_dict(threshold or {"kind": "mean-anchor"})
     return apply_threshold(table, policy, anchor_table), calibrated, anchors
+
+
+def exact_rows(run_dir: Path, samples, opts):
+    """Every unprojected gradient of ``samples`` at every checkpoint of ``run_dir``, held in memory (a tiny model
+    only): ``(plain, candidate, lrs, values, layout)``, the first two T lists of (N, D) float32 matrices, ``values``
+    the signal checkpoint's ``loss`` and ``opts.signals``."""
+    import math
+
+    import numpy as np
+
+    from scoring.projection import flatten_grads
+    from scoring.workflow import GradientPass
+
+    grads = GradientPass(run_dir, samples, opts)
+    plain, cand, lrs, values = [], [], [], {}
+    width = sum(math.prod(shape) for _, shape in grads.manifest["layout"])
+    for ckpt in grads.checkpoints():
+        p = np.zeros((len(samples), width), np.float32)
+        c, loss = np.zeros_like(p), np.zeros(len(samples))
+        for batch in grads.batches(ckpt):
+            p[batch.rows] = flatten_grads(batch.grads).numpy()
+            c[batch.rows] = flatten_grads(batch.candidate).numpy()
+            loss[batch.rows] = batch.losses.numpy()
+        plain.append(p)
+        cand.append(c)
+        lrs.append(ckpt.lr)
+        if ckpt.index == grads.signal_at:
+            values = {"loss": loss, **(grads.signals(ckpt) or {})}
+    values = {k: np.asarray(v, np.float64) for k, v in values.items()}
+    return plain, cand, lrs, values, grads.manifest["layout"]
+
+
+def expected_exact(data: TinyData, silos=SILOS, precondition: bool = True):
+    """What the coordinator would compute for an exact calibrated job (the product's default signals and fusion,
+    mean-anchor threshold) with every unprojected gradient in hand, by its own functions (`score_anchor_samples`,
+    `build_anchor_directions`, `build_reference`, `score_locally`): ``(reference, anchor_trace, scores, values)``,
+    the last two per silo (`scoring.local_scoring.LocalScores` and the silo's raw values)."""
+    from scoring.config import DEFAULT_FUSION, DEFAULT_SIGNALS, TraceConfig
+    from scoring.local_scoring import build_reference, score_locally
+    from scoring.projection import make_spec
+    from scoring.selection import MeanAnchorScore
+    from scoring.traces import build_anchor_directions, score_anchor_samples
+    from scoring.types import ProjectedGrads
+    from scoring.workflow import ProjectOptions
+
+    opts = ProjectOptions(batch_size=4, precondition=precondition, signals=DEFAULT_SIGNALS)
+    anchors = data.samples["anchors"]
+    a_plain, a_cand, lrs, a_values, layout = exact_rows(data.run_dir, anchors, opts)
+    spec = make_spec("gaussian", a_plain[0].shape[1], 0, layout)  # tags the rows with their length D; not applied
+
+    def seq(samples, mats, role):
+        ids = tuple(s.id for s in samples)
+        return [
+            ProjectedGrads(ids, m, spec, t, lr, role, preconditioned=role == "candidate" and precondition)
+            for t, (m, lr) in enumerate(zip(mats, lrs, strict=True))
+        ]
+
+    config = TraceConfig()
+    anchor_seq = seq(anchors, a_plain, "anchor")
+    anchor_table = score_anchor_samples(seq(anchors, a_cand, "candidate"), anchor_seq, config)
+    reference = build_reference(
+        build_anchor_directions(anchor_seq, config),
+        {"trace": anchor_table.scores, **a_values},
+        score="calibrated",
+        signals=DEFAULT_SIGNALS,
+        fusion=DEFAULT_FUSION,
+        policy=MeanAnchorScore(),
+    )
+    scores, values = {}, {}
+    for silo in silos:
+        _, s_cand, _, values[silo], _ = exact_rows(data.run_dir, data.samples[silo], opts)
+        scores[silo] = score_locally(reference, s_cand, values[silo])
+    return reference, anchor_table.scores, scores, values

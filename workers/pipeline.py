@@ -89,7 +89,8 @@ class JobStateError(ConflictError):
     failure, not retried)."""
 
 
-def _set(res: Resources, job_id: str, **fields) -> None:
+def update_job(res: Resources, job_id: str, **fields) -> None:
+    """Set the job's ``fields`` in a transaction of their own."""
     with res.sessions.begin() as session:
         repo.update_job(session, job_id=job_id, **fields)
 
@@ -102,7 +103,7 @@ def progress_writer(res: Resources, job_id: str, every_s: float = 1.0) -> Progre
         now = time.monotonic()
         if fraction >= 1.0 or now - last[0] >= every_s:
             last[0] = now
-            _set(res, job_id, progress=float(min(max(fraction, 0.0), 1.0)), message=message)
+            update_job(res, job_id, progress=float(min(max(fraction, 0.0), 1.0)), message=message)
 
     return write
 
@@ -165,22 +166,21 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
         if anchor_set is None:
             raise JobStateError(f"job {job_id}: no anchor set was uploaded")
         anchor_key = anchor_set.blob_key
+    if how.exact:  # nothing to store: the reference is built from streamed exact gradients (workers.local_scoring)
+        from workers.local_scoring import publish_exact_reference
+
+        publish_exact_reference(res, job_id, anchor_key, progress)
+        return
     if done:
-        _set(res, job_id, anchor_status="done")
+        update_job(res, job_id, anchor_status="done")
         _publish_if_local(res, job_id, how)
         return
-    from scoring.data import read_samples
     from scoring.workflow import ModelOptions, ProjectOptions, project_samples
 
-    _set(res, job_id, anchor_status="running")
+    update_job(res, job_id, anchor_status="running")
     run_dir = materialise_run(res, job_id)
-    if precondition and not _run_has_moments(run_dir):
-        # A job made from a federated warmup: every silo preconditions with the moments of its own local training,
-        # which never leave it, so the coordinator has none. Its anchor samples are scored with plain gradients
-        # (the anchor directions are plain gradients in every case).
-        precondition = False
-    res.blobs.verify(anchor_key)
-    samples = read_samples(res.blobs.path(anchor_key))
+    precondition = anchor_precondition(run_dir, precondition)
+    samples = anchor_samples(res, anchor_key)
     settings = res.settings
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as out:
         files = project_samples(
@@ -188,13 +188,7 @@ def project_anchors(res: Resources, job_id: str, progress: Progress | None = Non
             samples,
             Path(out),
             anchor=True,
-            opts=ProjectOptions(
-                engine=settings.engine,
-                batch_size=settings.batch_size,
-                precondition=precondition,
-                signals=how.signals,
-                signal_checkpoint=how.signal_index,
-            ),
+            opts=ProjectOptions.for_job(how, settings.engine, settings.batch_size, precondition=precondition),
             model_opts=ModelOptions(device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir),
             progress=(lambda d, t: progress(d / t, f"anchor gradients {d}/{t}")) if progress else None,
         )
@@ -231,11 +225,23 @@ def _store_anchor_files(res: Resources, job_id: str, files: list[Path]) -> None:
         repo.update_job(session, job_id=job_id, anchor_status="done")
 
 
-def _run_has_moments(run_dir: Path) -> bool:
+def anchor_precondition(run_dir: Path, precondition: bool) -> bool:
+    """Whether the anchor samples are scored (as candidates) on preconditioned gradients: as the job asks, unless
+    its run has no Adam moments. That is a job made from a federated warmup: every silo preconditions with the
+    moments of its own local training, which never leave it, so the coordinator has none, and its anchor samples are
+    scored with plain gradients (the anchor directions are plain gradients in every case)."""
     from scoring.training import read_run
 
     manifest, _ = read_run(run_dir)
-    return manifest_has_moments(manifest)
+    return precondition and manifest_has_moments(manifest)
+
+
+def anchor_samples(res: Resources, anchor_key: str) -> list:
+    """The job's anchor set (`scoring.data.Sample`), its blob checked first."""
+    from scoring.data import read_samples
+
+    res.blobs.verify(anchor_key)
+    return read_samples(res.blobs.path(anchor_key))
 
 
 def shards_by_part(shards: list[Shard]) -> dict[int, list[Shard]]:

@@ -62,10 +62,16 @@ def record_aggregate(session, job: Job, silo, aggregate: LocalAggregate) -> bool
             job_id=job.id,
             status="done",
             progress=1.0,
-            message=f"{kept} of {total} samples selected (scored at the silos)",
+            message=f"{kept} of {total} samples selected (scored at the silos{_noise(job)})",
             error=None,
             threshold_value=float(job.options["reference_threshold"]),
             finished_at=datetime.now(UTC),
         )
     session.commit()
     return True
+
+
+def _noise(job: Job) -> str:
+    """How the aggregates were released, for the job's message: nothing when counted, else their ε."""
+    epsilon = (job.options or {}).get("aggregate_epsilon")
+    return "" if epsilon is None else f"; each silo's counts are noisy, an ε = {epsilon:g} release"

@@ -203,3 +203,39 @@ def test_a_failed_reference_fails_the_job_stops_the_agent_and_a_retry_recovers(w
     with world.client("a") as client:
         result = run_agent(client, local, data, work_dir=tmp_path / "work", options=FAST)
     assert result.selected is not None and world.admin.job(local)["silos"][0]["status"] == "complete"
+
+
+def test_a_noisy_aggregate_is_drawn_once_charged_once_and_capped(world, tmp_path):
+    from dataclasses import replace
+
+    from scoring.privacy import BudgetExceededError, ReleaseLedger
+
+    local = make_job(world, "local-noisy", scoring_mode="local", aggregate_epsilon=0.5)
+    assert world.admin.job(local)["spec"]["aggregate_epsilon"] == 0.5
+    data, work = world.data_file("a", tmp_path / "a"), tmp_path / "work"
+    with world.client("a") as client, pytest.raises(BudgetExceededError, match="past its own limit ε = 0.25"):
+        run_agent(client, local, data, work_dir=work, options=replace(FAST, max_epsilon=0.25))
+    assert not (work / "privacy-ledger.json").exists() and not (work / local / "aggregate.json").exists()
+    assert world.admin.job(local)["silos"][0]["aggregate"] is None  # nothing was sent
+    with world.client("a") as client:
+        first = run_agent(client, local, data, work_dir=work, options=FAST)
+        run_agent(client, local, data, work_dir=work, options=FAST)  # a rerun re-sends the stored release
+    release = json.loads((work / local / "aggregate.json").read_text())
+    assert release["counted"]["kept"] == first.selected and release["counted"]["total"] == len(world.samples["a"])
+    member = next(m for m in world.admin.job(local)["silos"] if m["name"] == "a")
+    assert {k: member["aggregate"][k] for k in ("kept", "total", "histogram")} == release["sent"]
+    assert ReleaseLedger.open(work / "privacy-ledger.json").epsilon_spent == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"aggregate_epsilon": 1.0}, "needs scoring_mode 'local'"),
+        ({"scoring_mode": "local", "aggregate_epsilon": -1}, "aggregate_epsilon"),
+        ({"scoring_mode": "local", "aggregate_epsilon": 1e6}, "aggregate_epsilon"),
+    ],
+)
+def test_aggregate_noise_settings_are_validated(world, fields, needle):
+    with pytest.raises(CoordinatorError, match=needle) as exc:
+        make_job(world, f"noisy-bad-{len(fields)}-{fields['aggregate_epsilon']}", **fields)
+    assert exc.value.status == 422

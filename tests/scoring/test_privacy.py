@@ -14,18 +14,22 @@ import torch
 from scoring.batching import collate, tokenize_samples
 from scoring.config import DPSettings, LocalTrainConfig
 from scoring.data import load_pubmedqa
-from scoring.errors import DataError
+from scoring.errors import ConfigError, DataError
 from scoring.federated.dp import add_noise, clip_and_sum, dp_local_update, poisson_sample, secret_generator
 from scoring.federated.local import get_lora_weights, local_update, set_lora_weights
 from scoring.gradients import LoopGradients
 from scoring.models import lora_parameters
 from scoring.privacy import (
+    AGGREGATE_SENSITIVITY,
     RDP_ORDERS,
     BudgetExceededError,
     PrivacyLedger,
     PrivacyPlan,
+    ReleaseLedger,
+    discrete_laplace_variance,
     dp_sgd_epsilon,
     dp_sgd_noise,
+    noisy_aggregate,
 )
 from tests.conftest import tiny_lora_model
 from tests.scoring.test_data import PUBMEDQA
@@ -227,3 +231,57 @@ def test_the_generator_decides_the_noise_and_the_batches(setup):
     np.testing.assert_array_equal(runs[0].weights[name], runs[1].weights[name])
     assert not np.array_equal(runs[0].weights[name], runs[2].weights[name])
     assert all(np.isfinite(w).all() for r in runs for w in r.weights.values())
+
+
+# --- noise on a silo-local job's aggregate ---------------------------------------------------------------------
+
+
+def test_a_noisy_aggregate_is_consistent_integers():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        histogram = rng.integers(0, 4, size=12).tolist()
+        kept = int(rng.integers(0, sum(histogram) + 1))
+        k, total, bins = noisy_aggregate(kept, histogram, epsilon=0.5, rng=rng)
+        assert all(isinstance(b, int) and b >= 0 for b in bins) and total == sum(bins)
+        assert isinstance(k, int) and 0 <= k <= total  # what the coordinator's validation asks of any aggregate
+
+
+def test_the_aggregate_noise_is_discrete_laplace_at_the_stated_scale():
+    """With counts far from 0 nothing is clipped: the noise on a bin is two-sided geometric, mean 0, variance
+    2e^-a/(1-e^-a)^2 with a = ε/Δ, and P(k)/P(k+1) = e^a (the ε-DP ratio for a sensitivity-Δ query)."""
+    epsilon, n = 1.0, 400_000
+    rng = np.random.default_rng(7)
+    _, _, bins = noisy_aggregate(0, [1000] * n, epsilon, rng=rng)
+    noise = np.asarray(bins) - 1000
+    var = discrete_laplace_variance(epsilon)
+    assert abs(noise.mean()) < 5 * math.sqrt(var / n)
+    assert noise.var() == pytest.approx(var, rel=0.02)
+    a = epsilon / AGGREGATE_SENSITIVITY
+    counts = {k: int((noise == k).sum()) for k in range(0, 4)}
+    for k in range(3):
+        assert counts[k] / counts[k + 1] == pytest.approx(math.exp(a), rel=0.05)
+    assert set(np.unique(noise)) <= set(range(-200, 201))  # integers
+
+
+def test_more_privacy_means_more_noise_and_a_bad_epsilon_is_refused():
+    assert discrete_laplace_variance(0.1) > discrete_laplace_variance(1.0) > discrete_laplace_variance(10.0)
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ConfigError, match="aggregate_epsilon"):
+            noisy_aggregate(1, [1, 1], bad)
+
+
+def test_the_release_ledger_sums_epsilon_refuses_past_the_limit_and_survives_a_restart(tmp_path):
+    path = tmp_path / "privacy-ledger.json"
+    ledger = ReleaseLedger.open(path)
+    assert ledger.epsilon_spent == 0 and not path.exists()
+    assert ledger.charge("job-1", 0.5, limit=1.0) == pytest.approx(0.5)
+    assert ledger.charge("job-1", 0.5, limit=1.0) == pytest.approx(0.5)  # drawn once: charged once
+    with pytest.raises(BudgetExceededError, match="past its own limit ε = 1"):
+        ledger.charge("job-2", 0.75, limit=1.0)
+    again = ReleaseLedger.open(path)
+    assert [r["job"] for r in again.releases] == ["job-1"] and again.epsilon_spent == pytest.approx(0.5)
+    assert again.charge("job-2", 0.25) == pytest.approx(0.75)
+    assert ReleaseLedger.open(path).epsilon_spent == pytest.approx(0.75)
+    path.write_text('{"format": "clues.release-ledger/1", "releases": [{"job": "x", "epsilon": -1}]}')
+    with pytest.raises(DataError, match="not a release ledger"):
+        ReleaseLedger.open(path)

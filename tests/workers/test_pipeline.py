@@ -213,7 +213,7 @@ def test_a_trace_job_gives_the_scores_of_before(res, tiny_data, tmp_path):
 
 def test_a_calibrated_score_needs_the_anchor_samples_scored_like_the_candidates(res, tiny_data, tmp_path, monkeypatch):
     """The worker checks again what job creation refuses: preconditioned silos against plain anchor samples."""
-    monkeypatch.setattr(pipeline, "_run_has_moments", lambda run_dir: False)
+    monkeypatch.setattr(pipeline, "anchor_precondition", lambda run_dir, precondition: False)
     job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path, CALIBRATED)
     with res.sessions.begin() as session:
         repo.update_job(session, job_id=job_id, threshold={"kind": "top", "fraction": 0.5})
@@ -261,7 +261,7 @@ def test_a_mean_anchor_threshold_needs_the_anchor_samples_scored_like_the_candid
 ):
     """Silos that precondition with moments the coordinator lacks (a federated warmup's): the anchor samples are
     scored plain, so a mean-anchor threshold is refused with nothing stored; a top-fraction threshold works."""
-    monkeypatch.setattr(pipeline, "_run_has_moments", lambda run_dir: False)
+    monkeypatch.setattr(pipeline, "anchor_precondition", lambda run_dir, precondition: False)
     job_id = _job(res, tiny_data, {s: tiny_data.samples[s] for s in SILOS}, tmp_path)
     with pytest.raises(ConfigError, match="'mean-anchor' compares Adam-preconditioned candidate gradients with plain"):
         pipeline.score_job(res, job_id)
