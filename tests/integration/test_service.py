@@ -25,7 +25,7 @@ from agent.loop import AgentOptions, run_agent
 from clues.admin import create_job_from_run, job_spec_from_run
 from scoring.calibration import EXPLANATIONS, fused_signals
 from scoring.config import DEFAULT_SIGNALS
-from tests.conftest import SILOS, TinyData, expected_calibration, expected_scores
+from tests.conftest import SILOS, TinyData, expected_calibration, expected_exact, expected_scores
 from tests.integration.conftest import Service, each_silo
 
 pytestmark = pytest.mark.integration
@@ -106,19 +106,30 @@ def test_round_trip_on_redis_with_a_real_worker(tiny_data, service_factory, data
     _assert_owner_only(service.root / "data")
 
 
-def test_a_silo_local_job_on_redis_with_a_real_worker(tiny_data, service_factory, tmp_path):
-    """The private mode for real: the worker process publishes the reference, each agent scores its own samples and
-    sends only its aggregate; the masks are the engine's, and no silo sample id is in any file of the coordinator."""
+@pytest.mark.parametrize("gradients", ["projected", "exact"])
+def test_a_silo_local_job_on_redis_with_a_real_worker(tiny_data, service_factory, tmp_path, gradients):
+    """The private mode for real: the worker process publishes the reference (from projected anchors, or from
+    their exact gradients streamed), each agent scores its own samples and sends only its aggregate; the masks are
+    the engine's, and no silo sample id is in any file of the coordinator."""
     service = service_factory(database="sqlite", redis=True)
     service.start_api()
     service.start_worker("w1")
     tokens: dict[str, str] = {}
-    job_id = _create_job(tiny_data, service, tokens, scoring_mode="local")
+    job_id = _create_job(tiny_data, service, tokens, scoring_mode="local", gradients=gradients)
     written = _run_agents(tiny_data, tokens, service, job_id, tmp_path)
     with AdminClient(service.url, service.admin_token) as admin:
         job = admin.job(job_id)
         assert job["status"] == "done" and job["spec"]["scoring_mode"] == "local"
-        _assert_matches_engine(tiny_data, written, job["spec"])
+        assert job["spec"]["gradients"] == gradients
+        if gradients == "projected":
+            _assert_matches_engine(tiny_data, written, job["spec"])
+        else:  # what the coordinator would compute with every unprojected gradient in hand
+            _, _, expected, _ = expected_exact(tiny_data)
+            for silo in SILOS:
+                ids = [s.id for s in tiny_data.samples[silo]]
+                got = [written[silo][i]["score"] for i in ids]
+                assert got == pytest.approx(expected[silo].scores.tolist(), rel=1e-5, abs=1e-7)
+                assert [written[silo][i]["selected"] for i in ids] == expected[silo].selected.tolist()
         assert admin.scores(job_id)["rows"] == []
         assert sum(m["aggregate"]["kept"] for m in job["silos"]) == sum(
             r["selected"] for rows in written.values() for r in rows.values()
