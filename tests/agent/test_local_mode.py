@@ -213,7 +213,7 @@ def test_a_noisy_aggregate_is_drawn_once_charged_once_and_capped(world, tmp_path
     local = make_job(world, "local-noisy", scoring_mode="local", aggregate_epsilon=0.5)
     assert world.admin.job(local)["spec"]["aggregate_epsilon"] == 0.5
     data, work = world.data_file("a", tmp_path / "a"), tmp_path / "work"
-    with world.client("a") as client, pytest.raises(BudgetExceededError, match="past its own limit ε = 0.25"):
+    with world.client("a") as client, pytest.raises(BudgetExceededError, match=r"past its own limit ε = 0\.25"):
         run_agent(client, local, data, work_dir=work, options=replace(FAST, max_epsilon=0.25))
     assert not (work / "privacy-ledger.json").exists() and not (work / local / "aggregate.json").exists()
     assert world.admin.job(local)["silos"][0]["aggregate"] is None  # nothing was sent
