@@ -30,7 +30,7 @@ from scoring.errors import IncompatibleArtifactError, ShapeMismatchError
 from scoring.local_scoring import LocalScores, ScoringReference, score_parts
 from scoring.projection import flatten_grads
 from scoring.traces import LR_REL_TOL, AnchorDirections, anchor_direction, best_group, leave_one_out, trace_parts
-from scoring.workflow import GradientPass, ModelOptions, Progress, ProjectOptions
+from scoring.workflow import GradientPass, ModelOptions, Progress, ProjectOptions, release_memory
 
 CHUNK_ROWS = 64
 """Rows multiplied at a time: a batch of exact rows is already 9.7 MB per sample (SmolLM2, r = 8)."""
@@ -60,7 +60,14 @@ def exact_anchor_values(
     m = len(anchors)
     if m < 2:
         raise ShapeMismatchError(f"leave-one-out anchor scores need at least two anchors, got {m}")
-    grads = GradientPass(run_dir, anchors, opts or ProjectOptions(), model_opts or ModelOptions(), progress, passes=2)
+    try:
+        with GradientPass(run_dir, anchors, opts or ProjectOptions(), model_opts or ModelOptions(), progress, 2) as g:
+            return _anchor_passes(g, m, similarity)
+    finally:
+        release_memory()  # the model's freed buffers back to the OS (several GiB for SmolLM2)
+
+
+def _anchor_passes(grads: GradientPass, m: int, similarity: str) -> tuple[AnchorDirections, dict[str, np.ndarray]]:
     directions, parts, values = [], np.zeros((m, len(grads.run_checkpoints), 1)), {}
     for t, ckpt in enumerate(grads.checkpoints()):
         total: np.ndarray | float = 0.0
@@ -107,7 +114,14 @@ def exact_local_scores(
         IncompatibleArtifactError: a checkpoint's learning rate differs from the reference's.
         scoring.errors.DataError: a gradient holds NaN/Inf.
     """
-    grads = GradientPass(run_dir, samples, opts or ProjectOptions(), model_opts or ModelOptions(), progress)
+    try:
+        with GradientPass(run_dir, samples, opts or ProjectOptions(), model_opts or ModelOptions(), progress) as g:
+            return _silo_pass(g, reference, len(samples))
+    finally:
+        release_memory()
+
+
+def _silo_pass(grads: GradientPass, reference: ScoringReference, n: int) -> tuple[LocalScores, dict[str, np.ndarray]]:
     n_params = sum(math.prod(shape) for _, shape in grads.manifest["layout"])
     if reference.dim != n_params:
         raise ShapeMismatchError(
@@ -118,7 +132,6 @@ def exact_local_scores(
         raise ShapeMismatchError(
             f"the reference has {len(reference.lrs)} checkpoint(s); the run {len(grads.run_checkpoints)}"
         )
-    n = len(samples)
     parts = np.zeros((n, len(reference.lrs), len(reference.groups)))
     values: dict[str, np.ndarray] = {}
     for t, ckpt in enumerate(grads.checkpoints()):

@@ -340,11 +340,13 @@ class GradientPass:
     The model, tokens and batches are prepared once; `checkpoints` moves the model to each checkpoint in turn and
     `batches` gives that checkpoint's gradients (it may be iterated more than once per checkpoint)::
 
-        grads = GradientPass(run_dir, samples, opts, model_opts, progress)
-        for ckpt in grads.checkpoints():
-            for batch in grads.batches(ckpt):
-                ...
-            signals = grads.signals(ckpt)  # the signals asked for, at the signal checkpoint only
+        with GradientPass(run_dir, samples, opts, model_opts, progress) as grads:
+            for ckpt in grads.checkpoints():
+                for batch in grads.batches(ckpt):
+                    ...
+                signals = grads.signals(ckpt)  # the signals asked for, at the signal checkpoint only
+
+    Leaving the ``with`` block drops the model; call `release_memory` after it to hand the memory back to the OS.
 
     Raises:
         ConfigError: preconditioning without Adam moments, or a signal checkpoint the run does not have.
@@ -373,6 +375,12 @@ class GradientPass:
         self._device = next(self.model.parameters()).device
         self._moments = None
         self.done, self.total = 0, passes * len(self.run_checkpoints) * len(self.tokenized)
+
+    def __enter__(self) -> GradientPass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.model = self._engine = self._moments = None
 
     @property
     def spec(self) -> ProjectionSpec:
@@ -421,7 +429,11 @@ def _project_samples(
     model_opts: ModelOptions,
     progress: Progress | None,
 ) -> list[Path]:
-    grads = GradientPass(run_dir, samples, opts, model_opts, progress)
+    with GradientPass(run_dir, samples, opts, model_opts, progress) as grads:
+        return _project_pass(grads, samples, out_dir, anchor)
+
+
+def _project_pass(grads: GradientPass, samples: Sequence[Sample], out_dir: Path, anchor: bool) -> list[Path]:
     spec, manifest = grads.spec, grads.manifest
     projector = build_projector(spec)
     roles = ("candidate", "anchor") if anchor else ("candidate",)
