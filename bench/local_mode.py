@@ -247,7 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=32768, help="the projected mode's k (default 32768, the product's)")
     p.add_argument("--out", type=Path, default=quality.REPO / "bench" / ".work" / "local-mode")
     p.add_argument("--result", type=Path, default=None, help="also write the result JSON to this file")
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="SEED_JSON",
+        help="only combine these per-seed results (<out>/seed-N.json) into one result with its summary",
+    )
     args = p.parse_args(argv)
+    if args.summarize:
+        results = [json.loads(path.read_text()) for path in args.summarize]
+        emit(
+            {"benchmark": "local_mode", "domain": "pubmedqa", "seeds": results, "summary": summarize(results)},
+            args.result,
+        )
+        return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.stream_seeds = [int(s) for s in args.stream_seeds.split(",") if s.strip()]
     results = []
