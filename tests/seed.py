@@ -245,6 +245,8 @@ def seed_local_job(
     per_silo: tuple[int, ...] = (40, 30, 50),
     seed: int = 5,
     name: str = "scored at the silos",
+    gradients: str = "projected",
+    aggregate_epsilon: float | None = None,
 ) -> str:
     """A ``done`` silo-local job (``scoring_mode: local``) as the silos and workers leave one: a published reference
     (its key, bin count, threshold and display edges in the options) and each silo's aggregate, no score row. Commits;
@@ -260,6 +262,8 @@ def seed_local_job(
         "max_len": 512,
         **CALIBRATED,
         "scoring_mode": "local",
+        "gradients": gradients,
+        "aggregate_epsilon": aggregate_epsilon,
         "reference": f"{7:064x}",
         "reference_bins": 42,
         "reference_threshold": -4.0,

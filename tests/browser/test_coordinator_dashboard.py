@@ -48,7 +48,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
             job = seed_scored_job(session, per_silo=(120, 90, 150), checkpoints=3, name="pubmedqa noisy silos")
             train_id = seed_training_job(session, scoring_job_id=job.job_id)
             calibrated = seed_scored_job(session, per_silo=(40, 30, 50), name="calibrated", seed=3, calibrated=True)
-            local_id = seed_local_job(session)
+            local_id = seed_local_job(session, gradients="exact", aggregate_epsilon=1.0)
         yield Env(coordinator, job, train_id, calibrated, local_id)
 
 
@@ -267,7 +267,8 @@ def test_a_silo_sees_only_its_own_rows(env: Env, page) -> None:
 def test_a_silo_local_job_shows_aggregates_only(env: Env, page) -> None:
     login(page, env.url, ADMIN, f"/ui/jobs/{env.local_id}")
     page.wait_for_function("document.querySelectorAll('.chart.hist[data-rendered]').length === 3")
-    assert "Scored at the silos" in page.inner_text("#local-scoring")
+    text = page.inner_text("#local-scoring")
+    assert "Scored at the silos" in text and "exact gradients" in text and "ε = 1 differentially private" in text
     rows = page.locator("#silo-aggregates tbody tr")
     assert rows.count() == 3
     job = env.api.get(f"/v1/jobs/{env.local_id}").json()
