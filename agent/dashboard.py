@@ -118,6 +118,16 @@ class Dashboard:
 
         return local_rows(self.work_dir, job_id)
 
+    def releases(self) -> dict[str, Any] | None:
+        """This silo's noisy-aggregate releases (`scoring.privacy.ReleaseLedger` under the work dir): the ε they
+        spent in all and how many; None when it has made none."""
+        from scoring.privacy import RELEASE_LEDGER, ReleaseLedger
+
+        ledger = ReleaseLedger.open(self.work_dir / RELEASE_LEDGER)
+        if not ledger.releases:
+            return None
+        return {"epsilon": ledger.epsilon_spent, "count": len(ledger.releases)}
+
     @property
     def brand(self) -> str:
         return f"silo {self.silo}" if self.silo else "silo"
@@ -241,7 +251,8 @@ def logout(request: Request, dash: DashDep) -> RedirectResponse:
 def jobs_page(request: Request, dash: DashDep, _: PageAuth) -> Response:
     dash.learn_name()
     jobs = dash.client.jobs()
-    return dash.render(request, "jobs.html", jobs=jobs[::-1], samples=len(dash.text.current()))
+    releases = dash.releases()
+    return dash.render(request, "jobs.html", jobs=jobs[::-1], samples=len(dash.text.current()), releases=releases)
 
 
 @ui.get("/jobs/{job_id}", response_class=HTMLResponse)

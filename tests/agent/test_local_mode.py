@@ -225,6 +225,15 @@ def test_a_noisy_aggregate_is_drawn_once_charged_once_and_capped(world, tmp_path
     member = next(m for m in world.admin.job(local)["silos"] if m["name"] == "a")
     assert {k: member["aggregate"][k] for k in ("kept", "total", "histogram")} == release["sent"]
     assert ReleaseLedger.open(work / "privacy-ledger.json").epsilon_spent == pytest.approx(0.5)
+    from fastapi.testclient import TestClient
+
+    from agent.dashboard import create_dashboard
+
+    app = create_dashboard(world.coordinator.url, world.tokens["a"], data, work, silo="a")
+    with TestClient(app, follow_redirects=False) as dash:  # the silo's own page shows what its releases spent
+        assert dash.post("/ui/login", data={"token": world.tokens["a"], "next": "/ui/jobs"}).status_code == 303
+        page = dash.get("/ui/jobs").text
+    assert "<b>ε = 0.5</b> in 1 release" in page
 
 
 @pytest.mark.parametrize(
