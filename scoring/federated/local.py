@@ -30,7 +30,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from scoring.batching import TokenizedSample, collate
-from scoring.config import LocalTrainConfig
+from scoring.config import LocalTrainConfig, LoraSettings
 from scoring.errors import DataError, ShapeMismatchError
 from scoring.gradients import label_positions, response_losses
 from scoring.models import lora_parameters
@@ -298,3 +298,35 @@ def local_update(
     return LocalResult(
         get_lora_weights(model), moments_of(optimizer, params), sum(losses) / len(losses), cfg.steps, len(data)
     )
+
+
+def initial_adapter(
+    model_ref: str,
+    lora: LoraSettings,
+    *,
+    init_seed: int,
+    random_b: bool,
+    entry: dict,
+    work_dir: Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+) -> tuple[bytes, list[list], dict]:
+    """A training job's round-0 adapter: the base model with a LoRA adapter initialised from ``init_seed`` (the same
+    on every machine), as a checkpoint bundle's bytes with its ``entry``; also its layout and peft adapter config.
+
+    ``work_dir`` holds the temporary adapter directory."""
+    import json
+    import tempfile
+
+    from scoring.io import checkpoint_to_bytes
+    from scoring.models import attach_lora, load_base_model, lora_layout, save_adapter
+
+    base = load_base_model(model_ref, dtype=dtype, device=device, cache_dir=cache_dir)
+    model = attach_lora(base.model, lora, init_seed=init_seed, random_b=random_b)
+    layout = [[name, list(shape)] for name, shape in lora_layout(model)]
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        save_adapter(model, Path(tmp) / "adapter")
+        data = checkpoint_to_bytes(Path(tmp), layout, entry)
+        adapter_config = json.loads((Path(tmp) / "adapter" / "adapter_config.json").read_text())
+    return data, layout, adapter_config
