@@ -366,12 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from agent import cli as agent_cli
-    from clues import admin, service, train
+    from clues import admin, flower, service, train
 
     service.add_parsers(sub)
     train.add_admin_actions(admin.add_parser(sub))
     train.add_train_parser(sub)
     agent_cli.add_parser(sub)
+    flower.add_parser(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ their defaults; flower_app/project/pyproject.toml ships the same table. This mod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,3 +257,27 @@ def run_config_from_spec(spec: Mapping[str, Any], **extra: Any) -> dict[str, Any
     if unknown:
         raise ConfigError(f"spec: {unknown} have no run-config key (a newer coordinator?)")
     return out | extra
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def project_toml(run_config: Mapping[str, Any] | None = None) -> str:
+    """The Flower App project's pyproject.toml (flower_app/project/) with ``run_config`` over `RUN_CONFIG` as its
+    ``[tool.flwr.app.config]``.
+
+    Raises:
+        ConfigError: a key the app does not read.
+    """
+    unknown = sorted(set(run_config or {}) - set(RUN_CONFIG))
+    if unknown:
+        raise ConfigError(f"run config: unknown key(s) {unknown}")
+    config = {**RUN_CONFIG, **(run_config or {})}
+    shipped = (Path(__file__).parent / "project" / "pyproject.toml").read_text(encoding="utf-8")
+    head = shipped[: shipped.index("[tool.flwr.app.config]")]
+    return head + "[tool.flwr.app.config]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in config.items())

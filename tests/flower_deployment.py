@@ -131,14 +131,20 @@ class Deployment:
             [str(FLOWER_BIN / "flwr"), *args], env=self.env(), capture_output=True, text=True, timeout=timeout
         )
 
+    def run_log(self, run_id: int) -> str:
+        """The run's own log (the ServerApp's output), as ``flwr log --show`` prints it."""
+        return self.flwr("log", str(run_id), "loopback", "--show").stdout
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in (self.root / "logs").iterdir()
         )
 
-    def run(self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = 600) -> dict:
+    def run(
+        self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = 600, expect: str = "finished:completed"
+    ) -> dict:
         """``flwr run`` the app with ``run_config`` (a TOML file of overrides); wait for it to finish and return its
-        ``flwr ls`` entry. Fails with every component's log tail when it does not complete."""
+        ``flwr ls`` entry. Fails with every component's log tail when it does not finish as ``expect``."""
         overrides = self.root / "run-config.toml"
         overrides.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in run_config.items()))
         deadline = time.monotonic() + timeout
@@ -157,7 +163,7 @@ class Deployment:
                 runs = json.loads(listed.stdout).get("runs", [])
                 status = runs[0]["status"] if runs else ""
                 if status.startswith("finished"):
-                    assert status == "finished:completed", f"run {run_id}: {status}\n{self.logs()}"
+                    assert status == expect, f"run {run_id}: {status}\n{self.logs()}"
                     return {"run_id": int(run_id), **runs[0]}
             time.sleep(1)
         raise AssertionError(f"run {run_id} not finished after {timeout} s\n{self.logs()}")

@@ -122,3 +122,30 @@ def test_a_flower_run_equals_clues_training_on_the_selection(world, scored, tmp_
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_a_silo_that_cannot_train_fails_the_run(world, scored, tmp_path):
+    """A SuperNode whose data file is gone: its ClientApp's error comes back, the round is short of
+    min-train-nodes and the run fails (it neither hangs nor averages the other silo alone)."""
+    require_flower()
+    scoring_job, files, _ = scored
+    nodes = {
+        "a": {"silo": "a", "data-path": str(files["a"][0]), "scores-path": str(files["a"][1])},
+        "b": {"silo": "b", "data-path": str(tmp_path / "gone.jsonl"), "scores-path": str(files["b"][1])},
+    }
+    out = tmp_path / "server-out"
+    run_config = {
+        "model": "tiny:0",
+        "max-len": 96,
+        "lora.rank": 4,
+        "num-server-rounds": 1,
+        "local.steps": 1,
+        "selection.scoring-job": scoring_job,
+        "out-dir": str(out),
+    }
+    app = shutil.copytree(APP_DIR, tmp_path / "app")
+    with Deployment(tmp_path / "deploy", nodes) as flower:
+        run = flower.run(app, run_config, expect="finished:failed")
+        log = flower.run_log(run["run_id"])
+    assert "1 valid replies, below min-train-nodes 2" in log and "gone.jsonl" in log, log
+    assert not (out / f"run-{run['run_id']}" / "final.safetensors").exists()
