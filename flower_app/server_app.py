@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flower_app.config import RunSettings
 from flower_app.server import RoundAggregation, initial_bundle, known_from_coordinator, save_result
-from scoring.federated.aggregation import SiloUpdate
+from scoring.federated.aggregation import Known, SiloUpdate
 
 log = logging.getLogger("clues.flower")
 
@@ -40,9 +40,13 @@ class CluesStrategy(FedAvg):
     (`RunSettings.lr`, as the coordinator sets it), and `aggregate_train` runs `RoundAggregation` (the round guard,
     then fedavg by selected counts, quality-fedavg, fedadam, fedyogi, median or trimmed mean). A round with fewer
     than ``min-train-nodes`` valid replies fails the run: clues never averages a partial round it was not asked to.
+
+    A ServerApp of your own can use it with its run config: ``CluesStrategy(RunSettings.from_run_config(
+    context.run_config))`` and ``strategy.start(grid, initial_arrays, num_rounds=settings.rounds)``. ``known``: what
+    each silo may claim (`flower_app.server.known_from_coordinator`; None: claims as sent).
     """
 
-    def __init__(self, settings: RunSettings, aggregation: RoundAggregation):
+    def __init__(self, settings: RunSettings, known: Mapping[str, Known] | None = None):
         super().__init__(
             fraction_train=settings.fraction_train,
             fraction_evaluate=0.0,
@@ -50,7 +54,7 @@ class CluesStrategy(FedAvg):
             min_available_nodes=settings.min_train_nodes,
             weighted_by_key="num-examples",
         )
-        self.settings, self.aggregation = settings, aggregation
+        self.settings, self.aggregation = settings, RoundAggregation(settings, known)
         self.sent: dict[int, dict[str, np.ndarray]] = {}
 
     def configure_train(
@@ -100,8 +104,7 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = initial_bundle(settings, out_dir)
     known = known_from_coordinator(settings)
-    aggregation = RoundAggregation(settings, known)
-    strategy = CluesStrategy(settings, aggregation)
+    strategy = CluesStrategy(settings, known)
     samples = read_samples(settings.eval_path) if settings.eval_path else None
     every = int(settings.spec["evaluation"].get("every", 1))
     metrics: dict[int, dict] = {}
@@ -128,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
         "rounds": settings.rounds,
         "spec": settings.spec,
         "known": "coordinator" if known is not None else "claimed",
-        "history": aggregation.history,
+        "history": strategy.aggregation.history,
         "metrics": {str(r): m for r, m in metrics.items()},
     }
     adapter = save_result(out_dir, start, to_weights(result.arrays), settings.rounds * settings.local.steps, summary)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,12 +98,9 @@ def test_a_flower_run_equals_clues_training_on_the_selection(world, scored, tmp_
             assert x["num_samples"] == len(selected[x["silo"]])
             assert x["ids_sha256"] == ids_digest([samples[x["silo"]][i] for i in selected[x["silo"]]])
     for silo in SILOS:
+        state = tmp_path / "nodes" / silo / f"train-flower-{run['run_id']}"
         for r in range(spec["rounds"]):
-            record = json.loads(
-                (
-                    tmp_path / "nodes" / silo / f"train-flower-{run['run_id']}" / f"round-{r:04d}" / "trained.json"
-                ).read_text()
-            )
+            record = json.loads((state / f"round-{r:04d}" / "trained.json").read_text())
             assert record["ids"] == selected[silo]
             assert record["lr"] == pytest.approx(world.admin.train_job(train_id)["history"][r]["lr"])
 
