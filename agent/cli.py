@@ -5,6 +5,9 @@
                         silo's mask next to the data file
     clues agent train   take part in a training job: train every round locally from the global adapter, upload
                         the adapter (never the text or the Adam moments), download the final adapter
+    clues agent withdraw
+                        leave a training job: a merge job is merged again without this silo, a federated job gets
+                        a draft job without it (a full retrain)
     clues agent dashboard
                         serve this silo's own dashboard on this machine: its scores joined with its local text,
                         what was dropped and why, and keep/drop overrides (`agent.dashboard`)
@@ -139,6 +142,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return EXIT_OK
+
+
+def print_withdrawal(row: dict) -> None:
+    """One JSON line (the withdrawal as the coordinator answered), then the report in words on stderr."""
+    print(json.dumps(row))
+    report = row["report"]
+    print(
+        f"withdrawal {row['id']} of {row['silo']} from training job {row['job_id']}: {row['status']}", file=sys.stderr
+    )
+    print(f"  {report['exact']}: {report['message']}", file=sys.stderr)
+    for command in report.get("commands", []):
+        print(f"  $ {command}", file=sys.stderr)
+    if row.get("error"):
+        print(f"  error: {row['error']}", file=sys.stderr)
+
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    """``clues agent withdraw``: this silo leaves a training job (docs/withdrawal.md)."""
+    from agent.client import CoordinatorError, SiloClient
+
+    try:
+        _check_connection(args)
+        with SiloClient(args.coordinator, args.token) as client:
+            row = client.withdraw(args.job, args.reason)
+            if args.wait and row["status"] == "pending":
+                row = client.wait_withdrawal(args.job, row["id"], timeout=args.timeout)
+    except (CliError, CoordinatorError) as exc:
+        return fail("clues agent withdraw", exc)
+    print_withdrawal(row)
+    return EXIT_OK if row["status"] != "failed" else 1
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -328,6 +361,23 @@ def add_parser(sub) -> None:
         "$CLUES_SESSION_SECRET overrides it)",
     )
     p.set_defaults(func=cmd_dashboard)
+
+    p = commands.add_parser(
+        "withdraw",
+        help="leave a training job: its merge is computed again without this silo, or a retrain is offered",
+        description="Withdraw this silo from a training job (docs/withdrawal.md), with a reason for the audit "
+        "record. A finished merge job is merged again without this silo's adapter, which the coordinator then "
+        "deletes; the result equals a merge that never included it. A federated or warmup job cannot drop a "
+        "silo's contribution in place: the coordinator makes a new draft job without this silo, a FULL RETRAIN "
+        "that the admin starts. The answer says how exact the result is given what upstream used this silo's "
+        "data (a federated warmup, a global top-fraction threshold), with the commands for a strict re-run.",
+    )
+    _add_connection(p)
+    p.add_argument("--job", required=True, help="the training job's id")
+    p.add_argument("--reason", required=True, help="why, for the audit record")
+    p.add_argument("--wait", action="store_true", help="wait until a merge job's re-merge is done")
+    p.add_argument("--timeout", type=float, default=600, metavar="S", help="with --wait: give up after S seconds")
+    p.set_defaults(func=cmd_withdraw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -231,6 +231,30 @@ class Client:
     def train_job(self, job_id: str) -> dict:
         return self._json("GET", f"{API_PREFIX}/train/{job_id}")
 
+    def withdraw(self, job_id: str, reason: str, silo: str | None = None) -> dict:
+        """Withdraw a silo from training job ``job_id`` (the admin names it; a silo withdraws itself)."""
+        body = {"reason": reason, **({"silo": silo} if silo else {})}
+        return self._json("POST", f"{API_PREFIX}/train/{job_id}/withdrawals", json=body)
+
+    def withdrawals(self, job_id: str) -> list[dict]:
+        """The job's withdrawals that this token may see, oldest first."""
+        return self._json("GET", f"{API_PREFIX}/train/{job_id}/withdrawals")
+
+    def wait_withdrawal(self, job_id: str, withdrawal_id: int, poll: float = 1.0, timeout: float | None = 600) -> dict:
+        """Poll until withdrawal ``withdrawal_id`` is no longer ``pending``; returns it.
+
+        Raises:
+            CoordinatorError: still pending after ``timeout`` seconds.
+        """
+        start = time.monotonic()
+        while True:
+            row = next(w for w in self.withdrawals(job_id) if w["id"] == withdrawal_id)
+            if row["status"] != "pending":
+                return row
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise CoordinatorError(None, f"withdrawal {withdrawal_id} still pending after {timeout:.0f} s")
+            time.sleep(poll)
+
     def download_round_adapter(self, job_id: str, round: int, dest: Path) -> str:
         """Stream the global adapter round ``round`` starts from to ``dest`` (see `_download`); returns its SHA-256."""
         return self._download(f"{API_PREFIX}/train/{job_id}/rounds/{round}/adapter", dest, f"round {round} adapter")

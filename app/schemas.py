@@ -459,6 +459,35 @@ class TrainCreate(_Strict):
         return silos
 
 
+class WithdrawalCreate(_Strict):
+    """Withdraw a silo from a training job (docs/withdrawal.md). The admin names the silo; a silo may withdraw only
+    itself (``silo`` left out or its own name)."""
+
+    silo: str | None = Field(None, pattern=NAME_PATTERN, description="the silo to withdraw (admin; a silo: itself)")
+    sample_ids: list[str] | None = Field(
+        None, min_length=1, max_length=100_000, description="some of its samples only (not available yet: 422)"
+    )
+    reason: str = Field(min_length=1, max_length=2000, description="why, for the audit record")
+
+
+class WithdrawalPublic(BaseModel):
+    """A withdrawal and what the coordinator did about it: ``report.exact`` is ``exact``, ``exact for the merge``
+    (upstream work used the silo's data; ``report.upstream`` says what and ``report.commands`` how to re-run it) or
+    ``full retrain`` (a federated job: ``report.new_job`` is the draft job without the silo)."""
+
+    id: int
+    job_id: str
+    silo: str
+    sample_ids: list[str] | None
+    actor: str = Field(description="'admin', or the silo that withdrew itself")
+    reason: str
+    status: Literal["pending", "done", "failed"]
+    report: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
 class PrivacyReport(BaseModel):
     """A silo's DP-SGD ledger for the job, as it reported it with its last update (`scoring.privacy`)."""
 

@@ -37,6 +37,7 @@ from app.deps import (
 )
 from app.services.jobs import job_for, job_public
 from app.services.training import train_for, train_public
+from app.services.withdrawal import withdrawal_public
 from scoring.calibration import fused_signals
 from storage import repository as repo
 from webui import (
@@ -171,7 +172,9 @@ def job_page(job_id: JobId, request: Request, state: StateDep, session: SessionD
 def train_page(job_id: TrainId, request: Request, state: StateDep, session: SessionDep) -> Response:
     principal = _page_principal(request, state, session)
     job = train_public(train_for(session, job_id, principal), principal, session)
-    return _render(request, "train.html", principal, job=job, charts=True)
+    mine = None if principal.is_admin else principal.silo.name
+    withdrawals = [withdrawal_public(w) for w in repo.list_withdrawals(session, job_id=job_id, silo=mine)]
+    return _render(request, "train.html", principal, job=job, charts=True, withdrawals=withdrawals)
 
 
 @router.get("/static/plotly.min.js")

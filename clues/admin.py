@@ -256,6 +256,23 @@ def cmd_scores(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    from agent.cli import print_withdrawal
+
+    with client(args) as api:
+        row = api.withdraw(args.job, args.reason, silo=args.silo)
+        if args.wait and row["status"] == "pending":
+            row = api.wait_withdrawal(args.job, row["id"])
+    print_withdrawal(row)
+    return EXIT_OK if row["status"] != "failed" else 1
+
+
+def cmd_withdrawals(args: argparse.Namespace) -> int:
+    with client(args) as api:
+        print(json.dumps(api.withdrawals(args.job), indent=2))
+    return EXIT_OK
+
+
 def silo_names(value: str) -> list[str]:
     """``--silos a,b``: the names, at least one."""
     silos = [s for s in value.split(",") if s]
@@ -328,6 +345,27 @@ def add_parser(sub) -> argparse._SubParsersAction:
     q.add_argument("--training", action="store_true", help="the id is a training job's")
     add_connection_args(q)
     q.set_defaults(func=cmd_job_retry)
+
+    q = asub.add_parser(
+        "withdraw",
+        help="withdraw a silo from a training job: re-merge without it, or a draft job to retrain without it",
+        description="Withdraw SILO from training job JOB (docs/withdrawal.md), with a reason for the audit record. "
+        "A finished merge job (kinds cat and linear) is merged again without the silo's adapter, which is then "
+        "deleted; the result equals a merge that never included it. A federated or warmup job gets a new draft job "
+        "with the same settings and the other silos: a FULL RETRAIN, started with `clues admin`/`clues train` like "
+        "any job. Prints the withdrawal (JSON) and, on stderr, how exact it is and what upstream used the silo.",
+    )
+    q.add_argument("job")
+    q.add_argument("--silo", required=True, help="the silo to withdraw")
+    q.add_argument("--reason", required=True, help="why, for the audit record")
+    q.add_argument("--wait", action="store_true", help="wait until a merge job's re-merge is done")
+    add_connection_args(q)
+    q.set_defaults(func=cmd_withdraw)
+
+    q = asub.add_parser("withdrawals", help="a training job's withdrawals (the audit record, JSON)")
+    q.add_argument("job")
+    add_connection_args(q)
+    q.set_defaults(func=cmd_withdrawals)
 
     q = asub.add_parser("scores", help="all scores of a done job as JSONL (silo, sample_id, score, parts, selected)")
     q.add_argument("job")

@@ -458,6 +458,30 @@ class TrainUpdate(Base):
     silo: Mapped[Silo] = relationship(lazy="joined")
 
 
+class TrainWithdrawal(Base):
+    """A withdrawal from a training job, kept as an audit record: ``silo`` (a whole silo when ``sample_ids`` is
+    None, else those of its samples) asked by ``actor`` (``admin`` or the silo itself) for ``reason``.
+
+    ``status``: ``pending`` (a worker re-merges), ``done``, ``failed``. ``report`` says what was done and how exact
+    it is (`scoring.withdrawal`): the kind (``remerge``, ``retrain``), the upstream dependencies, the commands for a
+    strict re-run, the old and new final adapters' SHA-256 and the seconds the re-merge took.
+    """
+
+    __tablename__ = "train_withdrawals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(_train_fk(), index=True)
+    silo: Mapped[str] = mapped_column(String(64))
+    sample_ids: Mapped[list[str] | None] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class TaskStep(Base):
     """One step of the task graph (a Celery task by name and its arguments) and its lease.
 

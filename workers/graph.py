@@ -6,6 +6,7 @@ For each task the table says what it runs, what may follow it, and how its failu
     score_job ──► near_duplicates      when every silo is complete, or on the admin's ``score``
     train_init ──► train_aggregate(r) ──► train_aggregate(r + 1) … at each round's deadline (or when all sent)
                                      └──► train_evaluate(r)
+    train_withdraw ──► train_evaluate(0)   when a silo withdraws from a finished merge job
 
 The Celery tasks (`workers.tasks`) and the tests' in-process runner both call `execute`, so both go through the
 same lease, the same error classes and the same follow-ups. What each job state waits for on start-up is
@@ -106,6 +107,12 @@ def _train_evaluate(res: pipeline.Resources, lease: Lease, args: Sequence[Any]) 
     return "done", []
 
 
+def _train_withdraw(res: pipeline.Resources, lease: Lease, args: Sequence[Any]) -> tuple[str, list[FollowUp]]:
+    outcome = training.withdraw_silo(res, *args)
+    follow = [FollowUp(names.TRAIN_EVALUATE, (args[0], outcome.evaluate))] if outcome.evaluate is not None else []
+    return outcome.status, follow
+
+
 GRAPH: dict[str, Node] = {
     names.PROJECT_ANCHORS: Node(
         _project_anchors,
@@ -141,6 +148,13 @@ GRAPH: dict[str, Node] = {
         "evaluation of round {1} of training job {0}",
         failure="evaluation of round {1}: ",
         doc="Held-out metrics of a round's adapter (the job's, for the last round).",
+    ),
+    names.TRAIN_WITHDRAW: Node(
+        _train_withdraw,
+        "withdrawal {1} from training job {0}",
+        follows=(names.TRAIN_EVALUATE,),
+        failure="withdrawal {1}: ",
+        doc="A merge job merged again without a withdrawn silo; then the re-merge's evaluation.",
     ),
 }
 

@@ -179,6 +179,11 @@ class Dispatcher:
         with self.sessions() as session:
             waits = [job_waits_for(job) for job in repo.list_jobs(session)]
             waits += [train_waits_for(session, job) for job in repo.list_train_jobs(session)]
+            waits += [
+                (names.TRAIN_WITHDRAW, (w.job_id, w.id), None)
+                for w in repo.list_withdrawals(session)
+                if w.status == "pending"
+            ]
         return sum(self.enqueue(task, *args, countdown=countdown) for task, args, countdown in filter(None, waits))
 
 
@@ -228,6 +233,12 @@ def fail_owner(session: Session, task: str, job_id: str, message: str) -> None:
             repo.update_job(session, job_id=job_id, anchor_status="failed", error=message)
             if (job.options or {}).get("scoring_mode") == "local" and job.status not in ("done", "failed"):
                 repo.update_job(session, job_id=job_id, status="failed", message="failed", finished_at=utcnow())
+        elif task == names.TRAIN_WITHDRAW:  # the job keeps its adapter; the withdrawal is what failed
+            for row in repo.list_withdrawals(session, job_id=job_id):
+                if row.status == "pending":
+                    repo.finish_withdrawal(
+                        session, withdrawal_id=row.id, status="failed", report=row.report, error=message
+                    )
         elif task in TRAIN_TASKS:
             job = repo.get_train_job(session, job_id=job_id)
             if job.status not in ("done", "failed"):

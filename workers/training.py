@@ -347,3 +347,73 @@ def evaluate_round(res: Resources, job_id: str, round: int) -> dict[str, Any]:
                 session, job_id=job_id, metrics=metrics, status="done", message="done", finished_at=utcnow()
             )
     return metrics
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    """What `withdraw_silo` did: ``status`` (``done``, ``already``), and the round to evaluate again (None: the
+    job has no evaluation set)."""
+
+    status: str
+    evaluate: int | None = None
+
+
+def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
+    """Merge a finished merge job again without the withdrawn silo's adapter (docs/withdrawal.md).
+
+    The round guard and the merge weights are computed over the silos that remain, exactly as `aggregate_round`
+    would have computed them had the silo never sent an update, so the result equals that merge. Then, in one
+    transaction: the round's result, participants and guard and the job's final adapter are replaced, the silo's
+    membership and updates are deleted, and the withdrawal is recorded done with the old and new adapters' SHA-256.
+    The silo's update blobs and the old merge are deleted from the blob store after the commit.
+    """
+    import time
+
+    started = time.monotonic()
+    with res.sessions() as session:
+        job = repo.get_train_job(session, job_id=job_id)
+        withdrawal = repo.get_withdrawal(session, withdrawal_id=withdrawal_id)
+        if withdrawal.status != "pending":
+            return Withdrawn("already")
+        silo = withdrawal.silo
+        row = repo.get_round(session, job_id=job_id, round=0)
+        kept = [u for u in repo.list_updates(session, job_id=job_id, round=0) if u.silo.name != silo]
+        if not kept:
+            raise ConfigError(f"withdrawal {withdrawal_id}: no other silo's adapter is left to merge")
+        silo_updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in kept]
+        known = known_selection(session, job.settings["selection"], job.scoring_job_id, [u[0] for u in silo_updates])
+        settings, start_blob, lr, old_final = dict(job.settings), row.start_blob, row.lr, job.final_blob
+        entry = _entry(job, 0, lr, LocalTrainConfig.from_dict(settings["local"]).steps)
+        model_ref, report, has_eval = job.model, dict(withdrawal.report), job.eval_blob is not None
+    start = read_bundle(res.blobs.read_bytes(start_blob), None, None, "round 0 start")
+    bundles = [
+        read_bundle(res.blobs.read_bytes(key), None, None, f"update of {name}") for name, key, *_ in silo_updates
+    ]
+    claimed = [
+        SiloUpdate(name, bundle.adapter, n, mass)
+        for (name, _, n, mass, _), bundle in zip(silo_updates, bundles, strict=True)
+    ]
+    guarded, flags, figures = guard_round(start.adapter, claimed, known, RoundGuard.from_dict(settings["aggregation"]))
+    ref = res.blobs.put_bytes(_merge(res, model_ref, settings["merge"], start, bundles, guarded, entry))
+    loss = float(np.average([u[4] for u in silo_updates], weights=[u.num_samples for u in guarded]))
+    with res.sessions.begin() as session:
+        if repo.get_withdrawal(session, withdrawal_id=withdrawal_id).status != "pending":
+            return Withdrawn("already")  # another delivery finished it first
+        row = repo.get_round(session, job_id=job_id, round=0)
+        row.result_blob, row.participants, row.train_loss = ref.key, [u[0] for u in silo_updates], loss
+        row.guard, row.metrics = {"flags": [f.to_dict() for f in flags], "figures": figures}, None
+        job = repo.get_train_job(session, job_id=job_id)
+        silo_id = next(m.silo_id for m in job.members if m.silo.name == silo)
+        gone = repo.remove_member(session, job_id=job_id, silo_id=silo_id)
+        fields: dict[str, Any] = {"final_blob": ref.key, "metrics": None, "message": f"{silo} withdrawn: re-merged"}
+        if has_eval:
+            fields |= {"status": "evaluating", "message": f"{silo} withdrawn: evaluating the re-merge"}
+        repo.update_train_job(session, job_id=job_id, **fields)
+        report |= {"old_sha256": old_final, "new_sha256": ref.key, "seconds": round(time.monotonic() - started, 3)}
+        repo.finish_withdrawal(session, withdrawal_id=withdrawal_id, status="done", report=report)
+    with res.sessions() as session:  # content-addressed: another job may hold the same bytes
+        unused = [key for key in {*gone, old_final} if key and not repo.blob_in_use(session, key=key)]
+    for key in unused:
+        res.blobs.delete(key)
+    log.info("training job %s: %s withdrawn, re-merged in %.2f s", job_id, silo, report["seconds"])
+    return Withdrawn("done", 0 if has_eval else None)

@@ -25,11 +25,14 @@ from app.schemas import (
     TrainCreate,
     TrainPublic,
     UploadResult,
+    WithdrawalCreate,
+    WithdrawalPublic,
 )
 from app.services import training as lifecycle
 from app.services.jobs import job_public
 from app.services.training import train_for, train_public, train_settings
 from app.services.warmup import scoring_job_from_warmup
+from app.services.withdrawal import withdraw, withdrawal_public
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive, upload_answer
 from scoring.config import (
     parameter_layout_hash,
@@ -177,6 +180,8 @@ def download_final_adapter(job_id: TrainId, state: StateDep, session: SessionDep
     job = train_for(session, job_id, principal)
     if job.final_blob is None:
         raise ConflictError(f"training job {job_id} is {job.status!r}; the final adapter exists after the last round")
+    if any(w.status == "pending" for w in repo.list_withdrawals(session, job_id=job_id)):
+        raise ConflictError(f"training job {job_id}: a silo is being withdrawn; its adapter is merged again first")
     return _bundle_response(job.final_blob, state, f"{job_id}-final.safetensors")
 
 
@@ -248,3 +253,29 @@ def create_scoring_job(
     as any other job. With ``precondition`` each silo uses the Adam moments of its own warmup training."""
     job = scoring_job_from_warmup(state, session, repo.get_train_job(session, job_id=job_id), body)
     return job_public(job, principal, session)
+
+
+@router.post("/{job_id}/withdrawals", status_code=202, operation_id="withdraw_from_train_job")
+def withdraw_from_train_job(
+    job_id: TrainId, body: WithdrawalCreate, state: StateDep, session: SessionDep, principal: PrincipalDep
+) -> WithdrawalPublic:
+    """Withdraw a silo from the job (docs/withdrawal.md): the admin names it, a member silo withdraws itself. A
+    finished merge job is merged again without it by a worker (``pending``, then ``done``; the final adapter is not
+    served meanwhile); a federated or warmup job gets a new draft job without it (``report.new_job``: a full
+    retrain). ``report`` says how exact the result is and what upstream used the silo's data. 422 for sample-level
+    withdrawal (not available yet) and for merge kinds without exact withdrawal."""
+    job = train_for(session, job_id, principal)
+    return withdrawal_public(withdraw(state, session, job, principal, body))
+
+
+@router.get("/{job_id}/withdrawals", operation_id="list_train_withdrawals")
+def list_train_withdrawals(job_id: TrainId, session: SessionDep, principal: PrincipalDep) -> list[WithdrawalPublic]:
+    """The job's withdrawals, oldest first (the audit record): all of them for the admin, a silo's own for a silo
+    (which may read them after it left the job)."""
+    if principal.is_admin:
+        repo.get_train_job(session, job_id=job_id)
+        return [withdrawal_public(w) for w in repo.list_withdrawals(session, job_id=job_id)]
+    rows = repo.list_withdrawals(session, job_id=job_id, silo=principal.silo.name)
+    if not rows:
+        train_for(session, job_id, principal)  # 404 unless a member
+    return [withdrawal_public(w) for w in rows]

@@ -15,6 +15,7 @@ from storage.models import (
     TrainMember,
     TrainRound,
     TrainUpdate,
+    TrainWithdrawal,
     utcnow,
 )
 from storage.repository._common import _insert_once, _update
@@ -238,3 +239,86 @@ def get_update(session: Session, *, job_id: str, round: int, silo_id: int) -> Tr
 def list_updates(session: Session, *, job_id: str, round: int) -> list[TrainUpdate]:
     stmt = select(TrainUpdate).where(TrainUpdate.job_id == job_id, TrainUpdate.round == round)
     return list(session.scalars(stmt.order_by(TrainUpdate.silo_id)))
+
+
+def add_withdrawal(
+    session: Session,
+    *,
+    job_id: str,
+    silo: str,
+    sample_ids: list[str] | None,
+    actor: str,
+    reason: str,
+    status: str,
+    report: dict[str, Any],
+) -> TrainWithdrawal:
+    """Record a withdrawal from training job ``job_id`` (an audit row: only its status, report and error change)."""
+    row = TrainWithdrawal(
+        job_id=job_id,
+        silo=silo,
+        sample_ids=sample_ids,
+        actor=actor,
+        reason=reason,
+        status=status,
+        report=report,
+        finished_at=utcnow() if status != "pending" else None,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_withdrawal(session: Session, *, withdrawal_id: int) -> TrainWithdrawal:
+    row = session.get(TrainWithdrawal, withdrawal_id)
+    if row is None:
+        raise NotFoundError(f"withdrawal {withdrawal_id} not found")
+    return row
+
+
+def list_withdrawals(session: Session, *, job_id: str | None = None, silo: str | None = None) -> list[TrainWithdrawal]:
+    """Withdrawals, oldest first: of one training job, of one silo, or all."""
+    stmt = select(TrainWithdrawal)
+    if job_id is not None:
+        stmt = stmt.where(TrainWithdrawal.job_id == job_id)
+    if silo is not None:
+        stmt = stmt.where(TrainWithdrawal.silo == silo)
+    return list(session.scalars(stmt.order_by(TrainWithdrawal.id)))
+
+
+def finish_withdrawal(
+    session: Session, *, withdrawal_id: int, status: str, report: dict[str, Any], error: str | None = None
+) -> None:
+    row = get_withdrawal(session, withdrawal_id=withdrawal_id)
+    row.status, row.report, row.error, row.finished_at = status, report, error, utcnow()
+    session.flush()
+
+
+def remove_member(session: Session, *, job_id: str, silo_id: int) -> list[str]:
+    """Delete a silo's membership of a training job and every update it sent; returns the updates' blob keys."""
+    updates = list(
+        session.scalars(select(TrainUpdate).where(TrainUpdate.job_id == job_id, TrainUpdate.silo_id == silo_id))
+    )
+    keys = [u.blob_key for u in updates]
+    for u in updates:
+        session.delete(u)
+    member = session.get(TrainMember, (job_id, silo_id))
+    if member is not None:
+        session.delete(member)
+    session.flush()
+    return keys
+
+
+def blob_in_use(session: Session, *, key: str) -> bool:
+    """Whether any training job, round, update or scoring checkpoint still refers to blob ``key``."""
+    from storage.models import JobCheckpoint
+
+    columns = (
+        TrainUpdate.blob_key,
+        TrainRound.start_blob,
+        TrainRound.result_blob,
+        TrainJob.final_blob,
+        TrainJob.server_state_blob,
+        TrainJob.eval_blob,
+        JobCheckpoint.blob_key,
+    )
+    return any(session.scalar(select(column).where(column == key).limit(1)) is not None for column in columns)

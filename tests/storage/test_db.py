@@ -42,7 +42,7 @@ def test_migration_matches_models_and_is_idempotent(tmp_path: Path):
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         assert diff == []
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0010_local_scoring"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0011_withdrawals"
     assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
     engine.dispose()
 

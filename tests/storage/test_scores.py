@@ -553,7 +553,7 @@ def test_migration_0004_copies_selected_into_auto_selected(tmp_path: Path):
         ).all()
         assert [tuple(r) for r in got] == [("s0", 1, 1, None, None), ("s1", 0, 0, None, None), ("s2", 1, 1, None, None)]
         assert conn.execute(text("SELECT summary FROM jobs")).scalar() is None
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0010_local_scoring"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0011_withdrawals"
     indexes = {i["name"] for i in inspect(engine).get_indexes("scores")}
     assert {"ix_scores_job_id_score", "ix_scores_job_id_owner_score"} <= indexes
 

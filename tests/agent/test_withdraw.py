@@ -1,0 +1,158 @@
+"""Exact withdrawal (docs/withdrawal.md) against a real coordinator: a silo leaves a finished merge job, and the
+re-merge equals a merge job that never had it; the refusals; a federated job's "retrain without"; the audit
+record; who may withdraw whom; and the dependency report."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.client import CoordinatorError
+from agent.train import run_training
+from scoring.errors import ConfigError
+from scoring.io import read_bundle
+from scoring.withdrawal import EXACT_MERGE_KINDS, Upstream, dependency_report, withdrawal_kind
+from storage.blobs import LocalBlobStore
+from tests.agent.test_train import FAST, start, train_body, train_silos
+
+
+def merge_body(name: str, kind: str, silos=("a", "b")) -> dict:
+    extra = {"density": 0.5} if kind not in EXACT_MERGE_KINDS else {}
+    return train_body(name, "merge", rounds=1, silos=list(silos), merge={"kind": kind, **extra})
+
+
+def final(world, job_id: str, dest: Path):
+    sha = world.admin.download_final_adapter(job_id, dest)
+    return sha, read_bundle(dest.read_bytes(), None, None, "final adapter")
+
+
+@pytest.mark.parametrize("kind", EXACT_MERGE_KINDS)
+def test_a_withdrawn_silo_leaves_a_merge_as_if_never_there(world, tmp_path, kind):
+    both = start(world, merge_body(f"withdraw-{kind}", kind))
+    trained = train_silos(world, both, tmp_path / "both")
+    only_a = start(world, merge_body(f"never-b-{kind}", kind, silos=("a",)))
+    with world.client("a") as client:
+        data = world.data_file("a", tmp_path / "only-a")
+        run_training(client, only_a, data, work_dir=tmp_path / "only-a" / "work", options=FAST)
+    b_update = tmp_path / "both" / "b" / "work" / f"train-{both}" / "round-0000" / "update.safetensors"
+    b_key = hashlib.sha256(b_update.read_bytes()).hexdigest()
+    blobs = LocalBlobStore(world.coordinator.settings.storage.blob_dir)
+    old_sha, _ = final(world, both, tmp_path / "old.safetensors")
+    assert blobs.exists(b_key) and trained["b"].num_samples > 0
+
+    asked = world.admin.withdraw(both, "consent withdrawn by the data owner", silo="b")
+    assert (asked["status"], asked["actor"], asked["silo"]) in {("pending", "admin", "b"), ("done", "admin", "b")}
+    row = world.admin.wait_withdrawal(both, asked["id"], poll=0.1, timeout=120)
+    assert row["status"] == "done", row
+    report = row["report"]
+    assert report["exact"] == "exact" and report["kind"] == "remerge" and report["upstream"] == []
+    assert report["old_sha256"] == old_sha and 0 < report["seconds"] < 60
+
+    new_sha, remerged = final(world, both, tmp_path / "new.safetensors")
+    never_sha, never = final(world, only_a, tmp_path / "never.safetensors")
+    assert new_sha == report["new_sha256"] != old_sha
+    assert remerged.layout == never.layout
+    for name in never.adapter:
+        np.testing.assert_array_equal(remerged.adapter[name], never.adapter[name])
+    assert new_sha == never_sha  # bit for bit: the same canonical bundle
+
+    job = world.admin.train_job(both)
+    assert [s["name"] for s in job["silos"]] == ["a"]
+    assert job["history"][0]["participants"] == ["a"]
+    assert not blobs.exists(b_key) and not blobs.exists(old_sha)  # the silo's adapter and the old merge are gone
+
+    # the audit record: the admin sees it, the silo sees its own after leaving, the other silo none of it
+    audit = world.admin.withdrawals(both)
+    assert [(w["silo"], w["actor"], w["reason"], w["status"]) for w in audit] == [
+        ("b", "admin", "consent withdrawn by the data owner", "done")
+    ]
+    with world.client("b") as b, world.client("a") as a:
+        assert [w["id"] for w in b.withdrawals(both)] == [row["id"]]
+        assert a.withdrawals(both) == []
+        with pytest.raises(CoordinatorError) as err:
+            b.train_job(both)
+        assert err.value.status == 404
+    with pytest.raises(CoordinatorError, match="withdrew already") as err:
+        world.admin.withdraw(both, "again", silo="b")
+    assert err.value.status == 409
+
+
+def test_non_exact_merge_kinds_and_samples_are_refused(world):
+    ties = world.admin.create_train_job(merge_body("withdraw-ties", "ties"))["id"]
+    with pytest.raises(CoordinatorError, match=r"merge\.kind: .*\['cat', 'linear'\]") as err:
+        world.admin.withdraw(ties, "agreement ended", silo="b")
+    assert err.value.status == 422
+    cat = world.admin.create_train_job(merge_body("withdraw-draft", "cat"))["id"]
+    with pytest.raises(CoordinatorError, match="once it is done") as err:
+        world.admin.withdraw(cat, "too early", silo="b")
+    assert err.value.status == 409
+    body = {"silo": "b", "sample_ids": ["x"], "reason": "one patient"}
+    with pytest.raises(CoordinatorError, match=r"sample_ids: .*not available yet") as err:
+        world.admin._json("POST", f"/v1/train/{cat}/withdrawals", json=body)
+    assert err.value.status == 422
+    assert world.admin.withdrawals(ties) == world.admin.withdrawals(cat) == []  # nothing stored half-way
+
+
+def test_a_federated_job_offers_a_retrain_without_the_silo(world):
+    job_id = world.admin.create_train_job(train_body("withdraw-fed", rounds=3))["id"]
+    with world.client("a") as a, pytest.raises(CoordinatorError, match="may withdraw only itself") as err:
+        a.withdraw(job_id, "not mine to give", silo="b")
+    assert err.value.status == 403
+    with world.client("b") as b:
+        row = b.withdraw(job_id, "our agreement ends")
+    assert (row["status"], row["actor"], row["report"]["exact"]) == ("done", "b", "full retrain")
+    assert "trained from the start" in row["report"]["message"] and row["report"]["new_job"] in row["report"]["message"]
+    old, new = world.admin.train_job(job_id), world.admin.train_job(row["report"]["new_job"])
+    assert new["status"] == "draft" and [s["name"] for s in new["silos"]] == ["a"]
+    assert {k: v for k, v in new["spec"].items() if k != "quorum"} == {
+        k: v for k, v in old["spec"].items() if k != "quorum"
+    }
+    assert new["spec"]["quorum"] == 1 and new["name"] == "withdraw-fed without b"
+
+
+def test_the_dependency_report():
+    public = Upstream(scoring_job="s" * 32, threshold_kind="mean-anchor")
+    assert dependency_report("b", "j", "remerge", public)["exact"] == "exact"
+    warm = Upstream(scoring_job="s" * 32, threshold_kind="mean-anchor", warmup_job="w" * 32, warmup_silos=["a", "b"])
+    report = dependency_report("b", "j", "remerge", warm)
+    assert report["exact"] == "exact for the merge"
+    assert report["upstream"] == [f"the scoring checkpoints were trained with this silo's data (warmup job {'w' * 32})"]
+    assert any("--mode warmup --silos a " in c for c in report["commands"])
+    assert "full re-run" in report["message"]
+    assert dependency_report("c", "j", "remerge", warm)["exact"] == "exact"  # c took no part in the warmup
+    top = dependency_report("b", "j", "remerge", Upstream(scoring_job="s" * 32, threshold_kind="top"))
+    assert top["exact"] == "exact for the merge" and "cut-off" in top["upstream"][0]
+    assert dependency_report("b", "j", "retrain", public)["exact"] == "full retrain"
+    assert withdrawal_kind("federated", None, True) == "retrain"
+    with pytest.raises(ConfigError, match="sample_ids"):
+        withdrawal_kind("merge", "cat", False)
+
+
+def test_the_commands_and_the_admin_page(world, capsys):
+    import json
+
+    import httpx
+
+    from clues.cli import main
+
+    job_id = world.admin.create_train_job(train_body("withdraw-cli"))["id"]
+    url, admin = world.coordinator.url, world.coordinator.admin_token
+    assert main(["agent", "withdraw", "--coordinator", url, "--token", world.tokens["a"], "--job", job_id,
+                 "--reason", "we leave"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    row = json.loads(out)
+    assert (row["silo"], row["actor"], row["status"]) == ("a", "a", "done")
+    assert "full retrain" in err and row["report"]["new_job"] in err
+    new = row["report"]["new_job"]
+    assert main(["admin", "withdraw", new, "--silo", "b", "--reason", "x", "--coordinator", url, "--token", admin]) == 2
+    assert "only silo" in capsys.readouterr().err
+    assert main(["admin", "withdrawals", job_id, "--coordinator", url, "--token", admin]) == 0
+    assert [w["id"] for w in json.loads(capsys.readouterr().out)] == [row["id"]]
+    with httpx.Client(base_url=url, follow_redirects=True) as browser:
+        assert browser.post("/ui/login", data={"token": admin}).status_code == 200
+        page = browser.get(f"/ui/train/{job_id}").text
+    line = page.split('<tr data-silo="a" data-status="done">', 1)[1].split("</tr>", 1)[0]
+    assert "we leave" in line and "full retrain" in line and f"/ui/train/{new}" in line
