@@ -6,8 +6,9 @@
     clues agent train   take part in a training job: train every round locally from the global adapter, upload
                         the adapter (never the text or the Adam moments), download the final adapter
     clues agent withdraw
-                        leave a training job: a merge job is merged again without this silo, a federated job gets
-                        a draft job without it (a full retrain)
+                        leave a training job, or withdraw some samples: a merge job is merged again without them
+                        (the silo retrains its adapter for samples), a federated job gets a draft job without the
+                        silo (a full retrain)
     clues agent dashboard
                         serve this silo's own dashboard on this machine: its scores joined with its local text,
                         what was dropped and why, and keep/drop overrides (`agent.dashboard`)
@@ -158,18 +159,59 @@ def print_withdrawal(row: dict) -> None:
         print(f"  error: {row['error']}", file=sys.stderr)
 
 
-def cmd_withdraw(args: argparse.Namespace) -> int:
-    """``clues agent withdraw``: this silo leaves a training job (docs/withdrawal.md)."""
-    from agent.client import CoordinatorError, SiloClient
+def _sample_ids(path: str) -> list[str]:
+    """The ids in ``--samples``: one per line, or JSONL records with an ``id``."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise CliError(f"--samples: cannot read {path} ({exc.strerror or exc})") from None
+    ids = []
+    for n, line in enumerate(lines, 1):
+        if line.startswith("{"):
+            try:
+                ids.append(str(json.loads(line)["id"]))
+            except (ValueError, KeyError):
+                raise CliError(f"--samples: line {n} of {path} is a JSON record without an 'id'") from None
+        else:
+            ids.append(line)
+    if not ids:
+        raise CliError(f"--samples: {path} lists no sample id")
+    return ids
 
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    """``clues agent withdraw``: this silo, or some of its samples, leaves a training job (docs/withdrawal.md)."""
+    from agent.client import CoordinatorError, SiloClient
+    from agent.loop import AgentError
+    from agent.train import TrainOptions
+    from agent.withdraw import withdraw_samples
+    from scoring.errors import ScoringError
+
+    bars = Progress(units=UNITS)
     try:
         _check_connection(args)
+        if args.samples and not args.data:
+            raise CliError("--data: required with --samples (this silo retrains its adapter without them)")
+        if args.data and not args.samples and args.reason:
+            raise CliError("--reason: the pending withdrawal has its reason already; drop --reason or pass --samples")
+        if not args.data and not args.reason:
+            raise CliError("--reason: required to withdraw this silo (why, for the audit record)")
         with SiloClient(args.coordinator, args.token) as client:
-            row = client.withdraw(args.job, args.reason)
+            if args.data:
+                ids = _sample_ids(args.samples) if args.samples else None
+                options = TrainOptions(device=args.device, dtype=args.dtype, cache_dir=cache_dir())
+                row = withdraw_samples(
+                    client, args.job, Path(args.data), work_dir=_work_dir(args), sample_ids=ids,
+                    reason=args.reason, options=options, progress=bars.stage,
+                )  # fmt: skip
+            else:
+                row = client.withdraw(args.job, args.reason)
             if args.wait and row["status"] == "pending":
                 row = client.wait_withdrawal(args.job, row["id"], timeout=args.timeout)
-    except (CliError, CoordinatorError) as exc:
+    except (CliError, AgentError, CoordinatorError, ScoringError, OSError) as exc:
+        bars.close()
         return fail("clues agent withdraw", exc)
+    bars.close()
     print_withdrawal(row)
     return EXIT_OK if row["status"] != "failed" else 1
 
@@ -364,18 +406,27 @@ def add_parser(sub) -> None:
 
     p = commands.add_parser(
         "withdraw",
-        help="leave a training job: its merge is computed again without this silo, or a retrain is offered",
+        help="leave a training job, or withdraw some samples: merged again without them, or a retrain is offered",
         description="Withdraw this silo from a training job (docs/withdrawal.md), with a reason for the audit "
         "record. A finished merge job is merged again without this silo's adapter, which the coordinator then "
         "deletes; the result equals a merge that never included it. A federated or warmup job cannot drop a "
         "silo's contribution in place: the coordinator makes a new draft job without this silo, a FULL RETRAIN "
-        "that the admin starts. The answer says how exact the result is given what upstream used this silo's "
-        "data (a federated warmup, a global top-fraction threshold), with the commands for a strict re-run.",
+        "that the admin starts. With --samples and --data (a merge job): withdraw those samples only; this silo "
+        "retrains its adapter without them (same seed and settings; the other silos do nothing) and the "
+        "coordinator merges again. With --data alone: carry out the sample withdrawal the admin recorded for this "
+        "silo. The answer says how exact the result is given what upstream used this silo's data (a federated "
+        "warmup, a global top-fraction threshold), with the commands for a strict re-run.",
     )
     _add_connection(p)
     p.add_argument("--job", required=True, help="the training job's id")
-    p.add_argument("--reason", required=True, help="why, for the audit record")
-    p.add_argument("--wait", action="store_true", help="wait until a merge job's re-merge is done")
+    p.add_argument("--reason", default=None, help="why, for the audit record (required unless the admin asked)")
+    p.add_argument("--samples", default=None, metavar="FILE", help="sample ids to withdraw: one per line, or JSONL")
+    p.add_argument("--data", default=None, metavar="FILE", help="with --samples: the data file the job trained on")
+    p.add_argument(
+        "--work-dir", metavar="DIR", default=None, help="the retrained adapter (default: .clues-agent next to --data)"
+    )
+    add_model_args(p)
+    p.add_argument("--wait", action="store_true", help="wait until the re-merge is done")
     p.add_argument("--timeout", type=float, default=600, metavar="S", help="with --wait: give up after S seconds")
     p.set_defaults(func=cmd_withdraw)
 

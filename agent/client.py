@@ -231,9 +231,12 @@ class Client:
     def train_job(self, job_id: str) -> dict:
         return self._json("GET", f"{API_PREFIX}/train/{job_id}")
 
-    def withdraw(self, job_id: str, reason: str, silo: str | None = None) -> dict:
-        """Withdraw a silo from training job ``job_id`` (the admin names it; a silo withdraws itself)."""
+    def withdraw(self, job_id: str, reason: str, silo: str | None = None, sample_ids: list[str] | None = None) -> dict:
+        """Withdraw a silo, or some of its samples, from training job ``job_id`` (the admin names the silo; a silo
+        withdraws itself)."""
         body = {"reason": reason, **({"silo": silo} if silo else {})}
+        if sample_ids is not None:
+            body["sample_ids"] = sample_ids
         return self._json("POST", f"{API_PREFIX}/train/{job_id}/withdrawals", json=body)
 
     def withdrawals(self, job_id: str) -> list[dict]:
@@ -346,6 +349,10 @@ class SiloClient(Client):
     def upload_round_update(self, job_id: str, round: int, data: bytes) -> dict:
         """This silo's adapter bundle after local training in ``round`` (201 new, 200 held; 409 late or closed)."""
         return self._upload(f"{API_PREFIX}/train/{job_id}/rounds/{round}/update", data)
+
+    def upload_withdrawal_update(self, job_id: str, withdrawal_id: int, data: bytes) -> dict:
+        """This silo's adapter retrained without the samples of its pending withdrawal (201 new, 200 held)."""
+        return self._upload(f"{API_PREFIX}/train/{job_id}/withdrawals/{withdrawal_id}/update", data)
 
 
 def _param(value: Any) -> Any:

@@ -330,7 +330,15 @@ def train_round(
     if ledger is not None:
         _within_budget(lambda: ledger.charge(index, result.steps, limit))  # before the update can leave
         privacy = ledger.summary()
-    update = CheckpointBundle(
+    update = update_bundle(start, result, index, score_mass, privacy)
+    atomic_write_bytes(update_path, bundle_to_bytes(update))  # last: its presence means the round is trained
+    return update_path
+
+
+def update_bundle(start: CheckpointBundle, result, index: int, score_mass: float, privacy: dict | None = None):
+    """What a silo sends for round ``index``: the adapter after its local training from ``start`` (a
+    `scoring.federated.local.LocalResult`), no moments, and the four numbers (the loss is 0 under DP-SGD)."""
+    return CheckpointBundle(
         layout=start.layout,
         adapter=result.weights,
         exp_avg={},
@@ -345,8 +353,6 @@ def train_round(
             **({"privacy": privacy} if privacy is not None else {}),
         },
     )
-    atomic_write_bytes(update_path, bundle_to_bytes(update))  # last: its presence means the round is trained
-    return update_path
 
 
 def _within_budget(spend) -> None:

@@ -154,3 +154,4 @@ Index = Annotated[int, PathParam(ge=0, le=100_000)]
 """A checkpoint index."""
 Round = Annotated[int, PathParam(ge=0, le=100_000)]
 """A training round."""
+WithdrawalId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the withdrawal id")]

@@ -5,7 +5,9 @@ with it and the worker's report repeats it.
 - **merge** jobs (each silo trained once, the coordinator merged the adapters): the coordinator merges again
   without the silo's adapter, with the weights and the round guard recomputed over the silos that remain
   (`workers.training.withdraw_silo`). For `EXACT_MERGE_KINDS` the merge is a deterministic function of the adapters
-  it includes, so the result equals a merge job that never had the silo. No silo retrains.
+  it includes, so the result equals a merge job that never had the silo. No silo retrains. For some of a silo's
+  samples, that silo alone retrains its adapter on the rest (same seed and settings; `agent.withdraw`) and the
+  coordinator merges again with it: the others' adapters are untouched.
 - **federated** and **warmup** jobs: every round after the silo's first update depends on it, so exact withdrawal
   is a full retrain. The coordinator makes a new draft job with the same settings and the silos that remain.
 
@@ -49,27 +51,29 @@ class Upstream:
 
 
 def withdrawal_kind(mode: str, merge_kind: str | None, whole_silo: bool) -> str:
-    """``remerge`` (a merge job: merge again without the silo) or ``retrain`` (a new job without the silo).
+    """``remerge`` (a merge job, whole silo: merge again without it), ``retrain-silo`` (a merge job, some samples:
+    the silo retrains its adapter without them, then the coordinator merges again) or ``retrain`` (a federated or
+    warmup job, whole silo: a new job without it).
 
     Raises:
-        ConfigError: sample-level withdrawal (not available yet), or a merge kind outside `EXACT_MERGE_KINDS`
-            (the message names the kinds that support exact withdrawal).
+        ConfigError: some samples of a federated or warmup job (no exact way but a new job on the reduced data), or
+            a merge kind outside `EXACT_MERGE_KINDS` (the message names the kinds that support exact withdrawal).
     """
-    if not whole_silo:
-        raise ConfigError(
-            "sample_ids: withdrawing some of a silo's samples is not available yet; withdraw the whole silo, or "
-            "remove the samples from its data file and train a new job"
-        )
     if mode != "merge":
+        if not whole_silo:
+            raise ConfigError(
+                "sample_ids: a federated or warmup job cannot drop some samples in place; remove them from the "
+                "silo's data file and train a new job, or withdraw the whole silo (a draft job without it is made)"
+            )
         return "retrain"
     if merge_kind not in EXACT_MERGE_KINDS:
         raise ConfigError(
-            f"merge.kind: exact withdrawal re-merges without the silo and is supported for kinds "
+            f"merge.kind: exact withdrawal re-merges without the silo's contribution and is supported for kinds "
             f"{list(EXACT_MERGE_KINDS)}; kind {merge_kind!r} prunes or elects signs with statistics across the "
             "silos' adapters (dare at random), so clues does not promise its re-merge equals a merge that never "
-            "included the silo. Train a new merge job without it instead."
+            "included it. Train a new merge job without it instead."
         )
-    return "remerge"
+    return "remerge" if whole_silo else "retrain-silo"
 
 
 def dependency_report(silo: str, job_id: str, kind: str, upstream: Upstream) -> dict:
@@ -110,6 +114,13 @@ def dependency_report(silo: str, job_id: str, kind: str, upstream: Upstream) -> 
         message = (
             f"a {kind}: every round of a federated job after {silo}'s first update depends on it, so the exact "
             "withdrawal is a new job without it, trained from the start"
+        )
+    elif kind == "retrain-silo":
+        exact = "exact for the merge" if upstream_notes else "exact"
+        message = (
+            f"{silo} retrains its adapter on its remaining samples with the job's seed and settings (the other "
+            "silos' adapters are untouched), then the merge is computed again; it equals a merge in which those "
+            "samples were never in its data"
         )
     else:
         exact = "exact for the merge" if upstream_notes else "exact"

@@ -15,7 +15,7 @@ Like `storage.repository`, functions take the session first, flush, and never co
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,14 +133,26 @@ def iter_scores(session: Session, *, job_id: str, query: ScoreQuery, batch: int 
     yield from session.execute(stmt)
 
 
-def owner_scores(session: Session, *, job_id: str, owners: Sequence[str]) -> dict[str, list[tuple[float, bool]]]:
+def owner_scores(
+    session: Session, *, job_id: str, owners: Sequence[str], exclude: Mapping[str, Collection[str]] | None = None
+) -> dict[str, list[tuple[float, bool]]]:
     """Per owner, ``(score, selected)`` of every one of its samples in the job (what it may train on, and the score
-    mass that can have: `workers.training.known_selection`)."""
+    mass that can have: `workers.training.known_selection`), leaving out the sample ids ``exclude`` lists for it
+    (samples withdrawn from a training job)."""
     out: dict[str, list[tuple[float, bool]]] = {o: [] for o in owners}
-    stmt = select(Score.owner, Score.score, Score.selected).where(Score.job_id == job_id, Score.owner.in_(owners))
-    for owner, score, selected in session.execute(stmt):
-        out[owner].append((float(score), bool(selected)))
+    gone = exclude or {}
+    stmt = select(Score.owner, Score.sample_id, Score.score, Score.selected).where(
+        Score.job_id == job_id, Score.owner.in_(owners)
+    )
+    for owner, sample_id, score, selected in session.execute(stmt):
+        if sample_id not in gone.get(owner, ()):
+            out[owner].append((float(score), bool(selected)))
     return out
+
+
+def owner_sample_ids(session: Session, *, job_id: str, owner: str) -> set[str]:
+    """The sample ids of one owner in a job."""
+    return set(session.scalars(select(Score.sample_id).where(Score.job_id == job_id, Score.owner == owner)))
 
 
 def decision_counts(session: Session, *, job_id: str) -> dict[str, dict[str, int]]:

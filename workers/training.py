@@ -244,12 +244,18 @@ def _evaluation_due(job: TrainJob, round: int) -> bool:
     return round + 1 == job.rounds or (round + 1) % every == 0
 
 
-def known_selection(session, selection: dict[str, Any], scoring_job: str | None, silos: list[str]) -> dict[str, Known]:
-    """What the scoring job says each silo may claim (`scoring.federated.aggregation.known_of_scores`). Nothing is
-    known without a scoring job."""
+def known_selection(
+    session,
+    selection: dict[str, Any],
+    scoring_job: str | None,
+    silos: list[str],
+    withdrawn: dict[str, list[str]] | None = None,
+) -> dict[str, Known]:
+    """What the scoring job says each silo may claim (`scoring.federated.aggregation.known_of_scores`), without the
+    samples ``withdrawn`` lists per silo. Nothing is known without a scoring job."""
     if scoring_job is None:
         return {}
-    rows = storage_scores.owner_scores(session, job_id=scoring_job, owners=silos)
+    rows = storage_scores.owner_scores(session, job_id=scoring_job, owners=silos, exclude=withdrawn)
     return {silo: known_of_scores(selection, mine) for silo, mine in rows.items() if mine}
 
 
@@ -359,13 +365,15 @@ class Withdrawn:
 
 
 def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
-    """Merge a finished merge job again without the withdrawn silo's adapter (docs/withdrawal.md).
+    """Merge a finished merge job again after a withdrawal (docs/withdrawal.md): without the silo's adapter, or,
+    when some of its samples were withdrawn, with the adapter it retrained without them (``report.update``).
 
-    The round guard and the merge weights are computed over the silos that remain, exactly as `aggregate_round`
-    would have computed them had the silo never sent an update, so the result equals that merge. Then, in one
-    transaction: the round's result, participants and guard and the job's final adapter are replaced, the silo's
-    membership and updates are deleted, and the withdrawal is recorded done with the old and new adapters' SHA-256.
-    The silo's update blobs and the old merge are deleted from the blob store after the commit.
+    The round guard and the merge weights are computed over the updates that remain, exactly as `aggregate_round`
+    would have computed them had the silo never sent its update (or never held those samples), so the result equals
+    that merge. Then, in one transaction: the round's result, participants and guard and the job's final adapter
+    are replaced; the silo's membership and updates are deleted (whole silo) or its update replaced (samples); the
+    withdrawal is recorded done with the old and new adapters' SHA-256. The blobs nothing refers to any more (the
+    silo's old update, the old merge) are deleted after the commit.
     """
     import time
 
@@ -375,39 +383,50 @@ def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
         withdrawal = repo.get_withdrawal(session, withdrawal_id=withdrawal_id)
         if withdrawal.status != "pending":
             return Withdrawn("already")
-        silo = withdrawal.silo
+        silo, samples, report = withdrawal.silo, withdrawal.sample_ids, dict(withdrawal.report)
         row = repo.get_round(session, job_id=job_id, round=0)
-        kept = [u for u in repo.list_updates(session, job_id=job_id, round=0) if u.silo.name != silo]
+        updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in
+                   repo.list_updates(session, job_id=job_id, round=0)]  # fmt: skip
+        if samples is None:
+            kept = [u for u in updates if u[0] != silo]
+        else:
+            new = report.get("update")
+            if new is None:
+                raise JobStateError(f"withdrawal {withdrawal_id}: {silo} has not sent its retrained adapter yet")
+            mine = (silo, new["sha256"], new["num_samples"], new["score_mass"], new["train_loss"])
+            kept = [mine if u[0] == silo else u for u in updates]
         if not kept:
             raise ConfigError(f"withdrawal {withdrawal_id}: no other silo's adapter is left to merge")
-        silo_updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in kept]
-        known = known_selection(session, job.settings["selection"], job.scoring_job_id, [u[0] for u in silo_updates])
+        gone_ids = {w.silo: list(w.sample_ids) for w in repo.list_withdrawals(session, job_id=job_id, silo=silo)
+                    if w.sample_ids and w.status in ("done", "pending")}  # fmt: skip
+        known = known_selection(session, job.settings["selection"], job.scoring_job_id, [u[0] for u in kept], gone_ids)
         settings, start_blob, lr, old_final = dict(job.settings), row.start_blob, row.lr, job.final_blob
         entry = _entry(job, 0, lr, LocalTrainConfig.from_dict(settings["local"]).steps)
-        model_ref, report, has_eval = job.model, dict(withdrawal.report), job.eval_blob is not None
+        model_ref, has_eval = job.model, job.eval_blob is not None
     start = read_bundle(res.blobs.read_bytes(start_blob), None, None, "round 0 start")
-    bundles = [
-        read_bundle(res.blobs.read_bytes(key), None, None, f"update of {name}") for name, key, *_ in silo_updates
-    ]
+    bundles = [read_bundle(res.blobs.read_bytes(k), None, None, f"update of {name}") for name, k, *_ in kept]
     claimed = [
-        SiloUpdate(name, bundle.adapter, n, mass)
-        for (name, _, n, mass, _), bundle in zip(silo_updates, bundles, strict=True)
+        SiloUpdate(name, bundle.adapter, n, mass) for (name, _, n, mass, _), bundle in zip(kept, bundles, strict=True)
     ]
     guarded, flags, figures = guard_round(start.adapter, claimed, known, RoundGuard.from_dict(settings["aggregation"]))
     ref = res.blobs.put_bytes(_merge(res, model_ref, settings["merge"], start, bundles, guarded, entry))
-    loss = float(np.average([u[4] for u in silo_updates], weights=[u.num_samples for u in guarded]))
+    loss = float(np.average([u[4] for u in kept], weights=[u.num_samples for u in guarded]))
     with res.sessions.begin() as session:
         if repo.get_withdrawal(session, withdrawal_id=withdrawal_id).status != "pending":
             return Withdrawn("already")  # another delivery finished it first
         row = repo.get_round(session, job_id=job_id, round=0)
-        row.result_blob, row.participants, row.train_loss = ref.key, [u[0] for u in silo_updates], loss
+        row.result_blob, row.participants, row.train_loss = ref.key, [u[0] for u in kept], loss
         row.guard, row.metrics = {"flags": [f.to_dict() for f in flags], "figures": figures}, None
         job = repo.get_train_job(session, job_id=job_id)
         silo_id = next(m.silo_id for m in job.members if m.silo.name == silo)
-        gone = repo.remove_member(session, job_id=job_id, silo_id=silo_id)
-        fields: dict[str, Any] = {"final_blob": ref.key, "metrics": None, "message": f"{silo} withdrawn: re-merged"}
+        if samples is None:
+            gone = repo.remove_member(session, job_id=job_id, silo_id=silo_id)
+        else:
+            gone = [repo.replace_update(session, job_id=job_id, round=0, silo_id=silo_id, **report["update"])]
+        what = f"{silo} withdrawn" if samples is None else f"{len(samples)} samples of {silo} withdrawn"
+        fields: dict[str, Any] = {"final_blob": ref.key, "metrics": None, "message": f"{what}: re-merged"}
         if has_eval:
-            fields |= {"status": "evaluating", "message": f"{silo} withdrawn: evaluating the re-merge"}
+            fields |= {"status": "evaluating", "message": f"{what}: evaluating the re-merge"}
         repo.update_train_job(session, job_id=job_id, **fields)
         report |= {"old_sha256": old_final, "new_sha256": ref.key, "seconds": round(time.monotonic() - started, 3)}
         repo.finish_withdrawal(session, withdrawal_id=withdrawal_id, status="done", report=report)
@@ -415,5 +434,5 @@ def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
         unused = [key for key in {*gone, old_final} if key and not repo.blob_in_use(session, key=key)]
     for key in unused:
         res.blobs.delete(key)
-    log.info("training job %s: %s withdrawn, re-merged in %.2f s", job_id, silo, report["seconds"])
+    log.info("training job %s: %s, re-merged in %.2f s", job_id, what, report["seconds"])
     return Withdrawn("done", 0 if has_eval else None)

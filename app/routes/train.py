@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from app.deps import AdminDep, AppState, PrincipalDep, Round, SessionDep, SiloDep, StateDep, TrainId
+from app.deps import AdminDep, AppState, PrincipalDep, Round, SessionDep, SiloDep, StateDep, TrainId, WithdrawalId
 from app.openapi import BINARY
 from app.schemas import (
     JobPublic,
@@ -32,7 +32,7 @@ from app.services import training as lifecycle
 from app.services.jobs import job_public
 from app.services.training import train_for, train_public, train_settings
 from app.services.warmup import scoring_job_from_warmup
-from app.services.withdrawal import withdraw, withdrawal_public
+from app.services.withdrawal import accept_update, queue_remerge, withdraw, withdrawal_public
 from app.uploads import SHA256_HEADER, already_held, expected_sha256, receive, upload_answer
 from scoring.config import (
     parameter_layout_hash,
@@ -41,7 +41,7 @@ from scoring.data import read_samples
 from scoring.errors import DataError
 from scoring.io import read_bundle
 from storage import repository as repo
-from storage.errors import ConflictError
+from storage.errors import ConflictError, NotFoundError
 from storage.models import utcnow
 from wire import API_PREFIX
 from workers import names
@@ -143,6 +143,28 @@ def retry_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
     return train_public(job, principal, session)
 
 
+def update_validator(job, index: int, where: str):
+    """What checks an uploaded update bundle of round ``index``: the job's layout, no Adam moments, an ``update``
+    field for that round with ``num_samples`` ≥ 1; returns the field."""
+    layout = [(name, tuple(shape)) for name, shape in job.layout]
+    param_hash = parameter_layout_hash(layout)
+    param_count = sum(math.prod(shape) for _, shape in layout)
+
+    def validate(path: Path) -> dict[str, Any]:
+        bundle = read_bundle(path.read_bytes(), param_hash, param_count, where)
+        if bundle.has_moments:
+            raise DataError(f"{where}: carries Adam moments; they stay in the silo (send the adapter only)")
+        if bundle.update is None:
+            raise DataError(f"{where}: metadata field 'update' is missing (round, num_samples, score_mass, train_loss)")
+        if bundle.update["round"] != index:
+            raise DataError(f"{where}: the bundle says round {bundle.update['round']}")
+        if bundle.update["num_samples"] < 1:
+            raise DataError(f"{where}: num_samples must be at least 1")
+        return bundle.update
+
+    return validate
+
+
 def _bundle_response(key: str, state: AppState, filename: str) -> FileResponse:
     state.blobs.verify(key)
     return FileResponse(
@@ -204,22 +226,7 @@ async def upload_round_update(
     if already_held(held.blob_key if held else None, sha, f"the update of {silo.name} for round {index}"):
         return upload_answer(sha, held.size_bytes, False)
     lifecycle.require_open_round(state, session, job, index)
-    layout = [(name, tuple(shape)) for name, shape in job.layout]
-    param_hash = parameter_layout_hash(layout)
-    param_count = sum(math.prod(shape) for _, shape in layout)
-
-    def validate(path: Path) -> dict[str, Any]:
-        where = f"update for round {index}"
-        bundle = read_bundle(path.read_bytes(), param_hash, param_count, where)
-        if bundle.has_moments:
-            raise DataError(f"{where}: carries Adam moments; they stay in the silo (send the adapter only)")
-        if bundle.update is None:
-            raise DataError(f"{where}: metadata field 'update' is missing (round, num_samples, score_mass, train_loss)")
-        if bundle.update["round"] != index:
-            raise DataError(f"{where}: the bundle says round {bundle.update['round']}")
-        if bundle.update["num_samples"] < 1:
-            raise DataError(f"{where}: num_samples must be at least 1")
-        return bundle.update
+    validate = update_validator(job, index, f"update for round {index}")
 
     def record(update: dict[str, Any], size: int) -> bool:
         if not repo.lock_open_round(session, job_id=job_id, round=index):  # held until the commit below
@@ -266,6 +273,42 @@ def withdraw_from_train_job(
     withdrawal (not available yet) and for merge kinds without exact withdrawal."""
     job = train_for(session, job_id, principal)
     return withdrawal_public(withdraw(state, session, job, principal, body))
+
+
+@router.put(
+    "/{job_id}/withdrawals/{withdrawal_id}/update",
+    operation_id="upload_withdrawal_update",
+    openapi_extra={"requestBody": BINARY},
+    responses={201: {"model": UploadResult}},
+)
+async def upload_withdrawal_update(
+    job_id: TrainId, withdrawal_id: WithdrawalId, request: Request, state: StateDep, session: SessionDep,
+    principal: SiloDep,
+) -> UploadResult:  # fmt: skip
+    """This silo's adapter retrained without the samples of its pending withdrawal ``withdrawal_id`` (a merge job):
+    the same layout as the job's, no Adam moments, ``update.round`` 0. The re-merge is then queued. Re-sending the
+    same bytes answers 200; other bytes once one is in, or a withdrawal that is not this silo's pending sample
+    withdrawal, 409."""
+    job = train_for(session, job_id, principal)
+    withdrawal = repo.get_withdrawal(session, withdrawal_id=withdrawal_id)
+    if withdrawal.job_id != job_id or withdrawal.silo != principal.silo.name or withdrawal.sample_ids is None:
+        raise NotFoundError(f"withdrawal {withdrawal_id} of {principal.silo.name} from training job {job_id} not found")
+    sha = expected_sha256(request)
+    held = (withdrawal.report.get("update") or {}).get("sha256")
+    if already_held(held, sha, f"the retrained adapter of withdrawal {withdrawal_id}"):
+        return upload_answer(sha, withdrawal.report["update"]["size_bytes"], False)
+    if withdrawal.status != "pending":
+        raise ConflictError(f"withdrawal {withdrawal_id} is {withdrawal.status!r}; it takes no adapter now")
+    validate = update_validator(job, 0, f"retrained adapter of withdrawal {withdrawal_id}")
+
+    def record(update: dict[str, Any], size: int) -> bool:
+        accept_update(session, withdrawal_id, sha, size, update)
+        return True
+
+    ref, _, created = await receive(request, state, "update", sha, validate, record)
+    session.commit()
+    queue_remerge(state, session, job_id, withdrawal_id)
+    return upload_answer(ref.key, ref.size, created)
 
 
 @router.get("/{job_id}/withdrawals", operation_id="list_train_withdrawals")

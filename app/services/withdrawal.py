@@ -16,6 +16,7 @@ from app.services import QueueUnavailable
 from scoring.errors import ConfigError
 from scoring.withdrawal import Upstream, dependency_report, withdrawal_kind
 from storage import repository as repo
+from storage import scores as storage_scores
 from storage.errors import ConflictError, NotFoundError
 from storage.models import TrainJob, TrainWithdrawal
 from workers import names
@@ -59,16 +60,31 @@ def withdraw(state: AppState, session, job: TrainJob, principal: Principal, body
             raise ApiError(403, f"silo: a silo may withdraw only itself ({silo!r}), not {body.silo!r}")
     members = [m.silo.name for m in job.members]
     done = [w for w in repo.list_withdrawals(session, job_id=job.id, silo=silo) if w.status == "done"]
+    ids = None if body.sample_ids is None else list(dict.fromkeys(body.sample_ids))
     if silo not in members:
         what = f"withdrew already (withdrawal {done[-1].id})" if done else "is not a member"
         raise ConflictError(f"silo {silo!r} {what} of training job {job.id}")
-    if any(w.status == "pending" for w in repo.list_withdrawals(session, job_id=job.id)):
-        raise ConflictError(f"training job {job.id}: a withdrawal is still being carried out; ask again after it")
-    kind = withdrawal_kind(job.mode, (job.settings.get("merge") or {}).get("kind"), body.sample_ids is None)
-    if len(members) == 1:
+    pending = [w for w in repo.list_withdrawals(session, job_id=job.id) if w.status == "pending"]
+    if pending:
+        if pending[0].silo == silo and pending[0].sample_ids == ids:
+            return pending[0]  # the same request again (an agent run again): the one in progress
+        raise ConflictError(
+            f"training job {job.id}: withdrawal {pending[0].id} ({pending[0].silo}) is still being carried out; ask "
+            "again after it"
+        )
+    kind = withdrawal_kind(job.mode, (job.settings.get("merge") or {}).get("kind"), ids is None)
+    if ids is None and len(members) == 1:
         raise ConflictError(f"silo {silo!r} is the only silo of training job {job.id}: delete the job instead")
-    if kind == "remerge" and (job.status != "done" or job.final_blob is None):
+    if kind != "retrain" and (job.status != "done" or job.final_blob is None):
         raise ConflictError(f"training job {job.id} is {job.status!r}; a merge job's silo withdraws once it is done")
+    if ids is not None and job.scoring_job_id is not None:
+        known = storage_scores.owner_sample_ids(session, job_id=job.scoring_job_id, owner=silo)
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise ConfigError(
+                f"sample_ids: {len(unknown)} are not {silo}'s samples in scoring job {job.scoring_job_id} "
+                f"(e.g. {unknown[:3]})"
+            )
     report = dependency_report(silo, job.id, kind, upstream_of(session, job))
     actor = "admin" if principal.is_admin else silo
     if kind == "retrain":
@@ -92,17 +108,44 @@ def withdraw(state: AppState, session, job: TrainJob, principal: Principal, body
         )  # fmt: skip
         session.commit()
         return row
+    if kind == "retrain-silo":
+        report["awaiting"] = f"{silo}'s adapter retrained without the samples (clues agent withdraw --data ...)"
     row = repo.add_withdrawal(
-        session, job_id=job.id, silo=silo, sample_ids=None, actor=actor, reason=body.reason, status="pending",
+        session, job_id=job.id, silo=silo, sample_ids=ids, actor=actor, reason=body.reason, status="pending",
         report=report,
     )  # fmt: skip
     session.commit()
+    if kind == "retrain-silo":
+        return row  # the re-merge is queued when the silo's retrained adapter arrives (`accept_update`)
+    queue_remerge(state, session, job.id, row.id)
+    session.refresh(row)
+    return row
+
+
+def queue_remerge(state: AppState, session, job_id: str, withdrawal_id: int) -> None:
+    """Queue the re-merge of a committed pending withdrawal. An unreachable queue fails the withdrawal (503): the
+    job is untouched and a new request can be made."""
     try:
-        state.dispatcher.enqueue(names.TRAIN_WITHDRAW, job.id, row.id)
-    except Exception as exc:  # nothing half-done: the record says it failed, the job is untouched
-        repo.finish_withdrawal(session, withdrawal_id=row.id, status="failed", report=report, error=str(exc))
+        state.dispatcher.enqueue(names.TRAIN_WITHDRAW, job_id, withdrawal_id)
+    except Exception as exc:
+        row = repo.get_withdrawal(session, withdrawal_id=withdrawal_id)
+        repo.finish_withdrawal(session, withdrawal_id=withdrawal_id, status="failed", report=row.report, error=str(exc))
         session.commit()
         raise QueueUnavailable(exc) from exc
     TASKS.labels(names.TRAIN_WITHDRAW).inc()
-    session.refresh(row)
-    return row
+
+
+def accept_update(session, withdrawal_id: int, sha256: str, size: int, update: dict) -> None:
+    """Keep a silo's retrained adapter (its blob ``sha256``) on its pending sample withdrawal, for the re-merge.
+
+    Raises:
+        ConflictError: the withdrawal is no longer pending, or holds other bytes already.
+    """
+    row = repo.get_withdrawal(session, withdrawal_id=withdrawal_id)
+    held = (row.report.get("update") or {}).get("sha256")
+    if row.status != "pending" or held not in (None, sha256):
+        raise ConflictError(f"withdrawal {withdrawal_id} is {row.status!r} and holds another adapter already")
+    fields = {"sha256": sha256, "size_bytes": size, "num_samples": int(update["num_samples"])}
+    fields |= {"score_mass": float(update["score_mass"]), "train_loss": float(update["train_loss"])}
+    row.report = {**row.report, "update": fields}
+    session.flush()

@@ -322,3 +322,28 @@ def blob_in_use(session: Session, *, key: str) -> bool:
         JobCheckpoint.blob_key,
     )
     return any(session.scalar(select(column).where(column == key).limit(1)) is not None for column in columns)
+
+
+def replace_update(
+    session: Session,
+    *,
+    job_id: str,
+    round: int,
+    silo_id: int,
+    sha256: str,
+    size_bytes: int,
+    num_samples: int,
+    score_mass: float,
+    train_loss: float,
+) -> str:
+    """Put a silo's retrained update in place of the one it sent (a withdrawal of some of its samples); returns the
+    old update's blob key."""
+    row = session.get(TrainUpdate, (job_id, round, silo_id))
+    if row is None:
+        raise NotFoundError(f"training job {job_id}: no update of this silo in round {round}")
+    old = row.blob_key
+    row.blob_key, row.size_bytes, row.num_samples = sha256, size_bytes, num_samples
+    row.score_mass, row.train_loss = score_mass, train_loss
+    get_train_member(session, job_id=job_id, silo_id=silo_id).num_samples = num_samples
+    session.flush()
+    return old

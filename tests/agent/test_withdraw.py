@@ -5,6 +5,7 @@ record; who may withdraw whom; and the dependency report."""
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 
 from agent.client import CoordinatorError
 from agent.train import run_training
+from agent.withdraw import withdraw_samples
+from scoring.data import write_samples
 from scoring.errors import ConfigError
 from scoring.io import read_bundle
 from scoring.withdrawal import EXACT_MERGE_KINDS, Upstream, dependency_report, withdrawal_kind
@@ -80,6 +83,58 @@ def test_a_withdrawn_silo_leaves_a_merge_as_if_never_there(world, tmp_path, kind
     assert err.value.status == 409
 
 
+def update_keys(world, job_id: str) -> dict[str, str]:
+    """Each silo's update blob in round 0, read from the coordinator's database."""
+    from sqlalchemy import select
+
+    from storage.db import make_engine, make_session_factory
+    from storage.models import Silo, TrainUpdate
+
+    engine = make_engine(world.coordinator.settings.storage.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            stmt = select(Silo.name, TrainUpdate.blob_key).join(Silo).where(TrainUpdate.job_id == job_id)
+            return dict(session.execute(stmt).all())
+    finally:
+        engine.dispose()
+
+
+def test_withdrawn_samples_leave_a_merge_as_if_never_in_the_data(world, tmp_path):
+    job_id = start(world, merge_body("withdraw-samples", "cat"))
+    train_silos(world, job_id, tmp_path / "with")
+    before = update_keys(world, job_id)
+    gone = [s.id for s in world.samples["b"][:2]]
+    reduced = tmp_path / "b-without.jsonl"
+    write_samples(reduced, [s for s in world.samples["b"] if s.id not in gone])
+    twin = start(world, merge_body("never-had-them", "cat"))
+    files = {"a": world.data_file("a", tmp_path / "twin-a"), "b": reduced}
+
+    def train(silo: str) -> None:
+        with world.client(silo) as client:
+            run_training(client, twin, files[silo], work_dir=tmp_path / "twin" / silo, options=FAST)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(train, files))
+
+    data_b = world.data_file("b", tmp_path / "with" / "b")  # the file still holds them: the ids are left out
+    with world.client("b") as b:
+        row = withdraw_samples(b, job_id, data_b, work_dir=tmp_path / "with" / "b" / "work", sample_ids=gone,
+                               reason="a patient withdrew consent")  # fmt: skip
+        assert row["report"]["update"]["num_samples"] == len(world.samples["b"]) - 2
+        row = b.wait_withdrawal(job_id, row["id"], poll=0.1, timeout=120)
+    assert (row["status"], row["actor"], row["sample_ids"]) == ("done", "b", gone), row
+    assert row["report"]["exact"] == "exact" and row["report"]["kind"] == "retrain-silo"
+
+    after = update_keys(world, job_id)
+    assert after["a"] == before["a"] and after["b"] != before["b"]  # only b's adapter changed
+    assert after["b"] == update_keys(world, twin)["b"]  # b's retrained adapter is the twin's, byte for byte
+    assert final(world, job_id, tmp_path / "new.safetensors")[0] == final(world, twin, tmp_path / "t.safetensors")[0]
+    job = world.admin.train_job(job_id)
+    assert [s["name"] for s in job["silos"]] == ["a", "b"] and job["history"][0]["participants"] == ["a", "b"]
+    blobs = LocalBlobStore(world.coordinator.settings.storage.blob_dir)
+    assert not blobs.exists(before["b"])
+
+
 def test_non_exact_merge_kinds_and_samples_are_refused(world):
     ties = world.admin.create_train_job(merge_body("withdraw-ties", "ties"))["id"]
     with pytest.raises(CoordinatorError, match=r"merge\.kind: .*\['cat', 'linear'\]") as err:
@@ -89,11 +144,11 @@ def test_non_exact_merge_kinds_and_samples_are_refused(world):
     with pytest.raises(CoordinatorError, match="once it is done") as err:
         world.admin.withdraw(cat, "too early", silo="b")
     assert err.value.status == 409
-    body = {"silo": "b", "sample_ids": ["x"], "reason": "one patient"}
-    with pytest.raises(CoordinatorError, match=r"sample_ids: .*not available yet") as err:
-        world.admin._json("POST", f"/v1/train/{cat}/withdrawals", json=body)
+    fed = world.admin.create_train_job(train_body("withdraw-fed-samples"))["id"]
+    with pytest.raises(CoordinatorError, match=r"sample_ids: a federated or warmup job") as err:
+        world.admin.withdraw(fed, "one patient", silo="b", sample_ids=["x"])
     assert err.value.status == 422
-    assert world.admin.withdrawals(ties) == world.admin.withdrawals(cat) == []  # nothing stored half-way
+    assert world.admin.withdrawals(ties) == world.admin.withdrawals(cat) == world.admin.withdrawals(fed) == []
 
 
 def test_a_federated_job_offers_a_retrain_without_the_silo(world):
@@ -127,8 +182,9 @@ def test_the_dependency_report():
     assert top["exact"] == "exact for the merge" and "cut-off" in top["upstream"][0]
     assert dependency_report("b", "j", "retrain", public)["exact"] == "full retrain"
     assert withdrawal_kind("federated", None, True) == "retrain"
+    assert withdrawal_kind("merge", "linear", False) == "retrain-silo"
     with pytest.raises(ConfigError, match="sample_ids"):
-        withdrawal_kind("merge", "cat", False)
+        withdrawal_kind("federated", None, False)
 
 
 def test_the_commands_and_the_admin_page(world, capsys):
@@ -149,6 +205,11 @@ def test_the_commands_and_the_admin_page(world, capsys):
     new = row["report"]["new_job"]
     assert main(["admin", "withdraw", new, "--silo", "b", "--reason", "x", "--coordinator", url, "--token", admin]) == 2
     assert "only silo" in capsys.readouterr().err
+    base = ["agent", "withdraw", "--coordinator", url, "--token", world.tokens["b"], "--job", job_id]
+    assert main([*base, "--samples", "ids.txt", "--reason", "x"]) == 2
+    assert "--data: required with --samples" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--reason: required" in capsys.readouterr().err
     assert main(["admin", "withdrawals", job_id, "--coordinator", url, "--token", admin]) == 0
     assert [w["id"] for w in json.loads(capsys.readouterr().out)] == [row["id"]]
     with httpx.Client(base_url=url, follow_redirects=True) as browser:
