@@ -217,3 +217,39 @@ def test_the_commands_and_the_admin_page(world, capsys):
         page = browser.get(f"/ui/train/{job_id}").text
     line = page.split('<tr data-silo="a" data-status="done">', 1)[1].split("</tr>", 1)[0]
     assert "we leave" in line and "full retrain" in line and f"/ui/train/{new}" in line
+
+
+def test_the_report_names_a_federated_warmup_the_silo_trained_in(world, tmp_path):
+    """The dependency report's upstream, read from the coordinator's own records: a scoring job made from a
+    federated warmup with both silos (`upstream_of`) against one made from an uploaded (public) run."""
+    from app.services.withdrawal import upstream_of
+    from storage import repository as repo
+    from storage.db import make_engine, make_session_factory
+    from tests.agent.conftest import make_job
+
+    fraction = {"source": "fraction", "fraction": 0.5}
+    warm_id = start(world, train_body("warm-for-withdrawal", "warmup", selection=fraction, checkpoint_rounds=[0, 1]))
+    train_silos(world, warm_id, tmp_path)
+    body = {"name": "from-warm", "projection": {"kind": "sjlt", "dim": 64, "seed": 0, "nnz": 4}, "score": "trace",
+            "precondition": True, "threshold": {"kind": "top", "fraction": 0.5}}  # fmt: skip
+    from_warmup = world.admin.scoring_job_from_warmup(warm_id, body)["id"]
+    public = make_job(world, "public-warmup", open_it=False)
+    engine = make_engine(world.coordinator.settings.storage.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            reports = {}
+            for scoring in (from_warmup, public):
+                job = repo.create_train_job(
+                    session, name="m", mode="merge", model="tiny:0", settings={}, rounds=1, quorum=2,
+                    round_timeout_s=60.0, scoring_job_id=scoring, silo_names=["a", "b"],
+                )  # fmt: skip
+                reports[scoring] = dependency_report("b", job.id, "remerge", upstream_of(session, job))
+            session.rollback()
+    finally:
+        engine.dispose()
+    warm = reports[from_warmup]
+    assert warm["exact"] == "exact for the merge"
+    assert any(f"warmup job {warm_id}" in note for note in warm["upstream"])
+    assert any("cut-off" in note for note in warm["upstream"])  # its top-fraction threshold pools the silos
+    assert any("--mode warmup --silos a " in command for command in warm["commands"])
+    assert reports[public]["exact"] == "exact" and reports[public]["upstream"] == []
