@@ -239,8 +239,10 @@ class Client:
             body["sample_ids"] = sample_ids
         return self._json("POST", f"{API_PREFIX}/train/{job_id}/withdrawals", json=body)
 
-    def withdrawals(self, job_id: str) -> list[dict]:
-        """The job's withdrawals that this token may see, oldest first."""
+    def withdrawals(self, job_id: str | None = None) -> list[dict]:
+        """The withdrawals this token may see, oldest first: from one training job, or from all of them."""
+        if job_id is None:
+            return self._json("GET", f"{API_PREFIX}/train/withdrawals")
         return self._json("GET", f"{API_PREFIX}/train/{job_id}/withdrawals")
 
     def wait_withdrawal(self, job_id: str, withdrawal_id: int, poll: float = 1.0, timeout: float | None = 600) -> dict:

@@ -251,8 +251,16 @@ def logout(request: Request, dash: DashDep) -> RedirectResponse:
 def jobs_page(request: Request, dash: DashDep, _: PageAuth) -> Response:
     dash.learn_name()
     jobs = dash.client.jobs()
+    withdrawals = dash.client.withdrawals()[::-1]
     releases = dash.releases()
-    return dash.render(request, "jobs.html", jobs=jobs[::-1], samples=len(dash.text.current()), releases=releases)
+    return dash.render(
+        request,
+        "jobs.html",
+        jobs=jobs[::-1],
+        samples=len(dash.text.current()),
+        releases=releases,
+        withdrawals=withdrawals,
+    )
 
 
 @ui.get("/jobs/{job_id}", response_class=HTMLResponse)

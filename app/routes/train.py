@@ -77,6 +77,14 @@ def list_train_jobs(session: SessionDep, principal: PrincipalDep) -> list[TrainP
     return [train_public(j, principal, session) for j in jobs]
 
 
+@router.get("/withdrawals", operation_id="list_all_withdrawals")
+def list_all_withdrawals(session: SessionDep, principal: PrincipalDep) -> list[WithdrawalPublic]:
+    """Every withdrawal from any training job, oldest first: all for the admin, a silo's own for a silo (its
+    dashboard shows them, including those from jobs it has left)."""
+    mine = None if principal.is_admin else principal.silo.name
+    return [withdrawal_public(w) for w in repo.list_withdrawals(session, silo=mine)]
+
+
 @router.get("/{job_id}", operation_id="get_train_job")
 def get_train_job(job_id: TrainId, state: StateDep, session: SessionDep, principal: PrincipalDep) -> TrainPublic:
     """The job, its rounds (with evaluation) and the final metrics. A round found open past its deadline is handed

@@ -187,7 +187,7 @@ def test_the_dependency_report():
         withdrawal_kind("federated", None, False)
 
 
-def test_the_commands_and_the_admin_page(world, capsys):
+def test_the_commands_and_the_dashboards(world, capsys, tmp_path):
     import json
 
     import httpx
@@ -217,6 +217,18 @@ def test_the_commands_and_the_admin_page(world, capsys):
         page = browser.get(f"/ui/train/{job_id}").text
     line = page.split('<tr data-silo="a" data-status="done">', 1)[1].split("</tr>", 1)[0]
     assert "we leave" in line and "full retrain" in line and f"/ui/train/{new}" in line
+
+    # the silo's own dashboard lists it, although the silo left the job
+    from fastapi.testclient import TestClient
+
+    from agent.dashboard import create_dashboard
+
+    data = world.data_file("a", tmp_path)
+    with TestClient(create_dashboard(url, world.tokens["a"], data, tmp_path / "dash")) as dash:
+        assert dash.post("/ui/login", data={"token": world.tokens["a"], "next": "/ui/jobs"}).status_code in (200, 303)
+        page = dash.get("/ui/jobs").text
+    line = page.split(f'<tr data-job="{job_id}" data-status="done">', 1)[1].split("</tr>", 1)[0]
+    assert "this silo" in line and "we leave" in line and "full retrain" in line
 
 
 def test_the_report_names_a_federated_warmup_the_silo_trained_in(world, tmp_path):
