@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import repository as repo
 from storage import steps as leases
 from storage.errors import NotFoundError
-from storage.models import Job, TrainJob, utcnow
+from storage.models import Job, TrainJob, TrainWithdrawal, utcnow
 from workers import names
 from workers.config import ServiceSettings
 
@@ -174,21 +174,26 @@ class Dispatcher:
 
     def resume(self) -> int:
         """On start-up: queue (again) the step that each job's state waits for (`job_waits_for`,
-        `train_waits_for`). Running steps on live workers are left alone; duplicates of queued steps are no-ops.
+        `train_waits_for`, `withdrawal_waits_for`). Running steps on live workers are left alone; duplicates of
+        queued steps are no-ops.
         Returns the number of steps sent."""
         with self.sessions() as session:
             waits = [job_waits_for(job) for job in repo.list_jobs(session)]
             waits += [train_waits_for(session, job) for job in repo.list_train_jobs(session)]
-            waits += [
-                (names.TRAIN_WITHDRAW, (w.job_id, w.id), None)
-                for w in repo.list_withdrawals(session)
-                if w.status == "pending"
-            ]
+            waits += [withdrawal_waits_for(w) for w in repo.list_withdrawals(session)]
         return sum(self.enqueue(task, *args, countdown=countdown) for task, args, countdown in filter(None, waits))
 
 
 Wait = tuple[str, tuple[Any, ...], float | None]
 """``(task, args, countdown)``: the step a job waits for."""
+
+
+def withdrawal_waits_for(row: TrainWithdrawal) -> Wait | None:
+    """The re-merge a pending withdrawal waits for; None when it is done or failed, or waits for the silo's
+    retrained adapter instead (its upload queues the re-merge)."""
+    if row.status != "pending" or (row.sample_ids is not None and "update" not in row.report):
+        return None
+    return names.TRAIN_WITHDRAW, (row.job_id, row.id), None
 
 
 def job_waits_for(job: Job) -> Wait | None:

@@ -357,8 +357,8 @@ def evaluate_round(res: Resources, job_id: str, round: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Withdrawn:
-    """What `withdraw_silo` did: ``status`` (``done``, ``already``), and the round to evaluate again (None: the
-    job has no evaluation set)."""
+    """What `withdraw_silo` did: ``status`` (``done``; ``already``; ``waiting``: a sample withdrawal whose silo has
+    not sent its retrained adapter yet), and the round to evaluate again (None: the job has no evaluation set)."""
 
     status: str
     evaluate: int | None = None
@@ -391,8 +391,8 @@ def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
             kept = [u for u in updates if u[0] != silo]
         else:
             new = report.get("update")
-            if new is None:
-                raise JobStateError(f"withdrawal {withdrawal_id}: {silo} has not sent its retrained adapter yet")
+            if new is None:  # sent early (e.g. on start-up): the upload of the silo's adapter queues it again
+                return Withdrawn("waiting")
             mine = (silo, new["sha256"], new["num_samples"], new["score_mass"], new["train_loss"])
             kept = [mine if u[0] == silo else u for u in updates]
         if not kept:

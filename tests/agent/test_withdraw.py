@@ -183,6 +183,18 @@ def test_the_dependency_report():
     assert dependency_report("b", "j", "retrain", public)["exact"] == "full retrain"
     assert withdrawal_kind("federated", None, True) == "retrain"
     assert withdrawal_kind("merge", "linear", False) == "retrain-silo"
+    # on start-up, a pending re-merge is sent again, but not a sample withdrawal still waiting for its silo
+    from types import SimpleNamespace
+
+    from workers.steps import withdrawal_waits_for
+
+    def row(**kw):
+        return SimpleNamespace(**({"job_id": "j", "id": 7, "status": "pending", "sample_ids": None, "report": {}} | kw))
+
+    assert withdrawal_waits_for(row()) == ("clues.train_withdraw", ("j", 7), None)
+    assert withdrawal_waits_for(row(sample_ids=["x"])) is None
+    assert withdrawal_waits_for(row(sample_ids=["x"], report={"update": {}})) is not None
+    assert withdrawal_waits_for(row(status="done")) is None
     with pytest.raises(ConfigError, match="sample_ids"):
         withdrawal_kind("federated", None, False)
 
