@@ -1,6 +1,10 @@
 """Write ``docker/requirements.lock``: clues' runtime dependencies at the versions installed in this environment.
 
     .venv/bin/python docker/lock.py        # from the repository root, after `make install`
+    .venv-flower/bin/python docker/lock.py --extra flower --out docker/requirements-flower.lock   # after `make flower`
+
+The second is the Flower image's lock (docker/compose.flower-*.yml): clues with its ``flower`` extra, whose flwr pins
+older FastAPI, Starlette, Uvicorn and Typer than the coordinator's lock.
 
 The versions come from ``pip freeze --all --exclude-editable`` (``--all``: torch needs setuptools). Only clues'
 runtime closure on this platform is kept (its ``[project] dependencies`` with their extras, and theirs, markers
@@ -26,11 +30,11 @@ from packaging.utils import canonicalize_name
 LOCK = Path(__file__).with_name("requirements.lock")
 
 
-def runtime_closure(root: str = "clues") -> set[str]:
-    """Canonical names of every distribution ``root`` needs at run time (``root`` itself excluded)."""
+def runtime_closure(root: str = "clues", extras: tuple[str, ...] = ()) -> set[str]:
+    """Canonical names of every distribution ``root`` (with ``extras``) needs at run time (``root`` excluded)."""
     seen: set[tuple[str, str]] = set()
     names: set[str] = set()
-    queue = deque([(canonicalize_name(root), "")])
+    queue = deque([(canonicalize_name(root), e) for e in ("", *extras)])
     while queue:
         name, extra = queue.popleft()
         if (name, extra) in seen:
@@ -65,17 +69,18 @@ def frozen_versions() -> dict[str, str]:
     return pins
 
 
-def lock_text() -> str:
+def lock_text(extras: tuple[str, ...] = ()) -> str:
     """The lock file's text: a header, then one ``name==version`` line per runtime dependency, sorted by name."""
     pins = frozen_versions()
-    names = runtime_closure()
+    names = runtime_closure(extras=extras)
     missing = sorted(names - pins.keys())
     if missing:
         raise SystemExit(f"lock: not in pip freeze (install clues first): {', '.join(missing)}")
     header = (
         "# clues' runtime dependencies at the versions its tests ran against, written by docker/lock.py from\n"
         f"# `pip freeze --all --exclude-editable` (CPython {platform.python_version()}, {sys.platform} "
-        f"{platform.machine()}).\n# Do not edit: run `.venv/bin/python docker/lock.py` again.\n"
+        f"{platform.machine()}){' with the extras ' + ','.join(extras) if extras else ''}.\n"
+        "# Do not edit: run docker/lock.py again (its docstring says how).\n"
     )
     return header + "".join(pins[n] + "\n" for n in sorted(names))
 
@@ -83,8 +88,9 @@ def lock_text() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=LOCK, help=f"file to write (default {LOCK}); '-' for stdout")
+    parser.add_argument("--extra", action="append", default=[], help="lock clues with this extra too (repeatable)")
     args = parser.parse_args()
-    text = lock_text()
+    text = lock_text(tuple(args.extra))
     if str(args.out) == "-":
         sys.stdout.write(text)
     else:

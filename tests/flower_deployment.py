@@ -20,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER_BIN = Path(os.environ.get("CLUES_FLOWER_BIN", ROOT / ".venv-flower" / "bin"))
 APP_DIR = ROOT / "flower_app" / "project"
+NODE_OPTIONS = {"silo": "--silo", "data-path": "--data", "scores-path": "--scores", "coordinator": "--coordinator",
+                "token-file": "--token-file", "work-dir": "--work-dir"}  # fmt: skip
+"""Node config key -> `clues flower supernode` option."""
 
 
 def require_flower() -> None:
@@ -97,20 +100,23 @@ class Deployment:
         self.procs.append(proc)
 
     def __enter__(self) -> Deployment:
+        """The SuperLink and the SuperNodes, started with `clues flower superlink` / `clues flower supernode` (the
+        commands docker/compose.flower.yml runs)."""
         c = self.certs
+        clues = str(FLOWER_BIN / "clues")
         self.start(
             "superlink",
-            [str(FLOWER_BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--ssl-ca-certfile", str(c["ca"]), "--ssl-certfile", str(c["cert"]), "--ssl-keyfile", str(c["key"]),
-             "--disable-runtime-dependency-installation", "--database", str(self.root / "superlink.db")],
+            [clues, "flower", "superlink", "--port", str(self.port), "--ssl-ca-certfile", str(c["ca"]),
+             "--ssl-certfile", str(c["cert"]), "--ssl-keyfile", str(c["key"]),
+             "--database", str(self.root / "superlink.db")],
             self.root / "superlink",
         )  # fmt: skip
         for silo, config in self.nodes.items():
-            node_config = " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+            options = [token for key, value in config.items() for token in (NODE_OPTIONS[key], str(value))]
             self.start(
                 f"supernode-{silo}",
-                [str(FLOWER_BIN / "flower-supernode"), "--superlink", self.address, "--root-certificates",
-                 str(c["ca"]), "--port", str(free_port()), "--node-config", node_config],
+                [clues, "flower", "supernode", "--superlink", self.address, "--root-certificates", str(c["ca"]),
+                 "--port", str(free_port()), *options],
                 self.root / f"supernode-{silo}",
             )  # fmt: skip
         return self

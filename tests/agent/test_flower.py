@@ -121,10 +121,11 @@ def test_a_flower_run_equals_clues_training_on_the_selection(world, scored, tmp_
 
 
 def test_a_silo_that_cannot_train_fails_the_run(world, scored, tmp_path):
-    """A SuperNode whose data file is gone: its ClientApp's error comes back, the round is short of
-    min-train-nodes and the run fails (it neither hangs nor averages the other silo alone)."""
+    """A SuperNode whose data file went away after it started: its ClientApp's error comes back, the round is short
+    of min-train-nodes and the run fails (it neither hangs nor averages the other silo alone)."""
     require_flower()
     scoring_job, files, _ = scored
+    shutil.copy(files["b"][0], tmp_path / "gone.jsonl")  # `clues flower supernode` checks it exists at the start
     nodes = {
         "a": {"silo": "a", "data-path": str(files["a"][0]), "scores-path": str(files["a"][1])},
         "b": {"silo": "b", "data-path": str(tmp_path / "gone.jsonl"), "scores-path": str(files["b"][1])},
@@ -141,6 +142,7 @@ def test_a_silo_that_cannot_train_fails_the_run(world, scored, tmp_path):
     }
     app = shutil.copytree(APP_DIR, tmp_path / "app")
     with Deployment(tmp_path / "deploy", nodes) as flower:
+        (tmp_path / "gone.jsonl").unlink()
         run = flower.run(app, run_config, expect="finished:failed")
         log = flower.run_log(run["run_id"])
     assert "1 valid replies, below min-train-nodes 2" in log and "gone.jsonl" in log, log

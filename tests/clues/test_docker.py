@@ -37,11 +37,20 @@ from clues.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 LOCK = ROOT / "docker" / "requirements.lock"
-COMPOSE = {"coordinator": ROOT / "docker" / "compose.coordinator.yml", "silo": ROOT / "docker" / "compose.silo.yml"}
-SERVICES = {"coordinator": {"api", "worker", "redis", "postgres"}, "silo": {"agent", "trainer", "dashboard"}}
+FLOWER_LOCK = ROOT / "docker" / "requirements-flower.lock"
+COMPOSE = {
+    name: ROOT / "docker" / f"compose.{name}.yml"
+    for name in ("coordinator", "silo", "flower-superlink", "flower-supernode")
+}
+SERVICES = {
+    "coordinator": {"api", "worker", "redis", "postgres"},
+    "silo": {"agent", "trainer", "dashboard"},
+    "flower-superlink": {"superlink"},
+    "flower-supernode": {"supernode"},
+}
 # services a plain `docker-compose up` leaves out: only `--profile NAME` (or naming the service) starts them
-PROFILES = {"coordinator": {}, "silo": {"trainer": ["train"]}}
-TARGETS = ("api", "worker", "silo")
+PROFILES = {"coordinator": {}, "silo": {"trainer": ["train"]}, "flower-superlink": {}, "flower-supernode": {}}
+TARGETS = ("api", "worker", "silo", "flower")
 
 # compose interpolation: $$, $NAME, ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}
 INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|(?P<named>[_A-Za-z]\w*)|\{(?P<braced>[^}]*)\})")
@@ -64,6 +73,7 @@ def required_vars(path: Path) -> list[str]:
 def dummy_env(path: Path, tmp_path: Path, **values: str) -> dict[str, str]:
     """A value for every variable ``path`` requires (SILO_DATA: an existing directory), then ``values``."""
     special = {"SILO_DATA": str(tmp_path), "SILO_DATA_FILE": "local.jsonl", "SILO_JOB": "0" * 32}
+    special |= {"FLOWER_CERTS": str(tmp_path), "FLOWER_CA": str(tmp_path / "ca.crt"), "SUPERLINK": "superlink:9093"}
     env = {name: special.get(name, f"dummy-{name.lower().replace('_', '-')}") for name in required_vars(path)}
     return {**env, **values}
 
@@ -351,9 +361,10 @@ def test_dockerfile_copies_what_exists_and_reaches_the_context():
     assert not missing, f"packages pyproject.toml installs but the Dockerfile does not COPY: {sorted(missing)}"
 
 
-def test_the_lock_pins_every_runtime_dependency():
+@pytest.mark.parametrize("lock", [LOCK, FLOWER_LOCK], ids=["coordinator", "flower"])
+def test_the_lock_pins_every_runtime_dependency(lock):
     pins = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         if line and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and version, f"{line}: not name==version"
@@ -369,6 +380,11 @@ def test_the_lock_pins_every_runtime_dependency():
             for dep in map(Requirement, metadata.requires(req.name) or []):
                 if dep.marker is not None and dep.marker.evaluate({"extra": extra}) and "extra" in str(dep.marker):
                     assert canonicalize_name(dep.name) in pins, f"{text}: {dep.name} is not locked"
+    if lock == FLOWER_LOCK:  # the extra, and what flwr needs
+        (flower,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["flower"]
+        assert Requirement(flower).specifier.contains(pins["flwr"])
+        needs = [Requirement(t) for t in ("grpcio", "protobuf", "cryptography", "fastapi", "uvicorn", "typer")]
+        assert all(canonicalize_name(r.name) in pins for r in needs)
 
 
 # --- health checks ---
@@ -400,6 +416,7 @@ def test_health_checks_name_real_routes_and_modules():
 
 
 def test_silo_data_is_mounted_read_only():
-    for service, spec in load_compose("silo")["services"].items():
+    silo_services = [*load_compose("silo")["services"].items(), *load_compose("flower-supernode")["services"].items()]
+    for service, spec in silo_services:
         data = [v for v in spec["volumes"] if ":/data" in v]
         assert data and all(v.startswith("${SILO_DATA:?") and v.endswith(":/data:ro") for v in data), service
