@@ -119,7 +119,22 @@ class Deployment:
                  "--port", str(free_port()), *options],
                 self.root / f"supernode-{silo}",
             )  # fmt: skip
+        self.wait_started()
         return self
+
+    def wait_started(self, timeout: float = 60) -> None:
+        """Until every `clues flower ...` has checked its options and become Flower's component (it execs it)."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"{proc.args[:4]} exited with {proc.returncode}\n{self.logs()}")
+                cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+                if b"flower-superlink" in cmdline or b"flower-supernode" in cmdline:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{proc.args[:4]} did not start in {timeout} s\n{self.logs()}")
+                time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:

@@ -22,9 +22,11 @@ from storage.blobs import LocalBlobStore
 from tests.agent.test_train import FAST, start, train_body, train_silos
 
 
-def merge_body(name: str, kind: str, silos=("a", "b")) -> dict:
+def merge_body(name: str, kind: str, silos=("a", "b"), seed: int = 0) -> dict:
+    """A tiny merge job; ``seed`` (the local shuffle) makes its adapters' bytes its own among the package's jobs."""
     extra = {"density": 0.5} if kind not in EXACT_MERGE_KINDS else {}
-    return train_body(name, "merge", rounds=1, silos=list(silos), merge={"kind": kind, **extra})
+    local = {"steps": 2, "batch_size": 4, "lr": 1e-2, "seed": seed}
+    return train_body(name, "merge", rounds=1, silos=list(silos), merge={"kind": kind, **extra}, local=local)
 
 
 def final(world, job_id: str, dest: Path):
@@ -34,9 +36,10 @@ def final(world, job_id: str, dest: Path):
 
 @pytest.mark.parametrize("kind", EXACT_MERGE_KINDS)
 def test_a_withdrawn_silo_leaves_a_merge_as_if_never_there(world, tmp_path, kind):
-    both = start(world, merge_body(f"withdraw-{kind}", kind))
+    seed = 1000 + EXACT_MERGE_KINDS.index(kind)  # no other job of the package holds these adapters' bytes
+    both = start(world, merge_body(f"withdraw-{kind}", kind, seed=seed))
     trained = train_silos(world, both, tmp_path / "both")
-    only_a = start(world, merge_body(f"never-b-{kind}", kind, silos=("a",)))
+    only_a = start(world, merge_body(f"never-b-{kind}", kind, silos=("a",), seed=seed))
     with world.client("a") as client:
         data = world.data_file("a", tmp_path / "only-a")
         run_training(client, only_a, data, work_dir=tmp_path / "only-a" / "work", options=FAST)
@@ -65,7 +68,9 @@ def test_a_withdrawn_silo_leaves_a_merge_as_if_never_there(world, tmp_path, kind
     job = world.admin.train_job(both)
     assert [s["name"] for s in job["silos"]] == ["a"]
     assert job["history"][0]["participants"] == ["a"]
-    assert not blobs.exists(b_key) and not blobs.exists(old_sha)  # the silo's adapter and the old merge are gone
+    # the silo's adapter and the old merge are gone (no other job refers to these bytes: its own seed)
+    for key in (b_key, old_sha):
+        assert not in_use(world, key) and not blobs.exists(key), key
 
     # the audit record: the admin sees it, the silo sees its own after leaving, the other silo none of it
     audit = world.admin.withdrawals(both)
@@ -83,20 +88,41 @@ def test_a_withdrawn_silo_leaves_a_merge_as_if_never_there(world, tmp_path, kind
     assert err.value.status == 409
 
 
+def coordinator_session(world):
+    """A session on the coordinator's database (closed, and its engine disposed, on exit)."""
+    from contextlib import contextmanager
+
+    from storage.db import make_engine, make_session_factory
+
+    @contextmanager
+    def session():
+        engine = make_engine(world.coordinator.settings.storage.database_url)
+        try:
+            with make_session_factory(engine)() as s:
+                yield s
+        finally:
+            engine.dispose()
+
+    return session()
+
+
+def in_use(world, key: str) -> bool:
+    """Whether any row of the coordinator still refers to blob ``key``."""
+    from storage import repository as repo
+
+    with coordinator_session(world) as session:
+        return repo.blob_in_use(session, key=key)
+
+
 def update_keys(world, job_id: str) -> dict[str, str]:
     """Each silo's update blob in round 0, read from the coordinator's database."""
     from sqlalchemy import select
 
-    from storage.db import make_engine, make_session_factory
     from storage.models import Silo, TrainUpdate
 
-    engine = make_engine(world.coordinator.settings.storage.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            stmt = select(Silo.name, TrainUpdate.blob_key).join(Silo).where(TrainUpdate.job_id == job_id)
-            return dict(session.execute(stmt).all())
-    finally:
-        engine.dispose()
+    with coordinator_session(world) as session:
+        stmt = select(Silo.name, TrainUpdate.blob_key).join(Silo).where(TrainUpdate.job_id == job_id)
+        return dict(session.execute(stmt).all())
 
 
 def test_withdrawn_samples_leave_a_merge_as_if_never_in_the_data(world, tmp_path):
@@ -132,7 +158,7 @@ def test_withdrawn_samples_leave_a_merge_as_if_never_in_the_data(world, tmp_path
     job = world.admin.train_job(job_id)
     assert [s["name"] for s in job["silos"]] == ["a", "b"] and job["history"][0]["participants"] == ["a", "b"]
     blobs = LocalBlobStore(world.coordinator.settings.storage.blob_dir)
-    assert not blobs.exists(before["b"])
+    assert blobs.exists(before["b"]) == in_use(world, before["b"])  # kept only while another job holds the bytes
 
 
 def test_non_exact_merge_kinds_and_samples_are_refused(world):
@@ -248,7 +274,6 @@ def test_the_report_names_a_federated_warmup_the_silo_trained_in(world, tmp_path
     federated warmup with both silos (`upstream_of`) against one made from an uploaded (public) run."""
     from app.services.withdrawal import upstream_of
     from storage import repository as repo
-    from storage.db import make_engine, make_session_factory
     from tests.agent.conftest import make_job
 
     fraction = {"source": "fraction", "fraction": 0.5}
@@ -258,19 +283,15 @@ def test_the_report_names_a_federated_warmup_the_silo_trained_in(world, tmp_path
             "precondition": True, "threshold": {"kind": "top", "fraction": 0.5}}  # fmt: skip
     from_warmup = world.admin.scoring_job_from_warmup(warm_id, body)["id"]
     public = make_job(world, "public-warmup", open_it=False)
-    engine = make_engine(world.coordinator.settings.storage.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            reports = {}
-            for scoring in (from_warmup, public):
-                job = repo.create_train_job(
-                    session, name="m", mode="merge", model="tiny:0", settings={}, rounds=1, quorum=2,
-                    round_timeout_s=60.0, scoring_job_id=scoring, silo_names=["a", "b"],
-                )  # fmt: skip
-                reports[scoring] = dependency_report("b", job.id, "remerge", upstream_of(session, job))
-            session.rollback()
-    finally:
-        engine.dispose()
+    with coordinator_session(world) as session:
+        reports = {}
+        for scoring in (from_warmup, public):
+            job = repo.create_train_job(
+                session, name="m", mode="merge", model="tiny:0", settings={}, rounds=1, quorum=2,
+                round_timeout_s=60.0, scoring_job_id=scoring, silo_names=["a", "b"],
+            )  # fmt: skip
+            reports[scoring] = dependency_report("b", job.id, "remerge", upstream_of(session, job))
+        session.rollback()
     warm = reports[from_warmup]
     assert warm["exact"] == "exact for the merge"
     assert any(f"warmup job {warm_id}" in note for note in warm["upstream"])
