@@ -44,11 +44,15 @@ def upstream_of(session, job: TrainJob) -> Upstream:
 def withdraw(state: AppState, session, job: TrainJob, principal: Principal, body: WithdrawalCreate) -> TrainWithdrawal:
     """Record and carry out a withdrawal (see the module docstring).
 
+    A whole-silo withdrawal supersedes that silo's own sample withdrawal still waiting for its retrained adapter
+    (marked failed, superseded), so a silo that never retrains cannot hold the job's withdrawals up.
+
     Raises:
         ApiError: 403 for a silo naming another silo.
-        ConfigError: sample-level withdrawal, or a merge kind without exact withdrawal (names the kinds that have it).
-        ConflictError: the silo is not a member (or withdrew already), it is the job's only silo, a withdrawal is
-            still pending, or a merge job is not done yet.
+        ConfigError: no silo named by the admin, sample ids of a federated or warmup job or not the silo's in the
+            scoring job, or a merge kind without exact withdrawal (names the kinds that have it).
+        ConflictError: the silo is not a member (or withdrew already), it is the job's only silo, another
+            withdrawal is still being carried out, or a merge job is not done yet.
     """
     if principal.is_admin:
         if body.silo is None:
@@ -65,9 +69,18 @@ def withdraw(state: AppState, session, job: TrainJob, principal: Principal, body
         what = f"withdrew already (withdrawal {done[-1].id})" if done else "is not a member"
         raise ConflictError(f"silo {silo!r} {what} of training job {job.id}")
     pending = [w for w in repo.list_withdrawals(session, job_id=job.id) if w.status == "pending"]
+    if pending and pending[0].silo == silo and pending[0].sample_ids == ids:
+        return pending[0]  # the same request again (an agent run again): the one in progress
+    waiting = (
+        pending[0] if pending and pending[0].sample_ids is not None and "update" not in pending[0].report else None
+    )
+    if waiting is not None and waiting.silo == silo and ids is None:
+        repo.finish_withdrawal(
+            session, withdrawal_id=waiting.id, status="failed", report=waiting.report,
+            error="superseded by the withdrawal of the whole silo",
+        )  # fmt: skip
+        pending = []
     if pending:
-        if pending[0].silo == silo and pending[0].sample_ids == ids:
-            return pending[0]  # the same request again (an agent run again): the one in progress
         raise ConflictError(
             f"training job {job.id}: withdrawal {pending[0].id} ({pending[0].silo}) is still being carried out; ask "
             "again after it"

@@ -298,3 +298,22 @@ def test_the_report_names_a_federated_warmup_the_silo_trained_in(world, tmp_path
     assert any("cut-off" in note for note in warm["upstream"])  # its top-fraction threshold pools the silos
     assert any("--mode warmup --silos a " in command for command in warm["commands"])
     assert reports[public]["exact"] == "exact" and reports[public]["upstream"] == []
+
+
+def test_a_sample_withdrawal_waits_for_its_silo_and_a_whole_silo_supersedes_it(world, tmp_path):
+    job_id = start(world, merge_body("withdraw-waiting", "cat", seed=3000))
+    train_silos(world, job_id, tmp_path)
+    gone = [world.samples["b"][0].id]
+    asked = world.admin.withdraw(job_id, "the admin records it", silo="b", sample_ids=gone)
+    assert asked["status"] == "pending" and "clues agent withdraw" in asked["report"]["awaiting"]
+    assert world.admin.withdraw(job_id, "asked twice", silo="b", sample_ids=gone)["id"] == asked["id"]
+    with pytest.raises(CoordinatorError, match=f"withdrawal {asked['id']} \\(b\\) is still being") as err:
+        world.admin.withdraw(job_id, "another silo meanwhile", silo="a")
+    assert err.value.status == 409
+    with world.client("b") as b:  # the silo's dashboard shows what it has to run; here it leaves instead
+        assert [w["id"] for w in b.withdrawals() if w["status"] == "pending"] == [asked["id"]]
+        whole = b.withdraw(job_id, "we leave altogether")
+        done = b.wait_withdrawal(job_id, whole["id"], poll=0.1, timeout=120)
+    assert done["status"] == "done" and done["sample_ids"] is None
+    first = next(w for w in world.admin.withdrawals(job_id) if w["id"] == asked["id"])
+    assert (first["status"], first["error"]) == ("failed", "superseded by the withdrawal of the whole silo")
