@@ -4,6 +4,8 @@
 - `aggregation`  the server's rules (fedavg, quality-fedavg, fedadam, fedyogi, median, trimmed mean) and the round
   guard that bounds each update first (torch-free: the API validates aggregation settings with it).
 - `merging`      peft's weighted adapter merge ("merged" training mode).
+- `lora_algebra` exact aggregation of LoRA updates: stacking (FLoRA), SVD truncation with its error, a shared
+  basis (Fed-SB); numpy only, not wired into training jobs yet (issue 22).
 - `evaluation`   held-out metrics of an adapter.
 
 This package imports nothing eagerly, so that `aggregation` stays torch-free.
