@@ -292,6 +292,23 @@ def previous_moments(work_dir: Path, job_id: str, round: int):
     return load_moments(local_moments_path(work_dir, job_id, max(earlier))) if earlier else None
 
 
+def round_adapter(client: SiloClient, job_id: str, row: dict, path: Path) -> CheckpointBundle:
+    """Round ``row``'s global adapter (a ``history`` entry), kept at ``path``: downloaded unless held with the
+    round's ``start_sha256``, and checked against it.
+
+    Raises:
+        AgentError: the downloaded bytes are not the ones the job lists.
+    """
+    index = row["round"]
+    if not _held(path, row["start_sha256"]):
+        sha = client.download_round_adapter(job_id, index, path)
+        if sha != row["start_sha256"]:
+            raise AgentError(
+                f"round {index} of job {job_id}: downloaded SHA-256 {sha}, the job lists {row['start_sha256']}"
+            )
+    return read_bundle(path.read_bytes(), None, None, f"round {index} adapter of training job {job_id}")
+
+
 def train_round(
     client: SiloClient,
     job: dict,
@@ -310,14 +327,7 @@ def train_round(
     update_path = where / "update.safetensors"
     if update_path.is_file():
         return update_path
-    global_path = where / "global.safetensors"
-    if not _held(global_path, row["start_sha256"]):
-        sha = client.download_round_adapter(job_id, index, global_path)
-        if sha != row["start_sha256"]:
-            raise AgentError(
-                f"round {index} of job {job_id}: downloaded SHA-256 {sha}, the job lists {row['start_sha256']}"
-            )
-    start = read_bundle(global_path.read_bytes(), None, None, f"round {index} adapter of training job {job_id}")
+    start = round_adapter(client, job_id, row, where / "global.safetensors")
     moments = previous_moments(work_dir, job_id, index)
     ledger = trainer.ledger(work_dir, job_id)
     limit = trainer.options.max_epsilon

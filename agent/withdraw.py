@@ -21,11 +21,12 @@ from agent.train import (
     LocalTrainer,
     TrainOptions,
     choose_samples,
+    round_adapter,
     train_dir,
     update_bundle,
 )
 from scoring.data import read_samples
-from scoring.io import bundle_to_bytes, read_bundle
+from scoring.io import bundle_to_bytes
 from wire.files import atomic_write_bytes
 
 
@@ -79,13 +80,7 @@ def withdraw_samples(
     if not update_path.is_file():
         chosen, mass = choose_samples(client, job, samples)
         first = job["history"][0]
-        global_path = where / "global.safetensors"
-        sha = client.download_round_adapter(job_id, 0, global_path)
-        if sha != first["start_sha256"]:
-            raise AgentError(
-                f"round 0 of job {job_id}: downloaded SHA-256 {sha}, the job lists {first['start_sha256']}"
-            )
-        start = read_bundle(global_path.read_bytes(), None, None, f"round 0 adapter of training job {job_id}")
+        start = round_adapter(client, job_id, first, where / "global.safetensors")
         trainer = LocalTrainer(job["spec"], chosen, options or TrainOptions())
         result = trainer.train(start, lr=first["lr"], round=0, moments=None, progress=progress)
         atomic_write_bytes(update_path, bundle_to_bytes(update_bundle(start, result, 0, mass)))

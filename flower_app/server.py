@@ -31,16 +31,10 @@ log = logging.getLogger("clues.flower")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def round_entry(settings: RunSettings, round: int, steps_done: int) -> dict[str, Any]:
-    """A round's checkpoint entry, as the coordinator writes it (index, step, lr, adam)."""
-    lr = settings.lr(round)
-    return {"index": round, "step": steps_done, "lr": lr, "lr_last": lr, "adam": settings.local.adam.to_dict()}
-
-
 def initial_bundle(settings: RunSettings, work_dir: Path, **model_options: Any) -> CheckpointBundle:
     """The round-0 global adapter: the run's LoRA initialised from ``lora-init-seed`` (as the coordinator's
     `workers.training.init_train` builds it, and so equal to it)."""
-    from scoring.config import LoraSettings
+    from scoring.config import LoraSettings, round_entry
     from scoring.federated.local import initial_adapter
 
     spec = settings.spec
@@ -49,7 +43,7 @@ def initial_bundle(settings: RunSettings, work_dir: Path, **model_options: Any) 
         LoraSettings.from_dict(spec["lora"]),
         init_seed=spec["lora_init_seed"],
         random_b=spec["random_b"],
-        entry=round_entry(settings, 0, 0),
+        entry=round_entry(settings.local, 0, settings.lr(0), 0),
         work_dir=work_dir,
         **model_options,
     )

@@ -495,6 +495,12 @@ def round_lr(cfg: LocalTrainConfig, round: int, rounds: int) -> float:
     return cfg.lr
 
 
+def round_entry(cfg: LocalTrainConfig, round: int, lr: float, steps_done: int) -> dict[str, Any]:
+    """The checkpoint entry of a federated round's global adapter (index, step, lr, lr_last, adam): what the
+    coordinator and the Flower ServerApp write into the adapters they build."""
+    return {"index": round, "step": steps_done, "lr": lr, "lr_last": lr, "adam": cfg.adam.to_dict()}
+
+
 def check_same_spec(specs: Iterable[ProjectionSpec], what: str = "projections") -> ProjectionSpec:
     """Return the one spec shared by all ``specs``; raise `IncompatibleArtifactError` otherwise."""
     specs = list(specs)

@@ -27,7 +27,7 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from scoring.config import LocalTrainConfig, LoraSettings, round_lr
+from scoring.config import LocalTrainConfig, LoraSettings, round_entry, round_lr
 from scoring.errors import ConfigError
 from scoring.federated.aggregation import (
     Known,
@@ -83,8 +83,7 @@ def _model_options(res: Resources) -> dict[str, Any]:
 
 
 def _entry(job: TrainJob, round: int, lr: float, steps_done: int) -> dict[str, Any]:
-    adam = LocalTrainConfig.from_dict(job.settings["local"]).adam.to_dict()
-    return {"index": round, "step": steps_done, "lr": lr, "lr_last": lr, "adam": adam}
+    return round_entry(LocalTrainConfig.from_dict(job.settings["local"]), round, lr, steps_done)
 
 
 def _lr(job: TrainJob, round: int) -> float:
@@ -179,14 +178,81 @@ def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
         known = known_selection(session, settings["selection"], job.scoring_job_id, sent)
         repo.update_train_job(session, job_id=job_id, message=f"aggregating round {round + 1} ({len(sent)} silos)")
     start = read_bundle(res.blobs.read_bytes(start_blob), None, None, f"round {round} start")
-    bundles = [
-        read_bundle(res.blobs.read_bytes(key), None, None, f"update of {name}") for name, key, *_ in silo_updates
-    ]
     with res.sessions() as session:
         job = repo.get_train_job(session, job_id=job_id)
         steps_done = (round + 1) * LocalTrainConfig.from_dict(settings["local"]).steps
         entry = _entry(job, round, lr, steps_done)
         model_ref = job.model
+    done = _combine(res, job_id, round, mode, settings, model_ref, start, silo_updates, known, state_blob, entry)
+    with res.sessions.begin() as session:
+        if not repo.close_round(
+            session,
+            job_id=job_id,
+            round=round,
+            result_blob=done.result,
+            participants=done.participants,
+            train_loss=done.loss,
+            guard=done.guard,
+        ):
+            return Outcome("already")  # another delivery of this task closed it first
+        job = repo.get_train_job(session, job_id=job_id)
+        evaluate = round if _evaluation_due(job, round) else None
+        if round + 1 < job.rounds:
+            deadline = _deadline(job)
+            repo.open_round(
+                session,
+                job_id=job_id,
+                round=round + 1,
+                lr=_lr(job, round + 1),
+                start_blob=done.result,
+                deadline=deadline,
+            )
+            repo.update_train_job(
+                session,
+                job_id=job_id,
+                round=round + 1,
+                server_state_blob=done.state,
+                progress=(round + 1) / job.rounds,
+                message=f"round {round + 2} of {job.rounds} open",
+            )
+            return Outcome("closed", RoundOpened(round + 1, deadline), evaluate)
+        final = {"final_blob": done.result, "server_state_blob": done.state, "progress": 1.0}
+        if evaluate is not None:
+            repo.update_train_job(session, job_id=job_id, status="evaluating", message="evaluating", **final)
+        else:
+            repo.update_train_job(session, job_id=job_id, status="done", message="done", finished_at=utcnow(), **final)
+        return Outcome("closed", None, evaluate)
+
+
+@dataclass(frozen=True)
+class Combined:
+    """A round's updates combined (`_combine`): the result's and the server state's blob keys, who took part, the
+    sample-weighted training loss and what the guard did (``flags``, ``figures``)."""
+
+    result: str
+    state: str | None
+    participants: list[str]
+    loss: float
+    guard: dict[str, Any]
+
+
+def _combine(
+    res: Resources,
+    job_id: str,
+    round: int,
+    mode: str,
+    settings: dict[str, Any],
+    model_ref: str,
+    start: CheckpointBundle,
+    silo_updates: list[tuple[str, str, int, float, float]],
+    known: dict[str, Known],
+    state_blob: str | None,
+    entry: dict[str, Any],
+) -> Combined:
+    """Bound the round's updates (``(silo, blob key, count, score mass, loss)``) with the guard, then merge them
+    (mode ``merge``) or aggregate them with the job's rule from the server state in ``state_blob``; the result
+    and the new state are stored as blobs. `aggregate_round` and `withdraw_silo` both combine with this."""
+    bundles = [read_bundle(res.blobs.read_bytes(k), None, None, f"update of {name}") for name, k, *_ in silo_updates]
     claimed = [
         SiloUpdate(name, bundle.adapter, n, mass)
         for (name, _, n, mass, _), bundle in zip(silo_updates, bundles, strict=True)
@@ -199,42 +265,11 @@ def aggregate_round(res: Resources, job_id: str, round: int) -> Outcome:
         result = _merge(res, model_ref, settings["merge"], start, bundles, guarded, entry)
     else:
         result, new_state = _aggregate(res, settings["aggregation"], start, guarded, state_blob, entry)
-    ref = res.blobs.put_bytes(result)
-    state_key = res.blobs.put_bytes(new_state).key if new_state is not None else state_blob
+    ref = res.blobs.put_bytes(result)  # before the state, as ever
+    state = res.blobs.put_bytes(new_state).key if new_state is not None else state_blob
     loss = float(np.average([u[4] for u in silo_updates], weights=[u.num_samples for u in guarded]))
-    with res.sessions.begin() as session:
-        if not repo.close_round(
-            session,
-            job_id=job_id,
-            round=round,
-            result_blob=ref.key,
-            participants=[name for name, *_ in silo_updates],
-            train_loss=loss,
-            guard={"flags": [f.to_dict() for f in flags], "figures": figures},
-        ):
-            return Outcome("already")  # another delivery of this task closed it first
-        job = repo.get_train_job(session, job_id=job_id)
-        evaluate = round if _evaluation_due(job, round) else None
-        if round + 1 < job.rounds:
-            deadline = _deadline(job)
-            repo.open_round(
-                session, job_id=job_id, round=round + 1, lr=_lr(job, round + 1), start_blob=ref.key, deadline=deadline
-            )
-            repo.update_train_job(
-                session,
-                job_id=job_id,
-                round=round + 1,
-                server_state_blob=state_key,
-                progress=(round + 1) / job.rounds,
-                message=f"round {round + 2} of {job.rounds} open",
-            )
-            return Outcome("closed", RoundOpened(round + 1, deadline), evaluate)
-        final = {"final_blob": ref.key, "server_state_blob": state_key, "progress": 1.0}
-        if evaluate is not None:
-            repo.update_train_job(session, job_id=job_id, status="evaluating", message="evaluating", **final)
-        else:
-            repo.update_train_job(session, job_id=job_id, status="done", message="done", finished_at=utcnow(), **final)
-        return Outcome("closed", None, evaluate)
+    guard = {"flags": [f.to_dict() for f in flags], "figures": figures}
+    return Combined(ref.key, state, [u[0] for u in silo_updates], loss, guard)
 
 
 def _evaluation_due(job: TrainJob, round: int) -> bool:
@@ -385,8 +420,8 @@ def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
             return Withdrawn("already")
         silo, samples, report = withdrawal.silo, withdrawal.sample_ids, dict(withdrawal.report)
         row = repo.get_round(session, job_id=job_id, round=0)
-        updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in
-                   repo.list_updates(session, job_id=job_id, round=0)]  # fmt: skip
+        rows = repo.list_updates(session, job_id=job_id, round=0)
+        updates = [(u.silo.name, u.blob_key, u.num_samples, u.score_mass, u.train_loss) for u in rows]
         if samples is None:
             kept = [u for u in updates if u[0] != silo]
         else:
@@ -397,26 +432,22 @@ def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
             kept = [mine if u[0] == silo else u for u in updates]
         if not kept:
             raise ConfigError(f"withdrawal {withdrawal_id}: no other silo's adapter is left to merge")
-        gone_ids = {w.silo: list(w.sample_ids) for w in repo.list_withdrawals(session, job_id=job_id, silo=silo)
-                    if w.sample_ids and w.status in ("done", "pending")}  # fmt: skip
-        known = known_selection(session, job.settings["selection"], job.scoring_job_id, [u[0] for u in kept], gone_ids)
+        mine = repo.list_withdrawals(session, job_id=job_id, silo=silo)
+        withdrawn = [i for w in mine if w.sample_ids and w.status in ("done", "pending") for i in w.sample_ids]
+        known = known_selection(
+            session, job.settings["selection"], job.scoring_job_id, [u[0] for u in kept], {silo: withdrawn}
+        )
         settings, start_blob, lr, old_final = dict(job.settings), row.start_blob, row.lr, job.final_blob
         entry = _entry(job, 0, lr, LocalTrainConfig.from_dict(settings["local"]).steps)
         model_ref, has_eval = job.model, job.eval_blob is not None
     start = read_bundle(res.blobs.read_bytes(start_blob), None, None, "round 0 start")
-    bundles = [read_bundle(res.blobs.read_bytes(k), None, None, f"update of {name}") for name, k, *_ in kept]
-    claimed = [
-        SiloUpdate(name, bundle.adapter, n, mass) for (name, _, n, mass, _), bundle in zip(kept, bundles, strict=True)
-    ]
-    guarded, flags, figures = guard_round(start.adapter, claimed, known, RoundGuard.from_dict(settings["aggregation"]))
-    ref = res.blobs.put_bytes(_merge(res, model_ref, settings["merge"], start, bundles, guarded, entry))
-    loss = float(np.average([u[4] for u in kept], weights=[u.num_samples for u in guarded]))
+    done = _combine(res, job_id, 0, "merge", settings, model_ref, start, kept, known, None, entry)
     with res.sessions.begin() as session:
         if repo.get_withdrawal(session, withdrawal_id=withdrawal_id).status != "pending":
             return Withdrawn("already")  # another delivery finished it first
         row = repo.get_round(session, job_id=job_id, round=0)
-        row.result_blob, row.participants, row.train_loss = ref.key, [u[0] for u in kept], loss
-        row.guard, row.metrics = {"flags": [f.to_dict() for f in flags], "figures": figures}, None
+        row.result_blob, row.participants, row.train_loss = done.result, done.participants, done.loss
+        row.guard, row.metrics = done.guard, None
         job = repo.get_train_job(session, job_id=job_id)
         silo_id = next(m.silo_id for m in job.members if m.silo.name == silo)
         if samples is None:
@@ -424,11 +455,11 @@ def withdraw_silo(res: Resources, job_id: str, withdrawal_id: int) -> Withdrawn:
         else:
             gone = [repo.replace_update(session, job_id=job_id, round=0, silo_id=silo_id, **report["update"])]
         what = f"{silo} withdrawn" if samples is None else f"{len(samples)} samples of {silo} withdrawn"
-        fields: dict[str, Any] = {"final_blob": ref.key, "metrics": None, "message": f"{what}: re-merged"}
+        fields: dict[str, Any] = {"final_blob": done.result, "metrics": None, "message": f"{what}: re-merged"}
         if has_eval:
             fields |= {"status": "evaluating", "message": f"{what}: evaluating the re-merge"}
         repo.update_train_job(session, job_id=job_id, **fields)
-        report |= {"old_sha256": old_final, "new_sha256": ref.key, "seconds": round(time.monotonic() - started, 3)}
+        report |= {"old_sha256": old_final, "new_sha256": done.result, "seconds": round(time.monotonic() - started, 3)}
         repo.finish_withdrawal(session, withdrawal_id=withdrawal_id, status="done", report=report)
     with res.sessions() as session:  # content-addressed: another job may hold the same bytes
         unused = [key for key in {*gone, old_final} if key and not repo.blob_in_use(session, key=key)]

@@ -274,11 +274,13 @@ def create_scoring_job(
 def withdraw_from_train_job(
     job_id: TrainId, body: WithdrawalCreate, state: StateDep, session: SessionDep, principal: PrincipalDep
 ) -> WithdrawalPublic:
-    """Withdraw a silo from the job (docs/withdrawal.md): the admin names it, a member silo withdraws itself. A
-    finished merge job is merged again without it by a worker (``pending``, then ``done``; the final adapter is not
-    served meanwhile); a federated or warmup job gets a new draft job without it (``report.new_job``: a full
-    retrain). ``report`` says how exact the result is and what upstream used the silo's data. 422 for sample-level
-    withdrawal (not available yet) and for merge kinds without exact withdrawal."""
+    """Withdraw a silo, or some of its samples, from the job (docs/withdrawal.md): the admin names the silo, a member
+    silo withdraws itself. A finished merge job is merged again without the silo by a worker (``pending``, then
+    ``done``; the final adapter is not served meanwhile); with ``sample_ids`` it waits (``pending``) for the silo's
+    retrained adapter (``PUT .../withdrawals/{id}/update``) first. A federated or warmup job gets a new draft job
+    without the silo (``report.new_job``: a full retrain). ``report`` says how exact the result is and what upstream
+    used the silo's data. 422 for sample ids of a federated or warmup job and for merge kinds without exact
+    withdrawal."""
     job = train_for(session, job_id, principal)
     return withdrawal_public(withdraw(state, session, job, principal, body))
 
