@@ -257,6 +257,7 @@ def jobs_page(request: Request, dash: DashDep, _: PageAuth) -> Response:
         request,
         "jobs.html",
         jobs=jobs[::-1],
+        training=dash.client.train_jobs()[::-1],
         samples=len(dash.text.current()),
         releases=releases,
         withdrawals=withdrawals,

@@ -24,12 +24,15 @@ A round that would take the silo past the job's budget, or past its own ``max_ep
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from agent.client import CoordinatorError, SiloClient
 from agent.loop import AgentError, Progress
@@ -195,13 +198,25 @@ def select_samples(
     return chosen, mass
 
 
+def silo_rank(spec: dict, silo: str | None) -> int:
+    """This silo's LoRA rank: its ``aggregation.silo_ranks`` entry under ``stack``, else the job's ``lora.rank``."""
+    ranks = (spec.get("aggregation") or {}).get("silo_ranks") or {}
+    return int(ranks.get(silo, spec["lora"]["rank"]))
+
+
 class LocalTrainer:
     """The job's model with its LoRA adapter and the tokenised training samples, loaded on first use (a silo
-    rerun on a finished job loads nothing)."""
+    rerun on a finished job loads nothing). Under the aggregation ``kind`` of the job
+    (`scoring.federated.adapters.SiloAdapter`): the whole adapter (``fedavg``), a fresh adapter of this silo's
+    ``rank`` on top of the global model each round (``stack``), or R between the shared basis (``shared-basis``).
+    """
 
-    def __init__(self, spec: dict, samples: list[Sample], options: TrainOptions):
+    def __init__(self, spec: dict, samples: list[Sample], options: TrainOptions, silo: str | None = None):
         self.spec, self.samples, self.options = spec, samples, options
         self.cfg = LocalTrainConfig.from_dict(spec["local"])
+        self.kind = (spec.get("aggregation") or {}).get("kind", "fedavg")
+        self.rank = silo_rank(spec, silo)
+        self.carries_moments = self.kind != "stack"  # a stack round trains a fresh adapter
         self.model: Any = None
         self._plan: Any = None
 
@@ -221,14 +236,24 @@ class LocalTrainer:
             )
         return PrivacyLedger.open(train_dir(work_dir, job_id) / "privacy-ledger.json", job_id, self._plan)
 
+    def update_config(self, start: CheckpointBundle) -> dict:
+        """The peft config of what this silo uploads: its own rank-``rank`` adapter's under ``stack``, else the
+        global adapter's."""
+        if self.kind != "stack":
+            return start.adapter_config
+        return {**start.adapter_config, "r": self.rank, "lora_alpha": self.spec["lora"]["alpha"]}
+
     def _load(self) -> None:
         from scoring.batching import tokenize_samples
         from scoring.models import attach_lora, load_base_model
 
         spec, opts = self.spec, self.options
+        from scoring.federated.adapters import SiloAdapter
+
         base = load_base_model(spec["model"], dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir)
-        lora = LoraSettings.from_dict(spec["lora"])
+        lora = dataclasses.replace(LoraSettings.from_dict(spec["lora"]), rank=self.rank)
         self.model = attach_lora(base.model, lora, init_seed=spec["lora_init_seed"], random_b=spec["random_b"])
+        self.adapter = SiloAdapter(self.kind, self.model, spec["lora_init_seed"])
         self.data = tokenize_samples(self.samples, base.tokenizer, spec["max_len"], spec["template"])
         self.pad_id = base.tokenizer.pad_token_id
 
@@ -239,19 +264,25 @@ class LocalTrainer:
         ``plan``: `scoring.federated.dp.dp_local_update`).
 
         Raises:
-            AgentError: the global adapter's layout is not this model's LoRA layout.
+            AgentError: the global adapter does not fit this model's LoRA layers.
         """
+        from scoring.errors import ShapeMismatchError
         from scoring.federated.local import local_update
         from scoring.models import lora_layout
 
         if self.model is None:
             self._load()
         mine = tuple(lora_layout(self.model))
-        if start.layout != mine:
+        misfit = f"round {round}: the global adapter does not fit this model's LoRA layers"
+        if self.kind == "fedavg" and start.layout != mine:
             raise AgentError(
-                f"round {round}: the global adapter's layout ({len(start.layout)} tensors) is not this model's LoRA "
-                f"layout ({len(mine)} tensors): a different model or LoRA settings than the job's spec"
+                f"{misfit} (its layout has {len(start.layout)} tensors, the model's {len(mine)}): a different model "
+                "or LoRA settings than the job's spec"
             )
+        try:
+            weights = self.adapter.begin(start.adapter, start.adapter_config, round)
+        except ShapeMismatchError as exc:
+            raise AgentError(f"{misfit}: {exc}") from None
         report = (lambda step, total, _loss: progress("training", step, total)) if progress else None
         if plan is not None:
             from scoring.federated.dp import dp_local_update
@@ -262,7 +293,7 @@ class LocalTrainer:
                 self.cfg,
                 plan,
                 pad_id=self.pad_id,
-                global_weights=start.adapter,
+                global_weights=weights,
                 lr=lr,
                 moments=moments,
                 progress=report,
@@ -272,7 +303,7 @@ class LocalTrainer:
             self.data,
             self.cfg,
             pad_id=self.pad_id,
-            global_weights=start.adapter,
+            global_weights=weights,
             lr=lr,
             moments=moments,
             round=round,
@@ -328,7 +359,7 @@ def train_round(
     if update_path.is_file():
         return update_path
     start = round_adapter(client, job_id, row, where / "global.safetensors")
-    moments = previous_moments(work_dir, job_id, index)
+    moments = previous_moments(work_dir, job_id, index) if trainer.carries_moments else None
     ledger = trainer.ledger(work_dir, job_id)
     limit = trainer.options.max_epsilon
     if ledger is not None:
@@ -340,20 +371,29 @@ def train_round(
     if ledger is not None:
         _within_budget(lambda: ledger.charge(index, result.steps, limit))  # before the update can leave
         privacy = ledger.summary()
-    update = update_bundle(start, result, index, score_mass, privacy)
+    update = update_bundle(start, result, index, score_mass, privacy, trainer.update_config(start))
     atomic_write_bytes(update_path, bundle_to_bytes(update))  # last: its presence means the round is trained
     return update_path
 
 
-def update_bundle(start: CheckpointBundle, result, index: int, score_mass: float, privacy: dict | None = None):
-    """What a silo sends for round ``index``: the adapter after its local training from ``start`` (a
-    `scoring.federated.local.LocalResult`), no moments, and the four numbers (the loss is 0 under DP-SGD)."""
+def update_bundle(
+    start: CheckpointBundle,
+    result,
+    index: int,
+    score_mass: float,
+    privacy: dict | None = None,
+    adapter_config: dict | None = None,
+):
+    """What a silo sends for round ``index``: what it trained from ``start`` (a
+    `scoring.federated.local.LocalResult`: the whole adapter, its own ``stack`` adapter, or a shared basis's R),
+    under its own layout and ``adapter_config`` (default ``start``'s), no moments, and the four numbers (the loss
+    is 0 under DP-SGD)."""
     return CheckpointBundle(
-        layout=start.layout,
+        layout=[(name, tuple(np.shape(w))) for name, w in result.weights.items()],
         adapter=result.weights,
         exp_avg={},
         exp_avg_sq={},
-        adapter_config=start.adapter_config,
+        adapter_config=adapter_config if adapter_config is not None else start.adapter_config,
         entry={**start.entry, "step": start.entry["step"] + result.steps},
         update={
             "round": index,
@@ -426,7 +466,8 @@ def run_training(
             f"the coordinator has not started training job {job_id} yet (status 'draft'); ask its admin to start it"
         )
     chosen, score_mass = choose_samples(client, job, samples)
-    trainer = LocalTrainer(job["spec"], chosen, options)
+    mine = job["silos"][0]["name"] if len(job["silos"]) == 1 else None  # a silo sees only itself
+    trainer = LocalTrainer(job["spec"], chosen, options, mine)
     trained: list[int] = []
     late: list[int] = []
     while True:

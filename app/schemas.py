@@ -369,14 +369,29 @@ TrainMode = Literal["warmup", "federated", "merge"]
 
 
 class AggregationSpec(_Strict):
-    """The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi, and the
+    """How a round combines the silos' adapters (docs/aggregation.md).
+
+    ``kind`` (federated jobs): ``fedavg`` averages lora_A and lora_B separately (inexact: mean(B)·mean(A) ≠
+    mean(B·A)); ``stack`` (FLoRA) adds Σ wᵢ·Bᵢ·Aᵢ to the global adapter exactly, each silo training a fresh adapter
+    of its own rank (``silo_ranks``) every round, the global adapter growing by their ranks, truncated by SVD past
+    ``max_rank`` (the error is reported); ``shared-basis`` (Fed-SB) fixes A and B, shared from the seed, and the
+    silos train and upload only R (r × r), averaged exactly.
+
+    The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi, and the
     robust median and trimmed-mean (coordinate-wise, unweighted); fedprox is fedavg on the server with the silos'
-    proximal term (``local.prox_mu`` > 0).
+    proximal term (``local.prox_mu`` > 0). ``stack`` takes fedavg, quality-fedavg and fedprox only.
 
     Before any rule, each update is bounded (`scoring.federated.aggregation.guard_round`): its sample count is
     capped at the silo's selection in the scoring job, its score mass clamped to what its scores allow, and its
     delta from the global adapter clipped (``clip``). Each intervention is flagged in the round's history."""
 
+    kind: Literal["fedavg", "stack", "shared-basis"] = Field("fedavg", description="how adapters combine (federated)")
+    silo_ranks: dict[str, int] | None = Field(
+        None, description="stack: a LoRA rank per silo (default: lora.rank for each); a silo sees only its own"
+    )
+    max_rank: int | None = Field(
+        None, ge=1, le=4096, description="stack: truncate the global adapter to this rank by SVD (default: exact)"
+    )
     rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean"] = "fedavg"
     eta: float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate (fedadam/fedyogi)")
     beta1: float | None = Field(None, ge=0, lt=1)
@@ -522,6 +537,12 @@ class RoundPublic(BaseModel):
     started_at: datetime
     closed_at: datetime | None
     received: list[str] = Field(description="silos whose update is in (a silo sees only itself)")
+    upload_bytes: dict[str, int] = Field(
+        default_factory=dict, description="bytes of each silo's update this round (a silo sees only its own)"
+    )
+    aggregation: dict[str, Any] | None = Field(
+        None, description="what the round's aggregation did: kind; for stack the new rank and truncation_error"
+    )
     participants: list[str] | None = Field(description="silos aggregated, once closed (a silo sees only itself)")
     flags: list[RoundFlag] = Field(
         default_factory=list, description="updates the guard capped, clamped or clipped (a silo sees only its own)"

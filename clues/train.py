@@ -14,6 +14,7 @@ from pathlib import Path
 from agent.console import EXIT_OK, CliError, add_projection_args
 from clues.admin import add_connection_args, add_score_args, client, given_fields, score_fields, silo_names
 from scoring.config import DEFAULT_MAX_LEN, MERGE_KINDS
+from scoring.federated.lora_algebra import ADAPTER_KINDS
 
 SELECTIONS = ("fraction", "selected", "random", "all")
 AGGREGATIONS = ("fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox")
@@ -59,7 +60,7 @@ def train_spec(args: argparse.Namespace) -> dict:
         quorum=args.quorum,
         round_timeout_s=args.round_timeout,
         local=local,
-        aggregation=given_fields(rule=args.aggregation, eta=args.server_lr),
+        aggregation=given_fields(rule=args.aggregation, eta=args.server_lr, kind=args.adapters, max_rank=args.max_rank),
         merge=given_fields(kind=args.merge_kind, density=args.density),
         selection=given_fields(source=source, fraction=args.fraction, scoring_job=args.scoring_job),
         checkpoint_rounds=checkpoint_rounds,
@@ -271,6 +272,15 @@ def add_train_parser(sub) -> None:
     p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA", help="DP-SGD δ (default 1/N per silo)")
     p.add_argument("--aggregation", default=None, choices=AGGREGATIONS, help="server rule (default fedavg)")
     p.add_argument("--server-lr", type=float, default=None, help="server learning rate of fedadam/fedyogi")
+    p.add_argument(
+        "--adapters",
+        default=None,
+        choices=ADAPTER_KINDS,
+        help="federated: how adapters combine: fedavg (each factor averaged, default), stack (exact, FLoRA: the "
+        "global rank grows by the silos' ranks each round) or shared-basis (exact, Fed-SB: silos train and send only "
+        "an r×r matrix)",
+    )
+    p.add_argument("--max-rank", type=int, default=None, help="stack: truncate the global adapter to this rank by SVD")
     p.add_argument("--merge-kind", default=None, choices=MERGE_KINDS, help="merge: peft combination (default cat)")
     p.add_argument("--density", type=float, default=None, help="merge: density of the ties/dare/magnitude kinds")
     p.add_argument("--quorum", type=int, default=None, help="fewest updates a round needs at its deadline (all)")

@@ -223,10 +223,18 @@ def run_config_from_spec(spec: Mapping[str, Any], **extra: Any) -> dict[str, Any
     Flower's spelling (``out-dir``, ``evaluation.path``, ...). DP-SGD settings have no run-config key yet.
 
     Raises:
-        ConfigError: the job trains with DP-SGD (``local.dp``).
+        ConfigError: the job trains with DP-SGD (``local.dp``) or aggregates with an exact kind (``stack``,
+            ``shared-basis``: the Flower App averages whole adapters).
     """
     if (spec.get("local") or {}).get("dp"):
         raise ConfigError("local.dp: DP-SGD is not available in the Flower App yet; run it as a clues training job")
+    aggregation = dict(spec["aggregation"])
+    kind = aggregation.pop("kind", "fedavg")
+    if kind != "fedavg":
+        raise ConfigError(
+            f"aggregation.kind: {kind!r} is not available in the Flower App yet (it averages whole adapters); run it "
+            "as a clues training job"
+        )
     out: dict[str, Any] = {
         "model": spec["model"],
         "max-len": spec["max_len"],
@@ -250,7 +258,7 @@ def run_config_from_spec(spec: Mapping[str, Any], **extra: Any) -> dict[str, Any
 
     put("lora", spec["lora"])
     put("local", {k: v for k, v in spec["local"].items() if k != "dp"})
-    put("aggregation", spec["aggregation"])
+    put("aggregation", {k: v for k, v in aggregation.items() if k not in ("silo_ranks", "max_rank")})
     put("selection", spec["selection"])
     put("evaluation", spec.get("evaluation") or {})
     unknown = sorted(set(out) - set(RUN_CONFIG))

@@ -282,9 +282,15 @@ def save_adapter(peft_model: nn.Module, adapter_dir: Path | str) -> None:
         peft_model.save_pretrained(str(tmp))
 
 
+SHARED_R = ".lora_B.parametrizations.weight.0.R"
+"""Where a shared-basis R lives (`scoring.federated.adapters.attach_shared_basis`); canonically ``.lora_R.weight``."""
+
+
 def canonical_name(name: str, adapter_name: str = "default") -> str:
-    """peft parameter name without the adapter name (the key peft uses in adapter_model.safetensors)."""
-    return name.replace(f".{adapter_name}.", ".")
+    """peft parameter name without the adapter name (the key peft uses in adapter_model.safetensors); a shared
+    basis's R is ``<module>.lora_R.weight``."""
+    name = name.replace(f".{adapter_name}.", ".")
+    return name.removesuffix(SHARED_R) + ".lora_R.weight" if name.endswith(SHARED_R) else name
 
 
 def lora_parameters(peft_model: nn.Module) -> OrderedDict[str, nn.Parameter]:

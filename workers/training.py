@@ -29,11 +29,11 @@ from safetensors.numpy import save as save_arrays
 
 from scoring.config import LocalTrainConfig, LoraSettings, round_entry, round_lr
 from scoring.errors import ConfigError
+from scoring.federated.adapter_rounds import combine_round, initial_global
 from scoring.federated.aggregation import (
     Known,
     RoundGuard,
     SiloUpdate,
-    apply_rule,
     guard_round,
     known_of_scores,
     state_from_arrays,
@@ -111,15 +111,21 @@ def init_train(res: Resources, job_id: str) -> RoundOpened | None:
     with res.sessions() as session:
         job = repo.get_train_job(session, job_id=job_id)
         entry = _entry(job, 0, _lr(job, 0), 0)
+    lora = LoraSettings.from_dict(settings["lora"])
     data, layout, adapter_config = initial_adapter(
         model_ref,
-        LoraSettings.from_dict(settings["lora"]),
+        lora,
         init_seed=settings["lora_init_seed"],
         random_b=settings["random_b"],
         entry=entry,
         work_dir=_work(res),
         **_model_options(res),
     )
+    kind = settings["aggregation"].get("kind", "fedavg")
+    if kind != "fedavg":  # the shared basis replaces the initial adapter (A, B fixed, R = 0)
+        initial = read_bundle(data, None, None, "initial adapter")
+        start = initial_global(kind, initial, lora.rank, settings["lora_init_seed"])
+        data, layout = bundle_to_bytes(start), [[name, list(shape)] for name, shape in start.layout]
     ref = res.blobs.put_bytes(data)
     with res.sessions.begin() as session:
         job = repo.get_train_job(session, job_id=job_id)
@@ -257,19 +263,36 @@ def _combine(
         SiloUpdate(name, bundle.adapter, n, mass)
         for (name, _, n, mass, _), bundle in zip(silo_updates, bundles, strict=True)
     ]
-    guarded, flags, figures = guard_round(start.adapter, claimed, known, RoundGuard.from_dict(settings["aggregation"]))
-    for flag in flags:
-        log.warning("training job %s round %d: %s %s: %s", job_id, round, flag.silo, flag.kind, flag.detail)
-    new_state = None
+    new_state, report = None, None
     if mode == "merge":
+        guarded, flags, figures = guard_round(
+            start.adapter, claimed, known, RoundGuard.from_dict(settings["aggregation"])
+        )
         result = _merge(res, model_ref, settings["merge"], start, bundles, guarded, entry)
     else:
-        result, new_state = _aggregate(res, settings["aggregation"], start, guarded, state_blob, entry)
+        state = state_from_arrays(load_arrays(res.blobs.read_bytes(state_blob))) if state_blob else None
+        done = combine_round(
+            settings["aggregation"],
+            start.adapter,
+            start.adapter_config,
+            claimed,
+            known,
+            state,
+            alpha=LoraSettings.from_dict(settings["lora"]).alpha,
+        )
+        guarded, flags, figures, report = done.updates, done.flags, done.figures, done.report
+        layout = [(name, np.shape(w)) for name, w in done.weights.items()]
+        result = bundle_to_bytes(CheckpointBundle(layout, done.weights, {}, {}, done.adapter_config, entry))
+        new_state = save_arrays(state_to_arrays(done.state)) if done.state is not None else None
+    for flag in flags:
+        log.warning("training job %s round %d: %s %s: %s", job_id, round, flag.silo, flag.kind, flag.detail)
     ref = res.blobs.put_bytes(result)  # before the state, as ever
-    state = res.blobs.put_bytes(new_state).key if new_state is not None else state_blob
+    state_key = res.blobs.put_bytes(new_state).key if new_state is not None else state_blob
     loss = float(np.average([u[4] for u in silo_updates], weights=[u.num_samples for u in guarded]))
     guard = {"flags": [f.to_dict() for f in flags], "figures": figures}
-    return Combined(ref.key, state, [u[0] for u in silo_updates], loss, guard)
+    if report is not None:
+        guard["aggregation"] = report
+    return Combined(ref.key, state_key, [u[0] for u in silo_updates], loss, guard)
 
 
 def _evaluation_due(job: TrainJob, round: int) -> bool:
@@ -292,20 +315,6 @@ def known_selection(
         return {}
     rows = storage_scores.owner_scores(session, job_id=scoring_job, owners=silos, exclude=withdrawn)
     return {silo: known_of_scores(selection, mine) for silo, mine in rows.items() if mine}
-
-
-def _aggregate(
-    res: Resources,
-    aggregation: dict[str, Any],
-    start: CheckpointBundle,
-    updates: list[SiloUpdate],
-    state_blob: str | None,
-    entry: dict[str, Any],
-) -> tuple[bytes, bytes]:
-    state = state_from_arrays(load_arrays(res.blobs.read_bytes(state_blob))) if state_blob else None
-    new, state = apply_rule(aggregation, start.adapter, updates, state)
-    result = CheckpointBundle(start.layout, new, {}, {}, start.adapter_config, entry)
-    return bundle_to_bytes(result), save_arrays(state_to_arrays(state))
 
 
 def merge_weights(kind: str, updates: list[SiloUpdate]) -> list[float]:

@@ -39,6 +39,7 @@ from scoring.config import (
 )
 from scoring.data import read_samples
 from scoring.errors import DataError
+from scoring.federated.lora_algebra import update_layout
 from scoring.io import read_bundle
 from storage import repository as repo
 from storage.errors import ConflictError, NotFoundError
@@ -151,15 +152,27 @@ def retry_train_job(job_id: TrainId, state: StateDep, session: SessionDep, princ
     return train_public(job, principal, session)
 
 
-def update_validator(job, index: int, where: str):
-    """What checks an uploaded update bundle of round ``index``: the job's layout, no Adam moments, an ``update``
-    field for that round with ``num_samples`` ≥ 1; returns the field."""
-    layout = [(name, tuple(shape)) for name, shape in job.layout]
+def update_validator(job, index: int, where: str, silo: str | None = None):
+    """What checks an uploaded update bundle of round ``index`` from ``silo``: the layout its aggregation kind
+    expects of it (`scoring.federated.lora_algebra.update_layout`: the job's, the silo's own rank under ``stack``,
+    R only under ``shared-basis``), no Adam moments, an ``update`` field for that round with ``num_samples`` ≥ 1;
+    returns the field."""
+    aggregation = job.settings.get("aggregation") or {}
+    kind = aggregation.get("kind", "fedavg")
+    rank = (aggregation.get("silo_ranks") or {}).get(silo, job.settings["lora"]["rank"])
+    layout = update_layout(kind, job.layout, rank)
     param_hash = parameter_layout_hash(layout)
     param_count = sum(math.prod(shape) for _, shape in layout)
 
+    expected = {"stack": f"this silo's own rank-{rank} adapter", "shared-basis": "the R matrices only"}
+
     def validate(path: Path) -> dict[str, Any]:
-        bundle = read_bundle(path.read_bytes(), param_hash, param_count, where)
+        try:
+            bundle = read_bundle(path.read_bytes(), param_hash, param_count, where)
+        except DataError as exc:
+            if kind not in expected or "'layout'" not in str(exc):
+                raise
+            raise DataError(f"{exc}; aggregation kind {kind!r} takes {expected[kind]}") from None
         if bundle.has_moments:
             raise DataError(f"{where}: carries Adam moments; they stay in the silo (send the adapter only)")
         if bundle.update is None:
@@ -234,7 +247,7 @@ async def upload_round_update(
     if already_held(held.blob_key if held else None, sha, f"the update of {silo.name} for round {index}"):
         return upload_answer(sha, held.size_bytes, False)
     lifecycle.require_open_round(state, session, job, index)
-    validate = update_validator(job, index, f"update for round {index}")
+    validate = update_validator(job, index, f"update for round {index}", silo.name)
 
     def record(update: dict[str, Any], size: int) -> bool:
         if not repo.lock_open_round(session, job_id=job_id, round=index):  # held until the commit below

@@ -13,7 +13,8 @@ from app.services import QueueUnavailable
 from app.services.jobs import engine_check, may_see, steps_public, transition
 from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, DENSITY_MERGE_KINDS, LoraSettings
 from scoring.errors import ConfigError
-from scoring.federated.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
+from scoring.federated.adapter_rounds import check_rule
+from scoring.federated.aggregation import ADAPTER_FIELDS, GUARD_FIELDS, RoundGuard, build_aggregator
 from scoring.spec import JobSpec
 from storage import repository as repo
 from storage import steps as leases
@@ -31,9 +32,10 @@ def train_for(session, job_id: str, principal: Principal) -> TrainJob:
     return job
 
 
-def round_public(row: TrainRound, received: list[str], mine: str | None) -> RoundPublic:
+def round_public(row: TrainRound, received: dict[str, int], mine: str | None) -> RoundPublic:
     """A round as ``mine`` (a silo's name; None: the admin) may see it: a silo sees itself among the received and
-    the participants, and only its own guard flags; the admin sees everything, with the clip bound."""
+    the participants, and only its own guard flags and upload size; the admin sees everything, with the clip bound.
+    ``received``: the bytes of each update in, by silo."""
     guard = row.guard or {}
     flags = [RoundFlag(**f) for f in guard.get("flags", []) if mine in (None, f["silo"])]
     participants = (
@@ -46,7 +48,9 @@ def round_public(row: TrainRound, received: list[str], mine: str | None) -> Roun
         deadline=row.deadline,
         started_at=row.started_at,
         closed_at=row.closed_at,
-        received=received,
+        received=[n for n in received if mine in (None, n)],
+        upload_bytes={n: size for n, size in received.items() if mine in (None, n)},
+        aggregation=guard.get("aggregation"),
         participants=participants,
         flags=flags,
         clip_bound=guard.get("figures", {}).get("clip_bound") if mine is None else None,
@@ -62,8 +66,7 @@ def train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
     history, privacy = [], {}
     for row in repo.list_rounds(session, job_id=job.id):
         updates = repo.list_updates(session, job_id=job.id, round=row.round)
-        received = [u.silo.name for u in updates]
-        history.append(round_public(row, [n for n in received if mine in (None, n)], mine))
+        history.append(round_public(row, {u.silo.name: u.size_bytes for u in updates}, mine))
         privacy |= {u.silo.name: u.privacy for u in updates if u.privacy is not None}  # the latest round wins
     members = [m for m in job.members if mine in (None, m.silo.name)]
     return TrainPublic(
@@ -79,7 +82,7 @@ def train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
         created_at=job.created_at,
         updated_at=job.updated_at,
         finished_at=job.finished_at,
-        spec=train_spec(job),
+        spec=train_spec(job, mine),
         silos=[
             TrainMemberPublic(name=m.silo.name, num_samples=m.num_samples, privacy=privacy.get(m.silo.name))
             for m in members
@@ -92,12 +95,20 @@ def train_public(job: TrainJob, principal: Principal, session) -> TrainPublic:
     )
 
 
-def train_spec(job: TrainJob) -> dict[str, Any]:
-    """What every silo trains under: the job's settings plus its mode, model, quorum and deadline length."""
+def train_spec(job: TrainJob, mine: str | None = None) -> dict[str, Any]:
+    """What every silo trains under: the job's settings plus its mode, model, quorum and deadline length. For a
+    silo (``mine``), ``aggregation.silo_ranks`` holds only its own rank (the others' would name them)."""
+    settings = dict(job.settings)
+    ranks = settings.get("aggregation", {}).get("silo_ranks")
+    if mine is not None and ranks is not None:
+        settings["aggregation"] = {
+            **settings["aggregation"],
+            "silo_ranks": {k: v for k, v in ranks.items() if k == mine},
+        }
     return {
         "mode": job.mode,
         "model": job.model,
-        **job.settings,
+        **settings,
         "rounds": job.rounds,
         "quorum": job.quorum,
         "round_timeout_s": job.round_timeout_s,
@@ -147,9 +158,10 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
         raise ConfigError("aggregation.rule: 'fedprox' needs local.prox_mu > 0 (the silos' proximal term)")
     if rule == "quality-fedavg" and scoring_job is None:
         raise ConfigError("aggregation.rule: 'quality-fedavg' weighs by score mass and needs selection.scoring_job")
-    options = {k: v for k, v in aggregation.items() if k not in GUARD_FIELDS}
+    options = {k: v for k, v in aggregation.items() if k not in GUARD_FIELDS and k not in ADAPTER_FIELDS}
     engine_check("aggregation", lambda: build_aggregator("fedavg" if rule == "fedprox" else rule, **options))
     engine_check("aggregation", lambda: RoundGuard.from_dict(aggregation))
+    check_adapter_kind(body, rule, aggregation, LoraSettings.from_dict(lora).rank)
     merge = body.merge.model_dump()
     if body.mode == "merge":
         if body.rounds != 1:
@@ -183,6 +195,36 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
         "evaluation": body.evaluation.model_dump(),
     }
     return model, settings, scoring_job
+
+
+def check_adapter_kind(body: TrainCreate, rule: str, aggregation: dict[str, Any], rank: int) -> None:
+    """The aggregation kind fits the job (`scoring.federated.adapter_rounds`): exact kinds aggregate federated
+    rounds only, ``stack`` takes only the weighted-sum rules, ``silo_ranks`` and ``max_rank`` belong to ``stack``
+    (ranks for the job's silos only), the exact stacked rank stays within 4096 unless ``max_rank`` truncates it,
+    and ``shared-basis`` trains without DP-SGD (its per-sample gradients are not there yet)."""
+    kind = aggregation["kind"]
+    if kind != "fedavg" and body.mode != "federated":
+        raise ConfigError(f"aggregation.kind: {kind!r} aggregates federated rounds; a {body.mode} job uses 'fedavg'")
+    engine_check("aggregation", lambda: check_rule(kind, rule))
+    for name in ("silo_ranks", "max_rank"):
+        if aggregation.get(name) is not None and kind != "stack":
+            raise ConfigError(f"aggregation.{name}: only kind 'stack' takes it, not {kind!r}")
+    ranks = aggregation.get("silo_ranks") or {}
+    outside = sorted(set(ranks) - set(body.silos))
+    if outside:
+        raise ConfigError(f"aggregation.silo_ranks: {outside} are not silos of the job")
+    bad = {s: r for s, r in ranks.items() if not 1 <= r <= 4096}
+    if bad:
+        raise ConfigError(f"aggregation.silo_ranks: ranks must be in 1..4096, got {bad}")
+    if kind == "stack" and aggregation.get("max_rank") is None:
+        total = body.rounds * sum(ranks.get(s, rank) for s in body.silos)
+        if total > 4096:
+            raise ConfigError(
+                f"aggregation.max_rank: the exact stack reaches rank {total} ({body.rounds} rounds of the silos' "
+                "ranks), past 4096; give max_rank to truncate it by SVD"
+            )
+    if kind == "shared-basis" and body.local.dp is not None:
+        raise ConfigError("local.dp: DP-SGD does not train a shared basis's R yet; use kind 'fedavg' or 'stack'")
 
 
 RESUMED_STATUS = {names.TRAIN_INIT: "starting", names.TRAIN_AGGREGATE: "running", names.TRAIN_EVALUATE: "evaluating"}

@@ -289,6 +289,8 @@ def build_aggregator(name: str, **options: float) -> FedAvg:
 CLIP_KINDS = ("median", "absolute", "none")
 GUARD_FIELDS = ("clip", "clip_factor", "clip_norm", "max_count_ratio")
 """The aggregation settings that configure `RoundGuard` (the rest configure the rule)."""
+ADAPTER_FIELDS = ("kind", "silo_ranks", "max_rank")
+"""The aggregation settings that choose the adapter kind (`scoring.federated.adapter_rounds`)."""
 
 
 @dataclass(frozen=True)
@@ -361,15 +363,52 @@ def delta_norm(update: Weights, global_weights: Weights) -> float:
     return top * math.sqrt(sum(float(np.sum((d / top) ** 2)) for d in deltas))
 
 
+class ParameterSpace:
+    """Updates as points in the global adapter's parameter space (every rule but ``stack``): an update must carry
+    the global adapter's names and shapes, its size is ‖update − global‖ (each tensor's difference times its
+    ``gain``, default 1: a shared basis gives R's differences in weight units), and shrinking it moves it toward
+    the global adapter."""
+
+    def __init__(self, global_weights: Weights, gain: Mapping[str, float] | None = None):
+        self.global_weights, self.gain = global_weights, dict(gain or {})
+
+    def check(self, updates: Sequence[SiloUpdate]) -> None:
+        _check_updates(self.global_weights, updates)
+
+    def norm(self, weights: Weights) -> float:
+        def scaled(arrays: Weights) -> dict[str, np.ndarray]:
+            return {n: self.gain.get(n, 1.0) * np.asarray(a, dtype=np.float64) for n, a in arrays.items()}
+
+        return (
+            delta_norm(scaled(weights), scaled(self.global_weights))
+            if self.gain
+            else delta_norm(weights, self.global_weights)
+        )
+
+    def shrink(self, weights: Weights, scale: float) -> dict[str, np.ndarray]:
+        out = {}
+        for n, x in weights.items():
+            g = np.asarray(self.global_weights[n], dtype=np.float64)
+            out[n] = g + scale * (np.asarray(x, dtype=np.float64) - g)
+        return out
+
+
 def guard_round(
-    global_weights: Weights, updates: Sequence[SiloUpdate], known: Mapping[str, Known], guard: RoundGuard
+    global_weights: Weights,
+    updates: Sequence[SiloUpdate],
+    known: Mapping[str, Known],
+    guard: RoundGuard,
+    space: ParameterSpace | None = None,
 ) -> tuple[list[SiloUpdate], list[Flag], dict[str, float]]:
     """The updates as the round's rule may use them, the flags, and the figures (``clip_bound``, and each silo's
     delta norm as ``norm.<silo>``).
 
-    Counts are capped and score masses clamped (`Known`), then each delta is clipped (`RoundGuard`). Updates whose
-    parameters do not match the global adapter are refused as by every rule (`ShapeMismatchError`)."""
-    _check_updates(global_weights, updates)
+    Counts are capped and score masses clamped (`Known`), then each delta is clipped (`RoundGuard`). ``space``
+    says what an update's delta and its norm are (default `ParameterSpace` of ``global_weights``; a ``stack``
+    round passes `scoring.federated.adapter_rounds.ProductSpace`). Updates that do not fit it are refused as by
+    every rule (`ShapeMismatchError`)."""
+    space = space if space is not None else ParameterSpace(global_weights)
+    space.check(updates)
     flags: list[Flag] = []
     median_count = lower_median([u.num_samples for u in updates])
     counted = []
@@ -388,7 +427,7 @@ def guard_round(
             flags.append(Flag(u.silo, "mass_clamped", f"claimed score mass {mass:.6g}, set to {clamped:.6g} ({why})"))
             mass = clamped
         counted.append(SiloUpdate(u.silo, u.weights, count, mass))
-    norms = {u.silo: delta_norm(u.weights, global_weights) for u in counted}
+    norms = {u.silo: space.norm(u.weights) for u in counted}
     figures = {f"norm.{s}": n for s, n in norms.items()}
     if guard.clip == "none":
         return counted, flags, figures
@@ -402,12 +441,8 @@ def guard_round(
             out.append(u)
             continue
         scale = bound / norm if math.isfinite(norm) else 0.0
-        weights = {}
-        for n, x in u.weights.items():
-            g = np.asarray(global_weights[n], dtype=np.float64)
-            weights[n] = g + scale * (np.asarray(x, dtype=np.float64) - g)
         flags.append(Flag(u.silo, "clipped", f"update norm {norm:.4g} clipped to {bound:.4g}"))
-        out.append(SiloUpdate(u.silo, weights, u.num_samples, u.score_mass))
+        out.append(SiloUpdate(u.silo, space.shrink(u.weights, scale), u.num_samples, u.score_mass))
     return out, flags, figures
 
 
@@ -430,6 +465,7 @@ def apply_rule(
 ) -> tuple[dict[str, np.ndarray], ServerState]:
     """One round of a training job's rule on updates `guard_round` returned: ``aggregation`` is the job's settings
     (``rule`` and its options; the guard's fields are skipped, and ``fedprox`` aggregates as ``fedavg``)."""
-    options = {k: v for k, v in aggregation.items() if k != "rule" and k not in GUARD_FIELDS and v is not None}
+    skip = ("rule", *GUARD_FIELDS, *ADAPTER_FIELDS)
+    options = {k: v for k, v in aggregation.items() if k not in skip and v is not None}
     rule = "fedavg" if aggregation["rule"] == "fedprox" else str(aggregation["rule"])
     return build_aggregator(rule, **options).aggregate(global_weights, updates, state)  # type: ignore[arg-type]

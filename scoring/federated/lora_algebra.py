@@ -18,6 +18,8 @@ factors are ``<module>.lora_A.weight`` (r × in) and ``<module>.lora_B.weight`` 
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,15 +50,14 @@ class Factors:
 
 
 def lora_modules(weights: Weights, scaling: float = 1.0) -> dict[str, Factors]:
-    """The LoRA pairs in ``weights`` by module name.
+    """The LoRA pairs in ``weights`` by module name, in the order of ``weights``.
 
     Raises:
         ShapeMismatchError: a module with only one factor, or factors whose ranks differ.
     """
     modules: dict[str, Factors] = {}
-    names = {n.removesuffix(A_SUFFIX) for n in weights if n.endswith(A_SUFFIX)}
-    names |= {n.removesuffix(B_SUFFIX) for n in weights if n.endswith(B_SUFFIX)}
-    for module in sorted(names):
+    names = [n.removesuffix(A_SUFFIX if n.endswith(A_SUFFIX) else B_SUFFIX) for n in weights if _is_factor(n)]
+    for module in dict.fromkeys(names):  # in the order of ``weights``
         a, b = weights.get(module + A_SUFFIX), weights.get(module + B_SUFFIX)
         if a is None or b is None:
             raise ShapeMismatchError(f"{module}: has {'lora_B' if a is None else 'lora_A'} without its pair")
@@ -88,7 +89,7 @@ def stack(silos: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> d
     w = _check_weights(weights, len(silos))
     modules = list(silos[0])
     for i, silo in enumerate(silos):
-        if list(silo) != modules:
+        if set(silo) != set(modules):
             raise ShapeMismatchError(f"silo {i}: modules differ from silo 0's")
     out = {}
     for module in modules:
@@ -137,3 +138,197 @@ def shared_basis_average(rs: Sequence[np.ndarray], weights: Sequence[float]) -> 
     if len(shapes) != 1 or len(next(iter(shapes))) != 2 or len(set(next(iter(shapes)))) != 1:
         raise ShapeMismatchError(f"rs: need square matrices of one size, got shapes {sorted(shapes)}")
     return np.tensordot(w, np.stack([np.asarray(r, np.float64) for r in rs]), axes=1)
+
+
+# ---- adapter layouts and weights of the exact aggregation kinds (what the wire carries) ----
+
+ADAPTER_KINDS = ("fedavg", "stack", "shared-basis")
+"""How a federated job aggregates LoRA adapters: ``fedavg`` averages each factor separately (the rule acts on A and
+B), ``stack`` sums the silos' products exactly, ``shared-basis`` averages R between a fixed, shared B and A."""
+
+R_SUFFIX = ".lora_R.weight"
+
+Layout = Sequence[tuple[str, Sequence[int]]]
+
+
+@dataclass(frozen=True)
+class ModuleSize:
+    """A LoRA-adapted linear layer: its input and output sizes."""
+
+    fan_in: int
+    fan_out: int
+
+
+def module_sizes(layout: Layout) -> dict[str, ModuleSize]:
+    """The adapted modules of a standard LoRA layout (``lora_A`` r × in, ``lora_B`` out × r), in layout order.
+
+    Raises:
+        ShapeMismatchError: a factor without its pair, or pairs whose shapes do not fit.
+    """
+    shapes = {name: tuple(shape) for name, shape in layout}
+    modules = lora_modules({name: np.empty(shape, np.float32) for name, shape in shapes.items() if _is_factor(name)})
+    order = [name.removesuffix(A_SUFFIX) for name, _ in layout if name.endswith(A_SUFFIX)]
+    return {m: ModuleSize(modules[m].a.shape[1], modules[m].b.shape[0]) for m in order}
+
+
+def _is_factor(name: str) -> bool:
+    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
+
+
+def rank_layout(layout: Layout, rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The standard LoRA layout of the same modules at rank ``rank`` (``lora_A`` then ``lora_B`` per module)."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for module, size in module_sizes(layout).items():
+        out += [(module + A_SUFFIX, (rank, size.fan_in)), (module + B_SUFFIX, (size.fan_out, rank))]
+    return out
+
+
+def shared_basis_layout(layout: Layout, rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """A shared-basis adapter's layout: per module ``lora_A`` (r × in) and ``lora_B`` (out × r), fixed, and
+    ``lora_R`` (r × r), trained."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for name, shape in rank_layout(layout, rank):
+        out.append((name, shape))
+        if name.endswith(B_SUFFIX):
+            out.append((name.removesuffix(B_SUFFIX) + R_SUFFIX, (rank, rank)))
+    return out
+
+
+def update_layout(kind: str, job_layout: Layout, rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """What a silo of rank ``rank`` uploads each round under aggregation ``kind``, given the job's layout (the
+    initial adapter's; for ``shared-basis`` the one with R): the whole adapter (``fedavg``), its own rank-``rank``
+    adapter (``stack``), or only the R matrices (``shared-basis``)."""
+    if kind == "fedavg":
+        return [(name, tuple(shape)) for name, shape in job_layout]
+    if kind == "stack":
+        return rank_layout(job_layout, rank)
+    if kind == "shared-basis":
+        return [(name, tuple(shape)) for name, shape in job_layout if name.endswith(R_SUFFIX)]
+    raise ConfigError(f"aggregation.kind: must be one of {list(ADAPTER_KINDS)}, got {kind!r}")
+
+
+def _module_seed(seed: int, module: str) -> np.random.Generator:
+    digest = np.frombuffer(hashlib.sha256(module.encode()).digest()[:8], dtype=np.uint64)[0]
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(digest)]))
+
+
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """A rows × cols matrix with orthonormal columns (rows ≥ cols), from a Gaussian draw and its QR."""
+    q, r = np.linalg.qr(rng.standard_normal((rows, cols)))
+    return q * np.sign(np.diag(r))  # a unique QR: the draw's sign convention, not LAPACK's
+
+
+def make_shared_basis(layout: Layout, rank: int, seed: int) -> dict[str, np.ndarray]:
+    """The fixed factors of a shared-basis adapter, and R = 0 (so the adapter starts as the base model), as float32
+    weights in `shared_basis_layout` order.
+
+    Per module (seeded by ``seed`` and the module's name): A has orthonormal rows times √(1/3) and B orthonormal
+    columns times √(out/(3r)), the norms peft's kaiming-uniform initialisation gives a LoRA factor of these shapes,
+    so that a step on R moves the weights about as far as a LoRA step on B would. As both are orthonormal up to a
+    constant, ‖B·X·A‖ = c·‖X‖ with c = `basis_gain`: norms of R updates are norms of weight updates.
+
+    Raises:
+        ConfigError: ``rank`` exceeds a module's in or out size (the basis would not be orthonormal).
+    """
+    weights: dict[str, np.ndarray] = {}
+    for module, size in module_sizes(layout).items():
+        if rank > min(size.fan_in, size.fan_out):
+            raise ConfigError(f"lora.rank: {rank} exceeds {module}'s sizes {size.fan_in} × {size.fan_out}")
+        rng = _module_seed(seed, module)
+        a = _orthonormal(rng, size.fan_in, rank).T * math.sqrt(1.0 / 3.0)
+        b = _orthonormal(rng, size.fan_out, rank) * math.sqrt(size.fan_out / (3.0 * rank))
+        weights[module + A_SUFFIX] = a.astype(np.float32)
+        weights[module + B_SUFFIX] = b.astype(np.float32)
+        weights[module + R_SUFFIX] = np.zeros((rank, rank), np.float32)
+    return weights
+
+
+def basis_gain(weights: Weights, module: str) -> float:
+    """c with ‖B·X·A‖_F = c·‖X‖_F for a shared basis made by `make_shared_basis` (the product of the factors'
+    scales)."""
+    a, b = np.asarray(weights[module + A_SUFFIX], np.float64), np.asarray(weights[module + B_SUFFIX], np.float64)
+    return float(np.linalg.norm(a[0]) * np.linalg.norm(b[:, 0]))
+
+
+def fold_shared_basis(weights: Weights) -> dict[str, np.ndarray]:
+    """A shared-basis adapter as a standard LoRA adapter of the same rank and scaling: lora_B := B·R (exact: the
+    update s·B·R·A is unchanged). Weights without R are returned as they are."""
+    if not any(name.endswith(R_SUFFIX) for name in weights):
+        return dict(weights)
+    out = {}
+    for name, array in weights.items():
+        if name.endswith(R_SUFFIX):
+            continue
+        if name.endswith(B_SUFFIX):
+            r = np.asarray(weights[name.removesuffix(B_SUFFIX) + R_SUFFIX], np.float64)
+            array = (np.asarray(array, np.float64) @ r).astype(np.asarray(array).dtype)
+        out[name] = array
+    return out
+
+
+def is_zero_delta(weights: Weights) -> bool:
+    """True when every lora_B is zero: the adapter does not change the model (a fresh LoRA)."""
+    return all(not np.any(np.asarray(w)) for name, w in weights.items() if name.endswith(B_SUFFIX))
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A `stack` round's new global adapter: ``weights`` (standard LoRA factors, scaling 1: B absorbs it), its
+    ``rank``, and the relative Frobenius ``error`` of the SVD truncation (the largest over modules; 0: exact)."""
+
+    weights: dict[str, np.ndarray]
+    rank: int
+    error: float
+
+
+def stack_round(
+    global_weights: Weights,
+    global_scaling: float,
+    updates: Sequence[Weights],
+    weights: Sequence[float],
+    max_rank: int | None = None,
+) -> Stacked:
+    """The exact ``stack`` round: the global adapter's update plus Σᵢ wᵢ·Bᵢ·Aᵢ (weights normalised), as one
+    stacked adapter of scaling 1; a global adapter that changes nothing (`is_zero_delta`) is dropped rather than
+    stacked. ``updates`` are the silos' factors with their scaling folded into B already (any ranks). When the
+    stacked rank exceeds ``max_rank``, each module is truncated by `truncate` and the largest error is returned.
+
+    Raises:
+        ConfigError, ShapeMismatchError: as `stack`.
+    """
+    silos = [lora_modules(u) for u in updates]
+    round_stack = stack(silos, weights)
+    if not is_zero_delta(global_weights):
+        current = lora_modules(global_weights, global_scaling)
+        if list(current) != list(round_stack):
+            raise ShapeMismatchError("global adapter: its modules differ from the silos'")
+        round_stack = {
+            m: Factors(
+                np.concatenate([np.asarray(old.a, np.float64), new.a], axis=0),
+                np.concatenate([old.scaling * np.asarray(old.b, np.float64), new.b], axis=1),
+            )
+            for (m, old), new in zip(current.items(), round_stack.values(), strict=True)
+        }
+    rank = next(iter(round_stack.values())).rank
+    error = 0.0
+    if max_rank is not None and rank > max_rank:
+        truncated = {}
+        for module, pair in round_stack.items():
+            truncated[module], err = truncate(pair, max_rank)
+            error = max(error, err)
+        round_stack, rank = truncated, max_rank
+    out: dict[str, np.ndarray] = {}
+    for module, pair in round_stack.items():
+        out[module + A_SUFFIX] = pair.a.astype(np.float32)
+        out[module + B_SUFFIX] = pair.b.astype(np.float32)
+    return Stacked(out, rank, error)
+
+
+def product_norm(weights: Weights, scaling: float = 1.0) -> float:
+    """‖Σ_modules s·B·A‖_F over all modules (the norm of the weight update), from the factors:
+    ‖B·A‖² = tr((BᵀB)(AAᵀ))."""
+    total = 0.0
+    for pair in lora_modules(weights, scaling).values():
+        a, b = np.asarray(pair.a, np.float64), np.asarray(pair.b, np.float64)
+        total += pair.scaling**2 * max(float(np.sum((b.T @ b) * (a @ a.T))), 0.0)
+    return math.sqrt(total)

@@ -353,8 +353,14 @@ def read_bundle(
 def write_checkpoint_dir(bundle: CheckpointBundle, dest: Path | str) -> None:
     """Write a bundle as a checkpoint directory that `scoring.training.read_run` and `scoring.workflow` use: the
     adapter in peft's format (same tensor names and dtypes), ``optimizer.safetensors`` when the bundle has moments,
-    and ``checkpoint.json``. Each file is written atomically."""
+    and ``checkpoint.json``. Each file is written atomically.
+
+    A shared-basis adapter (with ``lora_R``) is written folded, lora_B := B·R (`lora_algebra.fold_shared_basis`):
+    the same model as a standard LoRA adapter that peft loads."""
+    from scoring.federated.lora_algebra import fold_shared_basis
+
     dest = Path(dest)
+    folded = fold_shared_basis(bundle.adapter)
 
     def encode(groups: Sequence[tuple[str, dict[str, np.ndarray]]], prefixed: bool) -> dict[str, RawTensor]:
         return {
@@ -363,7 +369,7 @@ def write_checkpoint_dir(bundle: CheckpointBundle, dest: Path | str) -> None:
             for name, array in tensors.items()
         }
 
-    adapter = encode([("adapter", bundle.adapter)], prefixed=False)
+    adapter = encode([("adapter", folded)], prefixed=False)
     atomic_write_bytes(dest / "adapter" / "adapter_model.safetensors", _write_raw(adapter, {"format": "pt"}))
     atomic_write_bytes(dest / "adapter" / "adapter_config.json", _config_text(bundle.adapter_config).encode())
     if bundle.has_moments:

@@ -152,6 +152,16 @@ def _draft_scoring_job(env: Env) -> str:
         ({"lora": {**LORA, "rank": 0}}, 422, "rank"),
         ({"model": None}, 422, "model"),
         ({"silos": ["a", "a"]}, 422, "unique"),
+        ({"mode": "warmup", "aggregation": {"kind": "stack"}}, 422, "aggregation.kind: 'stack' aggregates federated"),
+        ({"aggregation": {"kind": "stack", "rule": "fedadam"}}, 422, "'fedadam' does not work with kind 'stack'"),
+        ({"aggregation": {"kind": "stack", "rule": "median"}}, 422, "'median' does not work with kind 'stack'"),
+        ({"aggregation": {"kind": "fedavg", "silo_ranks": {"a": 2}}}, 422, "silo_ranks: only kind 'stack'"),
+        ({"aggregation": {"kind": "shared-basis", "max_rank": 8}}, 422, "max_rank: only kind 'stack'"),
+        ({"aggregation": {"kind": "stack", "silo_ranks": {"zz": 2}}}, 422, "silo_ranks: ['zz'] are not silos"),
+        ({"aggregation": {"kind": "stack", "silo_ranks": {"a": 0}}}, 422, "ranks must be in 1..4096"),
+        ({"aggregation": {"kind": "stack"}, "rounds": 300, "lora": {**LORA, "rank": 8}}, 422, "give max_rank"),
+        ({"aggregation": {"kind": "shared-basis"}, "local": {"dp": {"epsilon": 4.0}}}, 422, "local.dp: DP-SGD does"),
+        ({"aggregation": {"kind": "fedsvd"}}, 422, "aggregation"),
     ],
 )
 def test_bad_train_specs_are_4xx_naming_the_field_and_store_nothing(env, over, status, needle):
