@@ -174,15 +174,18 @@ def seed_training_job(
     rounds: int = 3,
     status: str = "done",
     name: str = "federated on the selection",
+    kind: str = "stack",
 ) -> str:
     """A federated training job with ``rounds`` closed rounds (falling training loss, an evaluation per round and
-    final metrics), as the workers leave one. Commits; returns its id."""
+    final metrics), as the workers leave one, aggregated as ``kind``: each silo's update is on record with its size
+    (silo i sends 1000·(i + 1) + round bytes) and a ``stack`` round grows the global rank by 8 per silo. Commits;
+    returns its id."""
     from datetime import UTC, datetime, timedelta
 
     settings = {
         "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
         "local": {"steps": 4, "batch_size": 4, "lr": 1e-3},
-        "aggregation": {"rule": "fedavg"},
+        "aggregation": {"kind": kind, "rule": "fedavg"},
         "merge": None,
         "selection": {"source": "selected", "scoring_job": scoring_job_id, "seed": 0} if scoring_job_id else None,
         "checkpoint_rounds": [],
@@ -205,6 +208,15 @@ def seed_training_job(
         repo.open_round(
             session, job_id=job.id, round=r, lr=1e-3, start_blob=f"{r:064x}", deadline=now + timedelta(hours=1)
         )
+        for i, member in enumerate(job.members):
+            repo.add_update(
+                session, job_id=job.id, round=r, silo_id=member.silo_id, blob_key=f"{i + 100 * r:064x}",
+                size_bytes=1000 * (i + 1) + r, num_samples=30, score_mass=0.0, train_loss=2.8 - 0.25 * r,
+            )  # fmt: skip
+        report = {
+            "kind": kind,
+            **({"rank": 8 * len(silos) * (r + 1), "truncation_error": 0.0} if kind == "stack" else {}),
+        }
         repo.claim_round(session, job_id=job.id, round=r)
         repo.close_round(
             session,
@@ -218,6 +230,7 @@ def seed_training_job(
                 if r == 1
                 else [],
                 "figures": {"clip_bound": 0.3},
+                "aggregation": report,
             },
         )
         repo.set_round_metrics(

@@ -240,6 +240,11 @@ def test_training_page_shows_curves_and_results(env: Env, page) -> None:
     assert flags.count() == 1 and flags.get_attribute("data-kind") == "clipped"
     assert "clipped to 0.3" in flags.inner_text()
     assert page.locator("#rounds tbody tr:nth-child(1) .flag").count() == 0
+    assert page.locator("#aggregation").inner_text() == "stack · fedavg"
+    uploads = page.locator("#rounds tbody tr:nth-child(3) .uploads span")
+    assert [uploads.nth(i).get_attribute("data-bytes") for i in range(3)] == ["1002", "2002", "3002"]
+    assert "silo1: 1.0 kB" in uploads.nth(0).inner_text()
+    assert "rank 72" in page.locator("#rounds tbody tr:nth-child(3)").inner_text()
     screenshot(page, "coordinator-train")
 
 

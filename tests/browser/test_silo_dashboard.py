@@ -19,7 +19,7 @@ from tests.browser.conftest import screenshot
 from tests.browser.test_coordinator_dashboard import login as coordinator_login
 from tests.conftest import Coordinator, serve_asgi, serve_coordinator
 from tests.scoring.test_data import PUBMEDQA
-from tests.seed import SeededJob, seed_scored_job
+from tests.seed import SeededJob, seed_scored_job, seed_training_job
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,7 @@ class Env:
     coordinator: Coordinator
     job: SeededJob
     other_job: str  # a job of silo2 and silo3 only
+    train_job: str  # a shared-basis training job of silo1 and silo2
     samples: dict  # silo -> list[Sample]
     dashboard: str  # silo1's dashboard URL
 
@@ -56,6 +57,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
                 calibrated=True,  # the default score kind
             )
             other = seed_scored_job(session, silos=("silo2", "silo3"), per_silo=5, name="not silo1's")
+            train = seed_training_job(session, scoring_job_id=job.job_id, silos=("silo1", "silo2"), kind="shared-basis")
         data = root / "silo1.jsonl"
         write_samples(data, samples["silo1"])
 
@@ -63,7 +65,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
             return create_dashboard(coordinator.url, job.tokens["silo1"], data, root / "work", ttl_s=0.5)
 
         with serve_asgi(make, "silo dashboard") as (url, _):
-            yield Env(coordinator, job, other.job_id, samples, url)
+            yield Env(coordinator, job, other.job_id, train, samples, url)
 
 
 def login(page, env: Env, token: str, path: str = "/ui/jobs") -> None:
@@ -88,6 +90,11 @@ def test_only_this_silos_token_logs_in(env: Env, page) -> None:
     assert page.locator(".who").inner_text() == "silo silo1"
     jobs = page.locator("tr[data-kind=scoring]")
     assert jobs.count() == 1 and "pubmedqa" in jobs.inner_text()  # not the silo2/silo3 job
+    training = page.locator(f'#training-jobs tr[data-job="{env.train_job}"]')
+    assert training.get_attribute("data-aggregation") == "shared-basis"
+    assert "shared-basis · fedavg" in training.inner_text()
+    sent = training.locator(".uploads span")  # silo1's own update of each round, not silo2's
+    assert [sent.nth(i).get_attribute("data-bytes") for i in range(sent.count())] == ["1000", "1001", "1002"]
     screenshot(page, "silo-jobs")
 
 
