@@ -161,13 +161,22 @@ def _lora_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, flo
 
 
 class HookGradients:
-    """Per-sample grads from one batched backward: dL/dA_b = Σ_t gA_bt ⊗ x_bt, dL/dB_b = Σ_t gB_bt ⊗ a_bt."""
+    """Per-sample grads from one batched backward: dL/dA_b = Σ_t gA_bt ⊗ x_bt, dL/dB_b = Σ_t gB_bt ⊗ a_bt.
+
+    With a shared basis (`scoring.federated.adapters.attach_shared_basis`: lora_B's weight is B₀·R, only R trains)
+    the gradients are R's: dL/dR_b = B₀ᵀ·dL/dB_b, from lora_B's hooks alone."""
 
     def __init__(self, model: nn.Module):
+        from torch.nn.utils import parametrize
+
         self.model = model
         self._layers = _lora_modules(model)
+        self._shared = bool(self._layers) and all(
+            parametrize.is_parametrized(b, "weight") for _, _, b, _ in self._layers
+        )
         expected = list(lora_parameters(model))
-        produced = [f"{prefix}.{part}.weight" for prefix, *_ in self._layers for part in ("lora_A", "lora_B")]
+        parts = ("lora_R",) if self._shared else ("lora_A", "lora_B")
+        produced = [f"{prefix}.{part}.weight" for prefix, *_ in self._layers for part in parts]
         if sorted(produced) != sorted(expected):
             raise ConfigError("engine: the model has trainable parameters besides LoRA A/B weights; use 'vmap'")
         self._order = expected
@@ -179,21 +188,34 @@ class HookGradients:
         def save(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             captured[id(module)] = [args[0], output]  # input (B, L, in), output (B, L, out)
 
-        handles = [m.register_forward_hook(save) for _, a, b, _ in self._layers for m in (a, b)]
+        hooked = [m for _, a, b, _ in self._layers for m in ((b,) if self._shared else (a, b))]
+        handles = [m.register_forward_hook(save) for m in hooked]
         try:
             with torch.enable_grad():
                 losses = response_losses(self.model, input_ids, pos, target, weight)
-                outputs = [captured[id(m)][1] for _, a, b, _ in self._layers for m in (a, b)]
-                out_grads = torch.autograd.grad(losses.sum(), outputs)
+                out_grads = dict(
+                    zip(
+                        map(id, hooked),
+                        torch.autograd.grad(losses.sum(), [captured[id(m)][1] for m in hooked]),
+                        strict=True,
+                    )
+                )
         finally:
             for h in handles:
                 h.remove()
         grads: dict[str, Tensor] = {}
-        for i, (prefix, a, _, _) in enumerate(self._layers):
-            x, a_out = (t.detach() for t in captured[id(a)])  # (B, L, in), (B, L, r)
-            g_a, g_b = out_grads[2 * i].float(), out_grads[2 * i + 1].float()  # (B, L, r), (B, L, out)
-            grads[f"{prefix}.lora_A.weight"] = torch.bmm(g_a.transpose(1, 2), x.float())  # (B, r, in)
-            grads[f"{prefix}.lora_B.weight"] = torch.bmm(g_b.transpose(1, 2), a_out.float())  # (B, out, r)
+        for prefix, a, b, _ in self._layers:
+            a_out = captured[id(b)][0].detach().float()  # lora_B's input is lora_A's output: (B, L, r)
+            g_b = out_grads[id(b)].float()  # (B, L, out)
+            grad_b = torch.bmm(g_b.transpose(1, 2), a_out)  # (B, out, r)
+            if self._shared:
+                basis = b.parametrizations.weight.original.detach().float()  # B₀ (out, r)
+                grads[f"{prefix}.lora_R.weight"] = torch.matmul(basis.T, grad_b)  # (B, r, r)
+                continue
+            x = captured[id(a)][0].detach().float()  # (B, L, in)
+            g_a = out_grads[id(a)].float()  # (B, L, r)
+            grads[f"{prefix}.lora_A.weight"] = torch.bmm(g_a.transpose(1, 2), x)  # (B, r, in)
+            grads[f"{prefix}.lora_B.weight"] = grad_b  # (B, out, r)
         return OrderedDict((name, grads[name]) for name in self._order), losses.detach().float()
 
 

@@ -1,9 +1,12 @@
 """The coordinator's side of training jobs as plain functions (no Celery; `workers.tasks` wraps them).
 
-- `init_train`: the initial adapter (seeded LoRA init, the same every silo would make), the job's layout, round 0.
-- `aggregate_round`: once every member sent its update, or at the deadline with at least ``quorum``: FedAvg /
-  quality-FedAvg / FedAdam / FedYogi over the updates (server optimizer state persisted as a blob), or for a merge
-  job peft's ``add_weighted_adapter``; then the next round opens or the job finishes.
+- `init_train`: the initial adapter (seeded LoRA init, the same every silo would make; under ``shared-basis`` the
+  seeded basis with R = 0), the job's layout, round 0.
+- `aggregate_round`: once every member sent its update, or at the deadline with at least ``quorum``: the round of
+  the job's aggregation kind (`scoring.federated.adapter_rounds.combine_round`: the guard, then FedAvg /
+  quality-FedAvg / FedAdam / FedYogi / median / trimmed mean on the factors or on R, or the exact stack; server
+  optimizer state persisted as a blob), or for a merge job peft's ``add_weighted_adapter``; then the next round
+  opens or the job finishes.
 - `evaluate_round`: the held-out metrics of a round's resulting adapter (and of the job, for the last round).
 
 Every function is idempotent: a redelivered task finds its work done (a round already closed, a round already open)

@@ -200,8 +200,8 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
 def check_adapter_kind(body: TrainCreate, rule: str, aggregation: dict[str, Any], rank: int) -> None:
     """The aggregation kind fits the job (`scoring.federated.adapter_rounds`): exact kinds aggregate federated
     rounds only, ``stack`` takes only the weighted-sum rules, ``silo_ranks`` and ``max_rank`` belong to ``stack``
-    (ranks for the job's silos only), the exact stacked rank stays within 4096 unless ``max_rank`` truncates it,
-    and ``shared-basis`` trains without DP-SGD (its per-sample gradients are not there yet)."""
+    (ranks for the job's silos only), and the exact stacked rank stays within 4096 unless ``max_rank`` truncates
+    it."""
     kind = aggregation["kind"]
     if kind != "fedavg" and body.mode != "federated":
         raise ConfigError(f"aggregation.kind: {kind!r} aggregates federated rounds; a {body.mode} job uses 'fedavg'")
@@ -223,8 +223,6 @@ def check_adapter_kind(body: TrainCreate, rule: str, aggregation: dict[str, Any]
                 f"aggregation.max_rank: the exact stack reaches rank {total} ({body.rounds} rounds of the silos' "
                 "ranks), past 4096; give max_rank to truncate it by SVD"
             )
-    if kind == "shared-basis" and body.local.dp is not None:
-        raise ConfigError("local.dp: DP-SGD does not train a shared basis's R yet; use kind 'fedavg' or 'stack'")
 
 
 RESUMED_STATUS = {names.TRAIN_INIT: "starting", names.TRAIN_AGGREGATE: "running", names.TRAIN_EVALUATE: "evaluating"}

@@ -5,7 +5,11 @@
   guard that bounds each update first (torch-free: the API validates aggregation settings with it).
 - `merging`      peft's weighted adapter merge ("merged" training mode).
 - `lora_algebra` exact aggregation of LoRA updates: stacking (FLoRA), SVD truncation with its error, a shared
-  basis (Fed-SB); numpy only, not wired into training jobs yet (issue 22).
+  basis (Fed-SB), and the layouts each kind sends; numpy only.
+- `adapter_rounds` one round of each aggregation kind (fedavg, stack, shared-basis): the guard over the right
+  space, then the rule (numpy only; what the coordinator's worker runs).
+- `adapters`     a silo's model under each kind: a shared basis with R trainable, the stack's global adapter in the
+  base weights with a fresh adapter on top.
 - `evaluation`   held-out metrics of an adapter.
 
 This package imports nothing eagerly, so that `aggregation` stays torch-free.

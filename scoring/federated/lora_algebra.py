@@ -1,4 +1,4 @@
-"""Exact aggregation of LoRA updates (issue 22's math; not wired into training jobs yet), as pure numpy.
+"""Exact aggregation of LoRA updates, as pure numpy (`scoring.federated.adapter_rounds` runs the rounds).
 
 FedAvg averages each silo's ``lora_A`` and ``lora_B`` separately, and mean(B)·mean(A) ≠ mean(B·A): the averaged
 adapter is not the average of the silos' weight updates (FLoRA's "aggregation noise"). Two exact alternatives:

@@ -96,3 +96,19 @@ def test_the_admin_page_shows_each_silo_s_epsilon(world, dp_job):
     for member in job["silos"]:
         row = page.split(f'<tr data-silo="{member["name"]}">', 1)[1].split("</tr>", 1)[0]
         assert f"of {BUDGET:g}" in row and f'<td class="num">{member["privacy"]["steps"]}</td>' in row
+
+
+@pytest.mark.parametrize("kind", ["stack", "shared-basis"])
+def test_the_exact_kinds_train_with_dp_sgd(world, tmp_path, kind):
+    """DP-SGD under both exact kinds: a stack silo's fresh adapter and a shared basis's R (the only noisy
+    coordinates: r² per module) are clipped and noised, the ledger is charged, and only those tensors leave."""
+    local = {"steps": 2, "batch_size": 4, "lr": 1e-2, "dp": {"noise_multiplier": 1.0}}
+    job_id = start(world, train_body(f"dp-{kind}", rounds=1, local=local, aggregation={"kind": kind}))
+    results = train_silos(world, job_id, tmp_path)
+    assert all(r.status == "done" for r in results.values())
+    update = read_bundle(
+        (round_dir(tmp_path / "a" / "work", job_id, 0) / "update.safetensors").read_bytes(), None, None
+    )
+    assert update.update["privacy"]["steps"] == 2 and update.update["train_loss"] == 0.0
+    sent = {name.rsplit(".", 2)[-2] for name in update.adapter}
+    assert sent == ({"lora_R"} if kind == "shared-basis" else {"lora_A", "lora_B"})

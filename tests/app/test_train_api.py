@@ -160,7 +160,6 @@ def _draft_scoring_job(env: Env) -> str:
         ({"aggregation": {"kind": "stack", "silo_ranks": {"zz": 2}}}, 422, "silo_ranks: ['zz'] are not silos"),
         ({"aggregation": {"kind": "stack", "silo_ranks": {"a": 0}}}, 422, "ranks must be in 1..4096"),
         ({"aggregation": {"kind": "stack"}, "rounds": 300, "lora": {**LORA, "rank": 8}}, 422, "give max_rank"),
-        ({"aggregation": {"kind": "shared-basis"}, "local": {"dp": {"epsilon": 4.0}}}, 422, "local.dp: DP-SGD does"),
         ({"aggregation": {"kind": "fedsvd"}}, 422, "aggregation"),
     ],
 )

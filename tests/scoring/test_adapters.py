@@ -111,3 +111,37 @@ def test_a_stack_silo_trains_a_fresh_adapter_on_the_global_model():
     bound = 1 / np.sqrt(layout[0][1][1])
     assert 0 < np.abs(fresh[layout[0][0]]).max() <= bound
     assert set(lora_parameters(m)) == {n for n, _ in layout}
+
+
+def test_per_sample_gradients_of_r_match_autograd_and_drive_dp_sgd():
+    from scoring.batching import collate
+    from scoring.config import DPSettings
+    from scoring.federated.dp import dp_local_update
+    from scoring.gradients import build_gradient_computer, label_positions, response_losses
+    from scoring.privacy import PrivacyPlan
+
+    m, tok = model()
+    basis = make_shared_basis(lora_layout(m), 4, seed=1)
+    rng = np.random.default_rng(0)
+    basis = {n: rng.normal(scale=0.3, size=w.shape).astype(np.float32) if n.endswith(R_SUFFIX) else w
+             for n, w in basis.items()}  # fmt: skip
+    start = SiloAdapter("shared-basis", m, seed=0).begin(basis, {"r": 4, "lora_alpha": 8.0}, round=0)
+    data = samples(tok)
+    batch = collate(data[:3], tok.pad_token_id)
+    grads, _ = build_gradient_computer(m, "hooks").compute(batch.input_ids, batch.labels)
+    assert list(grads) == list(start) and all(g.shape == (3, 4, 4) for g in grads.values())
+    params = lora_parameters(m)
+    for i in range(3):
+        one = collate([data[i]], tok.pad_token_id)
+        pos, target, weight = label_positions(one.labels)
+        m.zero_grad()
+        response_losses(m, one.input_ids, pos, target, weight).sum().backward()
+        for name, p in params.items():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-4, atol=1e-6)
+    plan = PrivacyPlan.of(DPSettings(noise_multiplier=0.5, clip_norm=1.0), num_samples=6, expected_batch=3,
+                          planned_steps=2)  # fmt: skip
+    cfg = LocalTrainConfig(steps=2, batch_size=3, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    result = dp_local_update(m, data, cfg, plan, pad_id=tok.pad_token_id, global_weights=start, lr=1e-2, generator=gen)
+    assert set(result.weights) == set(start) and result.steps == 2
+    assert any(not np.array_equal(result.weights[n], start[n]) for n in start)
