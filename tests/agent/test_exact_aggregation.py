@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,20 +149,28 @@ def test_a_shared_basis_round_is_b_mean_r_a(world, shared):
         np.testing.assert_allclose(d, scaling * b @ final.adapter[module + R_SUFFIX].astype(np.float64) @ a, atol=1e-6)
 
 
-def test_an_update_of_the_wrong_kind_is_refused_and_nothing_is_stored(world, tmp_path):
-    job_id = start(world, train_body("wrong", rounds=1, aggregation={"kind": "shared-basis"}))
+@pytest.mark.parametrize(
+    ("aggregation", "needle"),
+    [
+        ({"kind": "shared-basis"}, "aggregation kind 'shared-basis' takes the R matrices only"),
+        ({"kind": "stack", "silo_ranks": {"a": 2}}, "aggregation kind 'stack' takes this silo's own rank-2 adapter"),
+    ],
+)
+def test_an_update_of_the_wrong_shape_is_refused_and_nothing_is_stored(world, tmp_path, aggregation, needle):
+    job_id = start(world, train_body(f"wrong-{aggregation['kind']}", rounds=1, aggregation=aggregation))
+    deadline = time.monotonic() + 60
+    while world.admin.train_job(job_id)["status"] != "running":  # round 0 opens once the worker built the start
+        assert time.monotonic() < deadline, "round 0 never opened"
+        time.sleep(0.05)
     with world.client("a") as client:
-        job = client.train_job(job_id)
         client.download_round_adapter(job_id, 0, tmp_path / "start.safetensors")
         start_bundle = read_bundle((tmp_path / "start.safetensors").read_bytes(), None, None)
-        whole = start_bundle.__class__(
-            start_bundle.layout, start_bundle.adapter, {}, {}, start_bundle.adapter_config, start_bundle.entry,
-            update={"round": 0, "num_samples": 3, "score_mass": 0.0, "train_loss": 1.0},
-        )  # fmt: skip
+        whole = dataclasses.replace(  # the round's whole global adapter (rank 4), as a fedavg silo would send
+            start_bundle, update={"round": 0, "num_samples": 3, "score_mass": 0.0, "train_loss": 1.0}
+        )
         with pytest.raises(CoordinatorError) as err:
             client.upload_round_update(job_id, 0, bundle_to_bytes(whole))
-        assert err.value.status == 422
-        assert "aggregation kind 'shared-basis' takes the R matrices only" in str(err.value)
+        assert err.value.status == 422 and needle in str(err.value)
         job = client.train_job(job_id)
     assert job["history"][0]["received"] == [] and job["history"][0]["upload_bytes"] == {}
     digest = hashlib.sha256(bundle_to_bytes(whole)).hexdigest()

@@ -51,6 +51,15 @@ def test_a_spec_round_trips_through_the_run_config():
     assert RunSettings.from_run_config(run_config_from_spec(spec)).spec == spec
 
 
+def test_an_exact_aggregation_job_has_no_flower_twin_yet():
+    spec = RunSettings.from_run_config({"selection.source": "all"}).spec
+    for kind in ("stack", "shared-basis"):
+        with pytest.raises(ConfigError, match=f"aggregation.kind: '{kind}' is not available in the Flower App"):
+            run_config_from_spec({**spec, "aggregation": {**spec["aggregation"], "kind": kind}})
+    fedavg = {**spec, "aggregation": {**spec["aggregation"], "kind": "fedavg"}}  # what a coordinator job carries
+    assert RunSettings.from_run_config(run_config_from_spec(fedavg)).spec == spec
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
