@@ -245,11 +245,10 @@ class LocalTrainer:
 
     def _load(self) -> None:
         from scoring.batching import tokenize_samples
+        from scoring.federated.adapters import SiloAdapter
         from scoring.models import attach_lora, load_base_model
 
         spec, opts = self.spec, self.options
-        from scoring.federated.adapters import SiloAdapter
-
         base = load_base_model(spec["model"], dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir)
         lora = dataclasses.replace(LoraSettings.from_dict(spec["lora"]), rank=self.rank)
         self.model = attach_lora(base.model, lora, init_seed=spec["lora_init_seed"], random_b=spec["random_b"])

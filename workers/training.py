@@ -124,10 +124,9 @@ def init_train(res: Resources, job_id: str) -> RoundOpened | None:
         work_dir=_work(res),
         **_model_options(res),
     )
-    kind = settings["aggregation"].get("kind", "fedavg")
-    if kind != "fedavg":  # the shared basis replaces the initial adapter (A, B fixed, R = 0)
+    if settings["aggregation"].get("kind") == "shared-basis":  # the basis replaces the initial adapter (R = 0)
         initial = read_bundle(data, None, None, "initial adapter")
-        start = initial_global(kind, initial, lora.rank, settings["lora_init_seed"])
+        start = initial_global("shared-basis", initial, lora.rank, settings["lora_init_seed"])
         data, layout = bundle_to_bytes(start), [[name, list(shape)] for name, shape in start.layout]
     ref = res.blobs.put_bytes(data)
     with res.sessions.begin() as session:

@@ -192,3 +192,17 @@ def test_the_commands_run_a_shared_basis_job(world, tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["spec"]["aggregation"]["kind"] == "shared-basis"
     assert list(shown["history"][0]["upload_bytes"]) == ["a"]
+
+
+def test_a_capped_stack_truncates_and_reports_its_error(world, tmp_path):
+    aggregation = {"kind": "stack", "silo_ranks": {"a": 2, "b": 3}, "max_rank": 3}
+    job_id = start(world, train_body("capped", aggregation=aggregation))
+    train_silos(world, job_id, tmp_path)
+    job = world.admin.train_job(job_id)
+    reports = [row["aggregation"] for row in job["history"]]
+    assert [r["rank"] for r in reports] == [3, 3]  # 5, then 3 + 5, each cut back to 3
+    assert all(0 < r["truncation_error"] < 1 for r in reports)
+    with world.client("a") as client:
+        client.download_final_adapter(job_id, tmp_path / "final.safetensors")
+    final = read_bundle((tmp_path / "final.safetensors").read_bytes(), None, None)
+    assert final.adapter_config["r"] == 3 and {s[0] for n, s in final.layout if n.endswith("lora_A.weight")} == {3}
