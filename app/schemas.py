@@ -372,9 +372,10 @@ class AggregationSpec(_Strict):
     """How a round combines the silos' adapters (docs/aggregation.md).
 
     ``kind`` (federated jobs): ``fedavg`` averages lora_A and lora_B separately (inexact: mean(B)·mean(A) ≠
-    mean(B·A)); ``stack`` (FLoRA) adds Σ wᵢ·Bᵢ·Aᵢ to the global adapter exactly, each silo training a fresh adapter
-    of its own rank (``silo_ranks``) every round, the global adapter growing by their ranks, truncated by SVD past
-    ``max_rank`` (the error is reported); ``shared-basis`` (Fed-SB) fixes A and B, shared from the seed, and the
+    mean(B·A)); ``stack`` (FLoRA) adds the silos' weighted changes to the global adapter exactly, each silo training
+    an adapter of its own rank (``silo_ranks``) every round, started from the global adapter's leading components
+    (``stack_start`` warm) or fresh, the global adapter growing by their ranks, truncated by SVD past ``max_rank``
+    (the error is reported); ``shared-basis`` (Fed-SB) fixes A and B, shared from the seed, and the
     silos train and upload only R (r × r), averaged exactly.
 
     The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi, and the
@@ -391,6 +392,11 @@ class AggregationSpec(_Strict):
     )
     max_rank: int | None = Field(
         None, ge=1, le=4096, description="stack: truncate the global adapter to this rank by SVD (default: exact)"
+    )
+    stack_start: Literal["warm", "fresh"] | None = Field(
+        None,
+        description="stack: a silo starts each round from the global adapter's leading components (warm, default) "
+        "or from a fresh adapter (fresh: FLoRA's restart)",
     )
     rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean"] = "fedavg"
     eta: float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate (fedadam/fedyogi)")

@@ -7,20 +7,23 @@ Per seed, in one process, with the functions the silos and the coordinator's wor
    clean held-out set), its warmup, one gradient pass at the product's projection dimension and the product's
    default score (``calibrated``, mean-anchor threshold). The candidates are dealt round-robin to ``--silos`` silos;
    each trains on the samples the score kept.
-2. For each kind of ``--kinds``, a federated job from the same initial adapter (the worker's `initial_adapter`;
-   for ``shared-basis`` the basis `make_shared_basis` draws from the same seed): ``--rounds`` rounds, each silo
-   ``--steps`` AdamW steps of batch ``--batch-size`` at lr ``--lr`` per round (`scoring.federated.adapters.
-   SiloAdapter` then `local_update`, as `agent.train.LocalTrainer`), its update built by `agent.train.update_bundle`
-   (its bytes are the upload's), and the round combined by `scoring.federated.adapter_rounds.combine_round` with the
-   product's default guard and rule (count-weighted). The final global adapter is evaluated on the held-out set
-   (`evaluate_adapter`: mean response loss, PubMedQA accuracy by option log-likelihood), as is the untrained base.
+2. For each arm of ``--kinds`` (``fedavg``, ``stack-warm``, ``stack-fresh``, ``shared-basis``: the kinds, and
+   ``stack``'s two ways to start a round), a federated job from the same initial adapter (the worker's
+   `initial_adapter`; for ``shared-basis`` the basis `make_shared_basis` draws from the same seed): ``--rounds``
+   rounds, each silo ``--steps`` AdamW steps of batch ``--batch-size`` at lr ``--lr`` per round
+   (`scoring.federated.adapters.SiloAdapter` then `local_update`, as `agent.train.LocalTrainer`), its update built
+   by `agent.train.update_bundle` (its bytes are the upload's), and the round combined by
+   `scoring.federated.adapter_rounds.combine_round` with the product's default guard and rule (count-weighted). The
+   final global adapter is evaluated on the held-out set (`evaluate_adapter`: mean response loss, PubMedQA accuracy
+   by option log-likelihood), as is the untrained base (unless ``--no-base``).
 
-The same ``--lr`` serves every kind (no kind is tuned). Reports, per seed and over seeds (mean, spread = max − min):
-held-out loss and accuracy per kind, the loss difference to ``fedavg``, bytes per silo per round, and the two
-targets (``stack`` not worse than ``fedavg`` on the mean held-out loss; ``shared-basis`` uploads ≥ 10× fewer bytes
-than ``fedavg`` at the same rank).
+The same ``--lr`` serves every arm (none is tuned). Reports, per seed and over seeds (mean, spread = max − min):
+held-out loss and accuracy per arm, the loss difference to ``fedavg``, bytes per silo per round, and the targets
+(each ``stack`` arm not worse than ``fedavg`` on the mean held-out loss; ``shared-basis`` uploads ≥ 10× fewer bytes
+than ``fedavg`` at the same rank). Each seed is written to ``<out>.seedN.json`` as it lands; ``--summarize`` joins
+such files (arms of one seed from several runs) into the result.
 
-    python bench/fed_lora.py --seeds 0,1 --out bench/results/fed-lora-pubmedqa.json   # ~25 min a seed on 2 cores
+    python bench/fed_lora.py --seeds 0,1 --out bench/results/fed-lora-pubmedqa.json   # ~50 min a seed on 2 cores
     python bench/fed_lora.py --model tiny:0 --n 24 --anchors 6 --held-out 6 --rounds 2 --steps 1   # smoke run
 """
 
@@ -53,10 +56,17 @@ from scoring.federated.adapters import SiloAdapter  # noqa: E402
 from scoring.federated.aggregation import SiloUpdate  # noqa: E402
 from scoring.federated.evaluation import evaluate_adapter  # noqa: E402
 from scoring.federated.local import initial_adapter, local_update  # noqa: E402
-from scoring.federated.lora_algebra import ADAPTER_KINDS  # noqa: E402
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle  # noqa: E402
 
 log = make_log("fed-lora")
+
+ARMS = {
+    "fedavg": ("fedavg", {}),
+    "stack-warm": ("stack", {"stack_start": "warm"}),
+    "stack-fresh": ("stack", {"stack_start": "fresh"}),
+    "shared-basis": ("shared-basis", {}),
+}
+"""Each arm: its aggregation kind and the aggregation settings beside it (``stack``'s start, docs/aggregation.md)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,16 +84,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="constant local lr, the same for every kind (1e-3)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r of every kind (default 8, alpha 2r)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per sample (default 256)")
-    p.add_argument("--kinds", default=",".join(ADAPTER_KINDS), help="aggregation kinds (default all three)")
+    p.add_argument(
+        "--kinds",
+        default=",".join(ARMS),
+        help=f"arms: aggregation kinds, stack's two starts (default {','.join(ARMS)})",
+    )
+    p.add_argument("--no-base", action="store_true", help="skip the untrained base's evaluation")
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="SEED_JSON",
+        help="only merge these per-seed files (<out>.seedN.json; arms of one seed from several runs are joined) and "
+        "write the summary",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--work", type=Path, default=REPO / "bench" / ".work" / "fed-lora", help="work directory")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(args.kinds) - set(ADAPTER_KINDS))
+    unknown = sorted(set(args.kinds) - set(ARMS))
     if unknown:
-        p.error(f"--kinds: unknown {unknown}; choose from {list(ADAPTER_KINDS)}")
+        p.error(f"--kinds: unknown {unknown}; choose from {list(ARMS)}")
     return args
 
 
@@ -117,12 +141,13 @@ def select(args: argparse.Namespace, seed: int, work: Path) -> tuple[quality.Spl
     return split, silos, info
 
 
-def federate(args, kind: str, silos: list[list], held_out: list, seed: int, work: Path) -> dict:
-    """One federated job of ``kind``; the final adapter's held-out metrics, the per-round loss and upload bytes."""
+def federate(args, arm: str, silos: list[list], held_out: list, seed: int, work: Path) -> dict:
+    """One federated job of ``arm``; the final adapter's held-out metrics, the per-round loss and upload bytes."""
     from scoring.batching import tokenize_samples
     from scoring.models import attach_lora, load_base_model
 
     started = time.perf_counter()
+    kind, extra = ARMS[arm]
     lora = LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     cfg = LocalTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed)
     data, _, _ = initial_adapter(
@@ -131,10 +156,11 @@ def federate(args, kind: str, silos: list[list], held_out: list, seed: int, work
     start = initial_global(kind, read_bundle(data, None, None, "initial adapter"), lora.rank, seed)
     base = load_base_model(args.model)
     model = attach_lora(base.model, lora, init_seed=seed, random_b=False)
-    adapter = SiloAdapter(kind, model, seed)
+    adapter = SiloAdapter(kind, model, seed, warm=extra.get("stack_start") != "fresh")
     tokenized = [tokenize_samples(s, base.tokenizer, args.max_len) for s in silos]
     pad = base.tokenizer.pad_token_id
     aggregation = {"kind": kind, "rule": "fedavg", "clip": "median", "clip_factor": 3.0, "max_count_ratio": 10.0}
+    aggregation |= extra
     moments: list = [None] * len(silos)
     state, rounds = None, []
     for r in range(args.rounds):
@@ -157,7 +183,7 @@ def federate(args, kind: str, silos: list[list], held_out: list, seed: int, work
         new_layout = [(n, tuple(np.shape(w))) for n, w in done.weights.items()]
         start = CheckpointBundle(new_layout, done.weights, {}, {}, done.adapter_config, entry)
         rounds.append({"round": r, "train_loss": float(np.mean(losses)), "upload_bytes": sizes, **done.report})
-        log(f"seed {seed} {kind} round {r + 1}/{args.rounds}: loss {np.mean(losses):.4f}, bytes {sizes}")
+        log(f"seed {seed} {arm} round {r + 1}/{args.rounds}: loss {np.mean(losses):.4f}, bytes {sizes}")
     del model, base, adapter
     quality.release_memory()
     spec = {"model": args.model, "max_len": args.max_len, "template": "auto", "evaluation": {"batch_size": 8}}
@@ -185,28 +211,31 @@ def spread(values: list[float]) -> dict:
             "spread": float(np.max(values) - np.min(values)), "values": values}  # fmt: skip
 
 
-def summarize(per_seed: list[dict], kinds: list[str]) -> dict:
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean and spread over the seeds of each arm every seed has; the loss difference to ``fedavg``; the targets."""
+    arms = [a for a in ARMS if all(a in s["kinds"] for s in per_seed)]
     out: dict = {}
-    for kind in kinds:
-        rows = [s["kinds"][kind] for s in per_seed]
-        out[kind] = {
+    for arm in arms:
+        rows = [s["kinds"][arm] for s in per_seed]
+        out[arm] = {
             "held_out_loss": spread([r["metrics"]["loss"] for r in rows]),
             "pubmedqa_accuracy": spread([r["metrics"].get("pubmedqa_accuracy", float("nan")) for r in rows]),
             "upload_bytes_per_silo_round": float(np.mean([r["upload_bytes_per_silo_round"] for r in rows])),
             "seconds": spread([r["seconds"] for r in rows]),
         }
-        if kind != "fedavg" and "fedavg" in kinds:
+        if arm != "fedavg" and "fedavg" in arms:
             diffs = [
                 r["metrics"]["loss"] - s["kinds"]["fedavg"]["metrics"]["loss"]
                 for r, s in zip(rows, per_seed, strict=True)
             ]
-            out[kind]["loss_minus_fedavg"] = spread(diffs)
+            out[arm]["loss_minus_fedavg"] = spread(diffs)
     targets = {}
-    if {"fedavg", "stack"} <= set(kinds):
-        targets["stack_not_worse_than_fedavg"] = (
-            out["stack"]["held_out_loss"]["mean"] <= out["fedavg"]["held_out_loss"]["mean"]
-        )
-    if {"fedavg", "shared-basis"} <= set(kinds):
+    for arm in ("stack-warm", "stack-fresh"):
+        if {"fedavg", arm} <= set(arms):
+            targets[f"{arm}_not_worse_than_fedavg"] = (
+                out[arm]["held_out_loss"]["mean"] <= out["fedavg"]["held_out_loss"]["mean"]
+            )
+    if {"fedavg", "shared-basis"} <= set(arms):
         ratio = out["fedavg"]["upload_bytes_per_silo_round"] / out["shared-basis"]["upload_bytes_per_silo_round"]
         targets["shared_basis_bytes_ratio"] = ratio
         targets["shared_basis_bytes_at_least_10x_smaller"] = ratio >= 10.0
@@ -214,8 +243,29 @@ def summarize(per_seed: list[dict], kinds: list[str]) -> dict:
     return out
 
 
+def merge_seeds(paths: list[Path]) -> list[dict]:
+    """Per-seed files joined by seed: the arms of one seed measured in several runs (same split and selection,
+    which the seed fixes) go into one row; an arm measured twice is refused."""
+    seeds: dict[int, dict] = {}
+    for path in paths:
+        row = json.loads(path.read_text())
+        have = seeds.setdefault(row["seed"], {**row, "kinds": {}})
+        twice = sorted(set(have["kinds"]) & set(row["kinds"]))
+        if twice:
+            raise SystemExit(f"--summarize: seed {row['seed']} has {twice} in two files")
+        if have["selection"]["selected_per_silo"] != row["selection"]["selected_per_silo"]:
+            raise SystemExit(f"--summarize: seed {row['seed']}'s files selected differently")
+        have["kinds"] |= row["kinds"]
+        have["base"] = have.get("base") or row.get("base")
+    return [seeds[k] for k in sorted(seeds)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        per_seed = merge_seeds(args.summarize)
+        emit({"benchmark": "fed_lora", "summary": summarize(per_seed), "seeds": per_seed}, args.out)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -227,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             split, silos, selection = select(args, seed, work / "select")
             selection["seconds"] = time.perf_counter() - t0
-            row = {"seed": seed, "selection": selection, "base": base_metrics(args, split.held_out, work), "kinds": {}}
-            for kind in args.kinds:
-                row["kinds"][kind] = federate(args, kind, silos, split.held_out, seed, work)
-                log(f"seed {seed} {kind}: held-out loss {row['kinds'][kind]['metrics']['loss']:.4f}")
+            base = None if args.no_base else base_metrics(args, split.held_out, work)
+            row = {"seed": seed, "selection": selection, "base": base, "kinds": {}}
+            for arm in args.kinds:
+                row["kinds"][arm] = federate(args, arm, silos, split.held_out, seed, work)
+                log(f"seed {seed} {arm}: held-out loss {row['kinds'][arm]['metrics']['loss']:.4f}")
             per_seed.append(row)
             if args.out:  # each seed as it lands
                 partial = args.out.with_suffix(f".seed{seed}.json")
@@ -238,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "fed_lora",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "summary": summarize(per_seed, args.kinds),
+        "summary": summarize(per_seed),
         "seeds": per_seed,
         "seconds": time.perf_counter() - started,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},

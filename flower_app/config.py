@@ -17,7 +17,7 @@ from typing import Any
 
 from scoring.config import DEFAULT_MAX_LEN, DEFAULT_TEMPLATE, LocalTrainConfig, LoraSettings, round_lr
 from scoring.errors import ConfigError
-from scoring.federated.aggregation import GUARD_FIELDS, RoundGuard, build_aggregator
+from scoring.federated.aggregation import ADAPTER_FIELDS, GUARD_FIELDS, RoundGuard, build_aggregator
 
 RUN_CONFIG: dict[str, Any] = {
     "num-server-rounds": 3,
@@ -258,7 +258,7 @@ def run_config_from_spec(spec: Mapping[str, Any], **extra: Any) -> dict[str, Any
 
     put("lora", spec["lora"])
     put("local", {k: v for k, v in spec["local"].items() if k != "dp"})
-    put("aggregation", {k: v for k, v in aggregation.items() if k not in ("silo_ranks", "max_rank")})
+    put("aggregation", {k: v for k, v in aggregation.items() if k not in ADAPTER_FIELDS})
     put("selection", spec["selection"])
     put("evaluation", spec.get("evaluation") or {})
     unknown = sorted(set(out) - set(RUN_CONFIG))

@@ -199,14 +199,15 @@ def train_settings(body: TrainCreate, session) -> tuple[str, dict[str, Any], str
 
 def check_adapter_kind(body: TrainCreate, rule: str, aggregation: dict[str, Any], rank: int) -> None:
     """The aggregation kind fits the job (`scoring.federated.adapter_rounds`): exact kinds aggregate federated
-    rounds only, ``stack`` takes only the weighted-sum rules, ``silo_ranks`` and ``max_rank`` belong to ``stack``
+    rounds only, ``stack`` takes only the weighted-sum rules, ``silo_ranks``, ``max_rank`` and ``stack_start``
+    belong to ``stack``
     (ranks for the job's silos only), and the exact stacked rank stays within 4096 unless ``max_rank`` truncates
     it."""
     kind = aggregation["kind"]
     if kind != "fedavg" and body.mode != "federated":
         raise ConfigError(f"aggregation.kind: {kind!r} aggregates federated rounds; a {body.mode} job uses 'fedavg'")
     engine_check("aggregation", lambda: check_rule(kind, rule))
-    for name in ("silo_ranks", "max_rank"):
+    for name in ("silo_ranks", "max_rank", "stack_start"):
         if aggregation.get(name) is not None and kind != "stack":
             raise ConfigError(f"aggregation.{name}: only kind 'stack' takes it, not {kind!r}")
     ranks = aggregation.get("silo_ranks") or {}

@@ -3,10 +3,14 @@ pure numpy: the round guard over the right space, then the rule.
 
 - ``fedavg``: the rule (`scoring.federated.aggregation.apply_rule`) on the adapter's factors, each averaged
   separately (mean(B)·mean(A) ≠ mean(B·A): not exact, kept for comparison).
-- ``stack`` (FLoRA): every silo trains a fresh adapter of its own rank on top of the global model; the round adds
-  Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ to the global update exactly, by stacking the factors (`lora_algebra.stack_round`). The global
+- ``stack`` (FLoRA): every silo trains an adapter of its own rank on top of the global model; the round adds
+  Σᵢ wᵢ·ΔWᵢ to the global update exactly, by stacking the factors (`lora_algebra.stack_round`). The global
   adapter is the stack of every round's factors, of scaling 1, truncated by SVD only past ``max_rank`` (the error is
-  reported). The weights wᵢ are the rule's (``fedavg``/``fedprox``: selected counts; ``quality-fedavg``: score
+  reported). With ``stack_start`` ``warm`` (the default) the global adapter is kept in SVD order and a silo of rank
+  rᵢ starts from its leading rᵢ components (the rest stays in its frozen weights), so both factors learn from the
+  first step, as when LoRA training continues; its change ΔWᵢ = sᵢ·Bᵢ·Aᵢ − (those components) is still exact and
+  the global rank still grows by Σ rᵢ a round. ``fresh`` is FLoRA's restart: A drawn anew, B = 0,
+  ΔWᵢ = sᵢ·Bᵢ·Aᵢ. The weights wᵢ are the rule's (``fedavg``/``fedprox``: selected counts; ``quality-fedavg``: score
   mass); the guard bounds ‖sᵢ·Bᵢ·Aᵢ‖ and shrinks an update by scaling its Bᵢ (`ProductSpace`).
 - ``shared-basis`` (Fed-SB): A and B are fixed and shared; silos train and upload only R. The rule runs on R
   (averaging is exact: B·(Σ wᵢRᵢ)·A = Σ wᵢ·B·Rᵢ·A; FedAdam/FedYogi and the robust rules act on R's coordinates,
@@ -43,12 +47,15 @@ from scoring.federated.lora_algebra import (
     B_SUFFIX,
     R_SUFFIX,
     basis_gain,
+    global_rank,
     lora_modules,
     make_shared_basis,
     module_sizes,
     product_norm,
     shared_basis_layout,
     stack_round,
+    warm_delta,
+    warm_started,
 )
 
 STACK_RULES = ("fedavg", "quality-fedavg", "fedprox")
@@ -179,12 +186,26 @@ def combine_round(
         guarded, flags, figures = guard_round(global_r, updates, known, guard, space)
         new_r, state = apply_rule(aggregation, global_r, guarded, state)
         return RoundResult({**global_weights, **new_r}, config, state, guarded, flags, figures, {"kind": kind})
-    folded = [SiloUpdate(u.silo, fold_scaling(u.weights, alpha), u.num_samples, u.score_mass) for u in updates]
+    warm = aggregation.get("stack_start", "warm") == "warm"
+    scaling, before = scaling_of(config), global_rank(global_weights)
+    changes, ranks = [], []
+    for u in updates:
+        own = fold_scaling(u.weights, alpha)
+        rank = int(np.shape(next(iter(own.values())))[0])
+        if warm and warm_started(global_weights, rank):  # the change is what it trained minus where it started
+            own = warm_delta(own, global_weights, scaling)
+        changes.append(SiloUpdate(u.silo, own, u.num_samples, u.score_mass))
+        ranks.append(rank)
     modules = module_sizes([(n, np.shape(w)) for n, w in global_weights.items()])
-    guarded, flags, figures = guard_round(global_weights, folded, known, guard, ProductSpace(modules))
+    guarded, flags, figures = guard_round(global_weights, changes, known, guard, ProductSpace(modules))
     weights = build_aggregator("fedavg" if rule == "fedprox" else rule).weights(guarded)
     stacked = stack_round(
-        global_weights, scaling_of(config), [u.weights for u in guarded], weights, aggregation.get("max_rank")
+        global_weights,
+        scaling,
+        [u.weights for u in guarded],
+        weights,
+        aggregation.get("max_rank"),
+        rank=before + sum(ranks) if warm else None,  # warm changes subtract components the global holds already
     )
     config |= {"r": stacked.rank, "lora_alpha": float(stacked.rank)}  # scaling 1: B carries it
     report = {"kind": kind, "rank": stacked.rank, "truncation_error": stacked.error}

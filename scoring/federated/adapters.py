@@ -4,10 +4,12 @@
   lora_B's weight B·R (a torch parametrization), so that R (r × r) is the only trainable parameter. Under its
   canonical name ``<module>.lora_R.weight`` (`scoring.models.canonical_name`), `local_update` and its moments handle
   it as any LoRA parameter, and peft's forward, which reads ``lora_B.weight``, computes s·B·R·A.
-- ``stack``: the global adapter (the stack of every earlier round's factors) is added into the base weights
-  (`StackBase.set_global`, W = W₀ + s·B·A; the originals are kept, so each round starts from W₀), and the silo
-  trains a fresh adapter of its own rank from `fresh_adapter` (A drawn as peft draws it, from a seed that differs
-  every round; B = 0, so the round starts at the global model).
+- ``stack``: the global adapter (the stack of every earlier round's factors, in SVD order) is added into the base
+  weights (`StackBase.set_global`, W = W₀ + s·B·A; the originals are kept, so each round starts from W₀), and the
+  silo trains an adapter of its own rank r on top. Warm (the default): the adapter starts as the global adapter's
+  leading r components, which are left out of the base weights, so the model is the global one and both factors
+  have gradients from the first step. Fresh: it starts from `fresh_adapter` (A drawn as peft draws it, from a seed
+  that differs every round; B = 0).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from scoring.errors import ShapeMismatchError
-from scoring.federated.lora_algebra import A_SUFFIX, B_SUFFIX, R_SUFFIX, Layout
+from scoring.federated.lora_algebra import A_SUFFIX, B_SUFFIX, R_SUFFIX, Layout, leading, warm_started
 
 ADAPTER = "default"
 
@@ -109,8 +111,9 @@ class StackBase:
         self.layers = lora_layers(peft_model)
         self.original = {m: layer.base_layer.weight.detach().clone() for m, layer in self.layers.items()}
 
-    def set_global(self, weights: Mapping[str, np.ndarray], scaling: float) -> None:
-        """W = W₀ + scaling·B·A for every layer (the global adapter's factors in ``weights``).
+    def set_global(self, weights: Mapping[str, np.ndarray], scaling: float, skip: int = 0) -> None:
+        """W = W₀ + scaling·B·A for every layer (the global adapter's factors in ``weights``), without its first
+        ``skip`` components (those the silo trains, warm-started).
 
         Raises:
             ShapeMismatchError: a layer without factors in ``weights``, or factors that do not fit it.
@@ -124,7 +127,8 @@ class StackBase:
                 raise ShapeMismatchError(
                     f"global adapter: {module}'s factors do not fit its weight {tuple(base.shape)}"
                 )
-            delta = scaling * (torch.as_tensor(np.asarray(b), dtype=torch.float32) @ torch.as_tensor(np.asarray(a)))
+            a, b = torch.as_tensor(np.asarray(a)[skip:]).float(), torch.as_tensor(np.asarray(b)[:, skip:]).float()
+            delta = scaling * (b @ a)
             with torch.no_grad():
                 base.copy_((self.original[module].float() + delta.to(base.device)).to(base.dtype))
 
@@ -139,8 +143,8 @@ class SiloAdapter:
             whose adapter is fresh every round).
     """
 
-    def __init__(self, kind: str, peft_model: nn.Module, seed: int):
-        self.kind, self.model, self.seed = kind, peft_model, seed
+    def __init__(self, kind: str, peft_model: nn.Module, seed: int, warm: bool = True):
+        self.kind, self.model, self.seed, self.warm = kind, peft_model, seed, warm
         self.carries_moments = kind != "stack"
         self._stack = StackBase(peft_model) if kind == "stack" else None
 
@@ -158,6 +162,14 @@ class SiloAdapter:
             return {n: np.asarray(w) for n, w in weights.items() if n.endswith(R_SUFFIX)}
         if self.kind == "stack":
             assert self._stack is not None
-            self._stack.set_global(weights, scaling_of(adapter_config))
-            return fresh_adapter(lora_layout(self.model), self.seed, round)
+            layout, scaling = lora_layout(self.model), scaling_of(adapter_config)
+            rank = int(layout[0][1][0])
+            if not (self.warm and warm_started(weights, rank)):
+                self._stack.set_global(weights, scaling)
+                return fresh_adapter(layout, self.seed, round)
+            # warm: train the global adapter's leading components, the rest frozen in the weights
+            self._stack.set_global(weights, scaling, skip=rank)
+            own = next(iter(self._stack.layers.values())).scaling[ADAPTER]  # α/r of this silo's adapter
+            start = leading({n: weights[n] for n, _ in layout}, rank)
+            return {n: w * (scaling / own) if n.endswith(B_SUFFIX) else w for n, w in start.items()}
         return dict(weights)

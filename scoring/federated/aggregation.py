@@ -289,7 +289,7 @@ def build_aggregator(name: str, **options: float) -> FedAvg:
 CLIP_KINDS = ("median", "absolute", "none")
 GUARD_FIELDS = ("clip", "clip_factor", "clip_norm", "max_count_ratio")
 """The aggregation settings that configure `RoundGuard` (the rest configure the rule)."""
-ADAPTER_FIELDS = ("kind", "silo_ranks", "max_rank")
+ADAPTER_FIELDS = ("kind", "silo_ranks", "max_rank", "stack_start")
 """The aggregation settings that choose the adapter kind (`scoring.federated.adapter_rounds`)."""
 
 

@@ -107,7 +107,9 @@ def truncate(factors: Factors, rank: int) -> tuple[Factors, float]:
     """The best rank-``rank`` approximation of s·b·a (Eckart–Young), computed from the factors without forming the
     dense matrix, and its relative Frobenius error ‖ΔW − ΔWᵣ‖ / ‖ΔW‖ (0 when ``rank`` ≥ the product's rank).
 
-    The result splits the singular values evenly between the factors (b = U·√Σ, a = √Σ·Vᵀ) with scaling 1.
+    The result splits the singular values evenly between the factors (b = U·√Σ, a = √Σ·Vᵀ) with scaling 1, in
+    decreasing order, and has min(``rank``, the factors' rank) components: zero ones past the product's rank (which
+    is at most its in and out sizes), so that every module of an adapter keeps one rank.
     """
     if rank < 1:
         raise ConfigError(f"rank: must be at least 1, got {rank}")
@@ -121,6 +123,10 @@ def truncate(factors: Factors, rank: int) -> tuple[Factors, float]:
     root = np.sqrt(s[:kept])
     new_b = (qb @ u[:, :kept]) * root
     new_a = root[:, None] * (vt[:kept] @ qa.T)
+    width = min(rank, factors.rank)  # a product of lower rank is padded with zero components: one rank per adapter
+    if kept < width:
+        new_a = np.concatenate([new_a, np.zeros((width - kept, new_a.shape[1]))], axis=0)
+        new_b = np.concatenate([new_b, np.zeros((new_b.shape[0], width - kept))], axis=1)
     return Factors(new_a, new_b, 1.0), error
 
 
@@ -281,17 +287,55 @@ class Stacked:
     error: float
 
 
+def global_rank(weights: Weights) -> int:
+    """The rank of a global adapter's factors (0 when it changes nothing, `is_zero_delta`)."""
+    if is_zero_delta(weights):
+        return 0
+    return int(np.shape(next(w for n, w in weights.items() if n.endswith(A_SUFFIX)))[0])
+
+
+def warm_started(global_weights: Weights, rank: int) -> bool:
+    """Whether a ``stack`` silo of rank ``rank`` starts its round warm from ``global_weights`` (its leading
+    components; the global adapter has at least ``rank``) rather than from a fresh adapter. Silo and coordinator
+    both decide with this."""
+    return global_rank(global_weights) >= rank
+
+
+def leading(weights: Weights, rank: int) -> dict[str, np.ndarray]:
+    """The first ``rank`` components of each module's factors (lora_A's rows, lora_B's columns): after a
+    ``stack`` round, whose global adapter is in SVD order (`stack_round`), the best rank-``rank`` part of it."""
+    return {n: np.asarray(w)[:rank] if n.endswith(A_SUFFIX) else np.asarray(w)[:, :rank] for n, w in weights.items()}
+
+
+def warm_delta(update: Weights, global_weights: Weights, global_scaling: float) -> dict[str, np.ndarray]:
+    """A warm-started silo's weight change as factors: what it trained (scaling folded into B) minus the leading
+    components it started from, [Bᵢ, −s·B_g[:, :rᵢ]]·[Aᵢ; A_g[:rᵢ]] (rank 2rᵢ, exact)."""
+    rank = int(np.shape(next(w for n, w in update.items() if n.endswith(A_SUFFIX)))[0])
+    start = leading(global_weights, rank)
+    out = {}
+    for name, w in update.items():
+        w, g = np.asarray(w, np.float64), np.asarray(start[name], np.float64)
+        out[name] = (
+            np.concatenate([w, g], axis=0) if name.endswith(A_SUFFIX) else np.concatenate([w, -global_scaling * g], 1)
+        )
+    return out
+
+
 def stack_round(
     global_weights: Weights,
     global_scaling: float,
     updates: Sequence[Weights],
     weights: Sequence[float],
     max_rank: int | None = None,
+    rank: int | None = None,
 ) -> Stacked:
     """The exact ``stack`` round: the global adapter's update plus Σᵢ wᵢ·Bᵢ·Aᵢ (weights normalised), as one
     stacked adapter of scaling 1; a global adapter that changes nothing (`is_zero_delta`) is dropped rather than
-    stacked. ``updates`` are the silos' factors with their scaling folded into B already (any ranks). When the
-    stacked rank exceeds ``max_rank``, each module is truncated by `truncate` and the largest error is returned.
+    stacked. ``updates`` are the silos' factors with their scaling folded into B already (any ranks). With
+    ``rank`` (the rank the sum has, e.g. when warm-started updates subtract components the global adapter already
+    holds), the result is refactored by `truncate` to min(``rank``, ``max_rank``) in SVD order, and the error is
+    float noise unless ``max_rank`` cuts; else it is truncated only past ``max_rank``. The error returned is the
+    largest over modules.
 
     Raises:
         ConfigError, ShapeMismatchError: as `stack`.
@@ -309,19 +353,20 @@ def stack_round(
             )
             for (m, old), new in zip(current.items(), round_stack.values(), strict=True)
         }
-    rank = next(iter(round_stack.values())).rank
+    stacked = next(iter(round_stack.values())).rank
+    keep = min(rank if rank is not None else stacked, max_rank if max_rank is not None else stacked)
     error = 0.0
-    if max_rank is not None and rank > max_rank:
+    if keep < stacked or rank is not None:
         truncated = {}
         for module, pair in round_stack.items():
-            truncated[module], err = truncate(pair, max_rank)
+            truncated[module], err = truncate(pair, keep)
             error = max(error, err)
-        round_stack, rank = truncated, max_rank
+        round_stack, stacked = truncated, keep
     out: dict[str, np.ndarray] = {}
     for module, pair in round_stack.items():
         out[module + A_SUFFIX] = pair.a.astype(np.float32)
         out[module + B_SUFFIX] = pair.b.astype(np.float32)
-    return Stacked(out, rank, error)
+    return Stacked(out, stacked, error)
 
 
 def product_norm(weights: Weights, scaling: float = 1.0) -> float:

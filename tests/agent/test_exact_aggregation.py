@@ -24,7 +24,7 @@ from agent.train import round_dir
 from clues.cli import main
 from clues.train import export_adapter
 from scoring.federated.adapter_rounds import scaling_of
-from scoring.federated.lora_algebra import R_SUFFIX, fold_shared_basis, lora_modules
+from scoring.federated.lora_algebra import R_SUFFIX, fold_shared_basis, leading, lora_modules, warm_started
 from scoring.io import bundle_to_bytes, read_bundle
 from tests.agent.test_train import start, train_body, train_silos
 
@@ -63,8 +63,21 @@ def stacked(world, tmp_path_factory):
     return job_id, root, results
 
 
-def test_a_stack_round_adds_the_silos_products_exactly(world, stacked):
+def test_a_stack_round_adds_the_silos_changes_exactly(world, stacked):
     job_id, root, _ = stacked
+    assert_exact_stack(world, job_id, root, warm=True)
+
+
+def test_a_fresh_stack_round_adds_the_silos_products_exactly(world, tmp_path):
+    aggregation = {"kind": "stack", "silo_ranks": {"a": 2, "b": 3}, "clip": "none", "stack_start": "fresh"}
+    job_id = start(world, train_body("fresh-stack", aggregation=aggregation))
+    train_silos(world, job_id, tmp_path)
+    assert_exact_stack(world, job_id, tmp_path, warm=False)
+
+
+def assert_exact_stack(world, job_id: str, root: Path, *, warm: bool) -> None:
+    """After each round of a finished two-round stack job of silos a (rank 2) and b (rank 3), the global weight
+    delta is the previous one plus the count-weighted sum of the silos' changes."""
     job = world.admin.train_job(job_id)
     assert job["status"] == "done" and job["spec"]["aggregation"]["kind"] == "stack"
     starts, final, updates = bundles(world, job_id, root, 2)
@@ -76,15 +89,24 @@ def test_a_stack_round_adds_the_silos_products_exactly(world, stacked):
         assert updates["a"][r].layout[0][1][0] == 2 and updates["b"][r].layout[0][1][0] == 3
         before, after = delta(starts[r]), delta(ends[r])
         for module, d in after.items():
-            want = before[module] + sum(w[silo] * delta_update(updates[silo][r])[module] for silo in ("a", "b"))
+            want = before[module] + sum(
+                w[silo] * change(updates[silo][r], starts[r], warm)[module] for silo in ("a", "b")
+            )
             np.testing.assert_allclose(d, want, rtol=1e-4, atol=1e-6)
-        assert job["history"][r]["aggregation"] == {"kind": "stack", "rank": 5 * (r + 1), "truncation_error": 0.0}
+        report = job["history"][r]["aggregation"]
+        assert (report["kind"], report["rank"]) == ("stack", 5 * (r + 1)) and report["truncation_error"] < 1e-5
     assert final.adapter_config["r"] == 10 and final.adapter_config["lora_alpha"] == 10.0
 
 
-def delta_update(bundle) -> dict[str, np.ndarray]:
-    """A silo's update's weight change: its own adapter times its own scaling α/rᵢ."""
-    return {m: p.delta() for m, p in lora_modules(bundle.adapter, scaling_of(bundle.adapter_config)).items()}
+def change(update, start, warm: bool) -> dict[str, np.ndarray]:
+    """A silo's weight change in a round: its own adapter times its scaling α/rᵢ, minus (``warm``) the leading rᵢ
+    components of the round's global adapter it started from (none in round 0, whose global adapter is 0)."""
+    trained = {m: p.delta() for m, p in lora_modules(update.adapter, scaling_of(update.adapter_config)).items()}
+    rank = update.adapter_config["r"]
+    if not (warm and warm_started(start.adapter, rank)):
+        return trained
+    began = lora_modules(leading(start.adapter, rank), scaling_of(start.adapter_config))
+    return {m: d - began[m].delta() for m, d in trained.items()}
 
 
 def test_the_history_shows_each_silos_upload_and_a_silo_sees_only_its_own(world, stacked):

@@ -30,12 +30,25 @@ def test_the_fed_lora_bench_runs_every_kind_and_reports_the_targets(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary) == {"fedavg", "stack", "shared-basis", "targets"}
-    assert len(summary["stack"]["held_out_loss"]["values"]) == 2 and "loss_minus_fedavg" in summary["stack"]
+    assert set(summary) == {"fedavg", "stack-warm", "stack-fresh", "shared-basis", "targets"}
+    assert len(summary["stack-warm"]["held_out_loss"]["values"]) == 2 and "loss_minus_fedavg" in summary["stack-warm"]
     targets = summary["targets"]
-    assert targets["shared_basis_bytes_ratio"] > 1 and "stack_not_worse_than_fedavg" in targets
+    assert targets["shared_basis_bytes_ratio"] > 1 and "stack-fresh_not_worse_than_fedavg" in targets
     for seed in result["seeds"]:
-        stack = seed["kinds"]["stack"]["rounds"]
+        stack = seed["kinds"]["stack-fresh"]["rounds"]
         assert [r["rank"] for r in stack] == [r * 3 * 8 for r in (1, 2)]  # three silos of rank 8 per round
         assert all(r["truncation_error"] == 0.0 for r in stack)
     assert out.with_suffix(".seed1.json").is_file()  # each seed written as it lands
+    # --summarize joins the arms of a seed measured in separate runs, and refuses an arm measured twice
+    parts = []
+    for seed in result["seeds"]:
+        for arms in (("fedavg", "stack-fresh"), ("stack-warm", "shared-basis")):
+            path = tmp_path / f"part-{seed['seed']}-{arms[0]}.json"
+            path.write_text(json.dumps({**seed, "kinds": {a: seed["kinds"][a] for a in arms}}))
+            parts.append(path)
+    joined = tmp_path / "joined.json"
+    cmd = [sys.executable, str(REPO / "bench" / "fed_lora.py"), "--summarize", *map(str, parts), "--out", str(joined)]
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    assert json.loads(joined.read_text())["summary"] == summary
+    again = subprocess.run([*cmd[:3], *map(str, parts), str(parts[0])], capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "in two files" in again.stderr

@@ -16,6 +16,7 @@ from scoring.federated.lora_algebra import (
     B_SUFFIX,
     R_SUFFIX,
     fold_shared_basis,
+    leading,
     lora_modules,
     make_shared_basis,
     rank_layout,
@@ -57,7 +58,7 @@ def test_a_stack_round_adds_the_weighted_products_exactly_whatever_the_ranks():
     start = adapter(rng, 4, zero_b=True)  # the job's initial adapter: changes nothing
     ranks, counts = [2, 4, 8], [30, 10, 60]
     updates = [SiloUpdate(f"s{i}", adapter(rng, r), n) for i, (r, n) in enumerate(zip(ranks, counts, strict=True))]
-    agg = {"kind": "stack", "rule": "fedavg", **NO_CLIP}
+    agg = {"kind": "stack", "rule": "fedavg", "stack_start": "fresh", **NO_CLIP}
     first = combine_round(agg, start, config(4), updates, {}, None, alpha=ALPHA)
     w = np.asarray(counts, float) / sum(counts)
     want = {
@@ -93,6 +94,39 @@ def test_a_stack_round_adds_the_weighted_products_exactly_whatever_the_ranks():
         err = np.linalg.norm(dense(capped.weights, 1.0)[m] - again[m]) / np.linalg.norm(again[m])
         assert err == pytest.approx(best, rel=1e-3)
         assert err <= capped.report["truncation_error"] + 1e-6
+
+
+def test_a_warm_stack_round_adds_each_silos_change_from_where_it_started():
+    """Warm (the default): a silo of rank r starts at the global adapter's leading r components, so its change is
+    sᵢ·Bᵢ·Aᵢ minus those; the sum stays exact, the global adapter stays in SVD order and grows by Σ rᵢ."""
+    rng = np.random.default_rng(5)
+    agg = {"kind": "stack", "rule": "fedavg", **NO_CLIP}
+    first = combine_round(agg, adapter(rng, 4, zero_b=True), config(4),
+                          [SiloUpdate("s0", adapter(rng, 2), 1), SiloUpdate("s1", adapter(rng, 3), 1)], {}, None,
+                          alpha=ALPHA)  # fmt: skip
+    assert first.report["rank"] == 5 and first.report["truncation_error"] < 1e-6  # a zero global: fresh starts
+    g = first.weights
+    for m in MODULES:  # SVD order: orthogonal factors, decreasing singular values
+        a = g[m + A_SUFFIX].astype(float)
+        gram = a @ a.T
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-4)
+        assert np.all(np.diff(np.diag(gram)) <= 1e-5)
+    ranks, counts = [2, 3], [10, 30]
+    updates = [SiloUpdate(f"s{i}", adapter(rng, r), n) for i, (r, n) in enumerate(zip(ranks, counts, strict=True))]
+    second = combine_round(agg, g, first.adapter_config, updates, {}, None, alpha=ALPHA)
+    assert second.report["rank"] == 5 + 5 and second.report["truncation_error"] < 1e-5
+    before, after = dense(g, 1.0), dense(second.weights, 1.0)
+    for m in MODULES:
+        change = sum(
+            (n / 40) * (dense(u.weights, ALPHA / r)[m] - dense(leading(g, r), 1.0)[m])
+            for u, r, n in zip(updates, ranks, counts, strict=True)
+        )
+        np.testing.assert_allclose(after[m], before[m] + change, rtol=1e-4, atol=1e-4)
+    # a silo that sends back exactly where it started changes nothing
+    still = [SiloUpdate("s0", {n: w / (4.0 if n.endswith(B_SUFFIX) else 1.0) for n, w in leading(g, 2).items()}, 1)]
+    same = combine_round(agg, g, first.adapter_config, still, {}, None, alpha=ALPHA)
+    for m in MODULES:
+        np.testing.assert_allclose(dense(same.weights, 1.0)[m], before[m], atol=1e-5)
 
 
 def test_a_shared_basis_round_averages_r_and_keeps_the_basis():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from scoring.batching import tokenize_samples
@@ -82,34 +83,46 @@ def test_a_shared_basis_trains_r_only_and_is_the_folded_adapter(tmp_path):
     torch.testing.assert_close(logits(loaded), logits(plain), rtol=1e-4, atol=1e-5)
 
 
-def test_a_stack_silo_trains_a_fresh_adapter_on_the_global_model():
-    rng = np.random.default_rng(0)
-    m, _ = model(rank=2)
-    global_layout = [(n, (6, s[1]) if n.endswith(A_SUFFIX) else (s[0], 6)) for n, s in lora_layout(model(rank=6)[0])]
-    global_weights = {n: rng.normal(scale=0.05, size=s).astype(np.float32) for n, s in global_layout}
-    adapter = SiloAdapter("stack", m, seed=0)
-    assert not adapter.carries_moments
-    fresh = adapter.begin(global_weights, {"r": 6, "lora_alpha": 6.0}, round=1)
-    assert all(not np.any(w) for n, w in fresh.items() if n.endswith(B_SUFFIX))
-    set_lora_weights(m, fresh)
-    # the base weights hold the global adapter: the same logits as peft with the global adapter loaded
+def global_model(global_weights):
+    """peft with the global (stacked, scaling 1) adapter loaded: the model a stack silo must start a round at."""
     ref, _ = model(rank=6)
     set_lora_weights(ref, global_weights)
     for layer in (mod for mod in ref.modules() if hasattr(mod, "scaling") and isinstance(mod.scaling, dict)):
         layer.scaling["default"] = 1.0  # the global adapter's scaling is 1 (lora_alpha = r)
-    torch.testing.assert_close(logits(m), logits(ref), rtol=1e-4, atol=1e-4)
-    # a second round's global replaces the first's (W = W₀ + ΔW, not accumulated)
-    adapter.begin({n: np.zeros_like(w) for n, w in global_weights.items()}, {"r": 6, "lora_alpha": 6.0}, round=2)
-    plain, _ = model(rank=2)
-    set_lora_weights(plain, {n: np.zeros_like(w) for n, w in fresh.items()})
-    set_lora_weights(m, {n: np.zeros_like(w) for n, w in fresh.items()})
-    torch.testing.assert_close(logits(m), logits(plain))
-    # fresh adapters: seeded by the round, peft's kaiming draw for A, zero B
+    return ref
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_stack_silo_starts_each_round_at_the_global_model(warm):
+    rng = np.random.default_rng(0)
+    m, _ = model(rank=2)
+    global_layout = [(n, (6, s[1]) if n.endswith(A_SUFFIX) else (s[0], 6)) for n, s in lora_layout(model(rank=6)[0])]
+    global_weights = {n: rng.normal(scale=0.05, size=s).astype(np.float32) for n, s in global_layout}
+    adapter = SiloAdapter("stack", m, seed=0, warm=warm)
+    assert not adapter.carries_moments
+    start = adapter.begin(global_weights, {"r": 6, "lora_alpha": 6.0}, round=1)
+    set_lora_weights(m, start)
+    # base weights + the trainable adapter's start: the global model, warm or fresh
+    torch.testing.assert_close(logits(m), logits(global_model(global_weights)), rtol=1e-4, atol=1e-4)
     layout = lora_layout(m)
-    assert all(np.array_equal(fresh_adapter(layout, 0, 1)[n], w) for n, w in fresh.items())
-    assert not np.array_equal(fresh_adapter(layout, 0, 2)[layout[0][0]], fresh[layout[0][0]])
-    bound = 1 / np.sqrt(layout[0][1][1])
-    assert 0 < np.abs(fresh[layout[0][0]]).max() <= bound
+    if warm:  # the leading 2 components of the global adapter, rescaled to this adapter's α/r = 4
+        for name, w in start.items():
+            lead = global_weights[name][:2] if name.endswith(A_SUFFIX) else global_weights[name][:, :2] / 4.0
+            np.testing.assert_allclose(w, lead, rtol=1e-6)
+    else:  # fresh: seeded by the round, peft's kaiming draw for A, zero B
+        assert all(not np.any(w) for n, w in start.items() if n.endswith(B_SUFFIX))
+        assert all(np.array_equal(fresh_adapter(layout, 0, 1)[n], w) for n, w in start.items())
+        assert not np.array_equal(fresh_adapter(layout, 0, 2)[layout[0][0]], start[layout[0][0]])
+        assert 0 < np.abs(start[layout[0][0]]).max() <= 1 / np.sqrt(layout[0][1][1])
+    # a second round's global replaces the first's (W = W₀ + ΔW, not accumulated); a global adapter that changes
+    # nothing starts even a warm silo fresh
+    zero = {n: np.zeros_like(w) for n, w in global_weights.items()}
+    again = adapter.begin(zero, {"r": 6, "lora_alpha": 6.0}, round=2)
+    assert all(not np.any(w) for n, w in again.items() if n.endswith(B_SUFFIX))
+    plain, _ = model(rank=2)
+    set_lora_weights(plain, {n: np.zeros_like(w) for n, w in start.items()})
+    set_lora_weights(m, {n: np.zeros_like(w) for n, w in start.items()})
+    torch.testing.assert_close(logits(m), logits(plain))
     assert set(lora_parameters(m)) == {n for n, _ in layout}
 
 
