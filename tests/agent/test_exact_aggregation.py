@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from agent.client import CoordinatorError
 from agent.train import round_dir
@@ -26,6 +28,7 @@ from clues.train import export_adapter
 from scoring.federated.adapter_rounds import scaling_of
 from scoring.federated.lora_algebra import R_SUFFIX, fold_shared_basis, leading, lora_modules, warm_started
 from scoring.io import bundle_to_bytes, read_bundle
+from scoring.models import load_adapter, load_base_model
 from tests.agent.test_train import start, train_body, train_silos
 
 
@@ -214,6 +217,15 @@ def test_the_commands_run_a_shared_basis_job(world, tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["spec"]["aggregation"]["kind"] == "shared-basis"
     assert list(shown["history"][0]["upload_bytes"]) == ["a"]
+    out = tmp_path / "export"  # a standard peft adapter (lora_B := B·R) and a merged model, as for any job
+    assert main(["admin", "train-export", job_id, "--out", str(out), "--merged-model", *admin]) == 0
+    capsys.readouterr()
+    assert "lora_R" not in (out / "adapter_model.safetensors").read_bytes().decode("latin-1")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    adapted = load_adapter(load_base_model("tiny:0").model, out, trainable=False)
+    ids = torch.tensor([[5, 17, 33, 2, 90]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_a_capped_stack_truncates_and_reports_its_error(world, tmp_path):
