@@ -29,7 +29,7 @@ class Env:
     coordinator: Coordinator
     job: SeededJob
     other_job: str  # a job of silo2 and silo3 only
-    train_job: str  # a shared-basis training job of silo1 and silo2
+    train_job: str  # a stack training job of silo1 and silo2
     samples: dict  # silo -> list[Sample]
     dashboard: str  # silo1's dashboard URL
 
@@ -57,7 +57,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
                 calibrated=True,  # the default score kind
             )
             other = seed_scored_job(session, silos=("silo2", "silo3"), per_silo=5, name="not silo1's")
-            train = seed_training_job(session, scoring_job_id=job.job_id, silos=("silo1", "silo2"), kind="shared-basis")
+            train = seed_training_job(session, scoring_job_id=job.job_id, silos=("silo1", "silo2"), kind="stack")
         data = root / "silo1.jsonl"
         write_samples(data, samples["silo1"])
 
@@ -91,8 +91,8 @@ def test_only_this_silos_token_logs_in(env: Env, page) -> None:
     jobs = page.locator("tr[data-kind=scoring]")
     assert jobs.count() == 1 and "pubmedqa" in jobs.inner_text()  # not the silo2/silo3 job
     training = page.locator(f'#training-jobs tr[data-job="{env.train_job}"]')
-    assert training.get_attribute("data-aggregation") == "shared-basis"
-    assert "shared-basis · fedavg" in training.inner_text()
+    assert training.get_attribute("data-aggregation") == "stack"
+    assert "stack · fedavg · rank 8" in training.inner_text()  # its own rank (the job's lora.rank)
     sent = training.locator(".uploads span")  # silo1's own update of each round, not silo2's
     assert [sent.nth(i).get_attribute("data-bytes") for i in range(sent.count())] == ["1000", "1001", "1002"]
     screenshot(page, "silo-jobs")
