@@ -38,6 +38,7 @@ from agent.client import CoordinatorError, SiloClient
 from agent.loop import AgentError, Progress
 from scoring.config import LocalTrainConfig, LoraSettings
 from scoring.data import Sample, read_samples
+from scoring.federated.lora_algebra import moments_carry_over
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
 from wire.files import atomic_write_bytes
 
@@ -216,7 +217,7 @@ class LocalTrainer:
         self.cfg = LocalTrainConfig.from_dict(spec["local"])
         self.kind = (spec.get("aggregation") or {}).get("kind", "fedavg")
         self.rank = silo_rank(spec, silo)
-        self.carries_moments = self.kind != "stack"  # a stack round trains a fresh adapter
+        self.carries_moments = moments_carry_over(self.kind)
         self.model: Any = None
         self._plan: Any = None
 

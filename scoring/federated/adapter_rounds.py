@@ -189,14 +189,15 @@ def combine_round(
     warm = aggregation.get("stack_start", "warm") == "warm"
     scaling, before = scaling_of(config), global_rank(global_weights)
     changes, ranks = [], []
+    modules = module_sizes([(n, np.shape(w)) for n, w in global_weights.items()])
+    ProductSpace(modules).check(updates)  # the silos' own adapters fit the job's modules before their ranks are read
     for u in updates:
         own = fold_scaling(u.weights, alpha)
-        rank = int(np.shape(next(iter(own.values())))[0])
+        rank = next(iter(lora_modules(own).values())).rank
         if warm and warm_started(global_weights, rank):  # the change is what it trained minus where it started
             own = warm_delta(own, global_weights, scaling)
         changes.append(SiloUpdate(u.silo, own, u.num_samples, u.score_mass))
         ranks.append(rank)
-    modules = module_sizes([(n, np.shape(w)) for n, w in global_weights.items()])
     guarded, flags, figures = guard_round(global_weights, changes, known, guard, ProductSpace(modules))
     weights = build_aggregator("fedavg" if rule == "fedprox" else rule).weights(guarded)
     stacked = stack_round(

@@ -24,7 +24,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from scoring.errors import ShapeMismatchError
-from scoring.federated.lora_algebra import A_SUFFIX, B_SUFFIX, R_SUFFIX, Layout, leading, warm_started
+from scoring.federated.lora_algebra import (
+    A_SUFFIX,
+    B_SUFFIX,
+    R_SUFFIX,
+    Layout,
+    leading,
+    moments_carry_over,
+    warm_started,
+)
 
 ADAPTER = "default"
 
@@ -86,14 +94,14 @@ def attach_shared_basis(peft_model: nn.Module, weights: Mapping[str, np.ndarray]
         raise ShapeMismatchError(f"shared basis: module {sorted(extra)[0]} is not a LoRA layer of the model")
 
 
-def _module_seed(seed: int, round: int) -> int:
+def _round_seed(seed: int, round: int) -> int:
     return int.from_bytes(hashlib.sha256(f"clues-stack:{seed}:{round}".encode()).digest()[:8], "little") >> 1
 
 
 def fresh_adapter(layout: Layout, seed: int, round: int) -> dict[str, np.ndarray]:
     """A fresh LoRA adapter of ``layout`` for round ``round`` of a ``stack`` job: every lora_A drawn as peft draws
     it (kaiming-uniform, a = √5) from a generator seeded by ``seed`` and the round, every lora_B zero."""
-    gen = torch.Generator().manual_seed(_module_seed(seed, round))
+    gen = torch.Generator().manual_seed(_round_seed(seed, round))
     out = {}
     for name, shape in layout:
         tensor = torch.zeros(tuple(shape))
@@ -139,13 +147,13 @@ class SiloAdapter:
 
     Attributes:
         kind: ``fedavg``, ``stack`` or ``shared-basis``.
-        carries_moments: whether the silo's AdamW moments carry over to the next round (not under ``stack``,
-            whose adapter is fresh every round).
+        carries_moments: whether the silo's AdamW moments carry over to the next round (`moments_carry_over`).
+        warm: under ``stack``, start from the global adapter's leading components (else from a fresh adapter).
     """
 
     def __init__(self, kind: str, peft_model: nn.Module, seed: int, warm: bool = True):
         self.kind, self.model, self.seed, self.warm = kind, peft_model, seed, warm
-        self.carries_moments = kind != "stack"
+        self.carries_moments = moments_carry_over(kind)
         self._stack = StackBase(peft_model) if kind == "stack" else None
 
     def begin(self, weights: Mapping[str, np.ndarray], adapter_config: Mapping, round: int) -> dict[str, np.ndarray]:

@@ -154,6 +154,14 @@ B), ``stack`` sums the silos' products exactly, ``shared-basis`` averages R betw
 
 R_SUFFIX = ".lora_R.weight"
 
+
+def moments_carry_over(kind: str) -> bool:
+    """Whether a silo's AdamW moments carry over from one round to the next under aggregation ``kind``: not under
+    ``stack``, whose trainable adapter is new every round (fresh, or the global adapter's leading components in the
+    SVD order of that round)."""
+    return kind != "stack"
+
+
 Layout = Sequence[tuple[str, Sequence[int]]]
 
 
