@@ -253,7 +253,7 @@ class LocalTrainer:
         base = load_base_model(spec["model"], dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir)
         lora = dataclasses.replace(LoraSettings.from_dict(spec["lora"]), rank=self.rank)
         self.model = attach_lora(base.model, lora, init_seed=spec["lora_init_seed"], random_b=spec["random_b"])
-        warm = (spec.get("aggregation") or {}).get("stack_start") != "fresh"
+        warm = (spec.get("aggregation") or {}).get("stack_start") == "warm"
         self.adapter = SiloAdapter(self.kind, self.model, spec["lora_init_seed"], warm)
         self.data = tokenize_samples(self.samples, base.tokenizer, spec["max_len"], spec["template"])
         self.pad_id = base.tokenizer.pad_token_id

@@ -372,11 +372,11 @@ class AggregationSpec(_Strict):
     """How a round combines the silos' adapters (docs/aggregation.md).
 
     ``kind`` (federated jobs): ``fedavg`` averages lora_A and lora_B separately (inexact: mean(B)·mean(A) ≠
-    mean(B·A)); ``stack`` (FLoRA) adds the silos' weighted changes to the global adapter exactly, each silo training
-    an adapter of its own rank (``silo_ranks``) every round, started from the global adapter's leading components
-    (``stack_start`` warm) or fresh, the global adapter growing by their ranks, truncated by SVD past ``max_rank``
-    (the error is reported); ``shared-basis`` (Fed-SB) fixes A and B, shared from the seed, and the
-    silos train and upload only R (r × r), averaged exactly.
+    mean(B·A)); ``stack`` (FLoRA) adds the silos' weighted changes to the global adapter exactly, each silo
+    training an adapter of its own rank (``silo_ranks``) every round, started fresh (``stack_start``, the default)
+    or from the global adapter's leading components (warm); the global adapter grows by their ranks and is
+    truncated by SVD past ``max_rank`` (the error is reported); ``shared-basis`` (Fed-SB) fixes A and B, shared
+    from the seed, and the silos train and upload only R (r × r), averaged exactly.
 
     The server rule: fedavg (by sample count), quality-fedavg (by selected score mass), fedadam, fedyogi, and the
     robust median and trimmed-mean (coordinate-wise, unweighted); fedprox is fedavg on the server with the silos'
@@ -395,8 +395,8 @@ class AggregationSpec(_Strict):
     )
     stack_start: Literal["warm", "fresh"] | None = Field(
         None,
-        description="stack: a silo starts each round from the global adapter's leading components (warm, default) "
-        "or from a fresh adapter (fresh: FLoRA's restart)",
+        description="stack: a silo starts each round from a fresh adapter (fresh, the default: FLoRA's restart) or "
+        "from the global adapter's leading components (warm)",
     )
     rule: Literal["fedavg", "quality-fedavg", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean"] = "fedavg"
     eta: float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate (fedadam/fedyogi)")

@@ -6,12 +6,13 @@ pure numpy: the round guard over the right space, then the rule.
 - ``stack`` (FLoRA): every silo trains an adapter of its own rank on top of the global model; the round adds
   Σᵢ wᵢ·ΔWᵢ to the global update exactly, by stacking the factors (`lora_algebra.stack_round`). The global
   adapter is the stack of every round's factors, of scaling 1, truncated by SVD only past ``max_rank`` (the error is
-  reported). With ``stack_start`` ``warm`` (the default) the global adapter is kept in SVD order and a silo of rank
-  rᵢ starts from its leading rᵢ components (the rest stays in its frozen weights), so both factors learn from the
-  first step, as when LoRA training continues; its change ΔWᵢ = sᵢ·Bᵢ·Aᵢ − (those components) is still exact and
-  the global rank still grows by Σ rᵢ a round. ``fresh`` is FLoRA's restart: A drawn anew, B = 0,
-  ΔWᵢ = sᵢ·Bᵢ·Aᵢ. The weights wᵢ are the rule's (``fedavg``/``fedprox``: selected counts; ``quality-fedavg``: score
-  mass); the guard bounds ‖sᵢ·Bᵢ·Aᵢ‖ and shrinks an update by scaling its Bᵢ (`ProductSpace`).
+  reported). ``stack_start`` ``fresh`` (the default) is FLoRA's restart: each round a silo's adapter starts with A
+  drawn anew and B = 0, and ΔWᵢ = sᵢ·Bᵢ·Aᵢ. With ``warm`` the global adapter is kept in SVD order and a silo of
+  rank rᵢ starts from its leading rᵢ components (the rest stays in its frozen weights), so both factors learn from
+  the first step, as when LoRA training continues; its change ΔWᵢ = sᵢ·Bᵢ·Aᵢ − (those components) is still exact
+  and the global rank still grows by Σ rᵢ a round. The weights wᵢ are the rule's (``fedavg``/``fedprox``:
+  selected counts; ``quality-fedavg``: score mass); the guard bounds ‖ΔWᵢ‖ and shrinks an update by scaling its
+  B side (`ProductSpace`).
 - ``shared-basis`` (Fed-SB): A and B are fixed and shared; silos train and upload only R. The rule runs on R
   (averaging is exact: B·(Σ wᵢRᵢ)·A = Σ wᵢ·B·Rᵢ·A; FedAdam/FedYogi and the robust rules act on R's coordinates,
   which the orthonormal basis maps isometrically, up to a constant, onto the weight update). The guard measures R's
@@ -186,7 +187,7 @@ def combine_round(
         guarded, flags, figures = guard_round(global_r, updates, known, guard, space)
         new_r, state = apply_rule(aggregation, global_r, guarded, state)
         return RoundResult({**global_weights, **new_r}, config, state, guarded, flags, figures, {"kind": kind})
-    warm = aggregation.get("stack_start", "warm") == "warm"
+    warm = aggregation.get("stack_start") == "warm"
     scaling, before = scaling_of(config), global_rank(global_weights)
     changes, ranks = [], []
     modules = module_sizes([(n, np.shape(w)) for n, w in global_weights.items()])

@@ -6,10 +6,10 @@
   it as any LoRA parameter, and peft's forward, which reads ``lora_B.weight``, computes s·B·R·A.
 - ``stack``: the global adapter (the stack of every earlier round's factors, in SVD order) is added into the base
   weights (`StackBase.set_global`, W = W₀ + s·B·A; the originals are kept, so each round starts from W₀), and the
-  silo trains an adapter of its own rank r on top. Warm (the default): the adapter starts as the global adapter's
+  silo trains an adapter of its own rank r on top. Fresh (the default): it starts from `fresh_adapter` (A drawn as
+  peft draws it, from a seed that differs every round; B = 0). Warm: the adapter starts as the global adapter's
   leading r components, which are left out of the base weights, so the model is the global one and both factors
-  have gradients from the first step. Fresh: it starts from `fresh_adapter` (A drawn as peft draws it, from a seed
-  that differs every round; B = 0).
+  have gradients from the first step.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class SiloAdapter:
         warm: under ``stack``, start from the global adapter's leading components (else from a fresh adapter).
     """
 
-    def __init__(self, kind: str, peft_model: nn.Module, seed: int, warm: bool = True):
+    def __init__(self, kind: str, peft_model: nn.Module, seed: int, warm: bool = False):
         self.kind, self.model, self.seed, self.warm = kind, peft_model, seed, warm
         self.carries_moments = moments_carry_over(kind)
         self._stack = StackBase(peft_model) if kind == "stack" else None

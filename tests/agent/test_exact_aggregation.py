@@ -60,19 +60,19 @@ def bundles(world, job_id: str, root: Path, rounds: int):
 @pytest.fixture(scope="module")
 def stacked(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    aggregation = {"kind": "stack", "silo_ranks": {"a": 2, "b": 3}, "clip": "none"}
+    aggregation = {"kind": "stack", "silo_ranks": {"a": 2, "b": 3}, "clip": "none", "stack_start": "warm"}
     job_id = start(world, train_body("stack", aggregation=aggregation))
     results = train_silos(world, job_id, root)
     return job_id, root, results
 
 
-def test_a_stack_round_adds_the_silos_changes_exactly(world, stacked):
+def test_a_warm_stack_round_adds_the_silos_changes_exactly(world, stacked):
     job_id, root, _ = stacked
     assert_exact_stack(world, job_id, root, warm=True)
 
 
 def test_a_fresh_stack_round_adds_the_silos_products_exactly(world, tmp_path):
-    aggregation = {"kind": "stack", "silo_ranks": {"a": 2, "b": 3}, "clip": "none", "stack_start": "fresh"}
+    aggregation = {"kind": "stack", "silo_ranks": {"a": 2, "b": 3}, "clip": "none"}  # stack_start fresh, the default
     job_id = start(world, train_body("fresh-stack", aggregation=aggregation))
     train_silos(world, job_id, tmp_path)
     assert_exact_stack(world, job_id, tmp_path, warm=False)

@@ -58,7 +58,7 @@ def test_a_stack_round_adds_the_weighted_products_exactly_whatever_the_ranks():
     start = adapter(rng, 4, zero_b=True)  # the job's initial adapter: changes nothing
     ranks, counts = [2, 4, 8], [30, 10, 60]
     updates = [SiloUpdate(f"s{i}", adapter(rng, r), n) for i, (r, n) in enumerate(zip(ranks, counts, strict=True))]
-    agg = {"kind": "stack", "rule": "fedavg", "stack_start": "fresh", **NO_CLIP}
+    agg = {"kind": "stack", "rule": "fedavg", **NO_CLIP}  # stack_start fresh, the default
     first = combine_round(agg, start, config(4), updates, {}, None, alpha=ALPHA)
     w = np.asarray(counts, float) / sum(counts)
     want = {
@@ -97,10 +97,10 @@ def test_a_stack_round_adds_the_weighted_products_exactly_whatever_the_ranks():
 
 
 def test_a_warm_stack_round_adds_each_silos_change_from_where_it_started():
-    """Warm (the default): a silo of rank r starts at the global adapter's leading r components, so its change is
-    sᵢ·Bᵢ·Aᵢ minus those; the sum stays exact, the global adapter stays in SVD order and grows by Σ rᵢ."""
+    """Warm: a silo of rank r starts at the global adapter's leading r components, so its change is sᵢ·Bᵢ·Aᵢ minus
+    those; the sum stays exact, the global adapter stays in SVD order and grows by Σ rᵢ."""
     rng = np.random.default_rng(5)
-    agg = {"kind": "stack", "rule": "fedavg", **NO_CLIP}
+    agg = {"kind": "stack", "rule": "fedavg", "stack_start": "warm", **NO_CLIP}
     first = combine_round(agg, adapter(rng, 4, zero_b=True), config(4),
                           [SiloUpdate("s0", adapter(rng, 2), 1), SiloUpdate("s1", adapter(rng, 3), 1)], {}, None,
                           alpha=ALPHA)  # fmt: skip
