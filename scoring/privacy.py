@@ -284,7 +284,8 @@ def noisy_aggregate(
 ) -> tuple[int, int, tuple[int, ...]]:
     """An ε-DP release of a silo-local aggregate (`scoring.local_scoring.LocalAggregate`): ``(kept, total,
     histogram)``, each value with `discrete_laplace` noise at Δ = `AGGREGATE_SENSITIVITY`, then post-processed (no
-    further privacy cost) into an aggregate the coordinator accepts: the total clipped at 0; the histogram projected
+    further privacy cost) into an aggregate the coordinator accepts: the total clipped at 1 (a silo that takes part
+    holds a sample, and the coordinator refuses an empty aggregate); the histogram projected
     onto the integer vectors >= 0 that sum to it (`_integer_simplex`: clipping each bin at 0 instead would add ~0.9
     per empty bin at ε = 1, a total several times the truth for a small silo); the kept count clipped to [0, total].
     Integer noise, so none of the floating-point Laplace's leaks (Mironov, CCS 2012). ``rng`` defaults to a
@@ -293,7 +294,7 @@ def noisy_aggregate(
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     counts = np.asarray(histogram, dtype=np.int64)
     noise = discrete_laplace(len(counts) + 2, epsilon, rng)
-    total = max(int(counts.sum()) + int(noise[0]), 0)
+    total = max(int(counts.sum()) + int(noise[0]), 1)
     bins = _integer_simplex((counts + noise[2:]).astype(np.float64), total)
     return int(min(max(int(kept) + int(noise[1]), 0), total)), total, tuple(int(b) for b in bins)
 
