@@ -5,12 +5,12 @@ adapter is not the average of the silos' weight updates (FLoRA's "aggregation no
 
 - **stacking** (FLoRA): put the silos' factors side by side, A = [A₁; …; Aₙ] and B = [w₁s₁B₁, …, wₙsₙBₙ], so that
   B·A = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ exactly (`stack`), whatever each silo's rank rᵢ (sᵢ = αᵢ/rᵢ, peft's LoRA scaling; the
-  stacked pair has scaling 1). Its rank Σ rᵢ grows with the silos, so a round either folds it into a dense delta
-  (`delta`, exact) or truncates it with an SVD computed from the factors (`truncate`, whose relative Frobenius
-  error is returned, 0 when the rank kept covers the stack's).
-- **shared basis** (Fed-SB): B and A are fixed and shared, each silo trains only an r×r matrix Rᵢ between them
-  (ΔW = s·B·Rᵢ·A), and averaging R is exact because the map is linear: B·(Σ wᵢRᵢ)·A = Σ wᵢ·B·Rᵢ·A
-  (`shared_basis_average`).
+  stacked pair has scaling 1). Its rank Σ rᵢ grows with the silos and the rounds (`stack_round`), truncated if
+  need be with an SVD computed from the factors (`truncate`, whose relative Frobenius error is returned, 0 when
+  the rank kept covers the stack's).
+- **shared basis** (Fed-SB): B and A are fixed and shared (`make_shared_basis`), each silo trains only an r×r
+  matrix Rᵢ between them (ΔW = s·B·Rᵢ·A), and averaging R is exact because the map is linear:
+  B·(Σ wᵢRᵢ)·A = Σ wᵢ·B·Rᵢ·A (so every rule of `scoring.federated.aggregation` runs on R as it is).
 
 Weights are `Weights` (canonical peft names → arrays, as `scoring.federated.aggregation` takes them); a module's
 factors are ``<module>.lora_A.weight`` (r × in) and ``<module>.lora_B.weight`` (out × r). Arithmetic runs in float64.
@@ -128,22 +128,6 @@ def truncate(factors: Factors, rank: int) -> tuple[Factors, float]:
         new_a = np.concatenate([new_a, np.zeros((width - kept, new_a.shape[1]))], axis=0)
         new_b = np.concatenate([new_b, np.zeros((new_b.shape[0], width - kept))], axis=1)
     return Factors(new_a, new_b, 1.0), error
-
-
-def shared_basis_average(rs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Σᵢ wᵢ·Rᵢ (weights normalised): with B and A shared and fixed, B·(Σ wᵢRᵢ)·A = Σ wᵢ·B·Rᵢ·A exactly.
-
-    Raises:
-        ConfigError: bad weights, or no matrix.
-        ShapeMismatchError: the Rᵢ are not square matrices of one size.
-    """
-    if not rs:
-        raise ConfigError("rs: need at least one silo's R to average")
-    w = _check_weights(weights, len(rs))
-    shapes = {np.shape(r) for r in rs}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or len(set(next(iter(shapes)))) != 1:
-        raise ShapeMismatchError(f"rs: need square matrices of one size, got shapes {sorted(shapes)}")
-    return np.tensordot(w, np.stack([np.asarray(r, np.float64) for r in rs]), axes=1)
 
 
 # ---- adapter layouts and weights of the exact aggregation kinds (what the wire carries) ----

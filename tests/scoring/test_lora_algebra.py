@@ -1,6 +1,6 @@
 """Exact LoRA aggregation (`scoring.federated.lora_algebra`): a stack of the silos' factors is the weighted sum of
 their updates, to float precision and whatever their ranks; the SVD truncation is the best approximation and
-reports its error; a shared basis makes averaging R exact; and what does not fit is refused, naming it."""
+reports its error; and what does not fit is refused, naming it (the shared basis: test_adapter_rounds.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scoring.errors import ConfigError, ShapeMismatchError
-from scoring.federated.lora_algebra import Factors, lora_modules, shared_basis_average, stack, truncate
+from scoring.federated.lora_algebra import Factors, lora_modules, stack, truncate
 
 OUT, IN = 12, 10
 
@@ -55,17 +55,6 @@ def test_truncation_is_exact_at_full_rank_and_reports_its_error_below():
         assert low.rank == 3 and 0 < error < 1
 
 
-def test_averaging_a_shared_basis_r_is_exact():
-    rng = np.random.default_rng(2)
-    rank, scaling = 4, 2.0
-    a, b = rng.normal(size=(rank, IN)), rng.normal(size=(OUT, rank))
-    rs = [rng.normal(size=(rank, rank)) for _ in range(3)]
-    counts = [5, 1, 4]
-    mean = shared_basis_average(rs, counts)
-    want = sum(c * scaling * b @ r @ a for c, r in zip(counts, rs, strict=True)) / sum(counts)
-    np.testing.assert_allclose(scaling * b @ mean @ a, want, rtol=1e-12, atol=1e-12)
-
-
 def test_what_does_not_fit_is_refused():
     rng = np.random.default_rng(3)
     with pytest.raises(ShapeMismatchError, match="without its pair"):
@@ -81,5 +70,3 @@ def test_what_does_not_fit_is_refused():
         stack([one, one], [1, -1])
     with pytest.raises(ConfigError, match="rank"):
         truncate(next(iter(one.values())), 0)
-    with pytest.raises(ShapeMismatchError, match="square matrices of one size"):
-        shared_basis_average([np.eye(3), np.eye(4)], [1, 1])
