@@ -38,6 +38,7 @@ from agent.client import CoordinatorError, SiloClient
 from agent.loop import AgentError, Progress
 from scoring.config import LocalTrainConfig, LoraSettings
 from scoring.data import Sample, read_samples
+from scoring.federated.adapter_rounds import silo_rank
 from scoring.federated.lora_algebra import moments_carry_over
 from scoring.io import CheckpointBundle, bundle_to_bytes, read_bundle
 from wire.files import atomic_write_bytes
@@ -199,12 +200,6 @@ def select_samples(
     return chosen, mass
 
 
-def silo_rank(spec: dict, silo: str | None) -> int:
-    """This silo's LoRA rank: its ``aggregation.silo_ranks`` entry under ``stack``, else the job's ``lora.rank``."""
-    ranks = (spec.get("aggregation") or {}).get("silo_ranks") or {}
-    return int(ranks.get(silo, spec["lora"]["rank"]))
-
-
 class LocalTrainer:
     """The job's model with its LoRA adapter and the tokenised training samples, loaded on first use (a silo
     rerun on a finished job loads nothing). Under the aggregation ``kind`` of the job
@@ -236,13 +231,6 @@ class LocalTrainer:
                 planned_steps=int(self.spec["rounds"]) * self.cfg.steps,
             )
         return PrivacyLedger.open(train_dir(work_dir, job_id) / "privacy-ledger.json", job_id, self._plan)
-
-    def update_config(self, start: CheckpointBundle) -> dict:
-        """The peft config of what this silo uploads: its own rank-``rank`` adapter's under ``stack``, else the
-        global adapter's."""
-        if self.kind != "stack":
-            return start.adapter_config
-        return {**start.adapter_config, "r": self.rank, "lora_alpha": self.spec["lora"]["alpha"]}
 
     def _load(self) -> None:
         from scoring.batching import tokenize_samples
@@ -372,7 +360,9 @@ def train_round(
     if ledger is not None:
         _within_budget(lambda: ledger.charge(index, result.steps, limit))  # before the update can leave
         privacy = ledger.summary()
-    update = update_bundle(start, result, index, score_mass, privacy, trainer.update_config(start))
+    update = update_bundle(
+        start, result, index, score_mass, privacy, trainer.adapter.update_config(start.adapter_config)
+    )
     atomic_write_bytes(update_path, bundle_to_bytes(update))  # last: its presence means the round is trained
     return update_path
 

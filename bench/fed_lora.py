@@ -172,7 +172,7 @@ def federate(args, arm: str, silos: list[list], held_out: list, seed: int, work:
                 moments=moments[i] if adapter.carries_moments else None, round=r,
             )  # fmt: skip
             moments[i] = result.moments
-            own = {**start.adapter_config, "r": lora.rank, "lora_alpha": lora.alpha} if kind == "stack" else None
+            own = adapter.update_config(start.adapter_config)
             sent = bundle_to_bytes(update_bundle(start, result, r, 0.0, adapter_config=own))
             sizes.append(len(sent))
             losses.append(result.mean_loss)

@@ -39,6 +39,7 @@ from scoring.config import (
 )
 from scoring.data import read_samples
 from scoring.errors import DataError
+from scoring.federated.adapter_rounds import silo_rank
 from scoring.federated.lora_algebra import update_layout
 from scoring.io import read_bundle
 from storage import repository as repo
@@ -159,7 +160,7 @@ def update_validator(job, index: int, where: str, silo: str | None = None):
     returns the field."""
     aggregation = job.settings.get("aggregation") or {}
     kind = aggregation.get("kind", "fedavg")
-    rank = (aggregation.get("silo_ranks") or {}).get(silo, job.settings["lora"]["rank"])
+    rank = silo_rank(job.settings, silo)
     layout = update_layout(kind, job.layout, rank)
     param_hash = parameter_layout_hash(layout)
     param_count = sum(math.prod(shape) for _, shape in layout)

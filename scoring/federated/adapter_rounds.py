@@ -63,6 +63,14 @@ STACK_RULES = ("fedavg", "quality-fedavg", "fedprox")
 """The rules a ``stack`` round takes: they only weigh the silos' products."""
 
 
+def silo_rank(settings: Mapping[str, Any], silo: str | None) -> int:
+    """A silo's LoRA rank in a training job (its settings or its spec: ``aggregation``, ``lora``): its
+    ``aggregation.silo_ranks`` entry under ``stack``, else the job's ``lora.rank``. The coordinator checks the
+    silo's uploads against it and the silo trains at it."""
+    ranks = (settings.get("aggregation") or {}).get("silo_ranks") or {}
+    return int(ranks.get(silo, settings["lora"]["rank"]))
+
+
 def check_rule(kind: str, rule: str) -> None:
     """Refuse a rule that has no meaning for the adapter kind.
 

@@ -156,6 +156,14 @@ class SiloAdapter:
         self.carries_moments = moments_carry_over(kind)
         self._stack = StackBase(peft_model) if kind == "stack" else None
 
+    def update_config(self, adapter_config: Mapping) -> dict:
+        """The peft config of what the silo uploads, given the round's global ``adapter_config``: under ``stack`` its
+        own adapter's (this model's rank and alpha), else the global adapter's."""
+        if self.kind != "stack":
+            return dict(adapter_config)
+        own = self.model.peft_config[ADAPTER]
+        return {**adapter_config, "r": own.r, "lora_alpha": own.lora_alpha}
+
     def begin(self, weights: Mapping[str, np.ndarray], adapter_config: Mapping, round: int) -> dict[str, np.ndarray]:
         """The round's start: ``weights`` and ``adapter_config`` are its global adapter's.
 
